@@ -1,0 +1,214 @@
+"""Typed settings for the daemon (`Settings`) and for training (`TrainSettings`).
+
+Defaults live here and only here; `config/stemd.yaml` and `config/train.yaml` mirror them.
+Each settings object is validated once, at start-up: an unknown key, a value of the wrong
+type or one outside its range raises `ConfigError` naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stemd.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_endpoint(value: str) -> str:
+    if not value.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError("must start with tcp://, ipc:// or inproc://")
+    return value
+
+
+class ModelSettings(_Section):
+    """The resident denoiser."""
+
+    path: Path | None = None  # None: the model shipped inside the package
+    device: Device = "auto"
+    step: int | None = Field(default=None, ge=1, le=28)  # None: the checkpoint's default
+    precision: Literal["float32", "tf32", "bf16"] = "float32"  # tf32/bf16 act on CUDA only
+
+
+class InputSettings(_Section):
+    """Where raw frames come from (the microscope, or `stemd simulate`)."""
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    mode: Literal["connect", "bind"] = "connect"
+    hwm: int = Field(default=16, ge=1)
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class OutputSettings(_Section):
+    """Where cleaned frames go (live viewers, recorders)."""
+
+    endpoint: str = "tcp://127.0.0.1:5556"
+    hwm: int = Field(default=16, ge=1)
+    publish_raw: bool = True  # republish raw frames on the `raw` topic beside `denoised`
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class QueueSettings(_Section):
+    """Backpressure between the socket and the model."""
+
+    mode: Literal["live", "lossless"] = "live"  # live: drop oldest when behind
+    maxsize: int = Field(default=8, ge=1)
+    max_batch: int = Field(default=4, ge=1)  # frames of one shape denoised together
+
+
+class LimitsSettings(_Section):
+    """What a frame may be before it is rejected."""
+
+    min_side: int = Field(default=28, ge=1)
+    max_side: int = Field(default=8192, ge=28)
+    max_pixels: int = Field(default=8192 * 8192, ge=28 * 28)
+
+
+class RecordingSettings(_Section):
+    """Optional TIFF recording, one file per series and kind."""
+
+    enabled: bool = False
+    directory: Path = Path("recordings")
+    raw: bool = True
+    denoised: bool = True
+
+
+class StatsSettings(_Section):
+    interval_s: float = Field(default=5.0, gt=0)
+
+
+class Settings(_Section):
+    """Everything `stemd run` needs; one object, validated at start-up."""
+
+    model: ModelSettings = ModelSettings()
+    input: InputSettings = InputSettings()
+    output: OutputSettings = OutputSettings()
+    queue: QueueSettings = QueueSettings()
+    limits: LimitsSettings = LimitsSettings()
+    recording: RecordingSettings = RecordingSettings()
+    stats: StatsSettings = StatsSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class NoiseSettings(_Section):
+    """Training noise; see `stemd.synthetic.NoiseSpec` for the exact formulas."""
+
+    kind: Literal["uniform", "poisson", "gaussian", "none"] = "uniform"
+    snr: float = Field(default=0.33, gt=0)  # uniform and gaussian kinds
+    dose: float = Field(default=50.0, gt=0)  # poisson: expected counts at brightest column
+    read_sigma: float = Field(default=0.0, ge=0)  # extra Gaussian read noise, fraction of max
+    line_jitter_px: float = Field(default=0.0, ge=0)
+    line_gain: float = Field(default=0.0, ge=0)
+    line_offset: float = Field(default=0.0, ge=0)
+
+
+class LatticeSettings(_Section):
+    """The synthetic SrTiO3-like lattice the model is trained on."""
+
+    period_px: float = Field(default=10.0, gt=2)  # Sr-Sr distance in pixels
+    sigma_px: float = Field(default=1.5, gt=0)  # Gaussian column width
+    max_rotation_deg: float = Field(default=45.0, ge=0, le=360)
+
+
+class TrainSettings(_Section):
+    """Everything `stemd train` needs."""
+
+    seed: int = 0
+    samples: int = Field(default=700_000, ge=1)  # training windows, generated on the fly
+    batch_size: int = Field(default=512, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    val_samples: int = Field(default=10_000, ge=1)
+    val_every: int = Field(default=100_000, ge=1)  # samples between validations
+    window: int = Field(default=28, ge=8)
+    hidden: tuple[int, ...] = (256, 64)  # encoder widths; the last is the code size m
+    device: Device = "auto"
+    out: Path = Path("runs/default")
+    noise: NoiseSettings = NoiseSettings()
+    lattice: LatticeSettings = LatticeSettings()
+
+    @field_validator("hidden")
+    @classmethod
+    def _code_smaller_than_window(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(h < 1 for h in v):
+            raise ValueError("must be a non-empty list of positive widths")
+        return v
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge dotted-key overrides (`{"model.step": 3}`) into a nested mapping."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            child = node.get(p)
+            node[p] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[leaf] = value
+    return out
+
+
+def _load(cls: type[_Section], path: Path | None, overrides: Mapping[str, Any] | None):
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _merge(data, overrides or {})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, str(path) if path else "defaults")) from None
+
+
+def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Daemon settings from a YAML file (or defaults) plus dotted-key CLI overrides."""
+    return _load(Settings, path, overrides)
+
+
+def load_train_settings(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> TrainSettings:
+    """Training settings from a YAML file (or defaults) plus dotted-key CLI overrides."""
+    return _load(TrainSettings, path, overrides)
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True when a tcp endpoint names a loopback host (ipc/inproc are always local)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    return host in LOCAL_HOSTS
