@@ -1,0 +1,39 @@
+"""Shared by the bench scripts: the machine line and section-wise updates of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+HEADER = "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to reproduce.\n"
+
+
+def machine_line() -> str:
+    """CPU model, cores, and the GPU if one is present: the machine a figure was measured on."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    else:
+        text += ", no GPU"
+    return text
+
+
+def write_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the `## title` section of a markdown file, keeping the other sections."""
+    text = path.read_text() if path.exists() else HEADER
+    block = f"## {title}\n\n{body.strip()}\n\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    path.write_text(text)
