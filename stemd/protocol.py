@@ -1,16 +1,19 @@
 """The wire protocol (docs/protocol.md): multipart ZeroMQ messages, msgpack headers, raw pixels.
 
 Pure encode/decode/validate, no sockets. Nothing from the wire is ever unpickled.
-CONTRACT STUB: the names below are fixed; bodies to be written.
 
 Message = [topic, msgpack(header)] or [topic, msgpack(header), pixel buffer] for frames.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import msgpack
 import numpy as np
 
 PROTOCOL_VERSION = 1
@@ -24,6 +27,51 @@ SERIES = b"series"  # series start/end events (header only), passed through by t
 STATS = b"stats"  # daemon out: periodic statistics (header only)
 
 DTYPES = {"uint8", "uint16", "uint32", "float32"}
+BYTE_ORDERS = ("<", ">")
+NATIVE_BYTE_ORDER = "<" if sys.byteorder == "little" else ">"
+SERIES_EVENTS = ("start", "end")
+SCAN_FIELDS = ("dwell_time_s", "pixel_size_m", "detector", "scan_rotation_deg")
+
+# Every reason key decode_frame / decode_event can raise; stable, used for counting rejects.
+REASONS = (
+    "parts",  # wrong number of multipart parts
+    "header_size",  # header part larger than MAX_HEADER_BYTES
+    "msgpack",  # header is not valid msgpack within the limits
+    "header_type",  # header is not a map
+    "missing_field",  # a required header field is absent
+    "field_type",  # a header field has the wrong type or an impossible value
+    "version",  # protocol version not supported
+    "dtype",  # dtype not one of DTYPES
+    "byte_order",  # byte_order not "<" or ">"
+    "size_mismatch",  # pixel buffer length != H * W * itemsize
+    "too_small",  # a side below min_side
+    "too_large",  # a side above max_side, or H * W above max_pixels
+    "nonfinite",  # float32 frame with NaN or inf
+)
+
+MAX_HEADER_BYTES = 64 * 1024
+_UNPACK_LIMITS = dict(
+    max_str_len=16 * 1024,
+    max_bin_len=16 * 1024,
+    max_array_len=1024,
+    max_map_len=256,
+    max_ext_len=0,
+)
+
+_FRAME_FIELDS: dict[str, tuple[type, ...]] = {
+    "series_id": (str,),
+    "frame_id": (int,),
+    "acquired_at": (int, float),
+    "shape": (list,),
+    "dtype": (str,),
+    "byte_order": (str,),
+}
+_SCAN_TYPES: dict[str, tuple[type, ...]] = {
+    "dwell_time_s": (int, float),
+    "pixel_size_m": (int, float),
+    "detector": (str,),
+    "scan_rotation_deg": (int, float),
+}
 
 
 class ProtocolError(ValueError):
@@ -44,24 +92,160 @@ class Frame:
 
 def frame_header(series_id: str, frame_id: int, shape: tuple[int, int], dtype: str, **scan: Any) -> dict[str, Any]:
     """A valid frame header with version, timestamp (time.time()), byte order, and scan metadata."""
-    raise NotImplementedError
+    header: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "series_id": str(series_id),
+        "frame_id": int(frame_id),
+        "acquired_at": time.time(),
+        "shape": [int(shape[0]), int(shape[1])],
+        "dtype": str(dtype),
+        "byte_order": NATIVE_BYTE_ORDER,
+    }
+    header.update({k: None for k in SCAN_FIELDS})
+    header.update(scan)
+    return header
+
+
+def series_header(event: str, series_id: str, **extra: Any) -> dict[str, Any]:
+    """A SERIES event header ("start" or "end") with version and timestamp."""
+    if event not in SERIES_EVENTS:
+        raise ValueError(f"series event must be one of {SERIES_EVENTS}, not {event!r}")
+    return {"v": PROTOCOL_VERSION, "event": event, "series_id": str(series_id), "time": time.time(), **extra}
+
+
+def _pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True, default=_plain)
+
+
+def _plain(obj: Any) -> Any:
+    """msgpack fallback: numpy scalars/arrays and tuples become plain data."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot encode {type(obj).__name__} in a header")
 
 
 def encode_frame(topic: bytes, header: dict[str, Any], data: np.ndarray) -> list[Any]:
-    """Multipart parts; the pixel buffer is passed as a memoryview (send with copy=False)."""
-    raise NotImplementedError
+    """Multipart parts; the pixel buffer is passed as a memoryview (send with copy=False).
+
+    shape, dtype and byte_order in the header are set from `data`, so they always match it.
+    """
+    if data.ndim != 2:
+        raise ValueError(f"a frame must be 2D (H, W), got shape {data.shape}")
+    if data.dtype.name not in DTYPES:
+        raise ValueError(f"frame dtype must be one of {sorted(DTYPES)}, got {data.dtype}")
+    data = np.ascontiguousarray(data)
+    order = data.dtype.byteorder
+    header = dict(header)
+    header["shape"] = [int(data.shape[0]), int(data.shape[1])]
+    header["dtype"] = data.dtype.name
+    header["byte_order"] = order if order in BYTE_ORDERS else NATIVE_BYTE_ORDER
+    header.setdefault("v", PROTOCOL_VERSION)
+    return [bytes(topic), _pack(header), memoryview(data).cast("B")]
+
+
+def _buffer(part: Any) -> memoryview:
+    """A byte view of a message part: bytes, bytearray, memoryview or zmq.Frame."""
+    view = memoryview(getattr(part, "buffer", part))
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _unpack_header(part: Any) -> dict[str, Any]:
+    buf = _buffer(part)
+    if buf.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("header_size", f"header of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError("msgpack", f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header_type", f"header must be a map, got {type(header).__name__}")
+    _check_version(header)
+    return header
+
+
+def _check_version(header: dict[str, Any]) -> None:
+    if "v" not in header:
+        raise ProtocolError("missing_field", "header lacks 'v' (protocol version)")
+    v = header["v"]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError("field_type", f"'v' must be an integer, got {type(v).__name__}")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {v} not supported (this is {PROTOCOL_VERSION})")
+
+
+def _check_type(header: dict[str, Any], key: str, types: tuple[type, ...]) -> None:
+    value = header[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        want = " or ".join(t.__name__ for t in types)
+        raise ProtocolError("field_type", f"'{key}' must be {want}, got {type(value).__name__}")
+
+
+def _check_frame_header(header: dict[str, Any]) -> tuple[int, int, np.dtype]:
+    for key, types in _FRAME_FIELDS.items():
+        if key not in header:
+            raise ProtocolError("missing_field", f"header lacks '{key}'")
+        _check_type(header, key, types)
+    for key, types in _SCAN_TYPES.items():
+        if header.get(key) is not None:
+            _check_type(header, key, types)
+    if header["frame_id"] < 0:
+        raise ProtocolError("field_type", f"'frame_id' must be >= 0, got {header['frame_id']}")
+    if not math.isfinite(header["acquired_at"]):
+        raise ProtocolError("field_type", "'acquired_at' must be a finite unix time")
+    shape = header["shape"]
+    if len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        raise ProtocolError("field_type", f"'shape' must be [H, W] of non-negative integers, got {shape!r}")
+    if header["dtype"] not in DTYPES:
+        raise ProtocolError("dtype", f"dtype {header['dtype']!r} not one of {sorted(DTYPES)}")
+    if header["byte_order"] not in BYTE_ORDERS:
+        raise ProtocolError("byte_order", f"byte_order {header['byte_order']!r} must be '<' or '>'")
+    return shape[0], shape[1], np.dtype(header["dtype"]).newbyteorder(header["byte_order"])
 
 
 def decode_frame(parts: Sequence[Any], *, max_side: int = 8192, max_pixels: int = 8192 * 8192, min_side: int = 28) -> Frame:
     """Validate and decode a frame message; raises ProtocolError with a reason key."""
-    raise NotImplementedError
+    if len(parts) != 3:
+        raise ProtocolError("parts", f"a frame has 3 parts (topic, header, pixels), got {len(parts)}")
+    topic = bytes(_buffer(parts[0]))
+    header = _unpack_header(parts[1])
+    h, w, dtype = _check_frame_header(header)
+    if min(h, w) < min_side:
+        raise ProtocolError("too_small", f"frame {h}x{w} has a side below {min_side}")
+    if max(h, w) > max_side or h * w > max_pixels:
+        raise ProtocolError("too_large", f"frame {h}x{w} exceeds {max_side} per side or {max_pixels} pixels")
+    buf = _buffer(parts[2])
+    if buf.nbytes != h * w * dtype.itemsize:
+        raise ProtocolError(
+            "size_mismatch", f"pixel buffer has {buf.nbytes} bytes, {h}x{w} {dtype.name} needs {h * w * dtype.itemsize}"
+        )
+    data = np.frombuffer(buf, dtype=dtype).reshape(h, w)
+    if not dtype.isnative:
+        data = data.astype(dtype.newbyteorder("="))
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise ProtocolError("nonfinite", "frame holds NaN or inf")
+    return Frame(topic=topic, header=header, data=data)
 
 
 def encode_event(topic: bytes, header: dict[str, Any]) -> list[bytes]:
     """Header-only message (series start/end, stats)."""
-    raise NotImplementedError
+    header = dict(header)
+    header.setdefault("v", PROTOCOL_VERSION)
+    return [bytes(topic), _pack(header)]
 
 
 def decode_event(parts: Sequence[Any]) -> tuple[bytes, dict[str, Any]]:
-    """Inverse of encode_event; raises ProtocolError."""
-    raise NotImplementedError
+    """Inverse of encode_event; raises ProtocolError. SERIES events need 'event' and 'series_id'."""
+    if len(parts) != 2:
+        raise ProtocolError("parts", f"an event has 2 parts (topic, header), got {len(parts)}")
+    topic = bytes(_buffer(parts[0]))
+    header = _unpack_header(parts[1])
+    if topic == SERIES:
+        for key in ("event", "series_id"):
+            if key not in header:
+                raise ProtocolError("missing_field", f"series event lacks '{key}'")
+            _check_type(header, key, (str,))
+        if header["event"] not in SERIES_EVENTS:
+            raise ProtocolError("field_type", f"series 'event' must be one of {SERIES_EVENTS}, got {header['event']!r}")
+    return topic, header
