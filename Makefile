@@ -1,0 +1,28 @@
+# The two commands of the README. Each creates the virtual environment on first use.
+#   make demo   simulator -> daemon -> shipped model for 20 s: stats table + stemd-demo.png
+#   make test   the test suite
+# TORCH picks the torch build: the default is the CPU wheel; on a CUDA PC use e.g. TORCH=torch==2.13.0
+# with the CUDA index of your choice, or install torch yourself first and pass TORCH=torch.
+PY ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+demo: $(VENV)/.installed
+	$(BIN)/stemd demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache
