@@ -1,0 +1,70 @@
+"""sd_notify messages arrive on a test unix datagram socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from stemd.notify import Notifier
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify.sock")
+    sock.bind(path)
+    sock.settimeout(2)
+    yield path, sock
+    sock.close()
+
+
+def test_messages_arrive(notify_socket, monkeypatch) -> None:
+    path, sock = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    n = Notifier()
+    assert n.enabled
+    assert n.ready("up")
+    assert sock.recv(4096) == b"READY=1\nSTATUS=up"
+    n.status("fps 3\nmore")
+    assert sock.recv(4096) == b"STATUS=fps 3 more"
+    n.watchdog()
+    assert sock.recv(4096) == b"WATCHDOG=1"
+    n.stopping()
+    assert sock.recv(4096) == b"STOPPING=1"
+    n.close()
+
+
+def test_abstract_address() -> None:
+    name = f"stemd-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(2)
+    try:
+        assert Notifier("@" + name).watchdog()
+        assert sock.recv(100) == b"WATCHDOG=1"
+    finally:
+        sock.close()
+
+
+def test_noop_when_unset(monkeypatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    n = Notifier()
+    assert not n.enabled
+    assert n.ready() is False
+
+
+def test_unreachable_socket_does_not_raise(tmp_path: Path) -> None:
+    assert Notifier(str(tmp_path / "nobody")).ready() is False
+
+
+def test_watchdog_interval(monkeypatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "10000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert Notifier("").watchdog_interval() == 5.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert Notifier("").watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert Notifier("").watchdog_interval() is None
