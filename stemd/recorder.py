@@ -1,0 +1,130 @@
+"""Recording sink: raw and/or denoised frames appended to TIFF, one file per series and kind.
+
+Every file operation runs on the recorder's own worker thread, never on the event loop.
+Each page carries its frame header as JSON in the TIFF ImageDescription. A write error (full
+disk, permissions) is logged and counted, that series' recording of that kind stops, and
+the daemon keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import tifffile
+
+log = logging.getLogger(__name__)
+
+KINDS = ("raw", "denoised")
+
+
+def file_stem(series_id: str) -> str:
+    """A safe file-name stem for a series id from the wire."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", series_id)[:100].lstrip(".") or "series"
+
+
+class Recorder:
+    """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
+
+    def __init__(self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64) -> None:
+        self.directory = Path(directory)
+        self.kinds = {k for k, on in zip(KINDS, (raw, denoised)) if on}
+        self.max_backlog = max_backlog
+        self.errors = 0
+        self.pages = 0
+        self.files: list[Path] = []
+        self._writers: dict[tuple[str, str], tuple[tifffile.TiffWriter, IO[bytes]]] = {}
+        self._failed: set[tuple[str, str]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-recorder")
+        self._inflight: collections.deque[Future] = collections.deque()
+
+    async def write(self, kind: str, header: dict[str, Any], data: np.ndarray) -> None:
+        """Queue one page; waits only when more than `max_backlog` writes are pending."""
+        if kind not in self.kinds:
+            return
+        self._schedule(self._write, kind, header, data)
+        while len(self._inflight) > self.max_backlog:
+            await asyncio.wrap_future(self._inflight[0])
+            self._prune()
+
+    async def end_series(self, series_id: str) -> None:
+        """Close this series' files (on a series end event)."""
+        await asyncio.wrap_future(self._schedule(self._close_series, series_id))
+
+    async def close(self) -> None:
+        """Close every open file after the pending writes, then stop the worker."""
+        await asyncio.wrap_future(self._schedule(self._close_all))
+        self._executor.shutdown(wait=True)
+
+    def _schedule(self, fn: Any, *args: Any) -> Future:
+        fut = self._executor.submit(fn, *args)
+        self._inflight.append(fut)
+        self._prune()
+        return fut
+
+    def _prune(self) -> None:
+        while self._inflight and self._inflight[0].done():
+            self._inflight.popleft()
+
+    def _open_file(self, path: Path) -> IO[bytes]:
+        return open(path, "xb")
+
+    def _path(self, series_id: str, kind: str) -> Path:
+        stem = f"{file_stem(series_id)}_{kind}"
+        path, n = self.directory / f"{stem}.tif", 1
+        while path.exists():
+            path, n = self.directory / f"{stem}-{n}.tif", n + 1
+        return path
+
+    def _write(self, kind: str, header: dict[str, Any], data: np.ndarray) -> None:
+        key = (str(header.get("series_id", "")), kind)
+        if key in self._failed:
+            return
+        path = None
+        try:
+            if key not in self._writers:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                path = self._path(*key)
+                fh = self._open_file(path)
+                self._writers[key] = (tifffile.TiffWriter(fh, bigtiff=True), fh)
+                self.files.append(path)
+                log.info("recording %s frames of series %r to %s", kind, key[0], path)
+            writer, fh = self._writers[key]
+            writer.write(data, description=json.dumps(header, default=str), metadata=None)
+            fh.flush()
+            self.pages += 1
+        except OSError as exc:
+            self.errors += 1
+            self._failed.add(key)
+            log.error("recording of %s series %r stopped: %s", kind, key[0], exc)
+            self._close(key, after_error=True)
+
+    def _close(self, key: tuple[str, str], after_error: bool = False) -> None:
+        entry = self._writers.pop(key, None)
+        if entry is None:
+            return
+        failure = None
+        for close in entry[0].close, entry[1].close:
+            try:
+                close()
+            except OSError as exc:
+                failure = failure or exc
+        if failure is not None and not after_error:
+            self.errors += 1
+            log.error("closing recording of %s series %r failed: %s", key[1], key[0], failure)
+
+    def _close_series(self, series_id: str) -> None:
+        for kind in KINDS:
+            self._close((series_id, kind))
+            self._failed.discard((series_id, kind))
+
+    def _close_all(self) -> None:
+        for key in list(self._writers):
+            self._close(key, after_error=True)

@@ -1,0 +1,71 @@
+"""The TIFF recording sink: pages with headers, one file per series and kind, errors survived."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from stemd.recorder import Recorder, file_stem
+
+
+def _frames(n: int, dtype=np.uint16) -> list[np.ndarray]:
+    return [np.full((30, 40), i, dtype) for i in range(n)]
+
+
+async def test_pages_and_headers_per_series_and_kind(tmp_path: Path) -> None:
+    rec = Recorder(tmp_path / "rec", raw=True, denoised=True)
+    for i, f in enumerate(_frames(3)):
+        await rec.write("raw", {"series_id": "a/b", "frame_id": i, "blob": b"\x00"}, f)
+        await rec.write("denoised", {"series_id": "a/b", "frame_id": i}, f.astype(np.float32) + 0.5)
+    await rec.end_series("a/b")
+    await rec.write("raw", {"series_id": "a/b", "frame_id": 0}, _frames(1)[0])  # same id again: new file
+    await rec.close()
+    names = sorted(p.name for p in rec.files)
+    assert names == ["a_b_denoised.tif", "a_b_raw-1.tif", "a_b_raw.tif"]
+    with tifffile.TiffFile(tmp_path / "rec" / "a_b_raw.tif") as tf:
+        stack = tf.asarray()
+        ids = [json.loads(p.description)["frame_id"] for p in tf.pages]
+    np.testing.assert_array_equal(stack, np.stack(_frames(3)))
+    assert ids == [0, 1, 2]
+    with tifffile.TiffFile(tmp_path / "rec" / "a_b_denoised.tif") as tf:
+        assert tf.asarray().dtype == np.float32 and len(tf.pages) == 3
+    assert rec.errors == 0 and rec.pages == 7
+
+
+async def test_only_configured_kinds_recorded(tmp_path: Path) -> None:
+    rec = Recorder(tmp_path, raw=False, denoised=True)
+    await rec.write("raw", {"series_id": "s"}, _frames(1)[0])
+    await rec.close()
+    assert rec.files == [] and list(tmp_path.iterdir()) == []
+
+
+class FullDisk(Recorder):
+    def _open_file(self, path: Path):
+        return open("/dev/full", "wb")
+
+
+async def test_full_disk_counted_and_recording_stopped(tmp_path: Path) -> None:
+    rec = FullDisk(tmp_path)
+    big = np.zeros((600, 600), np.uint16)
+    for i in range(5):
+        await rec.write("raw", {"series_id": "s", "frame_id": i}, big)
+    await rec.close()
+    assert rec.errors == 1 and rec.pages == 0
+
+
+async def test_unwritable_directory_counted(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    rec = Recorder(tmp_path / "file" / "rec")
+    await rec.write("raw", {"series_id": "s"}, _frames(1)[0])
+    await rec.write("denoised", {"series_id": "s"}, _frames(1)[0])
+    await rec.close()
+    assert rec.errors == 2
+
+
+def test_file_stem_is_safe() -> None:
+    assert file_stem("../../etc/passwd") == "_.._etc_passwd"
+    assert file_stem("") == "series"
+    assert "/" not in file_stem("a/b\0c")
