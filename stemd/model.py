@@ -1,15 +1,27 @@
 """The paper's stacked auto-encoder and its checkpoint file format.
 
-CONTRACT STUB: the signatures below are fixed; bodies to be written.
+Every model provides `denoise_frames(frames, step)` (normalised (B, 1, H, W) -> same shape) and
+`arch()` (plain data that `build_model` turns back into the model). To add an architecture, write
+the class and register a factory in `_REGISTRY`.
+
+A checkpoint is one file written by `torch.save` holding only plain data and tensors:
+{"format": "stemd-checkpoint", "format_version": 1, "arch": {...}, "state_dict": {name: float32
+tensor}, "metadata": {...}}. It is read back with `weights_only=True`, so loading never runs code.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from stemd.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "stemd-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -17,35 +29,176 @@ DEFAULT_MODEL_PATH = Path(__file__).parent / "models" / "default.pt"
 
 
 class WindowAE(nn.Module):
-    """Stacked fully connected AE on window*window pixels: encoder widths `hidden`, mirrored decoder."""
+    """Stacked fully connected AE on window*window pixels: encoder widths `hidden`, mirrored decoder.
+
+    Every Linear but the last is followed by a ReLU; the output has no activation. The paper uses a
+    code (last of `hidden`) smaller than window*window; that is a training choice, not enforced.
+    """
 
     def __init__(self, window: int = 28, hidden: Sequence[int] = (256, 64)) -> None:
         super().__init__()
-        raise NotImplementedError
+        hidden = [int(h) for h in hidden]
+        if int(window) < 1 or not hidden or min(hidden) < 1:
+            raise ValueError(f"WindowAE needs window >= 1 and positive hidden widths, got {window}, {hidden}")
+        self.window = int(window)
+        self.hidden = hidden
+        n = self.window * self.window
+        widths = [n, *hidden, *reversed(hidden[:-1]), n]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        self._window_cache: dict = {}  # stemd.window keeps per-shape count/bias maps here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, window*window) -> (B, window*window)."""
-        raise NotImplementedError
+        """(B, window*window) or (B, 1, window, window) -> the same shape."""
+        return self.net(x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+    def linear_layers(self) -> list[nn.Linear]:
+        """The Linear layers in order; a ReLU sits between consecutive ones (stemd.window uses this)."""
+        return [m for m in self.net if isinstance(m, nn.Linear)]
 
     def denoise_frames(self, frames: torch.Tensor, step: int) -> torch.Tensor:
         """(B, 1, H, W) normalised frames -> same shape, by the floating window (stemd.window)."""
-        raise NotImplementedError
+        from stemd.window import reconstruct
+
+        return reconstruct(self, frames, step)
 
     def arch(self) -> dict[str, Any]:
         """Plain-data description that rebuilds this model: {"name": "window_ae", ...}."""
-        raise NotImplementedError
+        return {"name": "window_ae", "window": self.window, "hidden": list(self.hidden)}
+
+
+def _window_ae(arch: dict[str, Any]) -> nn.Module:
+    window, hidden = arch.get("window", 28), arch.get("hidden", [256, 64])
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise CheckpointError(f"arch.window must be a positive integer, got {window!r}")
+    if not isinstance(hidden, (list, tuple)) or not hidden or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+    ):
+        raise CheckpointError(f"arch.hidden must be a non-empty list of positive integers, got {hidden!r}")
+    return WindowAE(window, hidden)
+
+
+_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"window_ae": _window_ae}
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
     """Rebuild a model from `arch()`; raises CheckpointError for unknown architectures."""
-    raise NotImplementedError
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"arch must be a mapping, got {type(arch).__name__}")
+    name = arch.get("name")
+    if name not in _REGISTRY:
+        raise CheckpointError(f"unknown model architecture {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name](arch)
+
+
+def _plain(value: Any, key: str) -> Any:
+    """Metadata as plain data that `weights_only=True` can load (Path -> str, numpy -> Python)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"checkpoint metadata {key} is a {type(value).__name__}; only plain data can be stored")
 
 
 def save_checkpoint(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """One file: format tag, version, arch, float32 weights, metadata (plain data only)."""
-    raise NotImplementedError
+    """One file: format tag, version, arch, float32 weights, metadata (plain data only); atomic."""
+    path = Path(path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "arch": _plain(model.arch(), "arch"),
+        "state_dict": {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()},
+        "metadata": _plain(dict(metadata), "metadata"),
+    }
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def load_checkpoint(path: Path | None = None, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, metadata); `None` loads the shipped default. weights_only=True."""
-    raise NotImplementedError
+    path = DEFAULT_MODEL_PATH if path is None else Path(path)
+    if not path.exists():
+        hint = " (the default model is not installed; pass a checkpoint path)" if path == DEFAULT_MODEL_PATH else ""
+        raise CheckpointError(f"model file {path} does not exist{hint}")
+    if path.is_dir():
+        raise CheckpointError(f"model path {path} is a directory, not a checkpoint file")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise CheckpointError(f"{path} is not a readable stemd checkpoint (corrupt): {_first_line(exc)}") from None
+        raise CheckpointError(
+            f"{path} holds objects other than plain data and tensors; refused, since loading it could run code"
+        ) from None
+    except Exception as exc:  # torch raises many kinds for bad bytes: keep the user's view to one line
+        raise CheckpointError(
+            f"{path} is not a readable stemd checkpoint (not a torch file, truncated or corrupt): {_first_line(exc)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a stemd checkpoint: it holds a {type(data).__name__}, not a dict")
+    if data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a stemd checkpoint: format tag is {data.get('format')!r}")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid format_version {version!r}")
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version}, newer than this stemd reads ({CHECKPOINT_VERSION}); upgrade stemd"
+        )
+    try:
+        model = build_model(data.get("arch"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata must be a mapping, got {type(metadata).__name__}")
+    _load_state(path, model, data.get("state_dict"))
+    return model.to(map_location).eval(), metadata
+
+
+def _load_state(path: Path, model: nn.Module, state: Any) -> None:
+    """Copy `state` into `model`, refusing missing/extra keys, wrong shapes and non-finite weights."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: state_dict must map names to tensors")
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: weights do not match arch {model.arch()}: missing {missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    for key, ref in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{path}: weight {key} has shape {tuple(got.shape)}, arch needs {tuple(ref.shape)}")
+        if not got.is_floating_point() or not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{path}: weight {key} is not finite floating point")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+
