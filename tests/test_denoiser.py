@@ -1,0 +1,165 @@
+"""Device choice, input checks, normalisation and the Denoiser front end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stemd.denoiser import REFERENCE_LEVELS, Denoiser, check_frames, denormalize, lattice_reference, normalize, resolve_device
+from stemd.errors import CheckpointError, ConfigError, InputError
+from stemd.model import WindowAE, save_checkpoint
+from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+
+
+def _lattice(shape=(64, 80), seed=0) -> np.ndarray:
+    """A clean training-like lattice (background about 0, column peak 1.0)."""
+    rng = np.random.default_rng(seed)
+    return simulate_frame(shape, rng, rotation_deg=rng.uniform(0, 90), offset_px=tuple(rng.uniform(0, 10, 2))).clean
+
+
+def _model(seed=0) -> WindowAE:
+    torch.manual_seed(seed)
+    return WindowAE(28, (32, 8)).eval()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="allowed: auto, cpu, cuda"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without a GPU")
+def test_resolve_device_cuda_without_gpu():
+    with pytest.raises(ConfigError, match="model.device: cuda requested but no CUDA GPU"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        ([[1.0] * 30] * 30, "expected a numpy array, got list"),
+        (np.zeros((30, 30), dtype=complex), "complex128"),
+        (np.zeros((30, 30), dtype=bool), "bool"),
+        (np.zeros((30, 30), dtype=object), "object"),
+        (np.zeros(30), "got 1D array of shape \\(30,\\)"),
+        (np.zeros((2, 2, 30, 30)), "expected a 2D frame or a 3D stack, got 4D array of shape \\(2, 2, 30, 30\\)"),
+        (np.zeros((0, 30, 30)), "empty"),
+        (np.zeros((20, 300)), "frame is 20×300 px; the model's window is 28 px"),
+        (np.zeros((3, 300, 27)), "300×27 px"),
+    ],
+)
+def test_check_frames_errors(image, message):
+    with pytest.raises(InputError, match=message):
+        check_frames(image)
+
+
+def test_check_frames_counts_non_finite():
+    image = np.zeros((2, 30, 30), dtype=np.float32)
+    image[0, 1, 1] = image[1, 2, 2] = np.nan
+    image[1, 0, 0] = -np.inf
+    with pytest.raises(InputError, match="2 NaN and 1 inf"):
+        check_frames(image)
+    check_frames(np.zeros((30, 40), dtype=np.uint16))  # fine: no error
+
+
+def test_normalize_is_invariant_to_gain_and_offset():
+    rng = np.random.default_rng(1)
+    clean = np.stack([_lattice(seed=0), _lattice(seed=1)])
+    noisy = clean + rng.normal(0, 0.2, clean.shape).astype(np.float32)
+    ref, lo, hi = normalize(noisy)
+    for gain, offset in [(1000.0, 200.0), (0.01, -3.0), (7.0, 0.0)]:
+        out, lo2, hi2 = normalize(gain * noisy + offset)
+        np.testing.assert_allclose(out, ref, atol=2e-3)
+        np.testing.assert_allclose(lo2, gain * lo + offset, rtol=1e-4, atol=1e-3 * abs(offset) + 1e-6)
+        np.testing.assert_allclose(denormalize(out, lo2, hi2), gain * noisy + offset, rtol=1e-4, atol=1e-3 * gain)
+    counts = np.clip(np.round(500 * noisy + 1000), 0, 65535).astype(np.uint16)  # detector-like counts
+    out, _, _ = normalize(counts)
+    np.testing.assert_allclose(out, ref, atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    "noise", [NoiseSpec("none"), NoiseSpec("uniform", snr=0.33), NoiseSpec("poisson", dose=10, background=0.5),
+              NoiseSpec("uniform", snr=0.33, line_offset=0.1, line_gain=0.05)],
+)
+def test_normalize_maps_a_noisy_lattice_to_the_clean_scale(noise):
+    rng = np.random.default_rng(2)
+    clean = _lattice((192, 192), seed=5)
+    noisy = corrupt(clean, noise, rng)
+    out, lo, hi = normalize((50 * noisy + 300)[None])
+    assert lo[0] == pytest.approx(300, abs=0.1 * 50)  # background within 10% of the peak height
+    assert hi[0] == pytest.approx(350, abs=0.1 * 50)  # column peak
+    assert np.abs(out[0] - noisy).mean() < 0.05
+
+
+def test_reference_levels_match_the_synthetic_lattice():
+    mean, std = lattice_reference(10.0, 1.5, size=128)
+    assert mean == pytest.approx(REFERENCE_LEVELS[0], rel=0.02) and std == pytest.approx(REFERENCE_LEVELS[1], rel=0.02)
+    assert lattice_reference(14.0, 1.5, size=128)[0] < mean  # sparser lattice, darker on average
+
+
+def test_pure_noise_is_not_blown_up():
+    noise = np.random.default_rng(6).normal(100, 5, (1, 64, 64)).astype(np.float32)
+    out, lo, hi = normalize(noise)
+    assert np.isfinite(out).all() and np.abs(out).max() < 100
+
+
+def test_normalize_flat_frame():
+    flat = np.full((2, 30, 30), 7.0, dtype=np.float32)
+    out, lo, hi = normalize(flat)
+    assert out.dtype == np.float32 and np.all(out == 0) and np.all(lo == 7.0) and np.all(hi == 7.0)
+    np.testing.assert_array_equal(denormalize(out, lo, hi), flat)
+
+
+def test_denoiser_shapes_batch_and_scale(tmp_path: Path):
+    den = Denoiser(_model(), {"step": 3}, device="cpu")
+    assert den.step == 3 and den.window == 28 and den.metadata == {"step": 3}
+    rng = np.random.default_rng(3)
+    frames = np.stack([_lattice((40, 52), seed=s) + rng.normal(0, 0.2, (40, 52)) for s in range(3)])
+    frames = (100 * frames + 50).astype(np.float32)
+    frames[1] *= 3  # different content and scale per frame
+    batch = den(frames)
+    assert batch.shape == frames.shape and batch.dtype == np.float32
+    for i in range(3):
+        single = den(frames[i])
+        assert single.shape == frames[i].shape and single.dtype == np.float32
+        np.testing.assert_allclose(batch[i], single, rtol=1e-5, atol=1e-3)
+    # units follow the input: a gain and offset on the input give the same on the output
+    np.testing.assert_allclose(den(2 * frames[0] + 10), 2 * batch[0] + 10, rtol=1e-4, atol=0.05)
+    with pytest.raises(InputError):
+        den(np.zeros((10, 10)))
+
+
+def test_denoiser_step_and_model_id(tmp_path: Path):
+    model = _model()
+    assert Denoiser(model, {}, device="cpu").step == 2
+    assert Denoiser(model, {"step": 4}, device="cpu", step=5).step == 5
+    for bad in (0, 29, 2.5):
+        with pytest.raises(ConfigError, match="model.step"):
+            Denoiser(model, {}, device="cpu", step=bad)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, {"step": 4})
+    a, b = Denoiser(model, {}, device="cpu"), Denoiser.load(path, device="cpu")
+    assert b.step == 4 and a.model_id == b.model_id
+    assert a.model_id.startswith("window_ae-") and len(a.model_id) == len("window_ae-") + 12
+    assert Denoiser(_model(seed=1), {}, device="cpu").model_id != a.model_id
+    frame = np.random.default_rng(4).random((30, 35)).astype(np.float32)
+    np.testing.assert_allclose(Denoiser.load(path, device="cpu", step=2)(frame), a(frame), rtol=0, atol=1e-6)
+
+
+def test_checkpoint_normalization_reference(tmp_path: Path):
+    assert Denoiser(_model(), {}, device="cpu").reference == REFERENCE_LEVELS
+    den = Denoiser(_model(), {"normalization": {"mean": 0.3, "signal_std": 0.25}}, device="cpu")
+    assert den.reference == (0.3, 0.25)
+    for bad in ({"mean": 0.3}, {"mean": 0.3, "signal_std": -1.0}, [1, 2]):
+        with pytest.raises(CheckpointError, match="metadata.normalization"):
+            Denoiser(_model(), {"normalization": bad}, device="cpu")
+
+
+def test_denoise_tensor_stays_on_device():
+    den = Denoiser(_model(), {}, device="cpu")
+    frames = torch.rand(2, 1, 30, 30)
+    with torch.inference_mode():
+        out = den.denoise_tensor(frames)
+    assert out.shape == frames.shape and out.device == frames.device
