@@ -86,6 +86,17 @@ def test_rotation_is_uniform_in_range():
     assert small.min() > -2 and small.max() < 12
 
 
+def test_windows_are_crops_of_the_frame_lattice():
+    # locate each window's lattice from its Sr peaks, render that lattice as a frame: same image
+    for w in clean_windows(6, np.random.default_rng(9), max_rotation_deg=40.0):
+        peaks = _sr_peaks(w)
+        assert len(peaks) >= 3
+        theta = _angle_deg(w)
+        origin = peaks[np.argmin(np.hypot(*(peaks - 13.5).T))]
+        frame = simulate_frame(w.shape, np.random.default_rng(0), rotation_deg=theta, offset_px=tuple(origin))
+        np.testing.assert_allclose(w, frame.clean, atol=1e-3)
+
+
 def test_windows_reproducible_by_seed():
     a = clean_windows(20, np.random.default_rng(5))
     b = clean_windows(20, np.random.default_rng(5))
