@@ -1,0 +1,464 @@
+"""Measured quality: the paper's Figure 2 protocol, and stemd against classical denoisers on frames.
+
+    python bench/quality.py                             # full run (~10 min on 2 cores)
+    python bench/quality.py --quick --out /tmp/quality  # smoke run: fewer windows, one dose, 128² frames
+
+Writes the "## Quality" section of OUT/benchmarks.md (other sections kept), OUT/figure2.png and
+OUT/frames.png. Everything is seeded; the test data never share a seed stream with training.
+
+1. Figure 2: independent 28×28 windows at the paper's noise (uniform, SNR 0.33), through the
+   model's forward pass directly (windows are on the clean scale, as in training).
+2. Frames: one simulated frame with a Ruddlesden–Popper fault, Poisson noise at several doses,
+   with and without fast-scan artefacts. Every method sees the same noisy frames, in detector
+   counts; each output is mapped onto the clean frame's scale by `metrics.fit_scale` before PSNR,
+   SSIM and the column fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from _report import machine_line, write_section  # noqa: E402
+
+from stemd import metrics, synthetic  # noqa: E402
+from stemd.denoiser import Denoiser  # noqa: E402
+from stemd.model import load_checkpoint  # noqa: E402
+
+WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.training)
+FRAME_SEED = 20_240_002
+GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+BACKGROUND = 0.1  # flat signal under the lattice, fraction of the brightest column
+ARTEFACTS = dict(line_jitter_px=0.5, line_gain=0.05, line_offset=0.03)
+ROTATION_DEG = 8.0
+EDGE_MARGIN = 5  # px: columns closer to the border are not fitted
+METHODS = ("raw", "gaussian", "nlm", "bm3d", "stemd")
+LABELS = {"raw": "no denoising", "gaussian": "Gaussian (best σ)", "nlm": "NLM", "bm3d": "BM3D", "stemd": "stemd"}
+
+
+# ---------------------------------------------------------------- the paper's Figure 2 protocol
+
+
+@dataclass
+class WindowResult:
+    n: int
+    error_noisy: float
+    error_model: float
+    psnr_noisy: float
+    psnr_model: float
+    examples: tuple[np.ndarray, np.ndarray, np.ndarray]  # noisy, denoised, clean (8, 28, 28)
+
+
+@torch.no_grad()
+def window_protocol(model: torch.nn.Module, n: int, seed: int, batch: int = 2000) -> WindowResult:
+    """Per-pixel error (%) and PSNR of noisy and denoised windows against the clean ones."""
+    rng = np.random.default_rng(seed)
+    noise = synthetic.NoiseSpec(kind="uniform", snr=0.33)
+    window = getattr(model, "window", synthetic.PAPER_WINDOW)
+    clean = synthetic.clean_windows(n, rng, size=window)
+    noisy = synthetic.corrupt(clean, noise, rng)
+    flat = torch.from_numpy(noisy.reshape(n, -1))
+    out = np.concatenate([model(flat[i : i + batch]).numpy() for i in range(0, n, batch)]).reshape(clean.shape)
+    k = min(8, n)
+    return WindowResult(
+        n=n,
+        error_noisy=metrics.mean_abs_error_percent(noisy, clean, data_range=1.0),
+        error_model=metrics.mean_abs_error_percent(out, clean, data_range=1.0),
+        psnr_noisy=metrics.psnr(noisy, clean, data_range=1.0),
+        psnr_model=metrics.psnr(out, clean, data_range=1.0),
+        examples=(noisy[:k], out[:k], clean[:k]),
+    )
+
+
+# ---------------------------------------------------------------- classical denoisers
+
+
+def anscombe(counts: np.ndarray) -> np.ndarray:
+    """Variance-stabilising transform: Poisson counts -> approximately unit-variance Gaussian."""
+    return 2.0 * np.sqrt(np.maximum(counts, 0.0) + 0.375)
+
+
+def inverse_anscombe(y: np.ndarray) -> np.ndarray:
+    """Closed-form approximation of the exact unbiased inverse (Mäkitalo & Foi, 2011)."""
+    y = np.maximum(y, 0.8)
+    s = np.sqrt(1.5)
+    return 0.25 * y**2 + 0.25 * s / y - 1.375 / y**2 + 0.625 * s / y**3 - 0.125
+
+
+def gaussian_best(counts: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, float]:
+    """Gaussian filter with the sigma that maximises PSNR against the clean frame (an oracle choice)."""
+    from scipy.ndimage import gaussian_filter
+
+    best = max(GAUSS_SIGMAS, key=lambda s: metrics.psnr(metrics.fit_scale(gaussian_filter(counts, s), clean), clean))
+    return gaussian_filter(counts, best), best
+
+
+def nlm(counts: np.ndarray) -> np.ndarray:
+    """Non-local means (scikit-image, fast mode) in the Anscombe domain, sigma from estimate_sigma."""
+    from skimage.restoration import denoise_nl_means, estimate_sigma
+
+    y = anscombe(counts)
+    sigma = float(estimate_sigma(y))
+    return inverse_anscombe(denoise_nl_means(y, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True))
+
+
+def bm3d_denoise(counts: np.ndarray) -> np.ndarray:
+    """BM3D (`bm3d` package, both stages) in the Anscombe domain, where the Poisson noise has σ = 1."""
+    import bm3d
+
+    return inverse_anscombe(np.asarray(bm3d.bm3d(anscombe(counts), sigma_psd=1.0), dtype=np.float64))
+
+
+def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, float]:
+    """(output of the last call, median wall time in s over `repeats` calls)."""
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+# ---------------------------------------------------------------- simulated frames
+
+
+@dataclass
+class Score:
+    psnr: float
+    ssim: float
+    rms_all: float
+    rms_tio: float
+    rms_defect: float
+    failed: float  # fraction of column fits that failed
+    seconds: float | None
+    note: str = ""
+
+
+@dataclass
+class FrameSet:
+    dose: float
+    artefacts: bool
+    scores: dict[str, Score] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # on the clean scale
+
+    @property
+    def name(self) -> str:
+        return f"dose {self.dose:g}" + (", scan artefacts" if self.artefacts else "")
+
+
+def score(image: np.ndarray, sim: synthetic.SimFrame, cols: np.ndarray, radius: float, seconds: float | None, note: str = "") -> Score:
+    """PSNR, SSIM and column-position errors of an image already on the clean frame's scale."""
+    fits = metrics.fit_columns(image, sim.columns[cols], radius=radius)
+    tio = sim.intensities[cols] < 1.0
+    near = sim.near_defect[cols]
+    rms = lambda sel: metrics.column_rms_error(fits.centres[sel], sim.columns[cols][sel], fits.ok[sel])  # noqa: E731
+    return Score(
+        psnr=metrics.psnr(image, sim.clean, data_range=1.0),
+        ssim=metrics.ssim(image, sim.clean, data_range=1.0),
+        rms_all=rms(np.ones(len(tio), bool)),
+        rms_tio=rms(tio),
+        rms_defect=rms(near),
+        failed=float(1.0 - fits.ok.mean()),
+        seconds=seconds,
+        note=note,
+    )
+
+
+def warm_up(denoiser: Denoiser) -> None:
+    """Run every method once on a small frame, so imports and first-call set-up are not timed."""
+    from scipy.ndimage import gaussian_filter
+
+    counts = np.random.default_rng(0).poisson(5.0, (64, 64)).astype(np.float64)
+    gaussian_filter(counts, 1.0)
+    nlm(counts)
+    bm3d_denoise(counts)
+    denoiser(counts.astype(np.float32))
+
+
+def frame_set(
+    sim: synthetic.SimFrame,
+    cols: np.ndarray,
+    radius: float,
+    dose: float,
+    artefacts: bool,
+    denoiser: Denoiser,
+    seed: int,
+    repeats: int,
+) -> FrameSet:
+    """One noisy frame (in counts) through every method; scores on the clean scale."""
+    rng = np.random.default_rng(seed)
+    noise = synthetic.NoiseSpec(kind="poisson", dose=dose, background=BACKGROUND, **(ARTEFACTS if artefacts else {}))
+    counts = ((synthetic.corrupt(sim.clean, noise, rng) + BACKGROUND) * dose).astype(np.float64)
+    result = FrameSet(dose, artefacts)
+
+    def add(name: str, out: np.ndarray, seconds: float | None, note: str = "") -> None:
+        scaled = metrics.fit_scale(out, sim.clean)
+        result.outputs[name] = scaled
+        result.scores[name] = score(scaled, sim, cols, radius, seconds, note)
+
+    add("raw", counts, None)
+    _, sigma = gaussian_best(counts, sim.clean)
+    from scipy.ndimage import gaussian_filter
+
+    out, t = timed(lambda: gaussian_filter(counts, sigma), repeats)
+    add("gaussian", out, t, f"σ = {sigma:g} px")
+    out, t = timed(lambda: nlm(counts), repeats)
+    add("nlm", out, t)
+    out, t = timed(lambda: bm3d_denoise(counts), 1)
+    add("bm3d", out, t)
+    out, t = timed(lambda: denoiser(counts.astype(np.float32)), repeats)
+    add("stemd", out, t, f"step {denoiser.step}")
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def _f(x: float, digits: int = 2) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    ms = 1000 * seconds
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.2g}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def frames_table(sets: list[FrameSet], floor: Score) -> str:
+    head = (
+        "| set | method | PSNR (dB) | SSIM | column RMS, all (px) | TiO (px) | near defect (px) | fits failed | time / frame (ms) | note |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    )
+    rows = [
+        f"| clean frame | (fit floor) | – | – | {_f(floor.rms_all, 3)} | {_f(floor.rms_tio, 3)} | {_f(floor.rms_defect, 3)} | "
+        f"{floor.failed:.1%} | – | the fit's own bias on the noise-free frame |"
+    ]
+    for s in sets:
+        best_psnr = max(s.scores, key=lambda m: s.scores[m].psnr)
+        for m in METHODS:
+            sc = s.scores[m]
+            psnr = _f(sc.psnr)
+            if m == best_psnr:
+                psnr = f"**{psnr}**"
+            rows.append(
+                f"| {s.name} | {LABELS[m]} | {psnr} | {_f(sc.ssim, 3)} | {_f(sc.rms_all, 3)} | {_f(sc.rms_tio, 3)} | "
+                f"{_f(sc.rms_defect, 3)} | {sc.failed:.1%} | {_ms(sc.seconds)} | {sc.note} |"
+            )
+    return head + "\n".join(rows) + "\n"
+
+
+def findings(win: WindowResult, sets: list[FrameSet]) -> str:
+    """The issue's goals checked, and every place where a peer beats stemd, from the numbers above."""
+    goal = "meets" if win.error_model < 10.0 else "does NOT meet"
+    lines = [f"- Figure 2 protocol: {win.error_model:.2f}% per-pixel error, which {goal} the goal of beating the paper's ≈10%."]
+    lost = [s.name for s in sets if s.scores["stemd"].psnr <= s.scores["gaussian"].psnr]
+    if lost:
+        lines.append(f"- stemd's PSNR is NOT above the best-σ Gaussian filter on: {'; '.join(lost)}.")
+    else:
+        lines.append("- stemd's PSNR is above the best-σ Gaussian filter on every simulated set.")
+    checks = (("psnr", "PSNR", 1), ("ssim", "SSIM", 1), ("rms_all", "column RMS", -1))
+    for peer in ("bm3d", "nlm", "gaussian"):
+        parts = []
+        for metric, label, sign in checks:
+            wins = [s.name for s in sets if sign * (getattr(s.scores[peer], metric) - getattr(s.scores["stemd"], metric)) > 0]
+            if wins:
+                parts.append(f"{label} in {len(wins)}/{len(sets)} sets ({'; '.join(wins)})")
+        verdict = "beats stemd on " + ", on ".join(parts) if parts else "beats stemd on none of PSNR, SSIM, column RMS"
+        lines.append(f"- {LABELS[peer]} {verdict}.")
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, win: WindowResult, sets: list[FrameSet], floor: Score, denoiser: Denoiser, n_columns: int) -> str:
+    """The markdown body of the "## Quality" section."""
+    meta, size = denoiser.metadata, args.size
+    model_path = str(args.model) if args.model else "stemd/models/default.pt (shipped)"
+    threads = torch.get_num_threads()
+    trained = meta.get("command", "unknown")
+    noise = meta.get("noise", {})
+    parts = [
+        ("**Quick smoke run, not the reference numbers.**\n\n" if args.quick else "")
+        + f"Measured {datetime.date.today().isoformat()} on {machine_line()} ({threads} torch threads), "
+        f"by `{args.command}` (seeded; the run took {_duration(args.elapsed_s)}). "
+        f"Model: `{model_path}` ({meta.get('hidden', '?')} hidden, trained on {noise.get('kind', '?')} noise"
+        f"{', SNR ' + str(noise.get('snr')) if noise.get('kind') == 'uniform' else ''}; `{trained}`). "
+        "Metric definitions: `stemd/metrics.py`.",
+        "### The paper's Figure 2 protocol\n\n"
+        f"{win.n:,} independent 28×28 windows (seed {args.seed + WINDOW_SEED}, a stream training never draws) of the "
+        "paper's lattice with its uniform noise at SNR 0.33 (σ_noise = S / 0.33, S the clean lattice's standard "
+        "deviation; see docs/noise.md), through the model's forward pass. Per-pixel error = mean |pred − clean| "
+        "over all pixels, in % of the clean maximum (1.0); PSNR with peak 1.0 over all pixels.\n\n"
+        "| | per-pixel error (%) | PSNR (dB) |\n|---|---:|---:|\n"
+        f"| noisy input | {win.error_noisy:.2f} | {win.psnr_noisy:.2f} |\n"
+        f"| stemd | {win.error_model:.2f} | {win.psnr_model:.2f} |\n"
+        "| paper (Buban & Choi) | ≈ 10 | – |\n\n"
+        "![Figure 2: noisy / denoised / clean windows](figure2.png)",
+        f"### Simulated {size}×{size} frames\n\n"
+        f"One clean frame (`synthetic.simulate_frame`: 10 px lattice rotated {ROTATION_DEG:g}°, Ruddlesden–Popper fault "
+        f"through the centre, {n_columns} columns fitted) with a flat background of {BACKGROUND:g}, Poisson "
+        "noise at each dose (expected counts at the brightest column), optionally with fast-scan artefacts "
+        f"(line jitter {ARTEFACTS['line_jitter_px']} px rms, line gain flicker {ARTEFACTS['line_gain']:.0%}, "
+        f"line offset flicker {ARTEFACTS['line_offset']} of the peak). Every method gets the same frame in counts; "
+        "its output is mapped onto the clean frame by a least-squares gain/offset (`fit_scale`, the same oracle "
+        "for all) before scoring. PSNR/SSIM with data range 1.0 (the clean peak). Column RMS: distance between "
+        "the true position and a 2D Gaussian fitted within "
+        f"{args.radius_frac:g}·period of it (columns ≥ {EDGE_MARGIN} px from the border; failed fits excluded "
+        "and counted). Times: wall time per frame, median of "
+        f"{args.repeats} runs after a warm-up, except BM3D (one run); the Gaussian time excludes the σ search; stemd on {denoiser.device.type}.\n\n"
+        "Methods: **Gaussian** — `scipy.ndimage.gaussian_filter` with the σ from "
+        f"{list(GAUSS_SIGMAS)} that maximises PSNR against the clean frame (an oracle advantage no real user has); "
+        "**NLM** — `skimage.restoration.denoise_nl_means` (patch 5, distance 6, fast mode, h = 0.8σ) on the "
+        "Anscombe-transformed counts with σ from `estimate_sigma`; **BM3D** — `bm3d.bm3d` (both stages) on the "
+        "Anscombe-transformed counts with the known σ = 1, closed-form unbiased inverse Anscombe; these "
+        "variance-stabilised variants beat the same filters applied to raw counts by 1–4 dB PSNR in a trial on this lattice (not rerun here). "
+        f"**stemd** — `stemd.Denoiser` with the model above (step {denoiser.step}, "
+        "per-frame robust normalisation). Bold: best PSNR of the set.\n\n" + frames_table(sets, floor)
+        + "\n![Frames: raw / Gaussian / NLM / BM3D / stemd / clean](frames.png)",
+        "### Findings\n\n" + findings(win, sets),
+    ]
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def figure2(win: WindowResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noisy, out, clean = win.examples
+    k = len(clean)
+    fig, axes = plt.subplots(3, k, figsize=(1.3 * k, 4.2), squeeze=False)
+    for j in range(k):
+        for i, (img, lim) in enumerate(((noisy[j], None), (out[j], (0, 1)), (clean[j], (0, 1)))):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray", vmin=lim[0] if lim else None, vmax=lim[1] if lim else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for i, label in enumerate(("noisy", "denoised", "clean")):
+        axes[i, 0].set_ylabel(label)
+    fig.suptitle(f"Independent test windows, uniform noise SNR 0.33: error {win.error_model:.1f}% (noisy {win.error_noisy:.1f}%)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frames_figure(sets: list[FrameSet], clean: np.ndarray, centre: np.ndarray, path: Path, crop: int = 128) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = clean.shape
+    crop = min(crop, h, w)
+    y0 = int(np.clip(round(centre[0]) - crop // 2, 0, h - crop))
+    x0 = int(np.clip(round(centre[1]) - crop // 2, 0, w - crop))
+    sl = (slice(y0, y0 + crop), slice(x0, x0 + crop))
+    rows = [*METHODS, "clean"]
+    fig, axes = plt.subplots(len(rows), len(sets), figsize=(2.3 * len(sets) + 0.8, 2.3 * len(rows)), squeeze=False)
+    for j, s in enumerate(sets):
+        for i, m in enumerate(rows):
+            img = clean if m == "clean" else s.outputs[m]
+            ax = axes[i, j]
+            ax.imshow(img[sl], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if m != "clean":
+                ax.set_title(f"{s.scores[m].psnr:.1f} dB", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("clean" if m == "clean" else LABELS[m], fontsize=9)
+        axes[0, j].set_title(f"{s.name}\n{s.scores['raw'].psnr:.1f} dB", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 500 windows, one dose, 128² frames")
+    p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for benchmarks.md and the PNGs (default docs/)")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device for stemd (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="offset added to the fixed test seeds")
+    p.add_argument("--windows", type=int, default=None, help="test windows (default 10000; quick 500)")
+    p.add_argument("--size", type=int, default=None, help="frame side in px (default 512; quick 128)")
+    p.add_argument("--doses", type=float, nargs="+", default=None, help="Poisson doses (default 5 20 80; quick 20)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 3; quick 1)")
+    p.add_argument("--radius-frac", type=float, default=0.35, help="column-fit radius as a fraction of the period")
+    args = p.parse_args(argv)
+    args.windows = args.windows or (500 if args.quick else 10_000)
+    args.size = args.size or (128 if args.quick else 512)
+    args.doses = args.doses or ([20.0] if args.quick else [5.0, 20.0, 80.0])
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.windows < 1 or args.size < 56 or any(d <= 0 for d in args.doses) or args.repeats < 1:
+        p.error("need --windows >= 1, --size >= 56, positive --doses and --repeats >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    args.command = " ".join(["python bench/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, meta = load_checkpoint(args.model)
+    denoiser = Denoiser(model, meta, device=args.device)
+
+    t0 = time.perf_counter()
+    win = window_protocol(model, args.windows, args.seed + WINDOW_SEED)
+    print(f"Figure 2 protocol, {win.n} windows: error {win.error_noisy:.2f}% -> {win.error_model:.2f}%, "
+          f"PSNR {win.psnr_noisy:.2f} -> {win.psnr_model:.2f} dB ({time.perf_counter() - t0:.1f} s)", flush=True)
+    figure2(win, args.out / "figure2.png")
+
+    rng = np.random.default_rng(args.seed + FRAME_SEED)
+    size = args.size
+    sim = synthetic.simulate_frame((size, size), rng, rotation_deg=ROTATION_DEG, offset_px=tuple(rng.uniform(0, 10, 2)), defect="rp")
+    period = synthetic.PAPER_PERIOD_PX
+    radius = args.radius_frac * period
+    c = sim.columns
+    cols = np.all((c >= EDGE_MARGIN) & (c <= size - 1 - EDGE_MARGIN), axis=1)
+    floor = score(sim.clean.astype(np.float64), sim, cols, radius, None)
+
+    warm_up(denoiser)
+    sets = []
+    for i, dose in enumerate(args.doses):
+        for j, art in enumerate((False, True)):
+            t0 = time.perf_counter()
+            s = frame_set(sim, cols, radius, dose, art, denoiser, args.seed + FRAME_SEED + 1 + 2 * i + j, args.repeats)
+            sets.append(s)
+            line = "  ".join(f"{m} {s.scores[m].psnr:.2f}" for m in METHODS)
+            print(f"{s.name}: PSNR {line}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    mid = args.doses[len(args.doses) // 2]
+    shown = [s for s in sets if s.dose == mid]
+    centre = sim.columns[sim.near_defect].mean(axis=0) if sim.near_defect.any() else np.array([size / 2, size / 2])
+    frames_figure(shown, sim.clean, centre, args.out / "frames.png")
+
+    args.elapsed_s = time.perf_counter() - start
+    body = report(args, win, sets, floor, denoiser, int(cols.sum()))
+    print("\n" + frames_table(sets, floor) + "\n" + findings(win, sets))
+    write_section(args.out / "benchmarks.md", "Quality", body)
+    print(f"wrote {args.out / 'benchmarks.md'} (## Quality), {args.out / 'figure2.png'}, {args.out / 'frames.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
