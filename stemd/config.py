@@ -121,10 +121,11 @@ class LatticeSettings(_Section):
 class TrainSettings(_Section):
     """Everything `stemd train` needs."""
 
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     samples: int = Field(default=700_000, ge=1)  # training windows, generated on the fly
     batch_size: int = Field(default=512, ge=1)
     lr: float = Field(default=2e-3, gt=0)
+    lr_decay: Literal["none", "cosine", "step"] = "cosine"  # step: halve at each quarter of the run
     val_samples: int = Field(default=10_000, ge=1)
     val_every: int = Field(default=100_000, ge=1)  # samples between validations
     window: int = Field(default=28, ge=8)

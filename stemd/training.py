@@ -1,0 +1,399 @@
+"""`stemd train`: fit the window auto-encoder on synthetic lattice windows generated on the fly.
+
+`train()` is the pure entry point (settings in, checkpoints and a `TrainResult` out); the CLI wraps it.
+A run writes `best.pt` (lowest validation loss) and `last.pt` with `stemd.model.save_checkpoint`, plus
+`last.state.pt` beside `last.pt`: optimizer state, samples seen and history, so `--resume` can continue.
+The training data stream is keyed by (seed, position), so a run resumed from a validation point
+sees exactly the windows an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stemd import __version__
+from stemd.config import TrainSettings, load_train_settings
+from stemd.errors import CheckpointError, ConfigError
+
+DEFAULT_STEP = 2  # the floating-window step the paper's figure 3 used; stored in every checkpoint
+STATE_FORMAT = "stemd-train-state"
+STATE_VERSION = 1
+_TRAIN_STREAM, _VAL_STREAM = 0, 1
+_EVAL_BATCH = 4096
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `quality` describes the best checkpoint on the validation set."""
+
+    out: Path
+    best_path: Path
+    last_path: Path
+    samples_seen: int
+    best_val_loss: float
+    quality: dict[str, float]
+    noisy_quality: dict[str, float]  # the same figures for the noisy input itself: the baseline
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per validation
+    elapsed_s: float = 0.0
+    already_finished: bool = False  # a resumed run that had nothing left to do
+
+
+# ---------------------------------------------------------------- compute (no I/O)
+
+
+def stream_seed(seed: int, stream: int, position: int) -> int:
+    """An independent data seed for (run seed, stream, sample position)."""
+    return int(np.random.SeedSequence([seed, stream, position]).generate_state(1)[0])
+
+
+def noise_spec(settings: TrainSettings):
+    """The run's `stemd.synthetic.NoiseSpec`."""
+    from stemd.synthetic import NoiseSpec
+
+    return NoiseSpec.from_settings(settings.noise)
+
+
+def lattice_kwargs(settings: TrainSettings) -> dict[str, float]:
+    """Keyword arguments for `stemd.synthetic.training_batches` describing the lattice."""
+    return settings.lattice.model_dump()
+
+
+def lr_at(settings: TrainSettings, samples_seen: int) -> float:
+    """The learning rate after `samples_seen` windows: constant, cosine to 2 %, or halved each quarter."""
+    t = min(samples_seen / settings.samples, 1.0)
+    if settings.lr_decay == "cosine":
+        return settings.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * t)))
+    if settings.lr_decay == "step":
+        return settings.lr * 0.5 ** min(int(4 * t), 3)
+    return settings.lr
+
+
+def training_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(noisy, clean) batches for samples [start, stop) of the run's data stream."""
+    from stemd.synthetic import training_batches
+
+    return training_batches(
+        stop - start,
+        settings.batch_size,
+        noise_spec(settings),
+        stream_seed(settings.seed, _TRAIN_STREAM, start),
+        **lattice_kwargs(settings),
+    )
+
+
+def validation_set(settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed validation windows (noisy, clean), flattened, from a seed stream training never uses."""
+    from stemd.synthetic import training_batches
+
+    batches = training_batches(
+        settings.val_samples,
+        settings.val_samples,
+        noise_spec(settings),
+        stream_seed(settings.seed, _VAL_STREAM, 0),
+        **lattice_kwargs(settings),
+    )
+    noisy, clean = map(np.concatenate, zip(*batches))
+    n = len(noisy)
+    return torch.from_numpy(noisy.reshape(n, -1)), torch.from_numpy(clean.reshape(n, -1))
+
+
+def quality(pred: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
+    """MSE, mean absolute per-pixel error and PSNR (peak 1.0, the clean lattice maximum)."""
+    mse = float(F.mse_loss(pred, clean))
+    mae = float((pred - clean).abs().mean())
+    return {"mse": mse, "mae": mae, "psnr_db": 10.0 * math.log10(1.0 / max(mse, 1e-12))}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """`quality` of the model's output on a validation set, in batches."""
+    was_training = model.training
+    model.eval()
+    pred = torch.cat([model(noisy[i : i + _EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(noisy), _EVAL_BATCH)])
+    model.train(was_training)
+    return quality(pred, clean)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def frame_flops(window: int, hidden: tuple[int, ...], shape: tuple[int, int] = (512, 512), step: int = DEFAULT_STEP) -> float:
+    """Multiply-adds x 2 to reconstruct one frame: windows x 2 x sum(layer in*out), biases ignored."""
+    widths = [window * window, *hidden, *reversed(hidden[:-1]), window * window]
+    per_window = sum(a * b for a, b in zip(widths, widths[1:]))
+    n_windows = ((shape[0] - window) // step + 1) * ((shape[1] - window) // step + 1)
+    return 2.0 * n_windows * per_window
+
+
+# ---------------------------------------------------------------- training loop
+
+
+def _cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _state_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + ".state.pt")
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """The training state saved beside a `last.pt` (weights_only load; plain data and tensors)."""
+    path = _state_path(Path(checkpoint))
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"cannot resume: {checkpoint} does not exist")
+    if not path.is_file():
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: no training state {path.name} beside it "
+            "(only a last.pt written by `stemd train` can be resumed)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises many types
+        raise CheckpointError(f"cannot read training state {path}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a stemd training state file")
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path} has training state version {state.get('version')}, expected {STATE_VERSION}")
+    return state
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write training state {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _metadata(settings: TrainSettings, command: str, samples_seen: int, best: float,
+              q: dict[str, float], noisy_q: dict[str, float], params: int) -> dict[str, Any]:
+    return {
+        "window": settings.window,
+        "step": DEFAULT_STEP,
+        "lattice": settings.lattice.model_dump(),
+        "noise": settings.noise.model_dump(),
+        "hidden": list(settings.hidden),
+        "parameters": params,
+        "command": command,
+        "stemd_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": settings.seed,
+        "samples_seen": samples_seen,
+        "best_val_loss": best,
+        "quality": {"val_" + k: v for k, v in q.items()},
+        "noisy_quality": {"val_" + k: v for k, v in noisy_q.items()},
+        "train_settings": settings.model_dump(mode="json"),
+    }
+
+
+def train(
+    settings: TrainSettings,
+    *,
+    resume: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+) -> TrainResult:
+    """Train (or continue training) a WindowAE as `settings` say; returns where the checkpoints are."""
+    from stemd.denoiser import resolve_device
+    from stemd.model import WindowAE, load_checkpoint, save_checkpoint
+
+    t0 = time.perf_counter()
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads())
+    command = command or "stemd.training.train(...)"
+    out = Path(settings.out)
+    best_path, last_path = out / "best.pt", out / "last.pt"
+
+    torch.manual_seed(settings.seed)
+    fresh = WindowAE(settings.window, settings.hidden)
+    pos, best, best_q, history = 0, math.inf, {}, []
+    if resume is not None:
+        state = read_state(Path(resume))
+        model, meta = load_checkpoint(Path(resume))
+        if model.arch() != fresh.arch():
+            raise ConfigError(
+                f"hidden/window: {resume} holds {model.arch()}, but the settings ask for {fresh.arch()}"
+            )
+        pos = int(state["samples_seen"])
+        if int(meta.get("samples_seen", -1)) != pos:
+            raise CheckpointError(f"{resume} and its {_state_path(Path(resume)).name} disagree on samples seen")
+        history = list(state.get("history", []))
+        if best_path.is_file():
+            best, best_q = float(state["best_val_loss"]), dict(state["best_quality"])
+        torch.set_rng_state(state["torch_rng"])
+    else:
+        model = fresh
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(settings, pos))
+    if resume is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer state in {_state_path(Path(resume))} does not fit the model: {exc}") from None
+
+    if pos >= settings.samples:
+        log(f"{resume} already finished its run: {pos:,} samples seen of samples={settings.samples:,}; "
+            f"pass a larger --samples to train on")
+        q = {k[4:]: v for k, v in meta.get("quality", {}).items()}
+        nq = {k[4:]: v for k, v in meta.get("noisy_quality", {}).items()}
+        return TrainResult(out, best_path, Path(resume), pos, best, q, nq, history, time.perf_counter() - t0, True)
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out: cannot create directory {out}: {exc.strerror or exc}") from None
+    val_noisy, val_clean = validation_set(settings)
+    noisy_q = quality(val_noisy, val_clean)
+    q = evaluate(model, val_noisy, val_clean, device)
+    log(f"{'resumed at' if resume else 'start'} {pos:,} samples: validation MSE {q['mse']:.5f} "
+        f"(noisy input {noisy_q['mse']:.5f}), device {device}, {torch.get_num_threads()} threads")
+    if not history:
+        history.append({"samples": pos, "train_loss": math.nan, "val_loss": q["mse"], "lr": lr_at(settings, pos)})
+
+    bar = _progress_bar(settings.samples, pos, progress)
+    running = math.nan
+    try:
+        while pos < settings.samples:
+            stop = min(settings.samples, (pos // settings.val_every + 1) * settings.val_every)
+            seen, loss_sum = 0, 0.0
+            for noisy, clean in training_stream(settings, pos, stop):
+                n = len(noisy)
+                x = torch.from_numpy(noisy.reshape(n, -1)).to(device)
+                y = torch.from_numpy(clean.reshape(n, -1)).to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(settings, pos)
+                loss = F.mse_loss(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                running = value if math.isnan(running) else 0.95 * running + 0.05 * value
+                loss_sum += value * n
+                seen += n
+                pos += n
+                if bar is not None:
+                    bar.update(n)
+                    bar.set_postfix(loss=f"{running:.5f}", refresh=False)
+            q = evaluate(model, val_noisy, val_clean, device)
+            history.append({"samples": pos, "train_loss": loss_sum / max(seen, 1), "val_loss": q["mse"], "lr": lr_at(settings, pos)})
+            improved = q["mse"] < best
+            if improved:
+                best, best_q = q["mse"], q
+            meta = _metadata(settings, command, pos, best, q, noisy_q, parameter_count(model))
+            if improved:
+                save_checkpoint(best_path, model, meta)
+            state = {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "samples_seen": pos,
+                "best_val_loss": best,
+                "best_quality": best_q,
+                "optimizer": optimizer.state_dict(),
+                "settings": settings.model_dump(mode="json"),
+                "history": history,
+                "torch_rng": torch.get_rng_state(),
+            }
+            _save_state(_state_path(last_path), state)
+            save_checkpoint(last_path, model, meta)
+            log(f"{pos:,} samples: train loss {history[-1]['train_loss']:.5f}, validation MSE {q['mse']:.5f}, "
+                f"MAE {q['mae']:.4f}, PSNR {q['psnr_db']:.2f} dB{' (best)' if improved else ''}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return TrainResult(out, best_path, last_path, pos, best, best_q, noisy_q, history, time.perf_counter() - t0)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="win", unit_scale=True, dynamic_ncols=True, desc="train")
+
+
+# ---------------------------------------------------------------- CLI
+
+_OVERRIDES = ("samples", "batch_size", "lr", "seed", "device", "out")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="PATH", help="YAML training settings (default: built-in, as config/train.yaml)")
+    parser.add_argument("--samples", metavar="N", help="training windows in total")
+    parser.add_argument("--batch-size", metavar="N", help="windows per optimizer step")
+    parser.add_argument("--lr", metavar="X", help="Adam learning rate (peak)")
+    parser.add_argument("--seed", metavar="N", help="seed for weights and data")
+    parser.add_argument("--device", metavar="auto|cpu|cuda", help="where to train")
+    parser.add_argument("--out", metavar="DIR", help="directory for best.pt, last.pt, last.state.pt")
+    parser.add_argument("--hidden", metavar="W1,W2,...", help="encoder widths, e.g. 256,64 (the last is the code size)")
+    parser.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a last.pt (its settings, unless --config)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_hidden(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"hidden: expected comma-separated integer widths like 256,64 (got {text!r})") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """Config file (or, when resuming without one, the run's saved settings) plus command-line overrides."""
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in _OVERRIDES}
+    overrides["hidden"] = _parse_hidden(args.hidden)
+    if args.resume is not None and args.config is None:
+        saved = read_state(args.resume)["settings"]
+        overrides = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
+    return load_train_settings(args.config, overrides)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `stemd train ...` command these arguments amount to (stored in checkpoint metadata)."""
+    parts = ["stemd", "train"]
+    for key in ("config", *_OVERRIDES, "hidden", "resume"):
+        value = getattr(args, key)
+        if value is not None:
+            parts += ["--" + key.replace("_", "-"), str(value)]
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    progress = not args.no_progress
+    if progress:
+        from tqdm import tqdm
+
+        log = tqdm.write
+    else:
+        log = print
+    result = train(settings, resume=args.resume, progress=progress, log=log, command=command_line(args))
+    if not result.already_finished:
+        q, nq = result.quality, result.noisy_quality
+        print(
+            f"best checkpoint {result.best_path}: validation MSE {q['mse']:.5f}, MAE {q['mae']:.4f}, "
+            f"PSNR {q['psnr_db']:.2f} dB (noisy input {nq['psnr_db']:.2f} dB); "
+            f"{result.samples_seen:,} samples in {result.elapsed_s:.0f} s"
+        )
+    return 0
