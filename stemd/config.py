@@ -108,6 +108,7 @@ class NoiseSettings(_Section):
     line_jitter_px: float = Field(default=0.0, ge=0)
     line_gain: float = Field(default=0.0, ge=0)
     line_offset: float = Field(default=0.0, ge=0)
+    background: float = Field(default=0.0, ge=0)  # poisson: flat signal under the lattice, fraction of max
 
 
 class LatticeSettings(_Section):
