@@ -1,0 +1,200 @@
+"""The compute side of the daemon: the resident `Denoiser` on its device, no sockets.
+
+All model work runs on ONE dedicated worker thread, so the asyncio loop never blocks and
+the model is never used from two threads. A batch is `submit`ted (host staging and device
+work enqueued) and later `collect`ed (results copied back). On CUDA, submit only enqueues:
+copy-in on one stream, compute on a second, copy-out on a third, chained by events, with
+pinned host buffers; so while batch k computes, batch k+1 is already uploading. On CPU,
+submit computes directly and collect just returns the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from stemd.denoiser import Denoiser, denormalize, normalize
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SLOTS = 2  # staging buffers per batch shape: one batch in flight while the next uploads
+
+
+@dataclass
+class Pending:
+    """A submitted batch: its result on CPU, or the CUDA work still in flight."""
+
+    n: int
+    result: list[np.ndarray] | None = None
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    done: Any = None  # torch.cuda.Event recorded after copy-out
+    host_out: torch.Tensor | None = None
+    keep: list[Any] = field(default_factory=list)  # device tensors alive until collected
+
+
+@dataclass
+class _Slot:
+    host_in: torch.Tensor
+    host_out: torch.Tensor
+    dev_in: torch.Tensor
+
+
+class Engine:
+    """A `Denoiser` plus one worker thread; batches of same-shape frames in, float32 frames out."""
+
+    def __init__(self, denoiser: Denoiser, *, precision: str = "float32") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-engine")
+        self.precision = precision
+        self._set(denoiser)
+        log.info("engine: %s", self.describe())
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
+             precision: str = "float32") -> "Engine":
+        """Load a checkpoint (None: the shipped model) onto a device and start the worker."""
+        return cls(Denoiser.load(path, device=device, step=step), precision=precision)
+
+    def _set(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.cuda = denoiser.device.type == "cuda"
+        self._slots: dict[tuple[int, int, int], list[_Slot]] = {}
+        self._turn = 0
+        if self.cuda:
+            with torch.cuda.device(denoiser.device):
+                self._streams = [torch.cuda.Stream() for _ in range(3)]  # copy-in, compute, copy-out
+            if self.precision == "tf32":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+
+    def replace(self, denoiser: Denoiser) -> None:
+        """Swap in a new model; call through `run` so it happens between batches."""
+        self._set(denoiser)
+        log.info("engine: model replaced, %s", self.describe())
+
+    @property
+    def window(self) -> int:
+        return int(self.denoiser.window)
+
+    @property
+    def model_id(self) -> str:
+        return str(self.denoiser.model_id)
+
+    @property
+    def model_version(self) -> str:
+        md = self.denoiser.metadata or {}
+        for key in ("model_version", "version", "created_at", "created"):
+            if md.get(key) is not None:
+                return str(md[key])
+        return "unknown"
+
+    @property
+    def device_name(self) -> str:
+        dev = self.denoiser.device
+        if dev.type == "cuda":
+            return f"{dev} ({torch.cuda.get_device_name(dev)})"
+        return str(dev)
+
+    def describe(self) -> str:
+        """One line for the start-up log: model, device, whether a GPU is used."""
+        dev = self.denoiser.device
+        if dev.type == "cuda":
+            total = torch.cuda.get_device_properties(dev).total_memory
+            where = f"GPU {self.device_name}, {total / 2**30:.1f} GiB, precision {self.precision}"
+        else:
+            where = f"no GPU, CPU with {torch.get_num_threads()} threads"
+        return f"model {self.model_id} (step {self.denoiser.step}) on {where}"
+
+    def memory_bytes(self) -> int:
+        """Accelerator memory allocated (CUDA) or this process's resident memory (CPU)."""
+        if self.cuda:
+            return int(torch.cuda.memory_allocated(self.denoiser.device))
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the engine's worker thread without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def denoise(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Synchronous submit + collect (tests, offline use). Frames must share one shape."""
+        return self.collect(self.submit(frames))
+
+    def submit(self, frames: Sequence[np.ndarray]) -> Pending:
+        """Start denoising a batch of same-shape 2D frames; worker thread only."""
+        if not frames:
+            return Pending(n=0, result=[])
+        shape = frames[0].shape
+        if any(f.shape != shape for f in frames):
+            raise ValueError("a batch must hold frames of one shape")
+        x, lo, hi = normalize(np.stack(frames))
+        if not self.cuda:
+            with torch.inference_mode():
+                y = self.denoiser.denoise_tensor(torch.from_numpy(x).unsqueeze(1))
+            return Pending(n=len(frames), result=list(denormalize(y[:, 0].numpy(), lo, hi)))
+        return self._submit_cuda(x, lo, hi)
+
+    def _slot(self, shape: tuple[int, int, int]) -> _Slot:
+        slots = self._slots.get(shape)
+        if slots is None:
+            if len(self._slots) >= 4:
+                self._slots.clear()
+            slots = self._slots[shape] = [
+                _Slot(
+                    host_in=torch.empty(shape, dtype=torch.float32).pin_memory(),
+                    host_out=torch.empty(shape, dtype=torch.float32).pin_memory(),
+                    dev_in=torch.empty(shape, dtype=torch.float32, device=self.denoiser.device),
+                )
+                for _ in range(SLOTS)
+            ]
+        self._turn = (self._turn + 1) % SLOTS
+        return slots[self._turn]
+
+    def _submit_cuda(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Pending:
+        copy_in, compute, copy_out = self._streams
+        slot = self._slot(x.shape)
+        slot.host_in.numpy()[...] = x
+        with torch.cuda.stream(copy_in):
+            slot.dev_in.copy_(slot.host_in, non_blocking=True)
+            uploaded = torch.cuda.Event()
+            uploaded.record(copy_in)
+        with torch.cuda.stream(compute), torch.inference_mode():
+            compute.wait_event(uploaded)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                y = self.denoiser.denoise_tensor(slot.dev_in.unsqueeze(1))
+            y = y.float()
+            computed = torch.cuda.Event()
+            computed.record(compute)
+        with torch.cuda.stream(copy_out):
+            copy_out.wait_event(computed)
+            y.record_stream(copy_out)
+            slot.host_out.copy_(y[:, 0], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_out)
+        return Pending(n=len(x), lo=lo, hi=hi, done=done, host_out=slot.host_out, keep=[y, slot.dev_in])
+
+    def collect(self, pending: Pending) -> list[np.ndarray]:
+        """Wait for a submitted batch and return its denoised frames (float32, input scale)."""
+        if pending.result is not None:
+            return pending.result
+        pending.done.synchronize()
+        out = denormalize(pending.host_out.numpy().copy(), pending.lo, pending.hi)
+        pending.keep.clear()
+        return list(out)
+
+    def close(self) -> None:
+        """Finish queued work and stop the worker thread."""
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,88 @@
+"""The engine: batched denoising on one worker thread, same results as the Denoiser, no sockets."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from stemd.denoiser import Denoiser
+from stemd.engine import Engine
+from stemd.synthetic import simulate_frame
+
+
+def _noisy(n: int, shape=(64, 72), seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    clean = [simulate_frame(shape, rng, rotation_deg=5.0 * i).clean * 20 for i in range(n)]
+    return [rng.poisson(c).astype(np.uint16) for c in clean], clean
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    eng = Engine.load(checkpoint, device="cpu")
+    yield eng
+    eng.close()
+
+
+def test_batch_matches_denoiser_frame_by_frame(engine: Engine) -> None:
+    frames, clean = _noisy(3)
+    out = engine.denoise(frames)
+    assert len(out) == 3
+    for f, o, c in zip(frames, out, clean):
+        assert o.dtype == np.float32 and o.shape == f.shape
+        np.testing.assert_allclose(o, engine.denoiser(f), rtol=1e-4, atol=1e-3)
+        assert np.mean((o - c) ** 2) < np.mean((f - c) ** 2)
+
+
+def test_mixed_shapes_refused_and_empty_batch(engine: Engine) -> None:
+    a, _ = _noisy(1, (64, 64))
+    b, _ = _noisy(1, (64, 80))
+    with pytest.raises(ValueError, match="one shape"):
+        engine.submit(a + b)
+    assert engine.denoise([]) == []
+
+
+async def test_runs_on_one_dedicated_thread(engine: Engine) -> None:
+    names = {await engine.run(lambda: threading.current_thread().name) for _ in range(3)}
+    assert len(names) == 1 and names.pop().startswith("stemd-engine")
+    assert threading.current_thread().name == "MainThread"
+
+
+def test_describe_and_memory(engine: Engine) -> None:
+    assert "no GPU" in engine.describe() and engine.model_id in engine.describe()
+    assert engine.device_name == "cpu" and engine.memory_bytes() > 0
+    assert engine.window == 28 and isinstance(engine.model_version, str)
+
+
+def test_replace_swaps_the_model(checkpoint) -> None:
+    from stemd.model import WindowAE
+
+    eng = Engine.load(checkpoint, device="cpu")
+    try:
+        before = eng.model_id
+        eng.replace(Denoiser(WindowAE(28, [8]), {}, device="cpu", step=7))
+        assert eng.model_id != before and eng.denoiser.step == 7
+        assert eng.denoise(_noisy(1)[0])[0].shape == (64, 72)
+    finally:
+        eng.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pipeline_matches_cpu(checkpoint) -> None:
+    frames, _ = _noisy(6)
+    cpu = Engine.load(checkpoint, device="cpu")
+    gpu = Engine.load(checkpoint, device="cuda")
+    try:
+        assert "GPU" in gpu.describe()
+        expected = cpu.denoise(frames)
+        first = gpu.submit(frames[:3])
+        second = gpu.submit(frames[3:])  # uploaded while the first batch computes
+        got = gpu.collect(first) + gpu.collect(second)
+        third = gpu.collect(gpu.submit(frames[:3]))  # reuses the first staging slot
+        for e, g in zip(expected + expected[:3], got + third):
+            np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-2)
+    finally:
+        cpu.close()
+        gpu.close()
