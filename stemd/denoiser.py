@@ -62,8 +62,8 @@ def _mean_and_signal_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     mean = x.mean(axis=(1, 2), dtype=np.float64)
     d = x - mean[:, None, None].astype(np.float32)
     h, w = x.shape[1:]
-    cov = np.einsum("bij,bij->b", d[:, 1:], d[:, :-1], dtype=np.float64) / ((h - 1) * w) if h > 1 else np.zeros(len(x))
-    var = np.einsum("bij,bij->b", d, d, dtype=np.float64) / (h * w)
+    cov = np.einsum("bij,bij->b", d[:, 1:], d[:, :-1]).astype(np.float64) / max((h - 1) * w, 1)
+    var = np.einsum("bij,bij->b", d, d).astype(np.float64) / (h * w)
     return mean, np.sqrt(np.maximum(cov, 0.0)), np.sqrt(var)
 
 

@@ -55,10 +55,11 @@ def _maps(model: torch.nn.Module, bias: torch.Tensor, shape: tuple[int, int], st
     if use_cache and key in cache:
         return cache[key]
     n_h, n_w = (hp - window) // step + 1, (wp - window) // step + 1
-    ones = torch.ones(1, 1, n_h, n_w, device=bias.device, dtype=bias.dtype)
-    count = F.conv_transpose2d(ones, torch.ones_like(bias).view(1, 1, window, window), stride=step)
-    inv_count = count.reciprocal()
-    offset = F.conv_transpose2d(ones, bias.view(1, 1, window, window), stride=step) * inv_count
+    with torch.autocast(bias.device.type, enabled=False):  # maps stay float32 under bf16 autocast
+        ones = torch.ones(1, 1, n_h, n_w, device=bias.device, dtype=bias.dtype)
+        count = F.conv_transpose2d(ones, torch.ones_like(bias).view(1, 1, window, window), stride=step)
+        inv_count = count.reciprocal()
+        offset = F.conv_transpose2d(ones, bias.view(1, 1, window, window), stride=step) * inv_count
     if use_cache:
         while len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))
@@ -91,11 +92,11 @@ def reconstruct(
     acc = x.new_zeros(b, 1, hp, wp, dtype=torch.float32)
     for k0 in range(0, n_h, rows):
         k1 = min(n_h, k0 + rows)
-        band = x[:, :, k0 * step : (k1 - 1) * step + window]
-        act = F.relu(F.conv2d(band, w_in, first.bias, stride=step))
+        act = F.conv2d(x[:, :, k0 * step : (k1 - 1) * step + window], w_in, first.bias, stride=step).relu_()
+        flat = act.flatten(2)  # (B, h1, window rows * window columns): inner layers act on channels
         for lin in linears[1:-1]:
-            act = F.relu(F.conv2d(act, lin.weight[:, :, None, None], lin.bias))
-        out = F.conv_transpose2d(act, w_out, stride=step)
+            flat = torch.matmul(lin.weight, flat).add_(lin.bias[:, None]).relu_()
+        out = F.conv_transpose2d(flat.view(b, -1, k1 - k0, n_w), w_out, stride=step)
         acc[:, :, k0 * step : k0 * step + out.shape[-2]] += out
     inv_count, offset = _maps(model, last.bias, (hp, wp), step, window)
     return torch.addcmul(offset, acc, inv_count)[:, :, top : top + h, left : left + w].to(frames.dtype)
