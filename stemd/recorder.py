@@ -30,6 +30,15 @@ def file_stem(series_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", series_id)[:100].lstrip(".") or "series"
 
 
+def describe(header: dict[str, Any]) -> str:
+    """The header as JSON for a page's ImageDescription.
+
+    A space before the colon of "shape" keeps it valid JSON but stops tifffile from reading
+    the description as its own shaped metadata, which would split the file into 1-page series.
+    """
+    return json.dumps(header, default=str).replace('"shape":', '"shape" :')
+
+
 class Recorder:
     """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
 
@@ -97,7 +106,7 @@ class Recorder:
                 self.files.append(path)
                 log.info("recording %s frames of series %r to %s", kind, key[0], path)
             writer, fh = self._writers[key]
-            writer.write(data, description=json.dumps(header, default=str), metadata=None)
+            writer.write(data, description=describe(header), metadata=None)
             fh.flush()
             self.pages += 1
         except OSError as exc:

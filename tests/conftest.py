@@ -78,7 +78,12 @@ class TestPublisher:
         await asyncio.wait_for(_wait(), timeout)
 
     async def send(self, parts: list) -> None:
-        await self.sock.send_multipart(parts, copy=False)
+        """Send; with nodrop, a full subscriber answers EAGAIN (libzmq's XPUB_NODROP): wait and retry."""
+        while True:
+            try:
+                return await self.sock.send_multipart(parts, copy=False)
+            except zmq.Again:
+                await asyncio.sleep(0.005)
 
     def close(self) -> None:
         self.sock.close()

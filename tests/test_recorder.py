@@ -18,7 +18,7 @@ def _frames(n: int, dtype=np.uint16) -> list[np.ndarray]:
 async def test_pages_and_headers_per_series_and_kind(tmp_path: Path) -> None:
     rec = Recorder(tmp_path / "rec", raw=True, denoised=True)
     for i, f in enumerate(_frames(3)):
-        await rec.write("raw", {"series_id": "a/b", "frame_id": i, "blob": b"\x00"}, f)
+        await rec.write("raw", {"series_id": "a/b", "frame_id": i, "shape": [30, 40], "blob": b"\x00"}, f)
         await rec.write("denoised", {"series_id": "a/b", "frame_id": i}, f.astype(np.float32) + 0.5)
     await rec.end_series("a/b")
     await rec.write("raw", {"series_id": "a/b", "frame_id": 0}, _frames(1)[0])  # same id again: new file
@@ -28,6 +28,7 @@ async def test_pages_and_headers_per_series_and_kind(tmp_path: Path) -> None:
     with tifffile.TiffFile(tmp_path / "rec" / "a_b_raw.tif") as tf:
         stack = tf.asarray()
         ids = [json.loads(p.description)["frame_id"] for p in tf.pages]
+        assert json.loads(tf.pages[0].description)["shape"] == [30, 40]
     np.testing.assert_array_equal(stack, np.stack(_frames(3)))
     assert ids == [0, 1, 2]
     with tifffile.TiffFile(tmp_path / "rec" / "a_b_denoised.tif") as tf:

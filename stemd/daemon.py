@@ -1,0 +1,612 @@
+"""`stemd run`: the live denoising daemon (ZeroMQ frames in, denoised frames out).
+
+One asyncio loop does all the I/O and never blocks: a receiver task validates each message
+(protocol.decode_frame) and puts frames on a bounded queue; a worker task takes batches of
+same-shape frames, hands them to the `Engine` (its own thread) and publishes RAW and DENOISED;
+a stats task publishes STATS. Every input frame is published, or counted as dropped or
+rejected with a reason. `Daemon` runs in-process (tests, `stemd demo`) or from `run(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from stemd import protocol
+from stemd.config import Settings, is_local_endpoint, load_settings
+from stemd.denoiser import Denoiser
+from stemd.engine import Engine, Pending
+from stemd.errors import ConfigError, StemdError
+from stemd.notify import Notifier
+from stemd.recorder import Recorder
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 5.0  # on shutdown, frames still queued after this are counted as dropped
+LINGER_MS = 500  # how long closing sockets may keep flushing
+MAX_SERIES_TRACKED = 64
+
+
+@dataclass
+class Item:
+    """One queued entry: a frame, a SERIES event to pass through, or an internal series restart."""
+
+    kind: str  # "frame" | "event" | "restart"
+    header: dict[str, Any]
+    data: np.ndarray | None = None
+    received_at: float = 0.0
+
+
+class FrameQueue:
+    """Bounded FIFO of frames; events ride along in order and never count, block or drop."""
+
+    def __init__(self, maxsize: int, mode: str) -> None:
+        self.maxsize, self.mode = maxsize, mode
+        self._items: collections.deque[Item] = collections.deque()
+        self._frames = 0
+        self._changed = asyncio.Event()
+        self.closed = False
+
+    def __len__(self) -> int:
+        return self._frames
+
+    @property
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_event(self, item: Item) -> None:
+        self._items.append(item)
+        self._changed.set()
+
+    def put_frame(self, item: Item) -> Item | None:
+        """Append a frame; in live mode, when full, remove and return the oldest queued frame."""
+        dropped = None
+        if self._frames >= self.maxsize and self.mode == "live":
+            i = next(i for i, it in enumerate(self._items) if it.kind == "frame")
+            dropped = self._items[i]
+            del self._items[i]
+            self._frames -= 1
+        self._items.append(item)
+        self._frames += 1
+        self._changed.set()
+        return dropped
+
+    def head(self) -> Item | None:
+        return self._items[0] if self._items else None
+
+    def pop(self) -> Item:
+        item = self._items.popleft()
+        self._frames -= item.kind == "frame"
+        self._changed.set()
+        return item
+
+    def pop_batch(self, max_batch: int) -> list[Item]:
+        """Leading frames of the head frame's shape, at most `max_batch`."""
+        shape = self._items[0].data.shape
+        batch: list[Item] = []
+        while self._items and len(batch) < max_batch and self._items[0].kind == "frame" and self._items[0].data.shape == shape:
+            batch.append(self.pop())
+        return batch
+
+    def drain(self) -> list[Item]:
+        items = list(self._items)
+        self._items.clear()
+        self._frames = 0
+        self._changed.set()
+        return items
+
+    async def wait_for(self, predicate) -> None:
+        while not predicate():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def close(self) -> None:
+        self.closed = True
+        self._changed.set()
+
+
+class Daemon:
+    """The daemon, runnable in-process: `await start()`, then `await stop()` (or `serve()`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        engine: Engine | None = None,
+        notifier: Notifier | None = None,
+        manage_log_level: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.manage_log_level = manage_log_level
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.engine = engine
+        self._owns_engine = engine is None
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.ctx = zmq.asyncio.Context()
+        self.queue = FrameQueue(settings.queue.maxsize, settings.queue.mode)
+        self.recorder: Recorder | None = None
+        self.sub: zmq.asyncio.Socket | None = None
+        self.pub: zmq.asyncio.Socket | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.restarts = 0
+        self.reloads = 0
+        self.reload_failures = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.dropped_ids: collections.deque[tuple[str, int, str]] = collections.deque(maxlen=100_000)
+        self.failed = False
+        self._inflight: list[Item] = []
+        self._latencies: list[float] = []
+        self._last_ids: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._started_at = time.time()
+        self._last_stats = (time.monotonic(), 0)
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._stop_requested = asyncio.Event()
+        self._stopping = False
+        self._reload_lock = asyncio.Lock()
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model (if none was given), open the sockets, start the tasks, tell systemd."""
+        s = self.settings
+        self._apply_log_level(s)
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(
+                Engine.load, s.model.path, s.model.device, s.model.step, s.model.precision
+            )
+        self.pub = self._open_output(s)
+        self.sub = self._open_input(s)
+        self.recorder = self._make_recorder(s)
+        self._started_at = time.time()
+        self._last_stats = (time.monotonic(), 0)
+        self._spawn("receiver", self._receive(self.sub))
+        self._spawn("worker", self._work())
+        self._spawn("stats", self._stats_loop())
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._spawn("watchdog", self._watchdog_loop(interval))
+        line = f"ready: input {self.input_endpoint} ({s.input.mode}), output {self.output_endpoint}, {s.queue.mode} mode"
+        log.info("%s; model %s on %s", line, self.engine.model_id, self.engine.device_name)
+        self.notifier.ready(line)
+
+    def _apply_log_level(self, s: Settings) -> None:
+        if self.manage_log_level:
+            logging.getLogger("stemd").setLevel(s.log_level)
+
+    def request_stop(self) -> None:
+        """Ask `serve` to shut down (signal handlers call this)."""
+        self._stop_requested.set()
+
+    async def serve(self) -> int:
+        """Start, run until `request_stop`, stop; 0 on a clean exit, 1 if a task failed."""
+        await self.start()
+        await self._stop_requested.wait()
+        await self.stop()
+        return 1 if self.failed else 0
+
+    async def stop(self) -> None:
+        """Stop receiving, drain the queue (up to DRAIN_TIMEOUT_S), close recordings and sockets."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.notifier.stopping()
+        log.info("stopping: draining %d queued frames", len(self.queue))
+        await self._cancel("receiver")
+        self.queue.close()
+        worker = self._tasks.pop("worker", None)
+        if worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(worker), DRAIN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("drain took over %.0f s; dropping what is left", DRAIN_TIMEOUT_S)
+                worker.cancel()
+                await asyncio.gather(worker, return_exceptions=True)
+            except Exception:
+                pass  # already logged by the task's done callback
+        for item in self._inflight + self.queue.drain():
+            if item.kind == "frame":
+                self._drop(item, "shutdown")
+        self._inflight = []
+        await self._cancel("stats")
+        await self._cancel("watchdog")
+        log.info("final %s", self.stats_line(self.stats()))
+        if self.recorder is not None:
+            await self.recorder.close()
+        for sock in (self.sub, self.pub):
+            if sock is not None:
+                sock.close(linger=LINGER_MS)
+        await asyncio.to_thread(self.ctx.term)
+        if self.engine is not None and self._owns_engine:
+            await asyncio.to_thread(self.engine.close)
+        self.notifier.close()
+        log.info("stopped")
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        task = asyncio.create_task(coro, name=f"stemd-{name}")
+        task.add_done_callback(self._task_done)
+        self._tasks[name] = task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("task %s failed; shutting down", task.get_name(), exc_info=task.exception())
+        self.failed = True
+        self.request_stop()
+
+    async def _cancel(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # ---- sockets ----------------------------------------------------------------------
+
+    @property
+    def input_endpoint(self) -> str:
+        """The input endpoint; when bound, the actual one (a `*` port resolved)."""
+        if self.sub is not None and self.settings.input.mode == "bind":
+            return self.sub.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.settings.input.endpoint
+
+    @property
+    def output_endpoint(self) -> str:
+        """The actual bound output endpoint (a `*` port resolved)."""
+        return self.pub.getsockopt_string(zmq.LAST_ENDPOINT) if self.pub is not None else self.settings.output.endpoint
+
+    def _bind(self, sock: zmq.asyncio.Socket, endpoint: str, key: str) -> None:
+        if not is_local_endpoint(endpoint):
+            log.warning("%s %s is not a loopback address: anyone who can reach it can connect", key, endpoint)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"{key}: cannot bind {endpoint}: {exc}") from None
+
+    def _open_output(self, s: Settings) -> zmq.asyncio.Socket:
+        pub = self.ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, s.output.hwm)
+        self._bind(pub, s.output.endpoint, "output.endpoint")
+        return pub
+
+    def _open_input(self, s: Settings) -> zmq.asyncio.Socket:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, s.input.hwm)
+        sub.setsockopt(zmq.SUBSCRIBE, protocol.FRAME)
+        sub.setsockopt(zmq.SUBSCRIBE, protocol.SERIES)
+        if s.input.mode == "bind":
+            self._bind(sub, s.input.endpoint, "input.endpoint")
+        else:
+            try:
+                sub.connect(s.input.endpoint)
+            except zmq.ZMQError as exc:
+                sub.close(linger=0)
+                raise ConfigError(f"input.endpoint: cannot connect to {s.input.endpoint}: {exc}") from None
+        return sub
+
+    @staticmethod
+    def _make_recorder(s: Settings) -> Recorder | None:
+        r = s.recording
+        if not r.enabled or not (r.raw or r.denoised):
+            return None
+        return Recorder(r.directory, raw=r.raw, denoised=r.denoised)
+
+    # ---- receiving --------------------------------------------------------------------
+
+    async def _receive(self, sub: zmq.asyncio.Socket) -> None:
+        while True:
+            if self.settings.queue.mode == "lossless":
+                await self.queue.wait_for(lambda: len(self.queue) < self.queue.maxsize)
+            parts = await sub.recv_multipart(copy=False)
+            self.handle_message(parts)
+
+    def handle_message(self, parts: list[Any]) -> None:
+        """Validate one message and queue it, or count it as rejected; never raises."""
+        topic = parts[0].bytes if hasattr(parts[0], "bytes") else bytes(parts[0])
+        now = time.time()
+        if topic == protocol.FRAME:
+            self.frames_in += 1
+            lim = self.settings.limits
+            try:
+                frame = protocol.decode_frame(
+                    parts, max_side=lim.max_side, max_pixels=lim.max_pixels,
+                    min_side=max(lim.min_side, self.engine.window),
+                )
+            except protocol.ProtocolError as exc:
+                self._reject(exc.reason, exc.detail)
+                return
+            self._track_series(frame.header)
+            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now))
+            if dropped is not None:
+                self._drop(dropped, "queue_full")
+        elif topic == protocol.SERIES:
+            try:
+                _, header = protocol.decode_event(parts)
+            except protocol.ProtocolError as exc:
+                self._reject(exc.reason, exc.detail)
+                return
+            self._last_ids.pop(header["series_id"], None)
+            self.queue.put_event(Item("event", header, None, now))
+        else:
+            self._reject("topic", f"unexpected topic {topic[:32]!r}")
+
+    def _track_series(self, header: dict[str, Any]) -> None:
+        """Notice frame ids going backwards in a series (a restarted publisher)."""
+        sid, fid = header["series_id"], header["frame_id"]
+        last = self._last_ids.pop(sid, None)
+        if last is not None and fid <= last:
+            self.restarts += 1
+            log.info("series %r restarted at frame %d after frame %d (publisher restart?)", sid, fid, last)
+            self.queue.put_event(Item("restart", {"series_id": sid}))
+        self._last_ids[sid] = fid
+        while len(self._last_ids) > MAX_SERIES_TRACKED:
+            self._last_ids.popitem(last=False)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        if self.rejected[reason] == 1:
+            log.warning("rejected a message (%s): %s; further %r rejects are counted in the stats", reason, detail, reason)
+
+    def _drop(self, item: Item, reason: str) -> None:
+        self.dropped[reason] += 1
+        self.dropped_ids.append((item.header.get("series_id", ""), item.header.get("frame_id", -1), reason))
+        if self.dropped[reason] == 1:
+            log.warning("dropped a frame (%s); further drops are counted in the stats", reason)
+
+    # ---- denoising and publishing -------------------------------------------------------
+
+    async def _work(self) -> None:
+        """Batches to the engine; batch k+1 is submitted before batch k is collected."""
+        pending: tuple[list[Item], Pending] | None = None
+        while True:
+            head = self.queue.head()
+            if head is None:
+                if pending is not None:
+                    await self._finish(*pending)
+                    pending = None
+                    continue
+                if self.queue.closed:
+                    return
+                await self.queue.wait_for(lambda: not self.queue.empty or self.queue.closed)
+                continue
+            if head.kind != "frame":
+                if pending is not None:
+                    await self._finish(*pending)
+                    pending = None
+                await self._handle_event(self.queue.pop())
+                continue
+            batch = self.queue.pop_batch(self.settings.queue.max_batch)
+            self._inflight.extend(batch)
+            try:
+                handle = await self.engine.run(self.engine.submit, [it.data for it in batch])
+            except Exception as exc:  # a model failure must not stop the daemon
+                self._engine_failed(batch, exc)
+                continue
+            if pending is not None:
+                await self._finish(*pending)
+                pending = None
+            if handle.result is not None:  # computed already (CPU): publish now, no added latency
+                await self._finish(batch, handle)
+            else:
+                pending = (batch, handle)
+
+    def _engine_failed(self, batch: list[Item], exc: Exception) -> None:
+        log.error("denoising a batch of %d failed: %s", len(batch), exc, exc_info=self.dropped["engine_error"] == 0)
+        for item in batch:
+            self._inflight.remove(item)
+            self._drop(item, "engine_error")
+
+    async def _finish(self, batch: list[Item], handle: Pending) -> None:
+        try:
+            results = handle.result if handle.result is not None else await self.engine.run(self.engine.collect, handle)
+        except Exception as exc:
+            self._engine_failed(batch, exc)
+            return
+        for item, denoised in zip(batch, results):
+            self._inflight.remove(item)
+            await self._publish(item, denoised)
+
+    async def _publish(self, item: Item, denoised: np.ndarray) -> None:
+        now = time.time()
+        header = {
+            **item.header,
+            "model_id": self.engine.model_id,
+            "model_version": self.engine.model_version,
+            "received_at": item.received_at,
+            "published_at": now,
+            "latency_s": now - item.received_at,
+        }
+        try:
+            if self.settings.output.publish_raw:
+                await self.pub.send_multipart(protocol.encode_frame(protocol.RAW, header, item.data), copy=False)
+            await self.pub.send_multipart(protocol.encode_frame(protocol.DENOISED, header, denoised), copy=False)
+        except zmq.ZMQError as exc:
+            log.error("publishing frame %s failed: %s", item.header.get("frame_id"), exc)
+            self._drop(item, "publish_error")
+            return
+        self.frames_out += 1
+        self._latencies.append(header["latency_s"])
+        if self.recorder is not None:
+            await self.recorder.write("raw", _described(header, item.data), item.data)
+            await self.recorder.write("denoised", _described(header, denoised), denoised)
+
+    async def _handle_event(self, item: Item) -> None:
+        sid = item.header["series_id"]
+        if item.kind == "event":
+            await self.pub.send_multipart(protocol.encode_event(protocol.SERIES, item.header))
+            log.info("series %r %s", sid, item.header["event"])
+        if self.recorder is not None:
+            await self.recorder.end_series(sid)  # a start, end or restart all begin a new file
+
+    # ---- stats and watchdog ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start; fps and latency percentiles since the previous call."""
+        t, out_before = self._last_stats
+        now = time.monotonic()
+        lat = np.asarray(self._latencies, dtype=np.float64)
+        self._latencies = []
+        self._last_stats = (now, self.frames_out)
+        return {
+            "v": protocol.PROTOCOL_VERSION,
+            "time": time.time(),
+            "uptime_s": time.time() - self._started_at,
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "dropped": dict(self.dropped),
+            "rejected": dict(self.rejected),
+            "restarts": self.restarts,
+            "fps": (self.frames_out - out_before) / max(now - t, 1e-9),
+            "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
+            "latency_p99_s": float(np.percentile(lat, 99)) if lat.size else None,
+            "queue_depth": len(self.queue),
+            "device": self.engine.device_name if self.engine else "",
+            "memory_bytes": self.engine.memory_bytes() if self.engine else 0,
+            "model_id": self.engine.model_id if self.engine else "",
+            "recording_errors": self.recorder.errors if self.recorder else 0,
+        }
+
+    @staticmethod
+    def stats_line(st: dict[str, Any]) -> str:
+        """One human line for the log and systemd STATUS=."""
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1e3:.1f}"
+
+        return (
+            f"stats: in {st['frames_in']} out {st['frames_out']} dropped {sum(st['dropped'].values())} "
+            f"{st['dropped'] or ''} rejected {sum(st['rejected'].values())} {st['rejected'] or ''} "
+            f"fps {st['fps']:.1f} latency p50 {ms(st['latency_p50_s'])} ms p99 {ms(st['latency_p99_s'])} ms "
+            f"queue {st['queue_depth']} device {st['device']} mem {st['memory_bytes'] / 2**20:.0f} MiB"
+        ).replace("  ", " ")
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats.interval_s)
+            st = self.stats()
+            line = self.stats_line(st)
+            log.info("%s", line)
+            self.notifier.status(line)
+            await self.pub.send_multipart(protocol.encode_event(protocol.STATS, st))
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            worker = self._tasks.get("worker")
+            if worker is not None and not worker.done():
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # ---- reload ---------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file and the model; on any error keep the old ones (False)."""
+        async with self._reload_lock:
+            if self._stopping:
+                return False
+            try:
+                new = await asyncio.to_thread(load_settings, self.config_path, self.overrides)
+                denoiser = await asyncio.to_thread(Denoiser.load, new.model.path, new.model.device, new.model.step)
+                old = self.settings
+                pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
+                try:
+                    sub = self._open_input(new) if new.input != old.input else None
+                except StemdError:
+                    if pub is not None:
+                        pub.close(linger=0)
+                    raise
+            except (StemdError, OSError) as exc:
+                self.reload_failures += 1
+                log.error("reload rejected, keeping the running config and model: %s", exc)
+                return False
+            self.engine.precision = new.model.precision
+            await self.engine.run(self.engine.replace, denoiser)
+            if pub is not None:
+                self.pub.close(linger=LINGER_MS)
+                self.pub = pub
+            else:
+                self.pub.setsockopt(zmq.SNDHWM, new.output.hwm)
+            if sub is not None:
+                await self._cancel("receiver")
+                self.sub.close(linger=0)
+                self.sub = sub
+                self._spawn("receiver", self._receive(sub))
+            self.queue.maxsize, self.queue.mode = new.queue.maxsize, new.queue.mode
+            if new.recording != old.recording:
+                if self.recorder is not None:
+                    await self.recorder.close()
+                self.recorder = self._make_recorder(new)
+            self._apply_log_level(new)
+            self.settings = new
+            self.reloads += 1
+            log.info("reloaded %s: model %s, output %s", self.config_path or "defaults", self.engine.model_id, self.output_endpoint)
+            return True
+
+
+def _described(header: dict[str, Any], data: np.ndarray) -> dict[str, Any]:
+    """The header as recorded beside `data`: its own dtype, native byte order."""
+    return {**header, "dtype": data.dtype.name, "byte_order": protocol.NATIVE_BYTE_ORDER}
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML settings (config/stemd.yaml documents every key)")
+    parser.add_argument("--input", metavar="EP", help="input endpoint (overrides input.endpoint)")
+    parser.add_argument("--output", metavar="EP", help="output endpoint (overrides output.endpoint)")
+    parser.add_argument("--bind-input", action="store_true", help="bind the input endpoint instead of connecting")
+    parser.add_argument("--model", type=Path, help="checkpoint file (overrides model.path)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
+    parser.add_argument("--step", type=int, help="floating-window step in pixels (overrides model.step)")
+    parser.add_argument("--mode", choices=["live", "lossless"], help="backpressure (overrides queue.mode)")
+    parser.add_argument("--record", type=Path, metavar="DIR", help="record TIFFs into DIR (enables recording)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted-key overrides for `load_settings`; None values are ignored there."""
+    return {
+        "input.endpoint": args.input,
+        "output.endpoint": args.output,
+        "input.mode": "bind" if args.bind_input else None,
+        "model.path": str(args.model) if args.model else None,
+        "model.device": args.device,
+        "model.step": args.step,
+        "queue.mode": args.mode,
+        "recording.enabled": True if args.record else None,
+        "recording.directory": str(args.record) if args.record else None,
+    }
+
+
+async def serve(settings: Settings, config_path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+                manage_log_level: bool = True) -> int:
+    """Run a daemon until SIGTERM/SIGINT; SIGHUP reloads config and model."""
+    daemon = Daemon(settings, config_path=config_path, overrides=overrides, manage_log_level=manage_log_level)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(daemon.reload()))
+    try:
+        return await daemon.serve()
+    except BaseException:
+        await daemon.stop()
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
+    settings = load_settings(args.config, overrides)
+    return asyncio.run(serve(settings, args.config, overrides, manage_log_level=not getattr(args, "verbose", False)))

@@ -1,0 +1,413 @@
+"""The daemon on real ZeroMQ sockets over loopback: in-process for speed, once as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import tifffile
+import zmq
+import zmq.asyncio
+
+from stemd import protocol as p
+from stemd.config import load_settings
+from stemd.daemon import Daemon, FrameQueue, Item
+from stemd.denoiser import Denoiser
+from stemd.engine import Engine
+from stemd.notify import Notifier
+from stemd.synthetic import simulate_frame
+from conftest import TestPublisher
+
+SHAPE = (64, 72)
+RNG = np.random.default_rng(0)
+CLEAN = [simulate_frame(SHAPE, RNG, rotation_deg=4.0 * i).clean * 20 for i in range(4)]
+RAW = [RNG.poisson(c).astype(np.uint16) for c in CLEAN]
+
+
+def frame_parts(series: str, fid: int, **extra) -> list:
+    header = p.frame_header(series, fid, SHAPE, "uint16", dwell_time_s=2e-6, pixel_size_m=2e-11,
+                            detector="HAADF", scan_rotation_deg=0.0, **extra)
+    return p.encode_frame(p.FRAME, header, RAW[fid % len(RAW)])
+
+
+def make_settings(checkpoint: Path, input_ep: str, **over):
+    values = {
+        "model.path": str(checkpoint), "model.device": "cpu", "input.endpoint": input_ep,
+        "output.endpoint": "tcp://127.0.0.1:*", "stats.interval_s": 0.2,
+    }
+    values.update(over)
+    return load_settings(None, values)
+
+
+@contextlib.asynccontextmanager
+async def running(settings, **kw):
+    d = Daemon(settings, notifier=kw.pop("notifier", Notifier("")), **kw)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+class Sub:
+    """A viewer: SUB on the daemon's output, decoding everything it receives."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.SUB)
+        for topic in (p.RAW, p.DENOISED, p.SERIES, p.STATS):
+            self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sock.connect(endpoint)
+
+    async def recv(self, timeout: float = 15.0):
+        parts = await asyncio.wait_for(self.sock.recv_multipart(), timeout)
+        if len(parts) == 3:
+            f = p.decode_frame(parts, min_side=1)
+            return f.topic, f.header, f.data
+        topic, header = p.decode_event(parts)
+        return topic, header, None
+
+    async def ready(self) -> None:
+        """Connected once a stats message arrives."""
+        while (await self.recv())[0] != p.STATS:
+            pass
+
+    async def until(self, done, timeout: float = 20.0) -> list:
+        """Messages (not stats) until `done(messages)` holds."""
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while not done(got):
+            msg = await self.recv(max(0.1, deadline - time.monotonic()))
+            if msg[0] != p.STATS:
+                got.append(msg)
+        return got
+
+
+def denoised(msgs: list) -> list:
+    return [m for m in msgs if m[0] == p.DENOISED]
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    eng = Engine.load(checkpoint, device="cpu")
+    yield eng
+    eng.close()
+
+
+class SlowDenoiser(Denoiser):
+    delay_s = 0.15
+
+    def denoise_tensor(self, frames):
+        time.sleep(self.delay_s)
+        return super().denoise_tensor(frames)
+
+
+@pytest.fixture(scope="module")
+def slow_engine(checkpoint):
+    eng = Engine(SlowDenoiser.load(checkpoint, device="cpu"))
+    yield eng
+    eng.close()
+
+
+async def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -> None:
+    pub = TestPublisher(zctx)
+    async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        await pub.send(p.encode_event(p.SERIES, p.series_header("start", "run1", frames=4)))
+        for i in range(4):
+            await pub.send(frame_parts("run1", i, custom={"stage_x": 1.5}))
+        await pub.send(p.encode_event(p.SERIES, p.series_header("end", "run1")))
+        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
+    assert msgs[0][0] == p.SERIES and msgs[0][1]["event"] == "start" and msgs[0][1]["frames"] == 4
+    assert [m[0] for m in msgs[1:-1]] == [p.RAW, p.DENOISED] * 4
+    outs = denoised(msgs)
+    assert [h["frame_id"] for _, h, _ in outs] == [0, 1, 2, 3]
+    for (_, h, den), (_, hr, raw), clean in zip(outs, [m for m in msgs if m[0] == p.RAW], CLEAN):
+        assert h["series_id"] == "run1" and h["detector"] == "HAADF" and h["custom"] == {"stage_x": 1.5}
+        assert h["dwell_time_s"] == 2e-6 and h["pixel_size_m"] == 2e-11
+        assert h["model_id"] == engine.model_id and h["model_version"] == engine.model_version
+        assert h["received_at"] <= h["published_at"] and h["latency_s"] == pytest.approx(h["published_at"] - h["received_at"])
+        assert den.dtype == np.float32 and h["dtype"] == "float32" and hr["dtype"] == "uint16"
+        np.testing.assert_array_equal(raw, RAW[h["frame_id"]])
+        assert np.mean((den - clean) ** 2) < 0.5 * np.mean((raw.astype(np.float32) - clean) ** 2)
+    assert d.frames_in == 4 and d.frames_out == 4 and not d.dropped and not d.rejected
+    pub.close()
+
+
+def malformed() -> dict[str, list]:
+    good = frame_parts("bad", 0)
+    header = msgpack.unpackb(good[1])
+
+    def with_header(**change):
+        h = {**header, **change}
+        return [p.FRAME, msgpack.packb({k: v for k, v in h.items() if v is not None}), bytes(good[2])]
+
+    nan = RAW[0].astype(np.float32)
+    nan[5, 5] = np.nan
+    return {
+        "parts": good[:2],
+        "msgpack": [p.FRAME, b"\xc1not msgpack", b""],
+        "header_type": [p.FRAME, msgpack.packb([1, 2]), b""],
+        "missing_field": with_header(series_id=None),
+        "field_type": with_header(frame_id="seven"),
+        "version": with_header(v=99),
+        "dtype": with_header(dtype="complex64"),
+        "size_mismatch": [p.FRAME, good[1], bytes(good[2])[:-10]],
+        "too_small": p.encode_frame(p.FRAME, header, RAW[0][:20, :20]),
+        "too_large": with_header(shape=[100_000, 100_000]),
+        "nonfinite": p.encode_frame(p.FRAME, header, nan),
+        "topic": [b"frames-extra", good[1], bytes(good[2])],
+    }
+
+
+async def test_every_malformed_class_counted_then_next_frame_denoised(zctx, checkpoint, engine) -> None:
+    pub = TestPublisher(zctx)
+    bad = malformed()
+    async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for parts in bad.values():
+            await pub.send(parts)
+        await pub.send(p.encode_event(p.SERIES, {"event": "start"}))  # a series event without series_id
+        await pub.send(frame_parts("good", 1))
+        msgs = await sub.until(lambda m: len(denoised(m)) == 1)
+        assert denoised(msgs)[0][1]["series_id"] == "good"
+        expected = {reason: 1 for reason in bad}
+        expected["missing_field"] = 2
+        assert dict(d.rejected) == expected
+        assert d.frames_in == len(bad) - 1 + 1 and d.frames_out == 1
+        assert d.stats()["rejected"] == expected
+    pub.close()
+
+
+async def test_live_mode_drops_oldest_and_accounts_for_every_id(zctx, checkpoint, slow_engine) -> None:
+    pub = TestPublisher(zctx)
+    settings = make_settings(checkpoint, pub.endpoint, **{"queue.maxsize": 2, "queue.max_batch": 1})
+    n = 12
+    async with running(settings, engine=slow_engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for i in range(n):
+            await pub.send(frame_parts("live", i))
+        await wait_until(lambda: d.frames_out + sum(d.dropped.values()) == n)
+        msgs = await sub.until(lambda m: len(denoised(m)) == d.frames_out)
+    published = [h["frame_id"] for _, h, _ in denoised(msgs)]
+    dropped = [fid for sid, fid, reason in d.dropped_ids if sid == "live"]
+    assert published == sorted(published) and published[-1] == n - 1
+    assert sorted(published + dropped) == list(range(n))
+    assert d.dropped == {"queue_full": len(dropped)} and len(dropped) > 0
+    assert d.frames_in == n
+    pub.close()
+
+
+async def test_lossless_mode_loses_nothing(zctx, checkpoint, slow_engine) -> None:
+    pub = TestPublisher(zctx, nodrop=True, hwm=2)
+    settings = make_settings(checkpoint, pub.endpoint, **{
+        "queue.mode": "lossless", "queue.maxsize": 2, "queue.max_batch": 2, "input.hwm": 1,
+    })
+    n = 10
+    async with running(settings, engine=slow_engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for i in range(n):
+            await pub.send(frame_parts("lossless", i))
+        msgs = await sub.until(lambda m: len(denoised(m)) == n, timeout=30)
+        assert [h["frame_id"] for _, h, _ in denoised(msgs)] == list(range(n))
+        assert not d.dropped and d.frames_out == n
+    pub.close()
+
+
+async def test_late_subscriber_gets_subsequent_frames(zctx, checkpoint, engine) -> None:
+    pub = TestPublisher(zctx)
+    async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:
+        early = Sub(zctx, d.output_endpoint)
+        await early.ready()
+        await pub.wait_subscribed()
+        for i in range(2):
+            await pub.send(frame_parts("s", i))
+        await early.until(lambda m: len(denoised(m)) == 2)
+        late = Sub(zctx, d.output_endpoint)
+        await late.ready()
+        for i in range(2, 4):
+            await pub.send(frame_parts("s", i))
+        msgs = await late.until(lambda m: len(denoised(m)) == 2)
+        assert [h["frame_id"] for _, h, _ in denoised(msgs)] == [2, 3]
+    pub.close()
+
+
+async def test_publisher_restart_mid_series_and_recordings(zctx, checkpoint, engine, tmp_path) -> None:
+    settings = make_settings(checkpoint, "tcp://127.0.0.1:*", **{
+        "input.mode": "bind", "recording.enabled": True, "recording.directory": str(tmp_path),
+    })
+    async with running(settings, engine=engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        first = TestPublisher(zctx, d.input_endpoint, bind=False)
+        await first.wait_subscribed()
+        for i in range(3):
+            await first.send(frame_parts("s", i))
+        await sub.until(lambda m: len(denoised(m)) == 3)
+        first.close()
+        second = TestPublisher(zctx, d.input_endpoint, bind=False)  # restarted: ids start again
+        await second.wait_subscribed()
+        for i in range(2):
+            await second.send(frame_parts("s", i))
+        await second.send(frame_parts("t", 0))
+        msgs = await sub.until(lambda m: len(denoised(m)) == 3)
+        assert [(h["series_id"], h["frame_id"]) for _, h, _ in denoised(msgs)] == [("s", 0), ("s", 1), ("t", 0)]
+        assert d.restarts == 1
+        second.close()
+    pages = {}
+    for f in sorted(tmp_path.glob("*.tif")):
+        with tifffile.TiffFile(f) as tf:
+            pages[f.name] = [json.loads(pg.description)["frame_id"] for pg in tf.pages]
+    assert pages == {
+        "s_raw.tif": [0, 1, 2], "s_denoised.tif": [0, 1, 2],
+        "s_raw-1.tif": [0, 1], "s_denoised-1.tif": [0, 1],
+        "t_raw.tif": [0], "t_denoised.tif": [0],
+    }
+
+
+async def test_reload_rejects_bad_config_and_applies_good_one(zctx, checkpoint, tmp_path) -> None:
+    pub = TestPublisher(zctx)
+    cfg = tmp_path / "stemd.yaml"
+    good = {"model": {"path": str(checkpoint), "device": "cpu", "step": 4},
+            "input": {"endpoint": pub.endpoint}, "output": {"endpoint": "tcp://127.0.0.1:*"},
+            "stats": {"interval_s": 0.2}}
+    cfg.write_text(json.dumps(good))
+    async with running(load_settings(cfg), config_path=cfg) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        endpoint, model_id = d.output_endpoint, d.engine.model_id
+        for broken in ("queue: {maxsize: -1}", "model: {path: /nonexistent.pt}", "{{{"):
+            cfg.write_text(broken)
+            assert await d.reload() is False
+        assert d.reload_failures == 3 and d.settings.model.step == 4 and d.engine.model_id == model_id
+        await pub.send(frame_parts("r", 0))
+        await sub.until(lambda m: len(denoised(m)) == 1)
+        cfg.write_text(json.dumps({**good, "model": {**good["model"], "step": 7}, "queue": {"maxsize": 3}}))
+        assert await d.reload() is True
+        assert d.engine.denoiser.step == 7 and d.queue.maxsize == 3 and d.output_endpoint == endpoint
+        await pub.send(frame_parts("r", 1))
+        msgs = await sub.until(lambda m: len(denoised(m)) == 1)  # the same subscriber, still connected
+        assert denoised(msgs)[0][1]["frame_id"] == 1
+    pub.close()
+
+
+async def test_sd_notify_ready_status_watchdog(zctx, checkpoint, engine, tmp_path, monkeypatch) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.setblocking(False)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    pub = TestPublisher(zctx)
+    loop = asyncio.get_running_loop()
+    got: list[bytes] = []
+
+    async def until(prefix: bytes) -> None:
+        while not any(m.startswith(prefix) for m in got):
+            got.append(await asyncio.wait_for(loop.sock_recv(listener, 4096), 10))
+
+    async with running(make_settings(checkpoint, pub.endpoint), engine=engine,
+                       notifier=Notifier(str(tmp_path / "notify"))):
+        await until(b"READY=1")
+        await until(b"WATCHDOG=1")
+        await until(b"STATUS=stats:")
+    await until(b"STOPPING=1")
+    assert got[0].startswith(b"READY=1\nSTATUS=ready: input")
+    listener.close()
+    pub.close()
+
+
+def test_frame_queue_keeps_events_and_drops_oldest_frame() -> None:
+    q = FrameQueue(2, "live")
+    frame = lambda i: Item("frame", {"frame_id": i}, np.zeros((1, 1)))  # noqa: E731
+    q.put_event(Item("event", {"series_id": "s"}))
+    assert q.put_frame(frame(0)) is None and q.put_frame(frame(1)) is None
+    assert q.put_frame(frame(2)).header["frame_id"] == 0
+    assert len(q) == 2 and q.pop().kind == "event"
+    assert [i.header["frame_id"] for i in q.pop_batch(5)] == [1, 2] and q.empty
+
+
+def test_subprocess_sighup_bad_config_then_sigterm_leaves_recordings(checkpoint, tmp_path) -> None:
+    asyncio.run(_subprocess_signals(checkpoint, tmp_path))
+
+
+async def _subprocess_signals(checkpoint: Path, tmp_path: Path) -> None:
+    ctx = zmq.asyncio.Context()
+    pub = TestPublisher(ctx)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.setblocking(False)
+    cfg = tmp_path / "stemd.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"path": str(checkpoint), "device": "cpu"},
+        "input": {"endpoint": pub.endpoint}, "output": {"endpoint": "tcp://127.0.0.1:*"},
+        "recording": {"enabled": True, "directory": str(tmp_path / "rec")}, "stats": {"interval_s": 0.2},
+    }))
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "stemd.cli", "run", "--config", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(listener, 4096), 60)
+        assert msg.startswith(b"READY=1"), msg
+        output = msg.decode().split("output ")[1].split(",")[0]
+        sub = Sub(ctx, output)
+        await sub.ready()
+        await pub.wait_subscribed()
+        await pub.send(p.encode_event(p.SERIES, p.series_header("start", "sig")))
+        for i in range(3):
+            await pub.send(frame_parts("sig", i))
+        await sub.until(lambda m: len(denoised(m)) == 3)
+
+        cfg.write_text("queue: {maxsize: not-a-number}\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while b"reload rejected" not in (tmp_path / "daemon.log").read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None
+            await asyncio.sleep(0.05)
+        for i in range(3, 5):
+            await pub.send(frame_parts("sig", i))
+        msgs = await sub.until(lambda m: len(denoised(m)) == 2)
+        assert [h["frame_id"] for _, h, _ in denoised(msgs)] == [3, 4]
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        listener.close()
+        pub.close()
+        ctx.destroy(linger=0)
+    text = (tmp_path / "daemon.log").read_text()
+    assert "queue.maxsize" in text and "Traceback" not in text
+    for kind, dtype in (("raw", np.uint16), ("denoised", np.float32)):
+        with tifffile.TiffFile(tmp_path / "rec" / f"sig_{kind}.tif") as tf:
+            stack = tf.asarray()
+            ids = [json.loads(pg.description)["frame_id"] for pg in tf.pages]
+        assert stack.shape == (5, *SHAPE) and stack.dtype == dtype and ids == [0, 1, 2, 3, 4]
