@@ -48,6 +48,7 @@ class _Slot:
     host_in: torch.Tensor
     host_out: torch.Tensor
     dev_in: torch.Tensor
+    done: Any = None  # the event of the last batch that used this slot
 
 
 class Engine:
@@ -71,11 +72,11 @@ class Engine:
         self._slots: dict[tuple[int, int, int], list[_Slot]] = {}
         self._turn = 0
         if self.cuda:
+            torch.cuda.synchronize(denoiser.device)  # weights uploaded on the default stream are in place
             with torch.cuda.device(denoiser.device):
                 self._streams = [torch.cuda.Stream() for _ in range(3)]  # copy-in, compute, copy-out
-            if self.precision == "tf32":
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
 
     def replace(self, denoiser: Denoiser) -> None:
         """Swap in a new model; call through `run` so it happens between batches."""
@@ -134,7 +135,10 @@ class Engine:
         return self.collect(self.submit(frames))
 
     def submit(self, frames: Sequence[np.ndarray]) -> Pending:
-        """Start denoising a batch of same-shape 2D frames; worker thread only."""
+        """Start denoising a batch of same-shape 2D frames; worker thread only.
+
+        Collect batches in the order submitted; on CUDA, submit k+1 before collecting k to overlap them.
+        """
         if not frames:
             return Pending(n=0, result=[])
         shape = frames[0].shape
@@ -166,6 +170,8 @@ class Engine:
     def _submit_cuda(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Pending:
         copy_in, compute, copy_out = self._streams
         slot = self._slot(x.shape)
+        if slot.done is not None:
+            slot.done.synchronize()  # normally long finished: its batch was collected
         slot.host_in.numpy()[...] = x
         with torch.cuda.stream(copy_in):
             slot.dev_in.copy_(slot.host_in, non_blocking=True)
@@ -182,7 +188,7 @@ class Engine:
             copy_out.wait_event(computed)
             y.record_stream(copy_out)
             slot.host_out.copy_(y[:, 0], non_blocking=True)
-            done = torch.cuda.Event()
+            done = slot.done = torch.cuda.Event()
             done.record(copy_out)
         return Pending(n=len(x), lo=lo, hi=hi, done=done, host_out=slot.host_out, keep=[y, slot.dev_in])
 
@@ -191,7 +197,7 @@ class Engine:
         if pending.result is not None:
             return pending.result
         pending.done.synchronize()
-        out = denormalize(pending.host_out.numpy().copy(), pending.lo, pending.hi)
+        out = denormalize(pending.host_out.numpy(), pending.lo, pending.hi)  # a new array
         pending.keep.clear()
         return list(out)
 

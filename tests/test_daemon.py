@@ -25,6 +25,7 @@ from stemd.config import load_settings
 from stemd.daemon import Daemon, FrameQueue, Item
 from stemd.denoiser import Denoiser
 from stemd.engine import Engine
+from stemd.errors import ConfigError
 from stemd.notify import Notifier
 from stemd.synthetic import simulate_frame
 from conftest import TestPublisher
@@ -151,6 +152,33 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
         assert np.mean((den - clean) ** 2) < 0.5 * np.mean((raw.astype(np.float32) - clean) ** 2)
     assert d.frames_in == 4 and d.frames_out == 4 and not d.dropped and not d.rejected
     pub.close()
+
+
+async def test_simulator_to_daemon_to_subscriber(zctx, checkpoint, engine) -> None:
+    from stemd.simulator import SimSpec, Simulator
+
+    sim = Simulator(SimSpec(shape=(64, 64), margin_px=8), "tcp://127.0.0.1:*", fps=50, publish_clean=True,
+                    startup_delay_s=0.0, run_id="e2e", context=zctx)
+    clean_sub = zctx.socket(zmq.SUB)
+    clean_sub.setsockopt(zmq.SUBSCRIBE, p.CLEAN)
+    clean_sub.connect(sim.open())
+    async with running(make_settings(checkpoint, sim.endpoint), engine=engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await asyncio.sleep(0.5)  # the simulator's plain PUB cannot tell when the daemon has joined
+        await sim.run(5)
+        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
+        cleans = [p.decode_frame(await clean_sub.recv_multipart(), min_side=1) for _ in range(5)]
+    clean_sub.close(0)
+    sim.close()
+    outs, raws = denoised(msgs), [m for m in msgs if m[0] == p.RAW]
+    assert [h["frame_id"] for _, h, _ in outs] == list(range(5))
+    assert [m[1]["event"] for m in msgs if m[0] == p.SERIES] == ["start", "end"]
+    for (_, h, den), (_, _, raw), clean in zip(outs, raws, cleans):
+        assert h["series_id"] == clean.header["series_id"] and h["frame_id"] == clean.header["frame_id"]
+        assert h["detector"] == "HAADF (simulated)" and h["dwell_time_s"] > 0 and h["simulated"]
+        c = clean.data
+        assert np.mean((den - c) ** 2) < np.mean((raw.astype(np.float32) - c) ** 2)
 
 
 def malformed() -> dict[str, list]:
@@ -340,6 +368,29 @@ async def test_sd_notify_ready_status_watchdog(zctx, checkpoint, engine, tmp_pat
     assert got[0].startswith(b"READY=1\nSTATUS=ready: input")
     listener.close()
     pub.close()
+
+
+async def test_output_endpoint_in_use_is_a_config_error(zctx, checkpoint, engine) -> None:
+    pub = TestPublisher(zctx)
+    async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:
+        second = Daemon(make_settings(checkpoint, pub.endpoint, **{"output.endpoint": d.output_endpoint}),
+                        engine=engine, notifier=Notifier(""))
+        with pytest.raises(ConfigError, match="output.endpoint"):
+            await second.start()
+        await second.stop()
+    pub.close()
+
+
+def test_cli_bad_config_is_one_line_error(tmp_path, capsys) -> None:
+    from stemd.cli import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("queue:\n  mode: fast\n")
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stemd: error:") and "queue.mode" in err and "Traceback" not in err
+    assert main(["run", "--model", str(tmp_path / "missing.pt"), "--output", "tcp://127.0.0.1:*"]) == 2
+    assert "missing.pt" in capsys.readouterr().err
 
 
 def test_frame_queue_keeps_events_and_drops_oldest_frame() -> None:
