@@ -88,7 +88,10 @@ class SimSpec:
         _require(self.dwell_us > 0 and math.isfinite(self.dwell_us), "--dwell-us", "must be > 0", self.dwell_us)
         _require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0", self.dose_per_us)
         _require(self.dose <= MAX_COUNTS, "--dose-per-us", f"x --dwell-us must be <= {MAX_COUNTS} counts", self.dose)
-        _require(self.pixel_size_m > 0, "--pixel-size-m", "must be > 0", self.pixel_size_m)
+        _require(self.pixel_size_m > 0 and math.isfinite(self.pixel_size_m), "--pixel-size-m", "must be > 0",
+                 self.pixel_size_m)
+        for option, value in (("--rotation-deg", self.rotation_deg), ("--scan-rotation-deg", self.scan_rotation_deg)):
+            _require(math.isfinite(value), option, "must be a finite angle", value)
         _require(self.period_px > 2, "--period-px", "must be > 2", self.period_px)
         _require(self.sigma_px > 0, "--sigma-px", "must be > 0", self.sigma_px)
         _require(self.defect in (None, "rp"), "--defect", "must be 'rp' or absent", self.defect)
@@ -423,9 +426,8 @@ class Simulator:
                 header = frame_metadata(self.spec, series_id, in_series, frame)
                 await self._sock.send_multipart(protocol.encode_frame(protocol.FRAME, header, frame.raw), copy=False)
                 if self.publish_clean:
-                    clean_header = dict(header, dtype="float32")
                     await self._sock.send_multipart(
-                        protocol.encode_frame(protocol.CLEAN, clean_header, frame.clean), copy=False)
+                        protocol.encode_frame(protocol.CLEAN, header, frame.clean), copy=False)
                 in_series += 1
                 i += 1
                 report.frames = i

@@ -264,18 +264,25 @@ def interactive_backend() -> str | None:
     return None
 
 
-def show(endpoint: str, timeout_s: float = 10.0) -> None:
-    """A live window until it is closed; NoFramesError when nothing arrives within `timeout_s`."""
+def show(endpoint: str, timeout_s: float = 10.0, duration_s: float | None = None) -> int:
+    """A live window until it is closed (or `duration_s` passes); returns the pairs shown.
+
+    NoFramesError when no pair arrives within `timeout_s`.
+    """
     import matplotlib.pyplot as plt
 
     sub = Subscription(endpoint, (protocol.RAW, protocol.DENOISED, protocol.STATS))
     matcher, stats = PairMatcher(), LiveStats()
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4), layout="constrained")
     images = None
+    shown = 0
     started = time.monotonic()
     try:
         while plt.fignum_exists(fig.number):
+            if duration_s is not None and time.monotonic() - started > duration_s:
+                break
             if _feed(sub.receive(0.02), matcher, stats, time.time()):
+                shown += 1
                 pair = matcher.latest
                 if images is None:
                     images = [ax.imshow(pair[k].data, cmap="gray") for ax, k in zip(axes, ("raw", "denoised"))]
@@ -292,6 +299,7 @@ def show(endpoint: str, timeout_s: float = 10.0) -> None:
     finally:
         sub.close()
         plt.close(fig)
+    return shown
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -138,6 +138,7 @@ def test_sampler_falls_back_above_its_table():
         ({"dose_per_us": 1e5}, "--dose-per-us"),
         ({"seed": -3}, "--seed"),
         ({"line_jitter_px": 2.0}, "--line-jitter-px"),
+        ({"rotation_deg": float("nan")}, "--rotation-deg"),
     ],
 )
 def test_bad_spec_names_the_option(kwargs, option):
@@ -181,7 +182,7 @@ async def _drain(sock: zmq.asyncio.Socket, idle_s: float = 0.5) -> list[list[byt
 async def test_subscriber_gets_frames_in_order_with_series_events_and_clean():
     ctx = zmq.asyncio.Context()
     sim = Simulator(SMALL, "tcp://127.0.0.1:*", fps=200, series_length=3, publish_clean=True,
-                    run_id="t", context=ctx)
+                    run_id="t", startup_delay_s=1.0, context=ctx)  # a generous slow-joiner wait
     sub = _sub(ctx, sim.open(), protocol.FRAME, protocol.CLEAN, protocol.SERIES)
     try:
         report = await sim.run(7)
@@ -228,7 +229,7 @@ async def test_connect_mode_reaches_a_bound_subscriber():
     ctx = zmq.asyncio.Context()
     sub = _sub(ctx, "tcp://127.0.0.1:*", protocol.FRAME, bind=True)
     endpoint = sub.getsockopt_string(zmq.LAST_ENDPOINT)
-    sim = Simulator(SMALL, endpoint, connect=True, max_rate=True, context=ctx)
+    sim = Simulator(SMALL, endpoint, connect=True, max_rate=True, startup_delay_s=1.0, context=ctx)
     try:
         # a bound SUB forwards its subscription to a connecting PUB only while it is polled (libzmq)
         collecting = asyncio.create_task(_drain(sub, idle_s=2.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from stemd import protocol
 from stemd.cli import main
 from stemd.errors import ConfigError
-from stemd.viewer import LiveStats, NoFramesError, PairMatcher, snapshot
+from stemd.viewer import LiveStats, NoFramesError, PairMatcher, show, snapshot
 
 
 def _frame(topic: bytes, series: str, fid: int, value: float, dtype=np.uint16) -> protocol.Frame:
@@ -154,3 +155,22 @@ def test_bad_options_name_the_option(argv, option, capsys):
 def test_snapshot_bad_path_fails_before_waiting():
     with pytest.raises(ConfigError, match="--snapshot"):
         snapshot("tcp://127.0.0.1:9", "out.tiff", timeout_s=30)
+
+
+def test_live_window_loop_updates_then_stops():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # the window loop itself, drawn off screen
+    with DaemonLikePub() as pub, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Agg is non-interactive"
+        shown = show(pub.endpoint, timeout_s=10, duration_s=1.5)
+    assert shown > 0
+
+
+def test_live_window_times_out_when_nothing_arrives():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    with pytest.raises(NoFramesError, match="within 0.3 s"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        show("tcp://127.0.0.1:9", timeout_s=0.3)
