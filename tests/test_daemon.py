@@ -138,6 +138,12 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
             await pub.send(frame_parts("run1", i, custom={"stage_x": 1.5}))
         await pub.send(p.encode_event(p.SERIES, p.series_header("end", "run1")))
         msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
+        while (st := await sub.recv())[0] != p.STATS or st[1]["frames_out"] < 4:
+            pass
+    stats = st[1]
+    assert stats["frames_in"] == 4 and stats["dropped"] == {} and stats["rejected"] == {} and stats["device"] == "cpu"
+    assert stats["queue_depth"] == 0 and stats["memory_bytes"] > 0 and stats["model_id"] == engine.model_id
+    assert {"fps", "latency_p50_s", "latency_p99_s", "uptime_s", "recording_errors"} <= set(stats)
     assert msgs[0][0] == p.SERIES and msgs[0][1]["event"] == "start" and msgs[0][1]["frames"] == 4
     assert [m[0] for m in msgs[1:-1]] == [p.RAW, p.DENOISED] * 4
     outs = denoised(msgs)
@@ -378,6 +384,15 @@ async def test_output_endpoint_in_use_is_a_config_error(zctx, checkpoint, engine
         with pytest.raises(ConfigError, match="output.endpoint"):
             await second.start()
         await second.stop()
+    pub.close()
+
+
+async def test_non_loopback_bind_allowed_with_warning(zctx, checkpoint, engine, caplog) -> None:
+    pub = TestPublisher(zctx)
+    async with running(make_settings(checkpoint, pub.endpoint, **{"output.endpoint": "tcp://0.0.0.0:*"}),
+                       engine=engine) as d:
+        assert d.output_endpoint.startswith("tcp://0.0.0.0:")
+    assert any("not a loopback address" in r.getMessage() for r in caplog.records)
     pub.close()
 
 
