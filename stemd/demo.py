@@ -40,6 +40,7 @@ from stemd.viewer import KINDS, NoFramesError, PairMatcher, check_png_path, writ
 log = logging.getLogger(__name__)
 
 DRAIN_S = 5.0  # after the simulator stops, how long the daemon may take to finish its queue
+OUTPUT_HWM = 64  # room for bursts of batches, so the collector sees every published frame
 
 
 @dataclass
@@ -167,6 +168,7 @@ async def run_demo(
     settings = load_settings(None, {
         "input.endpoint": sim_endpoint, "input.mode": "connect",
         "output.endpoint": "tcp://127.0.0.1:*", "output.publish_raw": True,
+        "output.hwm": OUTPUT_HWM,
         "model.path": None if model is None else str(model), "model.device": device, "model.step": step,
     })
     daemon = Daemon(settings)
