@@ -147,9 +147,10 @@ class Denoiser:
         self.model = model.to(self.device).eval()
         self.metadata = dict(metadata)
         self.window = int(model.arch()["window"])
+        source, error = ("model.step", ConfigError) if step is not None else ("checkpoint metadata step", CheckpointError)
         step = step if step is not None else self.metadata.get("step", DEFAULT_STEP)
         if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= self.window:
-            raise ConfigError(f"model.step: must be an integer from 1 to the window ({self.window}), got {step!r}")
+            raise error(f"{source}: must be an integer from 1 to the window ({self.window}), got {step!r}")
         self.step = step
         self.reference = _reference_from(self.metadata)
         self._model_id: str | None = None

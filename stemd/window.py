@@ -50,7 +50,9 @@ def _maps(model: torch.nn.Module, bias: torch.Tensor, shape: tuple[int, int], st
     """(1/count, overlap-added output bias / count) for a padded shape; cached on the model when no grad."""
     hp, wp = shape
     cache = getattr(model, "_window_cache", None)
-    key = (hp, wp, step, bias.device, bias.dtype, bias.data_ptr(), bias._version)
+    # an inference tensor cannot change after creation, so it needs no version counter in the key
+    version = -1 if bias.is_inference() else bias._version
+    key = (hp, wp, step, bias.device, bias.dtype, bias.data_ptr(), version)
     use_cache = cache is not None and not torch.is_grad_enabled()
     if use_cache and key in cache:
         return cache[key]
@@ -79,6 +81,8 @@ def reconstruct(
     if frames.ndim != 4 or frames.shape[1] != 1:
         raise ValueError(f"frames must be (B, 1, H, W), got shape {tuple(frames.shape)}")
     b, _, h, w = frames.shape
+    if b == 0:
+        return frames.clone()
     x, (top, left) = pad_frames(frames, window, step)
     hp, wp = x.shape[-2:]
     n_h, n_w = (hp - window) // step + 1, (wp - window) // step + 1

@@ -138,6 +138,8 @@ def test_denoiser_step_and_model_id(tmp_path: Path):
     for bad in (0, 29, 2.5):
         with pytest.raises(ConfigError, match="model.step"):
             Denoiser(model, {}, device="cpu", step=bad)
+    with pytest.raises(CheckpointError, match="checkpoint metadata step"):
+        Denoiser(model, {"step": 40}, device="cpu")
     path = tmp_path / "m.pt"
     save_checkpoint(path, model, {"step": 4})
     a, b = Denoiser(model, {}, device="cpu"), Denoiser.load(path, device="cpu")

@@ -35,10 +35,17 @@ def test_fast_matches_naive_and_forward(shape, step):
     with torch.inference_mode():
         naive = reconstruct_naive(model, frame, step)
         fast = reconstruct(model, frame[None, None], step)[0, 0]
-        banded = reconstruct(model, frame[None, None], step, band_bytes=1)  # one window row per band
     assert fast.shape == frame.shape == naive.shape
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
-    torch.testing.assert_close(banded[0, 0], naive, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape, step", [((29, 31), 1), ((64, 100), 3), ((37, 53), 5)])
+def test_one_window_row_per_band_matches_naive(shape, step):
+    model = _random_model()
+    frame = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        banded = reconstruct(model, frame[None, None], step, band_bytes=1)[0, 0]
+        torch.testing.assert_close(banded, reconstruct_naive(model, frame, step), atol=1e-5, rtol=0)
 
 
 def test_several_bands_and_batch_match_single_frames():
@@ -53,7 +60,7 @@ def test_several_bands_and_batch_match_single_frames():
         torch.testing.assert_close(whole[i, 0], reconstruct_naive(model, frames[i, 0], step), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("step", [1, 2, 3, 4, 7, 28])
+@pytest.mark.parametrize("step", [2, 3, 4, 7, 28])  # step 1: the small-window test below
 def test_identity_model_returns_input_exactly(step):
     model = _identity_model(28)
     frame = torch.rand(61, 47, generator=torch.Generator().manual_seed(3))
@@ -108,6 +115,14 @@ def test_output_bias_and_count_maps_follow_grad_mode():
     out = reconstruct(model, frame.requires_grad_(), 2)  # trainable: gradients flow through
     out.sum().backward()
     assert frame.grad is not None and model.linear_layers()[0].weight.grad is not None
+
+
+def test_model_built_in_inference_mode_and_empty_batch():
+    with torch.inference_mode():
+        model = _random_model(hidden=(8, 4))
+        frame = torch.rand(33, 30)
+        torch.testing.assert_close(reconstruct(model, frame[None, None], 3)[0, 0], reconstruct_naive(model, frame, 3), atol=1e-5, rtol=0)
+        assert reconstruct(model, torch.rand(0, 1, 30, 30), 2).shape == (0, 1, 30, 30)
 
 
 def test_bad_step_is_refused():
