@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_BAND_BYTES = 64 * 2**20  # activation budget per band
-_CACHE_SIZE = 8
+DEFAULT_BAND_BYTES = 64 * 2**20  # working memory per band of window rows
+_CACHE_SIZE = 4  # padded shapes whose count/bias maps are kept per model
 
 
 def pad_amounts(size: int, window: int, step: int) -> tuple[int, int]:
@@ -75,7 +75,8 @@ def reconstruct(
     """(B, 1, H, W) -> (B, 1, H, W): the exact strided-conv / transposed-conv form.
 
     `model` must have `window` and `linear_layers()` (Linear layers with ReLU between them), like
-    `stemd.model.WindowAE`. `band_bytes` bounds the hidden activations held at once.
+    `stemd.model.WindowAE`. `band_bytes` bounds the per-band working memory (the unfolded windows
+    and hidden activations of one band of window rows); frame-sized buffers come on top.
     """
     window, linears = _check(model, step)
     if frames.ndim != 4 or frames.shape[1] != 1:
@@ -88,7 +89,8 @@ def reconstruct(
     n_h, n_w = (hp - window) // step + 1, (wp - window) // step + 1
     first, last = linears[0], linears[-1]
     widths = [lin.out_features for lin in linears[:-1]]
-    per_row = b * n_w * x.element_size() * max(a + c for a, c in zip(widths, widths[1:] + [0]))
+    # per window row: the window pixels a CPU conv unfolds (im2col) plus two live hidden layers
+    per_row = b * n_w * x.element_size() * (window * window + max(a + c for a, c in zip(widths, widths[1:] + [0])))
     rows = max(1, band_bytes // per_row)
 
     w_in = first.weight.view(-1, 1, window, window)
