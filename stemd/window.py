@@ -8,7 +8,7 @@ windows are summed back in place, divided by the per-pixel window count, and cro
 
 `reconstruct` computes this exactly without extracting windows: for a stacked AE (Linear layers
 with ReLU between them), the first Linear applied at every window is a Conv2d(1, h1, window,
-stride=step) with the Linear weight reshaped; inner Linears are 1x1 convolutions; the last Linear
+stride=step) with the Linear weight reshaped; inner Linears act on the channel axis; the last Linear
 followed by overlap-add is a conv_transpose2d(h_last -> 1, window, stride=step) plus the output
 bias overlap-added. Hidden activations are processed in horizontal bands of window rows so that
 memory stays bounded for any frame size.
