@@ -144,7 +144,7 @@ class Engine:
         shape = frames[0].shape
         if any(f.shape != shape for f in frames):
             raise ValueError("a batch must hold frames of one shape")
-        x, lo, hi = normalize(np.stack(frames))
+        x, lo, hi = normalize(np.stack(frames), reference=self.denoiser.reference)
         if not self.cuda:
             with torch.inference_mode():
                 y = self.denoiser.denoise_tensor(torch.from_numpy(x).unsqueeze(1))

@@ -86,3 +86,20 @@ def test_cuda_pipeline_matches_cpu(checkpoint) -> None:
     finally:
         cpu.close()
         gpu.close()
+
+
+def test_engine_uses_the_checkpoints_normalization(checkpoint) -> None:
+    """A checkpoint trained on another lattice carries its own reference levels; the engine must use them."""
+    from stemd.model import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    meta = dict(meta, normalization={"mean": 0.31, "signal_std": 0.12})
+    den = Denoiser(model, meta, device="cpu")
+    assert den.reference == (0.31, 0.12)
+    eng = Engine(den)
+    try:
+        frames, _ = _noisy(2)
+        for f, o in zip(frames, eng.denoise(frames)):
+            np.testing.assert_allclose(o, den(f), rtol=1e-4, atol=1e-3)
+    finally:
+        eng.close()
