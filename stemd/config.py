@@ -132,6 +132,7 @@ class TrainSettings(_Section):
     window: int = Field(default=28, ge=8)
     hidden: tuple[int, ...] = (256, 64)  # encoder widths; the last is the code size m
     device: Device = "auto"
+    threads: int = Field(default=0, ge=0)  # CPU threads for torch; 0: every core of the machine
     out: Path = Path("runs/default")
     noise: NoiseSettings = NoiseSettings()
     lattice: LatticeSettings = LatticeSettings()

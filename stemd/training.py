@@ -46,6 +46,7 @@ class TrainResult:
     quality: dict[str, float]
     noisy_quality: dict[str, float]  # the same figures for the noisy input itself: the baseline
     history: list[dict[str, float]] = field(default_factory=list)  # one row per validation
+    start_val_loss: float = math.nan  # validation loss of the weights this call started from
     elapsed_s: float = 0.0
     already_finished: bool = False  # a resumed run that had nothing left to do
 
@@ -131,10 +132,15 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def frame_flops(window: int, hidden: tuple[int, ...], shape: tuple[int, int] = (512, 512), step: int = DEFAULT_STEP) -> float:
-    """Multiply-adds x 2 to reconstruct one frame: windows x 2 x sum(layer in*out), biases ignored."""
+    """FLOPs to reconstruct one frame: windows of stemd.window's padded grid x 2 x sum(layer in*out)."""
+    from stemd.window import pad_amounts
+
     widths = [window * window, *hidden, *reversed(hidden[:-1]), window * window]
     per_window = sum(a * b for a, b in zip(widths, widths[1:]))
-    n_windows = ((shape[0] - window) // step + 1) * ((shape[1] - window) // step + 1)
+    n_windows = 1
+    for size in shape:
+        padded = size + sum(pad_amounts(size, window, step))
+        n_windows *= (padded - window) // step + 1
     return 2.0 * n_windows * per_window
 
 
@@ -215,12 +221,21 @@ def train(
 ) -> TrainResult:
     """Train (or continue training) a WindowAE as `settings` say; returns where the checkpoints are."""
     from stemd.denoiser import resolve_device
+
+    device = resolve_device(settings.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads or _cpu_threads())
+    try:
+        return _train(settings, device, resume, progress, log, command)
+    finally:
+        torch.set_num_threads(threads)  # the setting is process-wide: leave it as found
+
+
+def _train(settings: TrainSettings, device: torch.device, resume: Path | None, progress: bool,
+           log: Callable[[str], None], command: str | None) -> TrainResult:
     from stemd.model import WindowAE, load_checkpoint, save_checkpoint
 
     t0 = time.perf_counter()
-    device = resolve_device(settings.device)
-    if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads())
     command = command or "stemd.training.train(...)"
     out = Path(settings.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
@@ -257,7 +272,7 @@ def train(
             f"pass a larger --samples to train on")
         q = {k[4:]: v for k, v in meta.get("quality", {}).items()}
         nq = {k[4:]: v for k, v in meta.get("noisy_quality", {}).items()}
-        return TrainResult(out, best_path, Path(resume), pos, best, q, nq, history, time.perf_counter() - t0, True)
+        return TrainResult(out, best_path, Path(resume), pos, best, q, nq, history, already_finished=True)
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +280,7 @@ def train(
         raise ConfigError(f"out: cannot create directory {out}: {exc.strerror or exc}") from None
     val_noisy, val_clean = validation_set(settings)
     noisy_q = quality(val_noisy, val_clean)
-    q = evaluate(model, val_noisy, val_clean, device)
+    q = start_q = evaluate(model, val_noisy, val_clean, device)
     log(f"{'resumed at' if resume else 'start'} {pos:,} samples: validation MSE {q['mse']:.5f} "
         f"(noisy input {noisy_q['mse']:.5f}), device {device}, {torch.get_num_threads()} threads")
     if not history:
@@ -321,7 +336,7 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(out, best_path, last_path, pos, best, best_q, noisy_q, history, time.perf_counter() - t0)
+    return TrainResult(out, best_path, last_path, pos, best, best_q, noisy_q, history, start_q["mse"], time.perf_counter() - t0)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -334,7 +349,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 # ---------------------------------------------------------------- CLI
 
-_OVERRIDES = ("samples", "batch_size", "lr", "seed", "device", "out")
+_OVERRIDES = ("samples", "batch_size", "lr", "seed", "device", "threads", "out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -344,6 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", metavar="X", help="Adam learning rate (peak)")
     parser.add_argument("--seed", metavar="N", help="seed for weights and data")
     parser.add_argument("--device", metavar="auto|cpu|cuda", help="where to train")
+    parser.add_argument("--threads", metavar="N", help="CPU threads (0: every core)")
     parser.add_argument("--out", metavar="DIR", help="directory for best.pt, last.pt, last.state.pt")
     parser.add_argument("--hidden", metavar="W1,W2,...", help="encoder widths, e.g. 256,64 (the last is the code size)")
     parser.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a last.pt (its settings, unless --config)")

@@ -1,0 +1,175 @@
+"""`stemd train`: a tiny run learns, checkpoints carry metadata, resume and seeding are exact, bad settings name the key."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import stemd
+from stemd.cli import main
+from stemd.config import TrainSettings, load_train_settings
+from stemd.errors import CheckpointError, ConfigError
+from stemd.model import load_checkpoint
+from stemd.window import pad_frames
+from stemd.training import evaluate, frame_flops, lr_at, read_state, train, validation_set
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(out: Path, **overrides) -> TrainSettings:
+    """A run of seconds: small model, small batches, constant LR so a split run equals a whole one.
+
+    One thread: on a busy 2-core machine two threads contend and run many times slower."""
+    base = {"samples": 6000, "batch_size": 64, "lr": 3e-3, "lr_decay": "none", "val_samples": 1000,
+            "val_every": 3000, "hidden": [64, 16], "device": "cpu", "threads": 1, "out": str(out)}
+    return load_train_settings(None, {**base, **overrides})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    settings = tiny(tmp_path_factory.mktemp("run_a"))
+    return settings, train(settings, progress=False, log=lambda _: None)
+
+
+def test_tiny_run_learns(run_a):
+    _, result = run_a
+    initial = result.history[0]["val_loss"]
+    assert [row["samples"] for row in result.history] == [0, 3000, 6000]
+    assert result.best_val_loss < 0.8 * initial
+    assert result.best_val_loss < 0.5 * result.noisy_quality["mse"]
+    assert result.quality["mse"] == result.best_val_loss
+    assert result.quality["psnr_db"] > result.noisy_quality["psnr_db"]
+
+
+def test_checkpoints_load_and_carry_metadata(run_a):
+    settings, result = run_a
+    model, meta = load_checkpoint(result.best_path)
+    assert model.arch() == {"name": "window_ae", "window": 28, "hidden": [64, 16]}
+    assert meta["window"] == 28 and meta["step"] == 2
+    assert meta["lattice"]["period_px"] == settings.lattice.period_px
+    assert meta["lattice"]["sigma_px"] == settings.lattice.sigma_px
+    assert meta["noise"]["kind"] == "uniform" and meta["noise"]["snr"] == settings.noise.snr
+    assert meta["stemd_version"] == stemd.__version__
+    assert meta["samples_seen"] == 6000
+    assert meta["best_val_loss"] == result.best_val_loss
+    assert set(meta["quality"]) == {"val_mse", "val_mae", "val_psnr_db"}
+    assert meta["command"]
+    noisy, clean = validation_set(settings)
+    assert evaluate(model, noisy, clean, torch.device("cpu"))["mse"] == pytest.approx(meta["quality"]["val_mse"], rel=1e-5)
+    _, last_meta = load_checkpoint(result.last_path)
+    assert last_meta["samples_seen"] == 6000
+
+
+def test_resume_continues_exactly(run_a, tmp_path):
+    _, whole = run_a
+    first = train(tiny(tmp_path, samples=3000), progress=False, log=lambda _: None)
+    assert first.samples_seen == 3000
+    resumed = train(tiny(tmp_path), resume=first.last_path, progress=False, log=lambda _: None)
+    assert resumed.samples_seen == 6000
+    assert [row["samples"] for row in resumed.history] == [0, 3000, 6000]
+    assert resumed.start_val_loss == pytest.approx(first.history[-1]["val_loss"], rel=1e-6)
+    assert read_state(resumed.last_path)["optimizer"]["state"][0]["step"] == 2 * math.ceil(3000 / 64)
+    got, want = weights(resumed.last_path), weights(whole.last_path)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_seed_reproduces_weights(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [train(tiny(tmp_path / f"r{i}", samples=640, seed=seed), progress=False, log=lambda _: None)
+                for i, seed in enumerate((5, 5, 6))]
+        assert torch.get_num_threads() == 2  # train() ran on 1 thread and put the setting back
+    finally:
+        torch.set_num_threads(threads)
+    a, b, c = (weights(r.last_path) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_finished_run_says_so(run_a, capsys):
+    _, result = run_a
+    before = result.last_path.stat().st_mtime_ns
+    assert main(["train", "--resume", str(result.last_path), "--no-progress"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert result.last_path.stat().st_mtime_ns == before
+
+
+def test_resume_refuses_what_it_cannot_continue(run_a, tmp_path):
+    settings, result = run_a
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(settings, resume=tmp_path / "nope.pt", progress=False)
+    lone = tmp_path / "lone.pt"
+    shutil.copy(result.best_path, lone)
+    with pytest.raises(CheckpointError, match="training state"):
+        train(settings, resume=lone, progress=False)
+    with pytest.raises(ConfigError, match="hidden"):
+        train(tiny(tmp_path, hidden=[32, 8], samples=9000), resume=result.last_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "argv", "key"),
+    [
+        ("sampels: 5\n", [], "sampels"),
+        ("noise:\n  kind: pink\n", [], "noise.kind"),
+        ("lattice:\n  period_px: -1\n", [], "lattice.period_px"),
+        ("", ["--samples", "0"], "samples"),
+        ("", ["--lr", "fast"], "lr"),
+        ("", ["--hidden", "64,x"], "hidden"),
+        ("", ["--device", "tpu"], "device"),
+    ],
+)
+def test_bad_setting_names_the_key(tmp_path, capsys, yaml_text, argv, key):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml_text)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stemd: error:") and re.search(rf"\b{re.escape(key)}\b", err)
+    assert not (tmp_path / "run").exists()
+
+
+def _keys(node: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in node.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _keys(v, prefix + k + ".")
+    return out
+
+
+def test_train_yaml_mirrors_the_defaults():
+    path = REPO / "config" / "train.yaml"
+    assert load_train_settings(path) == TrainSettings()
+    assert _keys(yaml.safe_load(path.read_text())) == _keys(TrainSettings().model_dump())
+    for line in path.read_text().splitlines():
+        if re.match(r"\s*\w+:", line):
+            assert "#" in line, f"no comment on {line!r}"
+
+
+def test_lr_schedules():
+    s = TrainSettings(samples=1000, lr=1.0)
+    cosine = [lr_at(s, n) for n in range(0, 1001, 100)]
+    assert cosine[0] == 1.0 and cosine[-1] == pytest.approx(0.02)
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    step = TrainSettings(samples=1000, lr=1.0, lr_decay="step")
+    assert [lr_at(step, n) for n in (0, 249, 250, 500, 750, 1000)] == [1.0, 1.0, 0.5, 0.25, 0.125, 0.125]
+    assert lr_at(TrainSettings(samples=1000, lr=1.0, lr_decay="none"), 900) == 1.0
+
+
+def test_frame_flops_count_every_window_and_layer():
+    small = frame_flops(28, (64, 16))
+    assert frame_flops(28, (64, 16), step=1) > 3.9 * small
+    assert frame_flops(28, (128, 32)) > 1.9 * small
+    padded, _ = pad_frames(torch.zeros(1, 1, 512, 512), 28, 2)
+    windows = padded.unfold(2, 28, 2).unfold(3, 28, 2).shape[2:4].numel()
+    assert small == 2 * windows * (784 * 64 + 64 * 16 + 16 * 64 + 64 * 784)
