@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 from scipy.spatial import cKDTree
 
-from stemd.synthetic import RP_GAP, NoiseSpec, _basis, _lattice_columns, corrupt
+from stemd.synthetic import PAPER_INTENSITIES, RP_GAP, NoiseSpec, _basis, _lattice_columns, corrupt
 
 STRUCTURES = ("perovskite", "dumbbell", "hexagonal")
 PHASE_KINDS = STRUCTURES + ("amorphous", "vacuum")
@@ -183,9 +183,9 @@ def _in_frame(pos: np.ndarray, shape: tuple[int, int], mask: bool = False) -> np
 
 def _crystal(phase: Phase, shape: tuple[int, int], margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Specimen (y, x) of every column of `phase` near the frame, its sublattice (0/1), near-fault flag."""
-    a = float(phase.period_px)
     if phase.rp_fault_at is not None:
         return _rp_crystal(phase, shape, margin)
+    a = float(phase.period_px)
     e = np.stack(_basis(phase.rotation_deg))  # rows e1, e2 in (y, x)
     origin = np.asarray(phase.offset_px, dtype=np.float64)
     c = (_frame_bounds(shape, margin) - origin) @ e.T / a  # corners in period units along e1, e2
@@ -217,7 +217,7 @@ def _rp_crystal(phase: Phase, shape: tuple[int, int], margin: float) -> tuple[np
     pos, peak, near = _lattice_columns(big, phase.period_px, phase.rotation_deg, origin, margin, "rp", RP_GAP)
     pos = pos - shift
     keep = _inside(pos, shape, margin)
-    sub = np.where(peak == peak.max(), 0, 1).astype(np.int8)
+    sub = np.where(peak == PAPER_INTENSITIES[0], 0, 1).astype(np.int8)
     return pos[keep], sub[keep], near[keep]
 
 
@@ -313,6 +313,8 @@ def build_scene(
     Columns are Gaussians of sigma `sigma_px`; the probe blur (Gaussian, `blur_px`) is applied
     exactly by widening them to sqrt(sigma^2 + blur^2) at constant integrated intensity. Drift is
     synthetic's row-by-row drift: row r sees the specimen displaced by drift * r / (H - 1).
+    A fraction `vacancy_frac` of the crystal columns are vacancies: half removed, half kept at
+    0.2-0.6 of their intensity; each column's intensity is scaled by 1 + N(0, intensity_cv).
     """
     h, w = (int(v) for v in shape)
     if h < 2 or w < 2:
@@ -464,7 +466,10 @@ def random_scene(shape: tuple[int, int], rng: np.random.Generator, **ranges: Any
     if layout == "interface":
         others = [s for s in spec["structures"] if s != kind] or [kind]
         other = str(others[rng.integers(len(others))])
-        phases.append(crystal(other, a * _draw("mismatch", spec["mismatch"], rng), rng.uniform(0.0, 360.0)))
+        a2 = a * _draw("mismatch", spec["mismatch"], rng)
+        if not isinstance(spec["period_px"], (int, float)):
+            a2 = float(np.clip(a2, *spec["period_px"]))  # stays in the period range
+        phases.append(crystal(other, a2, rng.uniform(0.0, 360.0)))
         cuts.append(cut())
     elif layout == "grain_boundary":
         turn = _draw("misorientation_deg", spec["misorientation_deg"], rng) * rng.choice([-1, 1])
@@ -554,15 +559,15 @@ def training_patches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(noisy, clean) float32 batches (n, 1, patch, patch) cut from random scenes.
 
-    Each scene (scene_size^2, `random_scene(**scene)`) is rendered once and `per_scene` patches
-    (default: four times its area) are cut at random places; each patch gets its own dose and
-    noise, the line artefacts are drawn per scene (`noise` overrides NOISE_RANGES).
+    Each scene (scene_size^2, `random_scene(**scene)`) is rendered and scanned once (its line
+    jitter and flicker) and `per_scene` patches (default: four times its area) are cut at random
+    places; every patch gets its own dose and counting noise (`noise` overrides NOISE_RANGES).
     """
     scene, noise = dict(scene or {}), dict(noise or {})
     if n < 0 or patch < 4:
         raise ValueError(f"need n >= 0 and patch >= 4, got n={n}, patch={patch}")
     jitter_max = float(np.max(noise.get("line_jitter_px", NOISE_RANGES["line_jitter_px"])))
-    m = math.ceil(4 * jitter_max) + 1  # margin the jittered rows can pull in
+    m = math.ceil(4 * jitter_max) + 1  # keeps patches off the edges where jittered rows repeat values
     if scene_size < patch + 2 * m:
         raise ValueError(f"scene_size: must be >= patch + {2 * m}, got {scene_size}")
     if per_scene is None:
@@ -570,18 +575,18 @@ def training_patches(
     noisy = np.empty((n, 1, patch, patch), dtype=np.float32)
     clean = np.empty((n, 1, patch, patch), dtype=np.float32)
     dose_spec = noise.get("dose", NOISE_RANGES["dose"])
-    span = np.arange(-m, patch + m)
+    span = np.arange(patch)
     done = 0
     while done < n:
         s = random_scene((scene_size, scene_size), rng, **scene)
         params = draw_noise(rng, **noise)
+        scanned = scan_artefacts(s.clean, rng, params)
         k = min(per_scene, n - done)
         doses = np.array([_draw("dose", dose_spec, rng) for _ in range(k)])
         top = rng.integers(m, scene_size - patch - m + 1, (k, 2))
-        windows = s.clean[(top[:, 0, None] + span)[:, :, None], (top[:, 1, None] + span)[:, None, :]]
-        inner = (slice(None), slice(m, m + patch), slice(m, m + patch))
-        clean[done:done + k, 0] = windows[inner]
-        noisy[done:done + k, 0] = detect(scan_artefacts(windows, rng, params)[inner], rng, params, doses[:, None, None])
+        rows, cols = (top[:, 0, None] + span)[:, :, None], (top[:, 1, None] + span)[:, None, :]
+        clean[done:done + k, 0] = s.clean[rows, cols]
+        noisy[done:done + k, 0] = detect(scanned[rows, cols], rng, params, doses[:, None, None])
         done += k
     return noisy, clean
 
