@@ -1,6 +1,6 @@
 """Image-quality metrics against a known clean reference, and atom-column position fits.
 
-Pure numpy/scipy, no I/O; used by bench/quality.py, the demo and the tests. scikit-image is
+Pure numpy, no I/O; used by bench/quality.py, the demo and the tests. scikit-image is
 needed only by `ssim` (a bench extra) and is imported there.
 
 Conventions: `ref`/`clean` is the noise-free frame on the generator's scale (brightest column
