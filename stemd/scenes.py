@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial import cKDTree
 
 from stemd.synthetic import PAPER_INTENSITIES, RP_GAP, NoiseSpec, _basis, _lattice_columns, corrupt
@@ -575,7 +576,6 @@ def training_patches(
     noisy = np.empty((n, 1, patch, patch), dtype=np.float32)
     clean = np.empty((n, 1, patch, patch), dtype=np.float32)
     dose_spec = noise.get("dose", NOISE_RANGES["dose"])
-    span = np.arange(patch)
     done = 0
     while done < n:
         s = random_scene((scene_size, scene_size), rng, **scene)
@@ -584,9 +584,9 @@ def training_patches(
         k = min(per_scene, n - done)
         doses = np.array([_draw("dose", dose_spec, rng) for _ in range(k)])
         top = rng.integers(m, scene_size - patch - m + 1, (k, 2))
-        rows, cols = (top[:, 0, None] + span)[:, :, None], (top[:, 1, None] + span)[:, None, :]
-        clean[done:done + k, 0] = s.clean[rows, cols]
-        noisy[done:done + k, 0] = detect(scanned[rows, cols], rng, params, doses[:, None, None])
+        clean[done:done + k, 0] = sliding_window_view(s.clean, (patch, patch))[top[:, 0], top[:, 1]]
+        windows = sliding_window_view(scanned, (patch, patch))[top[:, 0], top[:, 1]]
+        noisy[done:done + k, 0] = detect(windows, rng, params, doses[:, None, None])
         done += k
     return noisy, clean
 
