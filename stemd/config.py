@@ -135,6 +135,7 @@ class TrainSettings(_Section):
     threads: int = Field(default=0, ge=0)  # CPU threads for torch; 0: every core of the machine
     out: Path = Path("runs/default")
     noise: NoiseSettings = NoiseSettings()
+    noise_mix: tuple[NoiseSettings, ...] = ()  # more noise models; batches cycle through noise + these
     lattice: LatticeSettings = LatticeSettings()
 
     @field_validator("hidden")

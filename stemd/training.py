@@ -46,6 +46,7 @@ class TrainResult:
     quality: dict[str, float]
     noisy_quality: dict[str, float]  # the same figures for the noisy input itself: the baseline
     history: list[dict[str, float]] = field(default_factory=list)  # one row per validation
+    by_noise: list[dict[str, Any]] = field(default_factory=list)  # per noise model: its settings and figures
     start_val_loss: float = math.nan  # validation loss of the weights this call started from
     elapsed_s: float = 0.0
     already_finished: bool = False  # a resumed run that had nothing left to do
@@ -54,16 +55,16 @@ class TrainResult:
 # ---------------------------------------------------------------- compute (no I/O)
 
 
-def stream_seed(seed: int, stream: int, position: int) -> int:
-    """An independent data seed for (run seed, stream, sample position)."""
-    return int(np.random.SeedSequence([seed, stream, position]).generate_state(1)[0])
+def stream_seed(seed: int, *key: int) -> int:
+    """An independent data seed for (run seed, stream, sample position[, noise model])."""
+    return int(np.random.SeedSequence([seed, *key]).generate_state(1)[0])
 
 
-def noise_spec(settings: TrainSettings):
-    """The run's `stemd.synthetic.NoiseSpec`."""
+def noise_specs(settings: TrainSettings) -> list:
+    """The run's `stemd.synthetic.NoiseSpec`s: `noise` first, then each of `noise_mix`."""
     from stemd.synthetic import NoiseSpec
 
-    return NoiseSpec.from_settings(settings.noise)
+    return [NoiseSpec.from_settings(n) for n in (settings.noise, *settings.noise_mix)]
 
 
 def lattice_kwargs(settings: TrainSettings) -> dict[str, float]:
@@ -81,33 +82,53 @@ def lr_at(settings: TrainSettings, samples_seen: int) -> float:
     return settings.lr
 
 
+def _shares(n: int, k: int) -> list[int]:
+    return [n // k + (j < n % k) for j in range(k)]
+
+
+def _streams(settings: TrainSettings, n: int, batch: int, *key: int) -> list[Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """One `training_batches` stream per noise model, sharing `n` windows; model j > 0 adds j to the seed key."""
+    from stemd.synthetic import training_batches
+
+    specs = noise_specs(settings)
+    return [
+        training_batches(share, batch, spec, stream_seed(settings.seed, *key, *((j,) if j else ())), **lattice_kwargs(settings))
+        for j, (spec, share) in enumerate(zip(specs, _shares(n, len(specs))))
+    ]
+
+
 def training_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(noisy, clean) batches for samples [start, stop) of the run's data stream."""
-    from stemd.synthetic import training_batches
+    """(noisy, clean) batches for samples [start, stop) of the run's data stream, noise models taking turns."""
+    live = _streams(settings, stop - start, settings.batch_size, _TRAIN_STREAM, start)
+    while live:
+        for stream in list(live):
+            batch = next(stream, None)
+            if batch is None:
+                live.remove(stream)
+            else:
+                yield batch
 
-    return training_batches(
-        stop - start,
-        settings.batch_size,
-        noise_spec(settings),
-        stream_seed(settings.seed, _TRAIN_STREAM, start),
-        **lattice_kwargs(settings),
-    )
+
+@dataclass
+class ValidationSet:
+    """Fixed validation windows, flattened; `parts[j]` are those of noise model j (see `noise_specs`)."""
+
+    noisy: torch.Tensor
+    clean: torch.Tensor
+    parts: list[slice]
 
 
-def validation_set(settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed validation windows (noisy, clean), flattened, from a seed stream training never uses."""
-    from stemd.synthetic import training_batches
-
-    batches = training_batches(
-        settings.val_samples,
-        settings.val_samples,
-        noise_spec(settings),
-        stream_seed(settings.seed, _VAL_STREAM, 0),
-        **lattice_kwargs(settings),
-    )
-    noisy, clean = map(np.concatenate, zip(*batches))
-    n = len(noisy)
-    return torch.from_numpy(noisy.reshape(n, -1)), torch.from_numpy(clean.reshape(n, -1))
+def validation_set(settings: TrainSettings) -> ValidationSet:
+    """The validation windows, split evenly over the noise models, from seed streams training never uses."""
+    noisy, clean, parts, at = [], [], [], 0
+    for stream in _streams(settings, settings.val_samples, settings.val_samples, _VAL_STREAM, 0):
+        for x, y in stream:
+            noisy.append(x.reshape(len(x), -1))
+            clean.append(y.reshape(len(y), -1))
+        total = sum(len(c) for c in clean)
+        parts.append(slice(at, total))
+        at = total
+    return ValidationSet(torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts)
 
 
 def quality(pred: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
@@ -118,13 +139,19 @@ def quality(pred: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """`quality` of the model's output on a validation set, in batches."""
+def predict(model: nn.Module, noisy: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The model's output for flattened windows, in batches, on the CPU."""
     was_training = model.training
     model.eval()
     pred = torch.cat([model(noisy[i : i + _EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(noisy), _EVAL_BATCH)])
     model.train(was_training)
-    return quality(pred, clean)
+    return pred
+
+
+def evaluate(model: nn.Module, val: ValidationSet, device: torch.device) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """`quality` of the model on the whole validation set, and on each noise model's part."""
+    pred = predict(model, val.noisy, device)
+    return quality(pred, val.clean), [quality(pred[part], val.clean[part]) for part in val.parts]
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -190,13 +217,22 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _by_noise(settings: TrainSettings, parts: list[dict[str, float]], noisy_parts: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Per noise model: its settings, the model's validation figures and the noisy input's."""
+    return [
+        {"noise": n.model_dump(), **{"val_" + k: v for k, v in q.items()}, **{"noisy_val_" + k: v for k, v in nq.items()}}
+        for n, q, nq in zip((settings.noise, *settings.noise_mix), parts, noisy_parts)
+    ]
+
+
 def _metadata(settings: TrainSettings, command: str, samples_seen: int, best: float,
-              q: dict[str, float], noisy_q: dict[str, float], params: int) -> dict[str, Any]:
+              q: dict[str, float], noisy_q: dict[str, float], by_noise: list[dict[str, Any]], params: int) -> dict[str, Any]:
     return {
         "window": settings.window,
         "step": DEFAULT_STEP,
         "lattice": settings.lattice.model_dump(),
         "noise": settings.noise.model_dump(),
+        "noise_mix": [n.model_dump() for n in settings.noise_mix],
         "hidden": list(settings.hidden),
         "parameters": params,
         "command": command,
@@ -207,6 +243,7 @@ def _metadata(settings: TrainSettings, command: str, samples_seen: int, best: fl
         "best_val_loss": best,
         "quality": {"val_" + k: v for k, v in q.items()},
         "noisy_quality": {"val_" + k: v for k, v in noisy_q.items()},
+        "quality_by_noise": by_noise,
         "train_settings": settings.model_dump(mode="json"),
     }
 
@@ -242,7 +279,7 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
 
     torch.manual_seed(settings.seed)
     fresh = WindowAE(settings.window, settings.hidden)
-    pos, best, best_q, history = 0, math.inf, {}, []
+    pos, best, best_q, best_by_noise, history = 0, math.inf, {}, [], []
     if resume is not None:
         state = read_state(Path(resume))
         model, meta = load_checkpoint(Path(resume))
@@ -255,7 +292,7 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             raise CheckpointError(f"{resume} and its {_state_path(Path(resume)).name} disagree on samples seen")
         history = list(state.get("history", []))
         if best_path.is_file():
-            best, best_q = float(state["best_val_loss"]), dict(state["best_quality"])
+            best, best_q, best_by_noise = float(state["best_val_loss"]), dict(state["best_quality"]), list(state["best_by_noise"])
         torch.set_rng_state(state["torch_rng"])
     else:
         model = fresh
@@ -278,9 +315,11 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"out: cannot create directory {out}: {exc.strerror or exc}") from None
-    val_noisy, val_clean = validation_set(settings)
-    noisy_q = quality(val_noisy, val_clean)
-    q = start_q = evaluate(model, val_noisy, val_clean, device)
+    val = validation_set(settings)
+    noisy_q = quality(val.noisy, val.clean)
+    noisy_parts = [quality(val.noisy[part], val.clean[part]) for part in val.parts]
+    q, parts = evaluate(model, val, device)
+    start_q = q
     log(f"{'resumed at' if resume else 'start'} {pos:,} samples: validation MSE {q['mse']:.5f} "
         f"(noisy input {noisy_q['mse']:.5f}), device {device}, {torch.get_num_threads()} threads")
     if not history:
@@ -310,12 +349,13 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
                 if bar is not None:
                     bar.update(n)
                     bar.set_postfix(loss=f"{running:.5f}", refresh=False)
-            q = evaluate(model, val_noisy, val_clean, device)
+            q, parts = evaluate(model, val, device)
             history.append({"samples": pos, "train_loss": loss_sum / max(seen, 1), "val_loss": q["mse"], "lr": lr_at(settings, pos)})
             improved = q["mse"] < best
+            by_noise = _by_noise(settings, parts, noisy_parts)
             if improved:
-                best, best_q = q["mse"], q
-            meta = _metadata(settings, command, pos, best, q, noisy_q, parameter_count(model))
+                best, best_q, best_by_noise = q["mse"], q, by_noise
+            meta = _metadata(settings, command, pos, best, q, noisy_q, by_noise, parameter_count(model))
             if improved:
                 save_checkpoint(best_path, model, meta)
             state = {
@@ -324,6 +364,7 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
                 "samples_seen": pos,
                 "best_val_loss": best,
                 "best_quality": best_q,
+                "best_by_noise": best_by_noise,
                 "optimizer": optimizer.state_dict(),
                 "settings": settings.model_dump(mode="json"),
                 "history": history,
@@ -331,12 +372,15 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             }
             _save_state(_state_path(last_path), state)
             save_checkpoint(last_path, model, meta)
-            log(f"{pos:,} samples: train loss {history[-1]['train_loss']:.5f}, validation MSE {q['mse']:.5f}, "
+            each = ", ".join(f"{x['mse']:.5f}" for x in parts)
+            per_noise = f" (per noise model: {each})" if len(parts) > 1 else ""
+            log(f"{pos:,} samples: train loss {history[-1]['train_loss']:.5f}, validation MSE {q['mse']:.5f}{per_noise}, "
                 f"MAE {q['mae']:.4f}, PSNR {q['psnr_db']:.2f} dB{' (best)' if improved else ''}")
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(out, best_path, last_path, pos, best, best_q, noisy_q, history, start_q["mse"], time.perf_counter() - t0)
+    return TrainResult(out, best_path, last_path, pos, best, best_q, noisy_q, history, best_by_noise,
+                       start_q["mse"], time.perf_counter() - t0)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

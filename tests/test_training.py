@@ -17,7 +17,7 @@ from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
 from stemd.model import load_checkpoint
 from stemd.window import pad_frames
-from stemd.training import evaluate, frame_flops, lr_at, read_state, train, validation_set
+from stemd.training import evaluate, frame_flops, lr_at, read_state, train, training_stream, validation_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,8 +64,9 @@ def test_checkpoints_load_and_carry_metadata(run_a):
     assert meta["best_val_loss"] == result.best_val_loss
     assert set(meta["quality"]) == {"val_mse", "val_mae", "val_psnr_db"}
     assert meta["command"]
-    noisy, clean = validation_set(settings)
-    assert evaluate(model, noisy, clean, torch.device("cpu"))["mse"] == pytest.approx(meta["quality"]["val_mse"], rel=1e-5)
+    overall, _ = evaluate(model, validation_set(settings), torch.device("cpu"))
+    assert overall["mse"] == pytest.approx(meta["quality"]["val_mse"], rel=1e-5)
+    assert meta["quality_by_noise"][0]["val_mse"] == meta["quality"]["val_mse"]
     _, last_meta = load_checkpoint(result.last_path)
     assert last_meta["samples_seen"] == 6000
 
@@ -95,6 +96,18 @@ def test_seed_reproduces_weights(tmp_path):
     a, b, c = (weights(r.last_path) for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_noise_mix_shares_data_and_reports_each_model(tmp_path):
+    settings = tiny(tmp_path, samples=1280, val_samples=1001, noise_mix=[{"kind": "poisson", "dose": 20.0}])
+    assert sum(len(x) for x, _ in training_stream(settings, 0, 1000)) == 1000
+    val = validation_set(settings)
+    assert [(p.start, p.stop) for p in val.parts] == [(0, 501), (501, 1001)]
+    result = train(settings, progress=False, log=lambda _: None)
+    paper, poisson = load_checkpoint(result.best_path)[1]["quality_by_noise"]
+    assert paper["noise"]["kind"] == "uniform" and poisson["noise"]["kind"] == "poisson"
+    assert poisson["noisy_val_mse"] < 0.5 * paper["noisy_val_mse"]  # dose 20 is far milder than SNR 0.33
+    assert paper["val_mse"] < paper["noisy_val_mse"]
 
 
 def test_resume_finished_run_says_so(run_a, capsys):
