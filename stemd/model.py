@@ -82,7 +82,13 @@ def _window_ae(arch: dict[str, Any]) -> nn.Module:
     return WindowAE(window, hidden)
 
 
-_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"window_ae": _window_ae}
+def _conv_unet(arch: dict[str, Any]) -> nn.Module:
+    from stemd.convnet import conv_from_arch
+
+    return conv_from_arch(arch)
+
+
+_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"window_ae": _window_ae, "conv_unet": _conv_unet}
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
