@@ -225,8 +225,19 @@ def _by_noise(settings: TrainSettings, parts: list[dict[str, float]], noisy_part
     ]
 
 
-def _metadata(settings: TrainSettings, command: str, samples_seen: int, best: float,
-              q: dict[str, float], noisy_q: dict[str, float], by_noise: list[dict[str, Any]], params: int) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """Where a run stands: what `last.state.pt` records and `--resume` restores."""
+
+    samples: int = 0
+    best: float = math.inf
+    best_quality: dict[str, float] = field(default_factory=dict)
+    best_by_noise: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _metadata(settings: TrainSettings, command: str, run: _Run, q: dict[str, float], noisy_q: dict[str, float],
+              by_noise: list[dict[str, Any]], params: int) -> dict[str, Any]:
     return {
         "window": settings.window,
         "step": DEFAULT_STEP,
@@ -239,13 +250,50 @@ def _metadata(settings: TrainSettings, command: str, samples_seen: int, best: fl
         "stemd_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": settings.seed,
-        "samples_seen": samples_seen,
-        "best_val_loss": best,
+        "samples_seen": run.samples,
+        "best_val_loss": run.best,
         "quality": {"val_" + k: v for k, v in q.items()},
         "noisy_quality": {"val_" + k: v for k, v in noisy_q.items()},
         "quality_by_noise": by_noise,
         "train_settings": settings.model_dump(mode="json"),
     }
+
+
+def _state(settings: TrainSettings, run: _Run, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "samples_seen": run.samples,
+        "best_val_loss": run.best,
+        "best_quality": run.best_quality,
+        "best_by_noise": run.best_by_noise,
+        "history": run.history,
+        "optimizer": optimizer.state_dict(),
+        "settings": settings.model_dump(mode="json"),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, has_best: bool) -> tuple[_Run, dict[str, Any]]:
+    """Load a last.pt and its state into `model` and `optimizer`; (progress so far, the checkpoint's metadata)."""
+    from stemd.model import load_checkpoint
+
+    state = read_state(checkpoint)
+    loaded, meta = load_checkpoint(checkpoint)
+    if loaded.arch() != model.arch():
+        raise ConfigError(f"hidden/window: {checkpoint} holds {loaded.arch()}, but the settings ask for {model.arch()}")
+    if meta.get("samples_seen") != state["samples_seen"]:
+        raise CheckpointError(f"{checkpoint} and its {_state_path(checkpoint).name} disagree on samples seen")
+    model.load_state_dict(loaded.state_dict())
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"optimizer state in {_state_path(checkpoint)} does not fit the model: {exc}") from None
+    torch.set_rng_state(state["torch_rng"])
+    run = _Run(int(state["samples_seen"]), history=list(state["history"]))
+    if has_best:  # resuming into a directory without best.pt starts the search for the best afresh
+        run.best, run.best_quality, run.best_by_noise = state["best_val_loss"], state["best_quality"], state["best_by_noise"]
+    return run, meta
 
 
 def train(
@@ -263,124 +311,93 @@ def train(
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads or _cpu_threads())
     try:
-        return _train(settings, device, resume, progress, log, command)
+        return _train(settings, device, resume, progress, log, command or "stemd.training.train(...)")
     finally:
         torch.set_num_threads(threads)  # the setting is process-wide: leave it as found
 
 
 def _train(settings: TrainSettings, device: torch.device, resume: Path | None, progress: bool,
-           log: Callable[[str], None], command: str | None) -> TrainResult:
-    from stemd.model import WindowAE, load_checkpoint, save_checkpoint
+           log: Callable[[str], None], command: str) -> TrainResult:
+    from stemd.model import WindowAE, save_checkpoint
 
     t0 = time.perf_counter()
-    command = command or "stemd.training.train(...)"
     out = Path(settings.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
-
     torch.manual_seed(settings.seed)
-    fresh = WindowAE(settings.window, settings.hidden)
-    pos, best, best_q, best_by_noise, history = 0, math.inf, {}, [], []
+    model = WindowAE(settings.window, settings.hidden).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    run = _Run()
     if resume is not None:
-        state = read_state(Path(resume))
-        model, meta = load_checkpoint(Path(resume))
-        if model.arch() != fresh.arch():
-            raise ConfigError(
-                f"hidden/window: {resume} holds {model.arch()}, but the settings ask for {fresh.arch()}"
-            )
-        pos = int(state["samples_seen"])
-        if int(meta.get("samples_seen", -1)) != pos:
-            raise CheckpointError(f"{resume} and its {_state_path(Path(resume)).name} disagree on samples seen")
-        history = list(state.get("history", []))
-        if best_path.is_file():
-            best, best_q, best_by_noise = float(state["best_val_loss"]), dict(state["best_quality"]), list(state["best_by_noise"])
-        torch.set_rng_state(state["torch_rng"])
-    else:
-        model = fresh
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(settings, pos))
-    if resume is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"optimizer state in {_state_path(Path(resume))} does not fit the model: {exc}") from None
-
-    if pos >= settings.samples:
-        log(f"{resume} already finished its run: {pos:,} samples seen of samples={settings.samples:,}; "
-            f"pass a larger --samples to train on")
-        q = {k[4:]: v for k, v in meta.get("quality", {}).items()}
-        nq = {k[4:]: v for k, v in meta.get("noisy_quality", {}).items()}
-        return TrainResult(out, best_path, Path(resume), pos, best, q, nq, history, already_finished=True)
-
+        run, meta = _restore(Path(resume), model, optimizer, best_path.is_file())
+        if run.samples >= settings.samples:
+            log(f"{resume} already finished its run: {run.samples:,} samples seen of samples={settings.samples:,}; "
+                "pass a larger --samples to train on")
+            q, nq = ({k[4:]: v for k, v in meta.get(key, {}).items()} for key in ("quality", "noisy_quality"))
+            return TrainResult(out, best_path, Path(resume), run.samples, run.best, q, nq, run.history, already_finished=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"out: cannot create directory {out}: {exc.strerror or exc}") from None
+
     val = validation_set(settings)
     noisy_q = quality(val.noisy, val.clean)
     noisy_parts = [quality(val.noisy[part], val.clean[part]) for part in val.parts]
-    q, parts = evaluate(model, val, device)
-    start_q = q
-    log(f"{'resumed at' if resume else 'start'} {pos:,} samples: validation MSE {q['mse']:.5f} "
+    start_q, _ = evaluate(model, val, device)
+    log(f"{'resumed at' if resume else 'start'} {run.samples:,} samples: validation MSE {start_q['mse']:.5f} "
         f"(noisy input {noisy_q['mse']:.5f}), device {device}, {torch.get_num_threads()} threads")
-    if not history:
-        history.append({"samples": pos, "train_loss": math.nan, "val_loss": q["mse"], "lr": lr_at(settings, pos)})
+    if not run.history:
+        run.history.append({"samples": 0, "train_loss": math.nan, "val_loss": start_q["mse"], "lr": lr_at(settings, 0)})
 
-    bar = _progress_bar(settings.samples, pos, progress)
-    running = math.nan
+    bar = _progress_bar(settings.samples, run.samples, progress)
     try:
-        while pos < settings.samples:
-            stop = min(settings.samples, (pos // settings.val_every + 1) * settings.val_every)
-            seen, loss_sum = 0, 0.0
-            for noisy, clean in training_stream(settings, pos, stop):
-                n = len(noisy)
-                x = torch.from_numpy(noisy.reshape(n, -1)).to(device)
-                y = torch.from_numpy(clean.reshape(n, -1)).to(device)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(settings, pos)
-                loss = F.mse_loss(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                value = float(loss.detach())
-                running = value if math.isnan(running) else 0.95 * running + 0.05 * value
-                loss_sum += value * n
-                seen += n
-                pos += n
-                if bar is not None:
-                    bar.update(n)
-                    bar.set_postfix(loss=f"{running:.5f}", refresh=False)
+        while run.samples < settings.samples:
+            stop = min(settings.samples, (run.samples // settings.val_every + 1) * settings.val_every)
+            train_loss = _fit(model, optimizer, settings, run.samples, stop, device, bar)
+            run.samples = stop
             q, parts = evaluate(model, val, device)
-            history.append({"samples": pos, "train_loss": loss_sum / max(seen, 1), "val_loss": q["mse"], "lr": lr_at(settings, pos)})
-            improved = q["mse"] < best
             by_noise = _by_noise(settings, parts, noisy_parts)
+            improved = q["mse"] < run.best
             if improved:
-                best, best_q, best_by_noise = q["mse"], q, by_noise
-            meta = _metadata(settings, command, pos, best, q, noisy_q, by_noise, parameter_count(model))
+                run.best, run.best_quality, run.best_by_noise = q["mse"], q, by_noise
+            run.history.append({"samples": stop, "train_loss": train_loss, "val_loss": q["mse"], "lr": lr_at(settings, stop)})
+            meta = _metadata(settings, command, run, q, noisy_q, by_noise, parameter_count(model))
             if improved:
                 save_checkpoint(best_path, model, meta)
-            state = {
-                "format": STATE_FORMAT,
-                "version": STATE_VERSION,
-                "samples_seen": pos,
-                "best_val_loss": best,
-                "best_quality": best_q,
-                "best_by_noise": best_by_noise,
-                "optimizer": optimizer.state_dict(),
-                "settings": settings.model_dump(mode="json"),
-                "history": history,
-                "torch_rng": torch.get_rng_state(),
-            }
-            _save_state(_state_path(last_path), state)
+            _save_state(_state_path(last_path), _state(settings, run, optimizer))
             save_checkpoint(last_path, model, meta)
             each = ", ".join(f"{x['mse']:.5f}" for x in parts)
-            per_noise = f" (per noise model: {each})" if len(parts) > 1 else ""
-            log(f"{pos:,} samples: train loss {history[-1]['train_loss']:.5f}, validation MSE {q['mse']:.5f}{per_noise}, "
-                f"MAE {q['mae']:.4f}, PSNR {q['psnr_db']:.2f} dB{' (best)' if improved else ''}")
+            log(f"{stop:,} samples: train loss {train_loss:.5f}, validation MSE {q['mse']:.5f}"
+                f"{f' (per noise model: {each})' if len(parts) > 1 else ''}, MAE {q['mae']:.4f}, "
+                f"PSNR {q['psnr_db']:.2f} dB{' (best)' if improved else ''}")
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(out, best_path, last_path, pos, best, best_q, noisy_q, history, best_by_noise,
-                       start_q["mse"], time.perf_counter() - t0)
+    return TrainResult(out, best_path, last_path, run.samples, run.best, run.best_quality, noisy_q, run.history,
+                       run.best_by_noise, start_q["mse"], time.perf_counter() - t0)
+
+
+def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings, start: int, stop: int,
+         device: torch.device, bar: Any) -> float:
+    """Adam steps on samples [start, stop) of the data stream; returns their mean training loss."""
+    pos, loss_sum, running = start, 0.0, math.nan
+    for noisy, clean in training_stream(settings, start, stop):
+        n = len(noisy)
+        x = torch.from_numpy(noisy.reshape(n, -1)).to(device)
+        y = torch.from_numpy(clean.reshape(n, -1)).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(settings, pos)
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        running = value if math.isnan(running) else 0.95 * running + 0.05 * value
+        loss_sum += value * n
+        pos += n
+        if bar is not None:
+            bar.update(n)
+            bar.set_postfix(loss=f"{running:.5f}", refresh=False)
+    return loss_sum / max(pos - start, 1)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
