@@ -1,0 +1,203 @@
+"""bench/faithfulness.py: its scoring functions on images with known answers, and a quick smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stemd import metrics, scenes
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("faithfulness", BENCH / "faithfulness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["faithfulness"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+fb = _load()
+
+
+@pytest.fixture(scope="module")
+def amorphous():
+    """A 256² amorphous frame (perovskite on the left, amorphous on the right) and its region's weight."""
+    noisy, scene, noise = scenes.named_frame("amorphous", (256, 256), seed=1, dose=20.0)
+    weight = fb.region_weight(scene.amorphous, margin=10.0)
+    return noisy, scene, weight
+
+
+@pytest.fixture(scope="module")
+def reference() -> float:
+    _, scene, _ = scenes.named_frame("perovskite_rp", (256, 256), seed=1, dose=20.0)
+    return fb.ring_power(scene.clean, fb.region_weight(np.ones_like(scene.clean, bool)),
+                         fb.lattice_shells(scene.params["phases"]))
+
+
+def _lattice(shape: tuple[int, int], rotation: float) -> np.ndarray:
+    """A clean perfect perovskite (10 px, like the reference) at `rotation`."""
+    phase = scenes.Phase("perovskite", 10.0, rotation, (3.0, 4.0))
+    return scenes.build_scene(shape, [phase], [], np.random.default_rng(0), sigma_px=1.3, blur_px=0.6).clean
+
+
+# ---------------------------------------------------------------- invention score
+
+
+def test_ring_power_of_a_cosine_is_its_mean_square() -> None:
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float64)
+    for a, (gy, gx) in ((0.3, (0.0, 0.1)), (0.1, (0.06, 0.08))):
+        wave = a * np.cos(2 * np.pi * (gy * yy + gx * xx))
+        power = fb.ring_power(wave, fb.region_weight(np.ones((256, 256), bool)), [math.hypot(gy, gx)])
+        assert power == pytest.approx(a * a / 2, rel=0.1)
+        assert fb.ring_power(wave, np.ones((256, 256)), [0.17]) == pytest.approx(0.0, abs=0.01 * a * a)
+
+
+def test_ring_power_does_not_depend_on_the_window_size() -> None:
+    lattice = _lattice((256, 256), 20.0)
+    shells = fb.lattice_shells([fb.TRAINING_LATTICE])
+    wide = fb.ring_power(lattice, fb.region_weight(np.ones((256, 256), bool)), shells)
+    band = np.zeros((256, 256), bool)
+    band[:, 100:160] = True
+    narrow = fb.ring_power(lattice, fb.region_weight(band, taper=4.0), shells)
+    assert 0.6 * wide < narrow < 1.1 * wide  # a narrow window leaks some power outside the rings
+
+
+def test_invention_is_zero_for_the_clean_image_and_near_zero_for_noise(amorphous, reference) -> None:
+    noisy, scene, weight = amorphous
+    shells = fb.lattice_shells([*scene.params["phases"], fb.TRAINING_LATTICE])
+    assert fb.invention_score(scene.clean, scene.clean, weight, shells, reference) == 0.0
+    assert abs(fb.invention_score(noisy, scene.clean, weight, shells, reference)) < 0.003
+
+
+@pytest.mark.parametrize("rotation", [12.0, 40.0])
+def test_invention_sees_a_lattice_painted_into_the_amorphous_region(amorphous, reference, rotation) -> None:
+    _, scene, weight = amorphous
+    shells = fb.lattice_shells([*scene.params["phases"], fb.TRAINING_LATTICE])
+    lattice = _lattice(scene.clean.shape, rotation)
+    full = fb.invention_score(scene.clean + lattice * scene.amorphous, scene.clean, weight, shells, reference)
+    faint = fb.invention_score(scene.clean + 0.2 * lattice * scene.amorphous, scene.clean, weight, shells, reference)
+    assert 0.6 < full < 1.3  # as much lattice as the reference crystal
+    assert faint == pytest.approx(0.04 * full, rel=0.15)  # power: quadratic in the amplitude
+
+
+def test_defect_bands_cover_the_fault_and_the_control_is_elsewhere() -> None:
+    _, scene, _ = scenes.named_frame("perovskite_rp", (256, 256), seed=1, dose=20.0)
+    band, control = fb.defect_bands(scene)
+    near = np.round(scene.columns[scene.near_defect]).astype(int)
+    near = near[(near >= 0).all(1) & (near < 256).all(1)]
+    assert band[near[:, 0], near[:, 1]].all()
+    assert control.sum() > 0.5 * band.sum() and not (band & control).any()
+
+
+def test_lattice_shells() -> None:
+    square = fb.lattice_shells([{"kind": "perovskite", "period_px": 10.0}])
+    assert square == pytest.approx([0.1, math.sqrt(2) / 10, 0.2, math.sqrt(5) / 10], abs=1e-6)
+    hexagonal = fb.lattice_shells([{"kind": "hexagonal", "period_px": 12.0}, {"kind": "vacuum", "period_px": 12.0}])
+    assert hexagonal[0] == pytest.approx(2 / (math.sqrt(3) * 12), abs=1e-6)
+
+
+# ---------------------------------------------------------------- column statistics
+
+
+def _scene(columns: np.ndarray, near: np.ndarray, period: float = 10.0, shape=(100, 100)) -> scenes.Scene:
+    z = np.zeros(shape, bool)
+    return scenes.Scene(np.zeros(shape, np.float32), columns, np.ones(len(columns)), near, z, z,
+                        np.zeros(shape, np.int8), {"phases": [{"kind": "perovskite", "period_px": period}]})
+
+
+def test_pm_per_px_uses_the_perovskite_period() -> None:
+    assert fb.pm_per_px(_scene(np.zeros((0, 2)), np.zeros(0, bool), period=10.0)) == pytest.approx(39.05)
+    assert fb.pm_per_px(_scene(np.zeros((0, 2)), np.zeros(0, bool), period=12.5)) == pytest.approx(31.24)
+    hexagonal = _scene(np.zeros((0, 2)), np.zeros(0, bool))
+    hexagonal.params["phases"] = [{"kind": "hexagonal", "period_px": 12.0}]
+    with pytest.raises(ValueError, match="perovskite"):
+        fb.pm_per_px(hexagonal)
+
+
+def test_column_groups_split_near_and_far_inside_the_margin() -> None:
+    cols = np.array([[50, 50], [50, 60], [20, 20], [3, 50], [50, 96], [80, 80]], float)
+    near = np.array([True, True, False, True, False, False])
+    g = fb.column_groups(_scene(cols, near), margin=8)
+    assert g["all"].tolist() == [True, True, True, False, False, True]
+    assert g["near"].tolist() == [True, True, False, False, False, False]
+    assert g["far"].tolist() == [False, False, True, False, False, True]
+
+
+def _fits(centres: np.ndarray, amps: np.ndarray, ok: np.ndarray) -> metrics.ColumnFits:
+    n = len(centres)
+    return metrics.ColumnFits(centres, amps, np.ones(n), np.zeros(n), ok)
+
+
+def test_column_stats_in_pm_with_bias_spread_and_failures() -> None:
+    ref = _fits(np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]]), np.ones(4), np.array([1, 1, 1, 0], bool))
+    shift = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    fits = _fits(ref.centres + shift, np.array([1.1, 0.9, 5.0, 1.0]), np.array([1, 1, 0, 1], bool))
+    s = fb.column_stats(fits, ref, np.ones(4, bool), pm=39.05)
+    assert s.n == 3 and s.failed == pytest.approx(1 / 3)  # column 4's reference fit failed: not counted
+    assert s.bias_pm == pytest.approx(39.05) and s.spread_pm == pytest.approx(0.0, abs=1e-9)
+    assert s.rms_pm == pytest.approx(39.05)
+    assert s.int_bias_pct == pytest.approx(0.0, abs=1e-9) and s.int_spread_pct == pytest.approx(10.0)
+    opposite = _fits(ref.centres + shift * np.array([[1], [-1], [1], [1]]), np.ones(4), np.ones(4, bool))
+    s = fb.column_stats(opposite, ref, np.array([1, 1, 0, 0], bool), pm=10.0)
+    assert s.bias_pm == pytest.approx(0.0, abs=1e-9) and s.spread_pm == pytest.approx(10.0) and s.rms_pm == pytest.approx(10.0)
+    assert fb.near_far_ratio(fb.column_stats(fits, ref, np.array([1, 0, 0, 0], bool), 2.0),
+                             fb.column_stats(opposite, ref, np.array([0, 1, 0, 0], bool), 1.0)) == pytest.approx(2.0)
+
+
+def test_fit_radii_shrink_for_close_pairs() -> None:
+    cols = np.array([[50.0, 50.0], [50.0, 53.9], [20.0, 20.0], [20.0, 40.0]])
+    r = fb.fit_radii(cols, period_px=11.0)
+    assert r.tolist() == [1.75, 1.75, 3.75, 3.75]
+
+
+def test_bm3d_gat_returns_clean_units_and_removes_noise() -> None:
+    level, dose = 0.25, 20.0
+    noise = {**scenes.NAMED_NOISE, "dose": dose, "line_jitter_px": 0.0, "line_gain": 0.0, "line_offset": 0.0}
+    noisy = scenes.detect(np.full((64, 64), level, np.float32), np.random.default_rng(3), noise)
+    out = fb.bm3d_gat(fb.Frame("noise_only", dose, noisy, None, noise))
+    assert abs(out.mean() - level) < 0.02 * level
+    assert out.std() < 0.3 * noisy.std()
+
+
+# ---------------------------------------------------------------- the script
+
+
+def test_tk_r_em_is_skipped_with_a_note_when_its_venv_is_missing(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TKREM_VENV", str(tmp_path / "none"))
+    assert fb.tkrem_method() is None
+    assert "tk_r_em: not available" in capsys.readouterr().out
+
+
+def test_bad_model_option_is_a_clear_usage_error(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        fb.parse_args(["--model", f"x={tmp_path / 'missing.pt'}"])
+    assert exc.value.code == 2 and "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fb.parse_args(["--model", "no-equals-sign"])
+
+
+def test_quick_smoke_run_writes_the_section_and_figure(tmp_path, capsys) -> None:
+    import torch
+
+    from stemd.model import WindowAE, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, WindowAE(28, [16]), {"step": 7})
+    out = tmp_path / "docs"
+    assert fb.main(["--quick", "--no-tkrem", "--model", f"tiny={path}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for label in ("no denoising", "Gaussian (best σ, oracle)", "GAT + BM3D", "tiny"):
+        assert f"| {label} |" in printed
+    text = (out / "benchmarks.md").read_text()
+    assert "## Faithfulness" in text and "Quick smoke run" in text and "- **tiny**:" in text
+    assert (out / "defect.png").stat().st_size > 10_000
+
