@@ -624,6 +624,11 @@ def verdict(res: Results, model_names: list[str]) -> list[str]:
             speed = res.seconds["tk_r_em"] / res.seconds[name]
             part.append(f"speed {speed:.0f}× tk_r_em ({'met' if speed >= 20 else 'MISSED'}: target 20×)")
         lines.append(f"- **{name}**: " + "; ".join(part) + ".")
+    best = []
+    for d in doses:
+        top = max(res.methods, key=lambda m: np.nan_to_num(res.scores[m.name][rp[d]].psnr, nan=-1e9))
+        best.append(f"{d:g}: {top.label}")
+    lines.append("- Best PSNR per dose — " + "; ".join(best) + ".")
     return lines
 
 
