@@ -400,10 +400,10 @@ def make_frames(args: argparse.Namespace) -> list[Frame]:
     """Column frames (perovskite_rp at --size, vacancies / interface at half) and invention frames (half)."""
     frames = []
     small = args.size // 2
-    for d_i, dose in enumerate(args.doses):
+    for dose in args.doses:  # one seed: the same scenes at every dose, only the noise differs
         for kind in (*COLUMN_KINDS, *INVENTION_KINDS):
             size = args.size if kind == "perovskite_rp" else small
-            noisy, scene, noise = scenes.named_frame(kind, (size, size), seed=args.seed + FRAME_SEED + d_i, dose=dose)
+            noisy, scene, noise = scenes.named_frame(kind, (size, size), seed=args.seed + FRAME_SEED, dose=dose)
             frames.append(Frame(kind, dose, noisy, scene, noise))
     return frames
 
@@ -648,7 +648,8 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         "**Frames.** `stemd.scenes.named_frame` (docs/noise.md) at doses " + ", ".join(f"{d:g}" for d in doses)
         + f" (expected counts at the brightest column), instrument `NAMED_NOISE` (gain cv 0.3, read noise 0.2 counts, "
         f"line jitter 0.2 px, line gain 0.01, line offset 0.003): perovskite_rp at {size}², vacancies, interface, "
-        f"amorphous, vacuum_edge and noise_only at {small}², seed {args.seed + FRAME_SEED} + dose index. Every method "
+        f"amorphous, vacuum_edge and noise_only at {small}², seed {args.seed + FRAME_SEED} (the same scenes at every "
+        "dose; only the noise differs). Every method "
         "gets the same frames and returns its output in the frame's units. For PSNR, SSIM and the column fits the output "
         "is mapped onto the clean frame by the least-squares gain/offset (`metrics.fit_scale`, an oracle all methods "
         "share); the invention scores use the output as returned (the noisy frame is unbiased, E[y] = clean, while a "
