@@ -34,6 +34,7 @@ from _report import machine_line, write_section  # noqa: E402
 
 from stemd import metrics, synthetic  # noqa: E402
 from stemd.denoiser import Denoiser  # noqa: E402
+from stemd.errors import StemdError  # noqa: E402
 from stemd.model import load_checkpoint  # noqa: E402
 
 WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.training)
@@ -421,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command = " ".join(["python bench/quality.py", *(sys.argv[1:] if argv is None else argv)])
     args.out.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(args.model)
+    if model.arch().get("name") != "window_ae":
+        raise SystemExit(f"bench/quality.py: the Figure 2 protocol needs a window_ae model, got {model.arch().get('name')!r}")
     denoiser = Denoiser(model, meta, device=args.device)
 
     t0 = time.perf_counter()
@@ -461,4 +464,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except StemdError as exc:
+        print(f"bench/quality.py: {exc}", file=sys.stderr)
+        sys.exit(2)
