@@ -379,7 +379,7 @@ def score_frame(index: int, frame: Frame, out: np.ndarray | None, ctx: Context) 
         result.ssim = metrics.ssim(img, s.clean, data_range=1.0)
     if frame.kind in COLUMN_KINDS:
         ref, radii, pm = ctx.fits[index]
-        fits = fit_all(img, s.columns, radii, s.params["target_sigma_px"])
+        fits = fit_all(as_is, s.columns, radii, s.params["target_sigma_px"])
         result.groups = {g: column_stats(fits, ref, sel, pm) for g, sel in column_groups(s).items()}
         if frame.kind == "perovskite_rp":
             band, control = defect_bands(s)
@@ -650,9 +650,10 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         f"line jitter 0.2 px, line gain 0.01, line offset 0.003): perovskite_rp at {size}², vacancies, interface, "
         f"amorphous, vacuum_edge and noise_only at {small}², seed {args.seed + FRAME_SEED} (the same scenes at every "
         "dose; only the noise differs). Every method "
-        "gets the same frames and returns its output in the frame's units. For PSNR, SSIM and the column fits the output "
+        "gets the same frames and returns its output in the frame's units. For PSNR and SSIM the output "
         "is mapped onto the clean frame by the least-squares gain/offset (`metrics.fit_scale`, an oracle all methods "
-        "share); the invention scores use the output as returned (the noisy frame is unbiased, E[y] = clean, while a "
+        "share); the column fits and invention scores use the output as returned (the noisy frame is unbiased, "
+        "E[y] = clean, while a "
         "least-squares gain shrinks a noisy image and would leave part of the lattice in output − clean). "
         "PSNR and SSIM with data range 1 (the brightest clean column).",
         "**Methods.** *no denoising*: the noisy frame. *Gaussian (best σ, oracle)*: `quality.gaussian_best`, the σ from "
@@ -666,15 +667,17 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         f"filter (at σ = 1.5, the search excluded) and the stemd models, median of single runs over the {size}² frames "
         "for BM3D and tk_r_em (tk_r_em's own timer, after its warm-up frame; TensorFlow start-up excluded).",
         "### Column fidelity\n\n"
-        f"2D Gaussians (`metrics.fit_columns`, started at the true position, width 1.43 px) are fitted to every column "
+        "2D Gaussians (`metrics.fit_columns`, started at the true position and the target's column width) are fitted "
+        f"to every column "
         f"at least {EDGE_MARGIN_PX} px inside the frame, in the clean image and in each output; disc radius "
         f"{RADIUS_FRAC} period, at most half the distance to the nearest column (the dumbbell's close pairs). Errors are "
         "taken against the **clean image's fit** (so the fit model's own bias, the first row, cancels); a column whose "
         "fit fails in an output counts under *fits failed* and is left out of the statistics. Positions: *bias* = "
         "length of the mean error vector, *spread* = RMS about that mean, *RMS* = RMS error length (bias² + spread² = "
-        f"RMS²), in pm with the perovskite period as SrTiO3's a: 10 px ↔ {PEROVSKITE_A_PM / 100:.4f} nm, so 1 px = "
+        f"RMS²), in pm with the perovskite period as SrTiO3's a: 10 px ↔ {PEROVSKITE_A_PM / 1000:.4f} nm, so 1 px = "
         f"{pm:.2f} pm. Intensities: fitted amplitude / the clean fit's − 1, mean (*bias*) and standard deviation "
-        "(*spread*) in %. *Near* = the scene's `near_defect` columns (within one period of the RP fault's mid-plane, "
+        "(*spread*) in %; the fits use the output as returned, in clean units (positions do not depend on a gain and "
+        "offset, amplitudes do: a global scale error of a method shows as intensity bias). *Near* = the scene's `near_defect` columns (within one period of the RP fault's mid-plane, "
         "of a vacancy or of the interface), *far* = the rest. The *no denoising* rows are the precision attainable by "
         "fitting the raw frame at that dose.\n\n"
         f"perovskite_rp, {size}²:\n\n" + fidelity_table(res)
