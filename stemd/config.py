@@ -124,18 +124,24 @@ class TrainSettings(_Section):
 
     seed: int = Field(default=0, ge=0)
     samples: int = Field(default=700_000, ge=1)  # training windows, generated on the fly
-    batch_size: int = Field(default=512, ge=1)
+    batch_size: int = Field(default=32, ge=1)  # small batches: more Adam steps per sample (docs/training.md)
     lr: float = Field(default=2e-3, gt=0)
     lr_decay: Literal["none", "cosine", "step"] = "cosine"  # step: halve at each quarter of the run
     val_samples: int = Field(default=10_000, ge=1)
     val_every: int = Field(default=100_000, ge=1)  # samples between validations
     window: int = Field(default=28, ge=8)
-    hidden: tuple[int, ...] = (256, 64)  # encoder widths; the last is the code size m
+    hidden: tuple[int, ...] = (96, 96)  # encoder widths; the last is the code size m (docs/training.md)
     device: Device = "auto"
-    threads: int = Field(default=0, ge=0)  # CPU threads for torch; 0: every core of the machine
+    threads: int = Field(default=1, ge=0)  # CPU threads for torch; 0: every core (slower on a busy machine)
     out: Path = Path("runs/default")
     noise: NoiseSettings = NoiseSettings()
-    noise_mix: tuple[NoiseSettings, ...] = ()  # more noise models; batches cycle through noise + these
+    # more noise models; batches cycle through noise + these. Default: fast-scan-like Poisson frames
+    noise_mix: tuple[NoiseSettings, ...] = (
+        NoiseSettings(kind="poisson", dose=5.0, background=0.1, line_jitter_px=0.3, line_gain=0.03, line_offset=0.02),
+        NoiseSettings(kind="poisson", dose=15.0, background=0.1),
+        NoiseSettings(kind="poisson", dose=40.0, background=0.1, line_jitter_px=0.5, line_gain=0.05, line_offset=0.03),
+        NoiseSettings(kind="poisson", dose=120.0, background=0.1),
+    )
     lattice: LatticeSettings = LatticeSettings()
 
     @field_validator("hidden")

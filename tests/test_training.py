@@ -23,12 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(out: Path, **overrides) -> TrainSettings:
-    """A run of seconds: small model, small batches, constant LR so a split run equals a whole one.
+    """A run of seconds: small model, small batches, constant LR so a split run equals a whole one; paper noise only.
 
     One thread: on a busy 2-core machine two threads contend and run many times slower."""
     base = {"samples": 6000, "batch_size": 64, "lr": 3e-3, "lr_decay": "none", "val_samples": 1000,
-            "val_every": 3000, "hidden": [64, 16], "device": "cpu", "threads": 1, "out": str(out)}
+            "val_every": 3000, "hidden": [64, 16], "device": "cpu", "threads": 1, "noise_mix": [], "out": str(out)}
     return load_train_settings(None, {**base, **overrides})
+
+
+QUIET = {"progress": False, "log": lambda _: None, "frame_check": False}
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -64,6 +67,8 @@ def test_checkpoints_load_and_carry_metadata(run_a):
     assert meta["best_val_loss"] == result.best_val_loss
     assert set(meta["quality"]) == {"val_mse", "val_mae", "val_psnr_db"}
     assert meta["command"]
+    assert [row["dose"] for row in meta["frame_quality"]] == [5.0, 20.0, 100.0]
+    assert all(math.isfinite(row["psnr_db"]) and math.isfinite(row["noisy_psnr_db"]) for row in meta["frame_quality"])
     overall, _ = evaluate(model, validation_set(settings), torch.device("cpu"))
     assert overall["mse"] == pytest.approx(meta["quality"]["val_mse"], rel=1e-5)
     assert meta["quality_by_noise"][0]["val_mse"] == meta["quality"]["val_mse"]
@@ -73,9 +78,9 @@ def test_checkpoints_load_and_carry_metadata(run_a):
 
 def test_resume_continues_exactly(run_a, tmp_path):
     _, whole = run_a
-    first = train(tiny(tmp_path, samples=3000), progress=False, log=lambda _: None)
+    first = train(tiny(tmp_path, samples=3000), **QUIET)
     assert first.samples_seen == 3000
-    resumed = train(tiny(tmp_path), resume=first.last_path, progress=False, log=lambda _: None)
+    resumed = train(tiny(tmp_path), resume=first.last_path, **QUIET)
     assert resumed.samples_seen == 6000
     assert [row["samples"] for row in resumed.history] == [0, 3000, 6000]
     assert resumed.start_val_loss == pytest.approx(first.history[-1]["val_loss"], rel=1e-6)
@@ -88,7 +93,7 @@ def test_seed_reproduces_weights(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        runs = [train(tiny(tmp_path / f"r{i}", samples=640, seed=seed), progress=False, log=lambda _: None)
+        runs = [train(tiny(tmp_path / f"r{i}", samples=640, seed=seed), **QUIET)
                 for i, seed in enumerate((5, 5, 6))]
         assert torch.get_num_threads() == 2  # train() ran on 1 thread and put the setting back
     finally:
@@ -99,15 +104,20 @@ def test_seed_reproduces_weights(tmp_path):
 
 
 def test_noise_mix_shares_data_and_reports_each_model(tmp_path):
-    settings = tiny(tmp_path, samples=1280, val_samples=1001, noise_mix=[{"kind": "poisson", "dose": 20.0}])
+    mix = {"samples": 1280, "val_every": 640, "val_samples": 1001, "noise_mix": [{"kind": "poisson", "dose": 20.0}]}
+    settings = tiny(tmp_path, **mix)
     assert sum(len(x) for x, _ in training_stream(settings, 0, 1000)) == 1000
     val = validation_set(settings)
     assert [(p.start, p.stop) for p in val.parts] == [(0, 501), (501, 1001)]
-    result = train(settings, progress=False, log=lambda _: None)
+    result = train(settings, **QUIET)
     paper, poisson = load_checkpoint(result.best_path)[1]["quality_by_noise"]
     assert paper["noise"]["kind"] == "uniform" and poisson["noise"]["kind"] == "poisson"
     assert poisson["noisy_val_mse"] < 0.5 * paper["noisy_val_mse"]  # dose 20 is far milder than SNR 0.33
     assert paper["val_mse"] < paper["noisy_val_mse"]
+    half = train(tiny(tmp_path / "split", **{**mix, "samples": 640}), **QUIET)
+    resumed = train(tiny(tmp_path / "split", **mix), resume=half.last_path, **QUIET)
+    got, want = weights(resumed.last_path), weights(result.last_path)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_resume_finished_run_says_so(run_a, capsys):
