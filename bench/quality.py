@@ -285,19 +285,35 @@ def findings(win: WindowResult, sets: list[FrameSet]) -> str:
     return "\n".join(lines)
 
 
+def describe_training_noise(meta: dict) -> str:
+    """The checkpoint's training noise in words (its `noise` and any `noise_mix`)."""
+
+    def one(n: dict) -> str:
+        if n.get("kind") == "uniform":
+            text = f"uniform noise at SNR {n.get('snr')}"
+        elif n.get("kind") == "poisson":
+            text = f"Poisson noise at dose {n.get('dose'):g}"
+        else:
+            text = f"{n.get('kind', '?')} noise"
+        arts = [f"{k} {n[k]:g}" for k in ("line_jitter_px", "line_gain", "line_offset", "read_sigma") if n.get(k)]
+        return text + (f" ({', '.join(arts)})" if arts else "")
+
+    noises = [meta["noise"]] if isinstance(meta.get("noise"), dict) else []
+    noises += [n for n in meta.get("noise_mix", []) if isinstance(n, dict)]
+    return "; ".join(one(n) for n in noises) if noises else "unrecorded noise"
+
+
 def report(args: argparse.Namespace, win: WindowResult, sets: list[FrameSet], floor: Score, denoiser: Denoiser, n_columns: int) -> str:
     """The markdown body of the "## Quality" section."""
     meta, size = denoiser.metadata, args.size
     model_path = str(args.model) if args.model else "stemd/models/default.pt (shipped)"
     threads = torch.get_num_threads()
-    trained = meta.get("command", "unknown")
-    noise = meta.get("noise", {})
     parts = [
         ("**Quick smoke run, not the reference numbers.**\n\n" if args.quick else "")
         + f"Measured {datetime.date.today().isoformat()} on {machine_line()} ({threads} torch threads), "
         f"by `{args.command}` (seeded; the run took {_duration(args.elapsed_s)}). "
-        f"Model: `{model_path}` ({meta.get('hidden', '?')} hidden, trained on {noise.get('kind', '?')} noise"
-        f"{', SNR ' + str(noise.get('snr')) if noise.get('kind') == 'uniform' else ''}; `{trained}`). "
+        f"Model: `{model_path}`, id `{denoiser.model_id}`, hidden {meta.get('hidden', '?')}, trained by "
+        f"`{meta.get('command', 'unknown')}` on {describe_training_noise(meta)}. "
         "Metric definitions: `stemd/metrics.py`.",
         "### The paper's Figure 2 protocol\n\n"
         f"{win.n:,} independent 28×28 windows (seed {args.seed + WINDOW_SEED}, a stream training never draws) of the "
