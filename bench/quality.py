@@ -384,6 +384,8 @@ def report(
         "Anscombe-transformed counts with σ from `estimate_sigma`; **BM3D** — `bm3d.bm3d` (both stages) on the "
         "Anscombe-transformed counts with the known σ = 1, closed-form unbiased inverse Anscombe; these "
         "variance-stabilised variants beat the same filters applied to raw counts by 1–4 dB PSNR in a trial on this lattice (not rerun here). "
+        "NLM and BM3D assume white noise: the row-wise flicker of the artefact sets is outside their noise model (BM3D's "
+        "coloured-noise PSD option is not used), which is part of why they fall behind there. "
         f"**stemd** — `stemd.Denoiser` with the model above (step {denoiser.step}, "
         "per-frame robust normalisation). Bold: best PSNR of the set."
         + (" The model's training mix includes Poisson noise with scan artefacts (see above): these frames are "
