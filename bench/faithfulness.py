@@ -250,6 +250,7 @@ class Method:
     name: str
     label: str
     run: Callable[[list[Frame]], tuple[list[np.ndarray | None], list[float], str]]  # outputs, s per frame, note
+    ident: str = ""  # a stemd model's id (arch + weights hash)
 
 
 def _each(fn: Callable[[Frame], np.ndarray]) -> Callable[[list[Frame]], tuple[list[np.ndarray | None], list[float], str]]:
@@ -303,7 +304,7 @@ def model_method(name: str, path: Path) -> Method:
             print(f"  {name}: {frame.kind} dose {frame.dose:g} refused: {exc}", flush=True)
             return None
 
-    return Method(name, name, _each(one))  # type: ignore[arg-type]
+    return Method(name, name, _each(one), denoiser.model_id)  # type: ignore[arg-type]
 
 
 def tkrem_method() -> Method | None:
@@ -636,7 +637,8 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
     size, small = args.size, args.size // 2
     doses = doses_of(res)
     ran = ", ".join(m.label for m in res.methods)
-    model_lines = "; ".join(f"**{n}** = `{Path(p).relative_to(ROOT) if Path(p).is_relative_to(ROOT) else p}`"
+    ids = {m.name: m.ident for m in res.methods}
+    model_lines = "; ".join(f"**{n}** = `{Path(p).relative_to(ROOT) if Path(p).is_relative_to(ROOT) else p}` ({ids.get(n)})"
                             for n, p in args.models.items()) or "none (no checkpoint found)"
     missing = [n for n, p in DEFAULT_MODELS.items() if n not in args.models and not args.explicit_models]
     pm = PEROVSKITE_A_PM / 10.0
