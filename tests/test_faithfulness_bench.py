@@ -97,6 +97,23 @@ def test_defect_bands_cover_the_fault_and_the_control_is_elsewhere() -> None:
     assert control.sum() > 0.5 * band.sum() and not (band & control).any()
 
 
+def test_band_score_ignores_contrast_loss_and_sees_a_lattice_continued_across_the_fault() -> None:
+    _, scene, _ = scenes.named_frame("perovskite_rp", (256, 256), seed=1, dose=20.0)
+    band, control = fb.defect_bands(scene)
+    shells = fb.lattice_shells(scene.params["phases"])
+    clean = scene.clean.astype(np.float64)
+    assert fb.band_score(clean, clean, band, control, shells) == 0.0
+    assert abs(fb.band_score(0.4 * clean + 0.1, clean, band, control, shells)) < 0.02
+    phase = scenes.Phase(**{**scene.params["phases"][0], "rp_fault_at": None,
+                            "offset_px": tuple(scene.params["phases"][0]["offset_px"])})
+    perfect = scenes.build_scene((256, 256), [phase], [], np.random.default_rng(0), sigma_px=1.3, blur_px=0.6,
+                                 drift_px=scene.params["drift_px"]).clean
+    diff = np.abs(perfect - clean)
+    assert diff[:, :64].mean() < 0.01 < 0.05 < diff[:, -64:].mean()  # the same lattice before the fault only
+    painted = np.where(band, perfect, clean)
+    assert fb.band_score(painted, clean, band, control, shells) > 0.3
+
+
 def test_lattice_shells() -> None:
     square = fb.lattice_shells([{"kind": "perovskite", "period_px": 10.0}])
     assert square == pytest.approx([0.1, math.sqrt(2) / 10, 0.2, math.sqrt(5) / 10], abs=1e-6)
