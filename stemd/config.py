@@ -116,7 +116,7 @@ class LatticeSettings(_Section):
 
     period_px: float = Field(default=10.0, gt=2)  # Sr-Sr distance in pixels
     sigma_px: float = Field(default=1.5, gt=0)  # Gaussian column width
-    max_rotation_deg: float = Field(default=45.0, ge=0, le=360)
+    max_rotation_deg: float = Field(default=90.0, ge=0, le=360)  # 90: every orientation (the paper: 45)
 
 
 class TrainSettings(_Section):
@@ -130,7 +130,7 @@ class TrainSettings(_Section):
     val_samples: int = Field(default=10_000, ge=1)
     val_every: int = Field(default=100_000, ge=1)  # samples between validations
     window: int = Field(default=28, ge=8)
-    hidden: tuple[int, ...] = (96, 96)  # encoder widths; the last is the code size m (docs/training.md)
+    hidden: tuple[int, ...] = (256, 128)  # encoder widths; the last is the code size m (docs/training.md)
     device: Device = "auto"
     threads: int = Field(default=1, ge=0)  # CPU threads for torch; 0: every core (slower on a busy machine)
     out: Path = Path("runs/default")
@@ -143,6 +143,7 @@ class TrainSettings(_Section):
         NoiseSettings(kind="poisson", dose=120.0, background=0.1),
     )
     lattice: LatticeSettings = LatticeSettings()
+    edge_fraction: float = Field(default=0.25, ge=0, le=1)  # windows mirrored at a frame edge, as padding makes them
 
     @field_validator("hidden")
     @classmethod

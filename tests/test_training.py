@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,7 +18,8 @@ from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
 from stemd.model import load_checkpoint
 from stemd.window import pad_frames
-from stemd.training import evaluate, frame_flops, lr_at, read_state, train, training_stream, validation_set
+from stemd.training import (evaluate, frame_flops, lr_at, mirror_edges, read_state, train, training_stream,
+                            validation_set)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +120,23 @@ def test_noise_mix_shares_data_and_reports_each_model(tmp_path):
     resumed = train(tiny(tmp_path / "split", **mix), resume=half.last_path, **QUIET)
     got, want = weights(resumed.last_path), weights(result.last_path)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_mirror_edges_reflects_like_padding():
+    rng = np.random.default_rng(0)
+    clean = rng.random((200, 28, 28)).astype(np.float32)
+    noisy = clean + 1000.0
+    before = clean.copy()
+    mirror_edges(noisy, clean, 0.5, rng)
+    np.testing.assert_array_equal(noisy - clean, 1000.0)  # the same map for input and target
+    changed = [k for k in range(len(clean)) if not np.array_equal(clean[k], before[k])]
+    assert 60 < len(changed) < 140
+    for k in changed:
+        w = clean[k]
+        assert np.isin(w, before[k]).all()  # only pixels of the window itself, moved
+        mirrored_cols = any(np.array_equal(w[:, j - 1], w[:, j + 1]) for j in range(1, 27))
+        mirrored_rows = any(np.array_equal(w[j - 1], w[j + 1]) for j in range(1, 27))
+        assert mirrored_cols or mirrored_rows  # a reflection line: equal neighbours on both sides
 
 
 def test_resume_finished_run_says_so(run_a, capsys):
