@@ -60,7 +60,7 @@ class QueueSettings(_Section):
     """Backpressure between the socket and the model."""
 
     mode: Literal["live", "lossless"] = "live"  # live: drop oldest when behind
-    maxsize: int = Field(default=8, ge=1)
+    maxsize: int = Field(default=4, ge=1)  # live mode: the worst wait is about one batch
     max_batch: int = Field(default=4, ge=1)  # frames of one shape denoised together
 
 
