@@ -74,6 +74,16 @@ def test_plain_stack_keeps_tifffile_metadata(tmp_path, checkpoint, frames):
     assert meta["pixel_nm"] == 0.05 and meta["axes"] == "ZYX" and meta["stemd"]["step"] >= 1
 
 
+def test_default_model_is_the_shipped_one(tmp_path, frames):
+    inp, out = tmp_path / "frame.tif", tmp_path / "out.tif"
+    tifffile.imwrite(inp, frames[1][0])
+    assert denoise(inp, out) == 0
+    with tifffile.TiffFile(out) as tif:
+        note = tif.shaped_metadata[0]["stemd"]
+    shipped = Denoiser.load(None, device="cpu")
+    assert note["model"] == shipped.model_id and note["step"] == shipped.step
+
+
 def _leftovers(directory: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in keep)
 
