@@ -27,7 +27,7 @@ from stemd import __version__
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
 
-DEFAULT_STEP = 2  # the floating-window step the paper's figure 3 used; stored in every checkpoint
+DEFAULT_STEP = 2  # the floating-window step in the paper's text; stored in every checkpoint
 STATE_FORMAT = "stemd-train-state"
 STATE_VERSION = 1
 _TRAIN_STREAM, _VAL_STREAM, _EDGE_STREAM = 0, 1, 2
@@ -108,7 +108,8 @@ def mirror_edges(noisy: np.ndarray, clean: np.ndarray, fraction: float, rng: np.
     n, w = noisy.shape[0], noisy.shape[-1]
     picked = np.flatnonzero(rng.random(n) < fraction)
     sides = rng.integers(0, 8, size=(len(picked), 2))  # per axis: 0-3 none, 4-5 near, 6-7 far
-    sides[(sides < 4).all(axis=1), rng.integers(0, 2)] = 4  # at least one axis mirrored
+    plain = np.flatnonzero((sides < 4).all(axis=1))  # mirror one random axis of these, on a random side
+    sides[plain, rng.integers(0, 2, len(plain))] = rng.integers(4, 8, len(plain))
     depth = rng.integers(1, w - 1, size=(len(picked), 2))
     for axis in (0, 1):
         index = np.abs(np.arange(w)[None, :] - depth[:, axis, None])  # near side: mirror at m
