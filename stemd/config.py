@@ -119,6 +119,40 @@ class LatticeSettings(_Section):
     max_rotation_deg: float = Field(default=90.0, ge=0, le=360)  # 90: every orientation (the paper: 45)
 
 
+class ConvSettings(_Section):
+    """`model: conv_unet`: the network (stemd.convnet) and the patches it learns from (stemd.scenes)."""
+
+    channels: tuple[int, ...] = (48, 64, 96, 128)  # U-Net level widths, finest first
+    guide: Literal["none", "bragg"] = "bragg"  # bragg: the frame's lattice Fourier components as a second input
+    patch: int = Field(default=96, ge=28)  # training patch side, pixels
+    scene_size: int = Field(default=384, ge=28)  # side of the scenes patches are cut from, each normalised whole
+    dose: tuple[float, float] = (2.0, 200.0)  # expected counts at the brightest column, log-uniform
+    period_px: tuple[float, float] = (6.0, 20.0)  # lattice periods, log-uniform; stored as the model's range
+    val_scenes: int = Field(default=48, ge=3)  # validation: whole 256 px scenes at doses spread over `dose`
+
+    @field_validator("channels")
+    @classmethod
+    def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(c < 1 for c in v):
+            raise ValueError("must be a non-empty list of positive widths")
+        return v
+
+    @field_validator("dose", "period_px")
+    @classmethod
+    def _range(cls, v: tuple[float, float], info: Any) -> tuple[float, float]:
+        low = 2.0 if info.field_name == "period_px" else 0.0
+        if not low < v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with {low:g} < low <= high")
+        return v
+
+    @field_validator("scene_size")
+    @classmethod
+    def _holds_a_patch(cls, v: int, info: Any) -> int:
+        if v < info.data.get("patch", 0):
+            raise ValueError(f"must be at least the patch side ({info.data['patch']})")
+        return v
+
+
 class TrainSettings(_Section):
     """Everything `stemd train` needs."""
 
@@ -144,6 +178,10 @@ class TrainSettings(_Section):
     )
     lattice: LatticeSettings = LatticeSettings()
     edge_fraction: float = Field(default=0.25, ge=0, le=1)  # windows mirrored at a frame edge, as padding makes them
+    model: Literal["window_ae", "conv_unet"] = "window_ae"  # conv_unet: set in `conv`; samples count patches
+    warmup: int = Field(default=0, ge=0)  # samples of linear learning-rate warm-up
+    grad_clip: float = Field(default=0.0, ge=0)  # gradient norm clipped to this; 0: off
+    conv: ConvSettings = ConvSettings()
 
     @field_validator("hidden")
     @classmethod

@@ -8,18 +8,47 @@ of the one above, joined by 2x2 stride-2 convolutions down and transposed convol
 the encoder features added (not concatenated) to the decoder's. The receptive field spans several
 lattice periods (`reach`), so the network can use the lattice's periodicity; the output is
 `input + correction`, so where it cannot do better it can stay faithful to the input.
+
+With `guide="bragg"` the network also sees a second channel, `bragg_filter` of the whole frame:
+the frame's Fourier components that stand well above the white-noise floor, i.e. the lattice
+averaged over the entire frame. It is parameter-free and global; the network learns where to
+trust it (lattice) and where not (defects, amorphous and vacuum regions, where the input rules).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-DEFAULT_CHANNELS = (32, 48, 64)
+DEFAULT_CHANNELS = (48, 64, 96, 128)
 MIN_SIZE = 28  # the smallest frame side accepted, as for the paper's 28 px window
+GUIDES = ("none", "bragg")
+BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their power exceeds this x the noise floor
+
+
+def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH) -> torch.Tensor:
+    """(B, 1, H, W) -> same: each frame with its Fourier components shrunk by a Wiener-like gain.
+
+    The power spectrum of the Hann-windowed frame (no edge streaks), averaged over 3x3 bins, is
+    compared with its median, the white-noise floor: gain = clip(1 - strength * floor / power, 0, 1),
+    applied to the unwindowed frame's spectrum (mean kept). Periodic lattices survive, noise does not.
+    """
+    h, w = frames.shape[-2:]
+    x = frames.float()
+    window = torch.outer(torch.hann_window(h, periodic=False, device=x.device),
+                         torch.hann_window(w, periodic=False, device=x.device))
+    power = torch.fft.rfft2((x - x.mean((-2, -1), keepdim=True)) * window).abs().square()
+    power = F.avg_pool2d(power, 3, stride=1, padding=1, count_include_pad=False)
+    floor = power.flatten(-2).median(-1).values[..., None, None]
+    gain = (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
+    gain[..., 0, 0] = 1
+    return torch.fft.irfft2(torch.fft.rfft2(x) * gain, s=(h, w)).to(frames.dtype)
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -31,17 +60,20 @@ class ConvDenoiser(nn.Module):
     """U-Net on (B, 1, H, W) normalised frames, any H, W >= MIN_SIZE; predicts input + correction.
 
     `channels[i]` is the width of level i (level 0 at half the input resolution after the 2x2
-    unshuffle when `unshuffle` is 2, full resolution when 1).
+    unshuffle when `unshuffle` is 2, full resolution when 1). `guide` "bragg" adds the
+    `bragg_filter` channel.
     """
 
-    def __init__(self, channels: Sequence[int] = DEFAULT_CHANNELS, unshuffle: int = 2) -> None:
+    def __init__(self, channels: Sequence[int] = DEFAULT_CHANNELS, unshuffle: int = 2, guide: str = "none") -> None:
         super().__init__()
         channels = [int(c) for c in channels]
-        if not channels or min(channels) < 1 or int(unshuffle) not in (1, 2):
-            raise ValueError(f"ConvDenoiser needs positive channels and unshuffle 1 or 2, got {channels}, {unshuffle}")
-        self.channels, self.unshuffle = channels, int(unshuffle)
+        if not channels or min(channels) < 1 or int(unshuffle) not in (1, 2) or guide not in GUIDES:
+            raise ValueError(f"ConvDenoiser needs positive channels, unshuffle 1 or 2 and guide in {GUIDES}, "
+                             f"got {channels}, {unshuffle}, {guide!r}")
+        self.channels, self.unshuffle, self.guide = channels, int(unshuffle), guide
         s2 = self.unshuffle**2
-        self.enc = nn.ModuleList(_block(s2 if i == 0 else c, c) for i, c in enumerate(channels))
+        c_in = s2 * (2 if guide == "bragg" else 1)
+        self.enc = nn.ModuleList(_block(c_in if i == 0 else c, c) for i, c in enumerate(channels))
         self.down = nn.ModuleList(nn.Conv2d(a, b, 2, stride=2) for a, b in zip(channels, channels[1:]))
         self.up = nn.ModuleList(nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(channels, channels[1:]))
         self.dec = nn.ModuleList(_block(c, c) for c in channels[:-1])
@@ -74,16 +106,23 @@ class ConvDenoiser(nn.Module):
             worst = max(worst, p - s * lo, s * hi + s - 1 - p)
         return worst
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) -> (B, 1, H, W); sides padded (reflect) to `multiple` and cropped back."""
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, 1, H, W); sides padded (reflect) to `multiple` and cropped back.
+
+        `guide` (same shape) replaces `bragg_filter(x)`: training cuts patches from the guide of a
+        whole frame, as inference computes it.
+        """
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"frames must be (B, 1, H, W), got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if min(h, w) < MIN_SIZE:
             raise ValueError(f"frames must be at least {MIN_SIZE} px on each side, got {h}x{w}")
+        xin = x
+        if self.guide == "bragg":
+            xin = torch.cat([x, bragg_filter(x) if guide is None else guide], 1)
         m = self.multiple
         ph, pw = -h % m, -w % m
-        xp = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect") if ph or pw else x
+        xp = F.pad(xin, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect") if ph or pw else xin
         y = F.pixel_unshuffle(xp, self.unshuffle) if self.unshuffle > 1 else xp
         y = y.contiguous(memory_format=torch.channels_last)
         skips = []
@@ -103,11 +142,12 @@ class ConvDenoiser(nn.Module):
         return self(frames)
 
     def arch(self) -> dict[str, Any]:
-        """{"name": "conv_unet", "channels": [...], "unshuffle": s, "window": MIN_SIZE}.
+        """{"name": "conv_unet", "channels": [...], "unshuffle": s, "guide": g, "window": MIN_SIZE}.
 
         `window` is the smallest frame side it takes; `Denoiser` checks frames against it.
         """
-        return {"name": "conv_unet", "channels": list(self.channels), "unshuffle": self.unshuffle, "window": MIN_SIZE}
+        return {"name": "conv_unet", "channels": list(self.channels), "unshuffle": self.unshuffle,
+                "guide": self.guide, "window": MIN_SIZE}
 
 
 def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
@@ -121,4 +161,59 @@ def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
         raise CheckpointError(f"arch.channels must be a non-empty list of positive integers, got {channels!r}")
     if unshuffle not in (1, 2) or isinstance(unshuffle, bool):
         raise CheckpointError(f"arch.unshuffle must be 1 or 2, got {unshuffle!r}")
-    return ConvDenoiser(channels, unshuffle)
+    guide = arch.get("guide", "none")
+    if guide not in GUIDES:
+        raise CheckpointError(f"arch.guide must be one of {', '.join(GUIDES)}, got {guide!r}")
+    return ConvDenoiser(channels, unshuffle, guide)
+
+
+# ---------------------------------------------------------------- training data (stemd.scenes)
+
+
+@functools.lru_cache(maxsize=8)
+def reference_levels(period_px: tuple[float, float] = (6.0, 20.0), n: int = 200, size: int = 256,
+                     seed: int = 7) -> tuple[float, float]:
+    """Median (mean, signal std) of clean random scenes: the `normalize` reference a conv model is trained at."""
+    from stemd import scenes
+    from stemd.denoiser import _mean_and_signal_std
+
+    rng = np.random.default_rng(seed)
+    clean = np.stack([scenes.random_scene((size, size), rng, period_px=period_px).clean for _ in range(n)])
+    mean, signal, _ = _mean_and_signal_std(clean)
+    return float(np.median(mean)), float(np.median(signal))
+
+
+def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple[float, float], *,
+                  guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
+                  dose: tuple[float, float] = (2.0, 200.0),
+                  period: tuple[float, float] = (6.0, 20.0)) -> tuple[np.ndarray, ...]:
+    """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model.
+
+    Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
+    `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
+    whole (`stemd.denoiser.normalize` at `reference`), its `bragg_filter` taken whole, and `per_dose`
+    patches cut at random places. The target is the clean scene mapped by the same lo/hi.
+    """
+    from stemd import scenes
+    from stemd.denoiser import normalize
+
+    out = [np.empty((n, 1, patch, patch), np.float32) for _ in range(3 if guide else 2)]
+    done = 0
+    while done < n:
+        s = scenes.random_scene((scene_size, scene_size), rng, period_px=period)
+        params = scenes.draw_noise(rng, dose=dose)
+        for _ in range(doses_per_scene):
+            d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
+            x, lo, hi = normalize(scenes.apply_instrument(s.clean, rng, params, dose=d)[None], reference=reference)
+            c = (s.clean - np.float32(lo[0])) / np.float32(float(hi[0] - lo[0]) or 1.0)
+            whole = [x[0], c]
+            if guide:
+                whole.insert(1, bragg_filter(torch.from_numpy(x)[None])[0, 0].numpy())
+            for _ in range(per_dose):
+                if done == n:
+                    return tuple(out)
+                r, q = rng.integers(0, scene_size - patch + 1, 2)
+                for o, w in zip(out, whole):
+                    o[done, 0] = w[r:r + patch, q:q + patch]
+                done += 1
+    return tuple(out)

@@ -1,5 +1,9 @@
 """`stemd train`: fit the window auto-encoder on synthetic lattice windows generated on the fly.
 
+With `model: conv_unet` it fits `stemd.convnet.ConvDenoiser` instead, on patches of realistic
+scenes (`stemd.convnet.scene_patches`), validated on whole scenes; the loop, checkpoints and
+resume are the same.
+
 `train()` is the pure entry point (settings in, checkpoints and a `TrainResult` out); the CLI wraps it.
 A run writes `best.pt` (lowest validation loss) and `last.pt` with `stemd.model.save_checkpoint`, plus
 `last.state.pt` beside `last.pt`: optimizer state, samples seen and history, so `--resume` can continue.
@@ -32,6 +36,9 @@ STATE_FORMAT = "stemd-train-state"
 STATE_VERSION = 1
 _TRAIN_STREAM, _VAL_STREAM, _EDGE_STREAM = 0, 1, 2
 _EVAL_BATCH = 4096
+_EVAL_FRAMES = 4  # validation scenes per conv_unet forward pass
+_CONV_POOL = 8  # conv_unet: batches generated together from shared scenes, then shuffled
+VAL_SCENE_PX = 256  # side of a conv_unet validation scene
 
 
 @dataclass
@@ -73,13 +80,15 @@ def lattice_kwargs(settings: TrainSettings) -> dict[str, float]:
 
 
 def lr_at(settings: TrainSettings, samples_seen: int) -> float:
-    """The learning rate after `samples_seen` windows: constant, cosine to 2 %, or halved each quarter."""
+    """The learning rate after `samples_seen` windows: constant, cosine to 2 %, or halved each quarter,
+    ramped up linearly over the first `warmup` samples."""
     t = min(samples_seen / settings.samples, 1.0)
+    ramp = min(1.0, (samples_seen + settings.batch_size) / settings.warmup) if settings.warmup else 1.0
     if settings.lr_decay == "cosine":
-        return settings.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * t)))
+        return ramp * settings.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * t)))
     if settings.lr_decay == "step":
-        return settings.lr * 0.5 ** min(int(4 * t), 3)
-    return settings.lr
+        return ramp * settings.lr * 0.5 ** min(int(4 * t), 3)
+    return ramp * settings.lr
 
 
 def _shares(n: int, k: int) -> list[int]:
@@ -126,7 +135,11 @@ def training_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[
     """(noisy, clean) batches for samples [start, stop) of the run's data stream, noise models taking turns.
 
     A share `edge_fraction` of the windows is mirrored about a frame edge (`mirror_edges`).
+    For conv_unet: (noisy, [guide,] clean) patch batches from `_conv_stream`.
     """
+    if settings.model == "conv_unet":
+        yield from _conv_stream(settings, start, stop)
+        return
     live = _streams(settings, stop - start, settings.batch_size, _TRAIN_STREAM, start)
     rng = np.random.default_rng(stream_seed(settings.seed, _EDGE_STREAM, start))
     while live:
@@ -140,17 +153,56 @@ def training_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[
             yield batch
 
 
+def _conv_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """conv_unet patch batches (n, 1, p, p) for samples [start, stop). Patches come in pools of
+    _CONV_POOL batches, each keyed by its first sample, so a resumed run sees what a whole one would."""
+    from stemd.convnet import reference_levels, scene_patches
+
+    c, batch = settings.conv, settings.batch_size
+    pool = batch * _CONV_POOL
+    reference = reference_levels(c.period_px)
+    for first in range(start // pool * pool, stop, pool):
+        rng = np.random.default_rng(stream_seed(settings.seed, _TRAIN_STREAM, first))
+        data = scene_patches(pool, c.patch, rng, reference, guide=c.guide == "bragg", scene_size=c.scene_size,
+                             dose=c.dose, period=c.period_px)
+        order = rng.permutation(pool)
+        end = min(stop, first + pool)
+        for i in range(max(start, first), end, batch):
+            take = order[i - first : min(i + batch, end) - first]
+            yield tuple(d[take] for d in data)
+
+
 @dataclass
 class ValidationSet:
-    """Fixed validation windows, flattened; `parts[j]` are those of noise model j (see `noise_specs`)."""
+    """Fixed validation samples (windows flattened, or conv_unet scenes (n, 1, H, W)); `parts[j]` are
+    those of noise model j (see `noise_specs`), or of `labels[j]` when given."""
 
     noisy: torch.Tensor
     clean: torch.Tensor
     parts: list[slice]
+    labels: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _conv_validation(settings: TrainSettings) -> ValidationSet:
+    """Whole VAL_SCENE_PX scenes, one per dose spread log-evenly over conv.dose; parts: low, middle, high thirds."""
+    from stemd.convnet import reference_levels, scene_patches
+
+    c = settings.conv
+    reference = reference_levels(c.period_px)
+    rng = np.random.default_rng(stream_seed(settings.seed, _VAL_STREAM, 0))
+    doses = np.geomspace(c.dose[0], c.dose[1], c.val_scenes)
+    noisy, clean = zip(*(scene_patches(1, VAL_SCENE_PX, rng, reference, guide=False, scene_size=VAL_SCENE_PX,
+                                       doses_per_scene=1, per_dose=1, dose=(d, d), period=c.period_px) for d in doses))
+    bounds = [round(k * c.val_scenes / 3) for k in range(4)]
+    parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    labels = [{"dose": [float(doses[p.start]), float(doses[p.stop - 1])]} for p in parts]
+    return ValidationSet(torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts, labels)
 
 
 def validation_set(settings: TrainSettings) -> ValidationSet:
     """The validation windows, split evenly over the noise models, from seed streams training never uses."""
+    if settings.model == "conv_unet":
+        return _conv_validation(settings)
     noisy, clean, parts, at = [], [], [], 0
     for stream in _streams(settings, settings.val_samples, settings.val_samples, _VAL_STREAM, 0):
         for x, y in stream:
@@ -171,10 +223,11 @@ def quality(pred: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def predict(model: nn.Module, noisy: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The model's output for flattened windows, in batches, on the CPU."""
+    """The model's output for flattened windows (or conv_unet scenes), in batches, on the CPU."""
     was_training = model.training
     model.eval()
-    pred = torch.cat([model(noisy[i : i + _EVAL_BATCH].to(device)).float().cpu() for i in range(0, len(noisy), _EVAL_BATCH)])
+    step = _EVAL_BATCH if noisy.ndim == 2 else _EVAL_FRAMES
+    pred = torch.cat([model(noisy[i : i + step].to(device)).float().cpu() for i in range(0, len(noisy), step)])
     model.train(was_training)
     return pred
 
@@ -282,11 +335,13 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _by_noise(settings: TrainSettings, parts: list[dict[str, float]], noisy_parts: list[dict[str, float]]) -> list[dict[str, Any]]:
-    """Per noise model: its settings, the model's validation figures and the noisy input's."""
+def _by_noise(settings: TrainSettings, parts: list[dict[str, float]], noisy_parts: list[dict[str, float]],
+              labels: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per noise model (or per validation label): its settings, the model's validation figures and the noisy input's."""
+    labels = labels or [{"noise": n.model_dump()} for n in (settings.noise, *settings.noise_mix)]
     return [
-        {"noise": n.model_dump(), **{"val_" + k: v for k, v in q.items()}, **{"noisy_val_" + k: v for k, v in nq.items()}}
-        for n, q, nq in zip((settings.noise, *settings.noise_mix), parts, noisy_parts)
+        {**label, **{"val_" + k: v for k, v in q.items()}, **{"noisy_val_" + k: v for k, v in nq.items()}}
+        for label, q, nq in zip(labels, parts, noisy_parts)
     ]
 
 
@@ -303,7 +358,7 @@ class _Run:
 
 def _metadata(settings: TrainSettings, command: str, run: _Run, q: dict[str, float], noisy_q: dict[str, float],
               by_noise: list[dict[str, Any]], params: int) -> dict[str, Any]:
-    return {
+    meta = {
         "window": settings.window,
         "step": DEFAULT_STEP,
         "lattice": settings.lattice.model_dump(),
@@ -322,6 +377,32 @@ def _metadata(settings: TrainSettings, command: str, run: _Run, q: dict[str, flo
         "quality_by_noise": by_noise,
         "train_settings": settings.model_dump(mode="json"),
     }
+    if settings.model == "conv_unet":
+        from stemd.convnet import MIN_SIZE, reference_levels
+
+        mean, std = reference_levels(settings.conv.period_px)
+        for key in ("lattice", "noise", "noise_mix", "hidden"):
+            del meta[key]
+        meta.update(
+            window=MIN_SIZE,
+            normalization={"mean": mean, "signal_std": std},
+            sampling={"period_px": list(settings.conv.period_px)},
+            conv=settings.conv.model_dump(),
+            training_data="stemd.scenes.random_scene (every layout and structure) recorded whole by "
+                          "scenes.apply_instrument at log-uniform doses, normalised whole, cut into patches",
+        )
+    return meta
+
+
+def new_model(settings: TrainSettings) -> nn.Module:
+    """The untrained model `settings.model` names (seed torch first for reproducible weights)."""
+    if settings.model == "conv_unet":
+        from stemd.convnet import ConvDenoiser
+
+        return ConvDenoiser(settings.conv.channels, guide=settings.conv.guide)
+    from stemd.model import WindowAE
+
+    return WindowAE(settings.window, settings.hidden)
 
 
 def _state(settings: TrainSettings, run: _Run, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -346,7 +427,8 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimize
     state = read_state(checkpoint)
     loaded, meta = load_checkpoint(checkpoint)
     if loaded.arch() != model.arch():
-        raise ConfigError(f"hidden/window: {checkpoint} holds {loaded.arch()}, but the settings ask for {model.arch()}")
+        key = "model/conv" if model.arch()["name"] == "conv_unet" else "model/hidden/window"
+        raise ConfigError(f"{key}: {checkpoint} holds {loaded.arch()}, but the settings ask for {model.arch()}")
     if meta.get("samples_seen") != state["samples_seen"]:
         raise CheckpointError(f"{checkpoint} and its {_state_path(checkpoint).name} disagree on samples seen")
     model.load_state_dict(loaded.state_dict())
@@ -370,7 +452,7 @@ def train(
     command: str | None = None,
     frame_check: bool = True,
 ) -> TrainResult:
-    """Train (or continue training) a WindowAE as `settings` say; returns where the checkpoints are.
+    """Train (or continue training) the model `settings.model` names; returns where the checkpoints are.
 
     With `frame_check`, best.pt is finally scored on simulated frames (`frame_quality`, ~1 s).
     """
@@ -387,13 +469,13 @@ def train(
 
 def _train(settings: TrainSettings, device: torch.device, resume: Path | None, progress: bool,
            log: Callable[[str], None], command: str, frame_check: bool) -> TrainResult:
-    from stemd.model import WindowAE, save_checkpoint
+    from stemd.model import save_checkpoint
 
     t0 = time.perf_counter()
     out = Path(settings.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
     torch.manual_seed(settings.seed)
-    model = WindowAE(settings.window, settings.hidden).to(device).train()
+    model = new_model(settings).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     run = _Run()
     if resume is not None:
@@ -424,7 +506,7 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             train_loss = _fit(model, optimizer, settings, run.samples, stop, device, bar)
             run.samples = stop
             q, parts = evaluate(model, val, device)
-            by_noise = _by_noise(settings, parts, noisy_parts)
+            by_noise = _by_noise(settings, parts, noisy_parts, val.labels)
             improved = q["mse"] < run.best
             if improved:
                 run.best, run.best_quality, run.best_by_noise = q["mse"], q, by_noise
@@ -466,15 +548,16 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSett
          device: torch.device, bar: Any) -> float:
     """Adam steps on samples [start, stop) of the data stream; returns their mean training loss."""
     pos, loss_sum, running = start, 0.0, math.nan
-    for noisy, clean in training_stream(settings, start, stop):
-        n = len(noisy)
-        x = torch.from_numpy(noisy.reshape(n, -1)).to(device)
-        y = torch.from_numpy(clean.reshape(n, -1)).to(device)
+    for batch in training_stream(settings, start, stop):
+        n = len(batch[0])
+        *inputs, y = (torch.from_numpy(b).to(device) for b in batch)  # (noisy, [guide,] clean)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(settings, pos)
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(*inputs), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if settings.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         value = float(loss.detach())
         running = value if math.isnan(running) else 0.95 * running + 0.05 * value
@@ -496,11 +579,12 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 # ---------------------------------------------------------------- CLI
 
-_OVERRIDES = ("samples", "batch_size", "lr", "seed", "device", "threads", "out")
+_OVERRIDES = ("model", "samples", "batch_size", "lr", "seed", "device", "threads", "out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="PATH", help="YAML training settings (default: built-in, as config/train.yaml)")
+    parser.add_argument("--model", metavar="window_ae|conv_unet", help="what to train (conv_unet: see config/train_conv.yaml)")
     parser.add_argument("--samples", metavar="N", help="training windows in total")
     parser.add_argument("--batch-size", metavar="N", help="windows per optimizer step")
     parser.add_argument("--lr", metavar="X", help="Adam learning rate (peak)")

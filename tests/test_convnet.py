@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.convnet import MIN_SIZE, ConvDenoiser
+from stemd.convnet import MIN_SIZE, ConvDenoiser, bragg_filter
 from stemd.denoiser import Denoiser, denormalize, normalize
 from stemd.errors import CheckpointError
 from stemd.model import build_model, load_checkpoint, save_checkpoint
@@ -31,9 +31,9 @@ def _random_head(model: ConvDenoiser, seed: int = 0) -> ConvDenoiser:
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 28, 28), (2, 1, 31, 45), (1, 1, 64, 100), (3, 1, 97, 29)])
-@pytest.mark.parametrize("unshuffle", [1, 2])
-def test_any_size_in_and_out(shape, unshuffle):
-    model = _random_head(ConvDenoiser((4, 6, 8), unshuffle))
+@pytest.mark.parametrize("unshuffle, guide", [(1, "none"), (2, "none"), (2, "bragg")])
+def test_any_size_in_and_out(shape, unshuffle, guide):
+    model = _random_head(ConvDenoiser((4, 6, 8), unshuffle, guide))
     x = torch.randn(shape)
     with torch.no_grad():
         y = model(x)
@@ -83,7 +83,8 @@ def test_checkpoint_round_trip_and_denoiser(tmp_path):
     save_checkpoint(path, model, meta)
     loaded, meta2 = load_checkpoint(path)
     assert isinstance(loaded, ConvDenoiser)
-    assert loaded.arch() == model.arch() == {"name": "conv_unet", "channels": [4, 6, 8], "unshuffle": 2, "window": MIN_SIZE}
+    assert loaded.arch() == model.arch() == {
+        "name": "conv_unet", "channels": [4, 6, 8], "unshuffle": 2, "guide": "none", "window": MIN_SIZE}
     assert meta2 == meta
     frame = np.random.default_rng(0).poisson(20, (45, 61)).astype(np.uint16)
     out = Denoiser.load(path, device="cpu")(frame)
@@ -94,6 +95,38 @@ def test_checkpoint_round_trip_and_denoiser(tmp_path):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
 
 
+def _lattice(size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+
+    rng = np.random.default_rng(seed)
+    clean = simulate_frame((size, size), rng, period_px=9.0, sigma_px=1.3, rotation_deg=11.0).clean
+    return clean, corrupt(clean, NoiseSpec(kind="poisson", dose=10.0), rng)
+
+
+def test_bragg_filter_keeps_the_lattice_and_drops_noise():
+    clean, noisy = _lattice()
+    out = bragg_filter(torch.from_numpy(noisy)[None, None])[0, 0].numpy()
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    assert np.mean((out - clean) ** 2) < 0.3 * np.mean((noisy - clean) ** 2)
+    assert out.mean() == pytest.approx(noisy.mean(), abs=1e-5)
+    flat = np.random.default_rng(1).poisson(10.0, (128, 128)).astype(np.float32) / 10  # noise and no lattice
+    kept = bragg_filter(torch.from_numpy(flat)[None, None])[0, 0].numpy()
+    assert kept.std() < 0.1 * flat.std()
+
+
+def test_guided_model_round_trip_and_explicit_guide(tmp_path):
+    model = _random_head(ConvDenoiser((4, 6), guide="bragg"))
+    _, noisy = _lattice(64)
+    x = torch.from_numpy(noisy)[None, None]
+    path = tmp_path / "guided.pt"
+    save_checkpoint(path, model, {})
+    loaded, _ = load_checkpoint(path)
+    assert loaded.arch()["guide"] == "bragg"
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x, bragg_filter(x)), atol=1e-6)
+        assert not torch.allclose(model(x), model(x, torch.zeros_like(x)), atol=1e-4)  # the guide is used
+
+
 def test_registry_errors():
     with pytest.raises(CheckpointError, match=r"unknown model architecture 'nope' \(known: conv_unet, window_ae\)"):
         build_model({"name": "nope"})
@@ -101,6 +134,8 @@ def test_registry_errors():
         build_model({"name": "conv_unet", "channels": [8, 0]})
     with pytest.raises(CheckpointError, match="arch.unshuffle"):
         build_model({"name": "conv_unet", "channels": [8], "unshuffle": 3})
+    with pytest.raises(CheckpointError, match="arch.guide"):
+        build_model({"name": "conv_unet", "channels": [8], "guide": "fourier"})
     assert build_model(ConvDenoiser((5, 7)).arch()).arch()["channels"] == [5, 7]
 
 
@@ -129,3 +164,42 @@ def test_a_few_seconds_of_training_reduce_the_error():
         out = model.eval()(torch.from_numpy(test_noisy)[None, None])[0, 0].numpy()
     raw_mse = float(np.mean((test_noisy - test_clean) ** 2))
     assert float(np.mean((out - test_clean) ** 2)) < 0.6 * raw_mse  # measured 0.39
+
+
+def test_scene_patches_are_normalised_whole_and_reproducible():
+    from stemd.convnet import scene_patches
+
+    ref = (0.16, 0.16)
+    noisy, guide, clean = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2, per_dose=3)
+    again = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2, per_dose=3, guide=False)
+    assert noisy.shape == guide.shape == clean.shape == (6, 1, 48, 48)
+    np.testing.assert_array_equal(again[0], noisy)
+    np.testing.assert_array_equal(again[1], clean)
+    assert abs(float((noisy - clean).mean())) < 0.05  # same lo/hi: the noise is centred on the target
+    assert np.mean((guide - clean) ** 2) < np.mean((noisy - clean) ** 2)
+
+
+def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
+    from stemd.config import load_train_settings
+    from stemd.training import train
+
+    def settings(out, samples):
+        return load_train_settings(None, {
+            "model": "conv_unet", "samples": samples, "batch_size": 4, "val_every": 16, "lr": 2e-3, "lr_decay": "none",
+            "warmup": 8, "grad_clip": 1.0, "threads": 1, "device": "cpu", "out": str(out),
+            "conv": {"channels": [4, 8], "patch": 32, "scene_size": 64, "val_scenes": 3, "dose": [5.0, 50.0]}})
+
+    quiet = {"progress": False, "log": lambda _: None}
+    whole = train(settings(tmp_path / "whole", 32), frame_check=True, **quiet)
+    assert [row["samples"] for row in whole.history] == [0, 16, 32]
+    model, meta = load_checkpoint(whole.best_path)
+    assert isinstance(model, ConvDenoiser) and model.arch()["guide"] == "bragg"
+    assert meta["sampling"] == {"period_px": [6.0, 20.0]} and set(meta["normalization"]) == {"mean", "signal_std"}
+    doses = [row["dose"] for row in meta["quality_by_noise"]]  # one scene per third, log-evenly spread
+    np.testing.assert_allclose(doses, [[5.0, 5.0], [50**0.5 * 5**0.5] * 2, [50.0, 50.0]])
+    assert len(meta["frame_quality"]) == 3
+    assert Denoiser.load(whole.best_path, device="cpu")(np.ones((40, 40), np.uint16)).shape == (40, 40)
+    half = train(settings(tmp_path / "split", 16), **quiet, frame_check=False)
+    resumed = train(settings(tmp_path / "split", 32), resume=half.last_path, **quiet, frame_check=False)
+    for a, b in zip(load_checkpoint(whole.last_path)[0].state_dict().values(), load_checkpoint(resumed.last_path)[0].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
