@@ -131,3 +131,17 @@ def test_denoise_frames_keeps_shape():
     model = _model(hidden=(16, 4))
     with torch.inference_mode():
         assert model.denoise_frames(torch.rand(2, 1, 33, 41), 3).shape == (2, 1, 33, 41)
+
+
+def test_checkpoint_permissions_follow_the_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    from stemd.model import WindowAE, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.pt", WindowAE(28, (8, 4)), {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.pt").stat().st_mode) == 0o644
