@@ -35,20 +35,21 @@ BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their pow
 def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH) -> torch.Tensor:
     """(B, 1, H, W) -> same: each frame with its Fourier components shrunk by a Wiener-like gain.
 
-    The power spectrum of the Hann-windowed frame (no edge streaks), averaged over 3x3 bins, is
-    compared with its median, the white-noise floor: gain = clip(1 - strength * floor / power, 0, 1),
-    applied to the unwindowed frame's spectrum (mean kept). Periodic lattices survive, noise does not.
+    The frame (mean removed) is zero-padded to 2H x 2W, so a lattice need not fit the frame a whole
+    number of times (no wrapped, out-of-phase lattice along the borders: it fades out instead). Its
+    power spectrum, averaged over 5x5 bins, is compared with its median, the white-noise floor:
+    gain = clip(1 - strength * floor / power, 0, 1) keeps the lattice's Bragg peaks and drops the
+    noise between them; the filtered frame is cropped back and the mean restored.
     """
     h, w = frames.shape[-2:]
     x = frames.float()
-    window = torch.outer(torch.hann_window(h, periodic=False, device=x.device),
-                         torch.hann_window(w, periodic=False, device=x.device))
-    power = torch.fft.rfft2((x - x.mean((-2, -1), keepdim=True)) * window).abs().square()
-    power = F.avg_pool2d(power, 3, stride=1, padding=1, count_include_pad=False)
+    mean = x.mean((-2, -1), keepdim=True)
+    spectrum = torch.fft.rfft2(x - mean, s=(2 * h, 2 * w))
+    power = F.avg_pool2d(spectrum.abs().square(), 5, stride=1, padding=2, count_include_pad=False)
     floor = power.flatten(-2).median(-1).values[..., None, None]
     gain = (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
-    gain[..., 0, 0] = 1
-    return torch.fft.irfft2(torch.fft.rfft2(x) * gain, s=(h, w)).to(frames.dtype)
+    out = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
+    return out.to(frames.dtype)
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -185,14 +186,16 @@ def reference_levels(period_px: tuple[float, float] = (6.0, 20.0), n: int = 200,
 
 def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple[float, float], *,
                   guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
-                  dose: tuple[float, float] = (2.0, 200.0),
-                  period: tuple[float, float] = (6.0, 20.0)) -> tuple[np.ndarray, ...]:
+                  dose: tuple[float, float] = (2.0, 200.0), period: tuple[float, float] = (6.0, 20.0),
+                  edge_fraction: float = 0.25) -> tuple[np.ndarray, ...]:
     """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model.
 
     Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
     `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
     whole (`stemd.denoiser.normalize` at `reference`), its `bragg_filter` taken whole, and `per_dose`
-    patches cut at random places. The target is the clean scene mapped by the same lo/hi.
+    patches cut at random places; along each axis a patch touches a scene edge with probability
+    `edge_fraction`, so the model also learns the guide's fade at frame borders. The target is the
+    clean scene mapped by the same lo/hi.
     """
     from stemd import scenes
     from stemd.denoiser import normalize
@@ -212,7 +215,10 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
             for _ in range(per_dose):
                 if done == n:
                     return tuple(out)
-                r, q = rng.integers(0, scene_size - patch + 1, 2)
+                top = rng.integers(0, scene_size - patch + 1, 2)
+                edge = rng.random(2) < edge_fraction
+                top[edge] = rng.integers(0, 2, int(edge.sum())) * (scene_size - patch)
+                r, q = top
                 for o, w in zip(out, whole):
                     o[done, 0] = w[r:r + patch, q:q + patch]
                 done += 1
