@@ -37,3 +37,11 @@ def write_section(path: Path, title: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
     path.write_text(text)
+
+
+def publish(text: str, path: Path, title: str, write: bool = True) -> None:
+    """Print a bench script's markdown and, unless told not to, put it in its section of `path`."""
+    print(text)
+    if write:
+        write_section(path, title, text)
+        print(f"wrote {path}")

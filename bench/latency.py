@@ -35,7 +35,7 @@ from stemd.simulator import SimSpec, Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, write_section  # noqa: E402
+from _report import machine_line, publish  # noqa: E402
 
 
 def free_port() -> int:
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args.sizes = args.sizes or [512]
     rows = asyncio.run(amain(args))
     text = to_markdown(rows, args)
-    print(text)
-    if not args.no_write:
-        write_section(args.out, "Latency (bench/latency.py)", text)
-        print(f"wrote {args.out}")
+    publish(text, args.out, "Latency (bench/latency.py)", write=not args.no_write)
     return 0
 
 

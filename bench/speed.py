@@ -27,7 +27,7 @@ from stemd.denoiser import Denoiser, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, write_section  # noqa: E402
+from _report import machine_line, publish  # noqa: E402
 
 
 def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
@@ -238,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_model(den, sizes, args.steps, args.batch, repeats, rates[dev.type])
     peers = [] if args.no_peers else bench_peers(Denoiser.load(args.model, device="cpu"), args.peer_size, args.dose, seed=1)
     text = to_markdown(rows, peers, rates, args)
-    print(text)
-    if not args.no_write:
-        write_section(args.out, "Speed (bench/speed.py)", text)
-        print(f"wrote {args.out}")
+    publish(text, args.out, "Speed (bench/speed.py)", write=not args.no_write)
     return 0
 
 
