@@ -145,7 +145,7 @@ def to_markdown(rows: list[dict], args) -> str:
     lines = [
         f"Machine: {machine_line()}. Measured {datetime.date.today()}; daemon device: {rows[0]['device']}.",
         f"Command: `python bench/latency.py{' --quick' if args.quick else ''}` "
-        f"({args.seconds:g} s per row; the daemon is a separate `stemd run` process, step {args.step}, "
+        f"({args.seconds:g} s per row; the daemon is a separate `stemd run` process, "
         f"queue {args.mode}, max_batch {args.max_batch}, maxsize {args.maxsize}).",
         "",
         "| feed | frame | sent/s | published/s | dropped | lost | recv→publish p50 / p99 (ms) | acquisition→subscriber p50 / p99 (ms) |",
@@ -166,18 +166,20 @@ def to_markdown(rows: list[dict], args) -> str:
 
 
 async def amain(args) -> list[dict]:
-    daemon_cfg = {
-        "model": {"device": args.device, "step": args.step, **({"path": str(args.model)} if args.model else {})},
-        "queue": {"mode": args.mode, "max_batch": args.max_batch, "maxsize": args.maxsize},
-        "log_level": "WARNING",
-    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            dwell = SimSpec(shape=(size, size), dwell_us=args.dwell_us)
-            label = f"paced ({args.dwell_us:g} µs dwell: {1 / dwell.frame_period_s:.2f} fps)"
-            rows.append(await measure(label, dwell, args.seconds, max_rate=False, daemon_cfg=daemon_cfg, workdir=Path(tmp)))
-            rows.append(await measure("full speed", dwell, args.seconds, max_rate=True, daemon_cfg=daemon_cfg, workdir=Path(tmp)))
+        for step in args.steps:
+            daemon_cfg = {
+                "model": {"device": args.device, "step": step, **({"path": str(args.model)} if args.model else {})},
+                "queue": {"mode": args.mode, "max_batch": args.max_batch, "maxsize": args.maxsize},
+                "log_level": "WARNING",
+            }
+            for size in args.sizes:
+                spec = SimSpec(shape=(size, size), dwell_us=args.dwell_us)
+                paced = f"step {step}, paced ({args.dwell_us:g} µs dwell: {1 / spec.frame_period_s:.2f} fps)"
+                for label, max_rate in ((paced, False), (f"step {step}, full speed", True)):
+                    rows.append(await measure(label, spec, args.seconds, max_rate=max_rate, daemon_cfg=daemon_cfg,
+                                              workdir=Path(tmp)))
     return rows
 
 
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)
     p.add_argument("--dwell-us", type=float, default=2.0)
-    p.add_argument("--step", type=int, default=2)
+    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[2, 3])
     p.add_argument("--mode", choices=["live", "lossless"], default="live")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--maxsize", type=int, default=2)
