@@ -29,6 +29,7 @@ from torch.nn import functional as F
 DEFAULT_CHANNELS = (48, 64, 96, 128)
 MIN_SIZE = 28  # the smallest frame side accepted, as for the paper's 28 px window
 GUIDES = ("none", "bragg")
+DEFAULT_BAND_PIXELS = 2**20  # pixels (x batch) run at once; larger frames go in row bands (~250 MB at the default widths)
 BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their power exceeds this x the noise floor
 
 
@@ -107,11 +108,13 @@ class ConvDenoiser(nn.Module):
             worst = max(worst, p - s * lo, s * hi + s - 1 - p)
         return worst
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None, *,
+                band_pixels: int = DEFAULT_BAND_PIXELS) -> torch.Tensor:
         """(B, 1, H, W) -> (B, 1, H, W); sides padded (reflect) to `multiple` and cropped back.
 
         `guide` (same shape) replaces `bragg_filter(x)`: training cuts patches from the guide of a
-        whole frame, as inference computes it.
+        whole frame, as inference computes it. Frames larger than `band_pixels` (times the batch)
+        are run in row bands (`_bands`) with the same result.
         """
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"frames must be (B, 1, H, W), got shape {tuple(x.shape)}")
@@ -124,6 +127,29 @@ class ConvDenoiser(nn.Module):
         m = self.multiple
         ph, pw = -h % m, -w % m
         xp = F.pad(xin, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect") if ph or pw else xin
+        return x + self._bands(xp, band_pixels)[:, :, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+
+    def _bands(self, xp: torch.Tensor, band_pixels: int) -> torch.Tensor:
+        """The correction for a padded input, computed in bands of rows at most `band_pixels` (x batch).
+
+        Each band is run with `reach` rows (rounded up to `multiple`) of context above and below and
+        starts on the network's coarsest grid, so its rows come out exactly as from the whole frame.
+        """
+        b, _, hp, wp = xp.shape
+        m = self.multiple
+        rows = max(m, band_pixels // max(b * wp, 1) // m * m)
+        if rows >= hp:
+            return self._correction(xp)
+        margin = -(-self.reach // m) * m
+        out = xp.new_empty(b, 1, hp, wp)
+        for c0 in range(0, hp, rows):
+            c1 = min(hp, c0 + rows)
+            a0, a1 = max(0, c0 - margin), min(hp, c1 + margin)
+            out[:, :, c0:c1] = self._correction(xp[:, :, a0:a1])[:, :, c0 - a0 : c1 - a0]
+        return out
+
+    def _correction(self, xp: torch.Tensor) -> torch.Tensor:
+        """The U-Net on a padded input (sides multiples of `multiple`): the correction to add."""
         y = F.pixel_unshuffle(xp, self.unshuffle) if self.unshuffle > 1 else xp
         y = y.contiguous(memory_format=torch.channels_last)
         skips = []
@@ -135,8 +161,7 @@ class ConvDenoiser(nn.Module):
         for i in reversed(range(len(self.dec))):
             y = self.dec[i](self.up[i](y) + skips[i])
         y = self.head(y)
-        y = F.pixel_shuffle(y, self.unshuffle) if self.unshuffle > 1 else y
-        return x + y[:, :, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+        return F.pixel_shuffle(y, self.unshuffle) if self.unshuffle > 1 else y
 
     def denoise_frames(self, frames: torch.Tensor, step: int = 0) -> torch.Tensor:
         """(B, 1, H, W) normalised frames -> same shape; `step` is the window models' and is ignored."""
