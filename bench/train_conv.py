@@ -72,14 +72,16 @@ def quick_check(models: dict[str, Path | None], doses=(5.0, 20.0, 80.0), threads
 
 
 def speed_table(configs: list[tuple[tuple[int, ...], int, str]], threads: int, reps: int = 8) -> None:
-    """Markdown rows: channels, unshuffle, parameters, receptive field, GFLOP and min seconds per 512^2 frame."""
+    """Markdown rows: model, parameters, receptive field (px), GFLOP (convolutions and matmuls; the
+    Bragg guide's FFTs are not counted) and min seconds per 512^2 frame, all models interleaved."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stemd.model import WindowAE
+    from stemd.model import load_checkpoint
 
     torch.set_num_threads(threads)
     x = torch.randn(1, 1, 512, 512)
-    rows = {"paper AE 28 px (256, 64), step 2": (WindowAE(28, [256, 64]).eval(), 2)}
+    ae, meta = load_checkpoint(None)  # the shipped default: the reference to beat
+    rows = {f"shipped AE {ae.arch()['window']} px {tuple(ae.arch()['hidden'])}, step {meta.get('step', 2)}": (ae, meta.get("step", 2))}
     for ch, u, guide in configs:
         rows[f"conv_unet {list(ch)}, unshuffle {u}, guide {guide}"] = (ConvDenoiser(ch, u, guide).eval(), 0)
     best = {k: math.inf for k in rows}
