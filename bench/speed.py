@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ from stemd.denoiser import Denoiser, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import quality  # noqa: E402  (the classical peers, one definition for every bench)
 from _report import machine_line, publish  # noqa: E402
 
 
@@ -152,24 +151,11 @@ def bench_peers(den: Denoiser, size: int, dose: float, seed: int) -> list[dict]:
     run("none", lambda c: c, 1)
     run(f"stemd (step {den.step})", den, 3)
     try:
-        from skimage.restoration import denoise_nl_means, estimate_sigma
-
-        def nlm(c):
-            s = float(estimate_sigma(c))
-            return denoise_nl_means(c, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6, fast_mode=True)
-
-        run("non-local means", nlm, 1)
+        run("non-local means (Anscombe)", quality.nlm, 1)
     except ImportError:
         print("  scikit-image not installed: NLM skipped (pip install -e .[bench])")
     try:
-        import bm3d
-
-        def bm3d_anscombe(c):
-            a = 2 * np.sqrt(c + 3 / 8)  # variance-stabilised Poisson counts: σ ≈ 1
-            d = bm3d.bm3d(a, sigma_psd=1.0)
-            return (d / 2) ** 2 - 3 / 8
-
-        run("BM3D (Anscombe)", bm3d_anscombe, 1)
+        run("BM3D (Anscombe)", quality.bm3d_denoise, 1)
     except ImportError:
         print("  bm3d not installed: BM3D skipped (pip install -e .[bench])")
     return out
