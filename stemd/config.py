@@ -181,6 +181,7 @@ class TrainSettings(_Section):
     model: Literal["window_ae", "conv_unet"] = "window_ae"  # conv_unet: set in `conv`; samples count patches
     warmup: int = Field(default=0, ge=0)  # samples of linear learning-rate warm-up
     grad_clip: float = Field(default=0.0, ge=0)  # gradient norm clipped to this; 0: off
+    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast forward passes (validation stays float32)
     conv: ConvSettings = ConvSettings()
 
     @field_validator("hidden")

@@ -553,7 +553,9 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSett
         *inputs, y = (torch.from_numpy(b).to(device) for b in batch)  # (noisy, [guide,] clean)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(settings, pos)
-        loss = F.mse_loss(model(*inputs), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"):
+            pred = model(*inputs)
+        loss = F.mse_loss(pred.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip:

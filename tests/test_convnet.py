@@ -215,3 +215,24 @@ def test_row_bands_give_the_whole_frame_result(shape):
         whole = model(x)
         banded = model(x, band_pixels=1)  # one coarse-grid row per band: many bands
     torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6)
+
+
+def test_bfloat16_training_autocasts_and_tracks_float32(tmp_path):
+    """`precision: bfloat16` autocasts the forward passes: same seed and data, other arithmetic, a similar loss."""
+    from stemd.config import load_train_settings
+    from stemd.training import train
+
+    def run(precision):
+        settings = load_train_settings(None, {
+            "model": "conv_unet", "samples": 64, "batch_size": 8, "val_every": 64, "lr": 3e-3, "lr_decay": "none",
+            "warmup": 16, "grad_clip": 1.0, "threads": 1, "device": "cpu", "out": str(tmp_path / precision),
+            "precision": precision,
+            "conv": {"channels": [4, 8], "patch": 32, "scene_size": 64, "val_scenes": 3, "dose": [5.0, 50.0]}})
+        return train(settings, progress=False, log=lambda _: None, frame_check=False)
+
+    f32, bf16 = run("float32"), run("bfloat16")
+    assert load_checkpoint(bf16.best_path)[1]["train_settings"]["precision"] == "bfloat16"
+    w32, w16 = (load_checkpoint(r.last_path)[0].state_dict() for r in (f32, bf16))
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32)
+    loss32, loss16 = f32.history[-1]["train_loss"], bf16.history[-1]["train_loss"]
+    assert loss32 != loss16 and abs(loss16 - loss32) < 0.1 * loss32
