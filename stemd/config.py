@@ -35,7 +35,7 @@ class ModelSettings(_Section):
     path: Path | None = None  # None: the model shipped inside the package
     device: Device = "auto"
     step: int | None = Field(default=None, ge=1, le=28)  # None: the checkpoint's default
-    precision: Literal["float32", "tf32", "bf16"] = "float32"  # tf32/bf16 act on CUDA only
+    precision: Literal["float32", "tf32", "bf16"] = "float32"  # bf16: CPU and CUDA autocast; tf32: CUDA only
 
 
 class InputSettings(_Section):

@@ -519,7 +519,8 @@ class Daemon:
                 return False
             try:
                 new = await asyncio.to_thread(load_settings, self.config_path, self.overrides)
-                denoiser = await asyncio.to_thread(Denoiser.load, new.model.path, new.model.device, new.model.step)
+                denoiser = await asyncio.to_thread(Denoiser.load, new.model.path, new.model.device, new.model.step,
+                                                   new.model.precision)
                 old = self.settings
                 pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
                 try:
@@ -532,7 +533,6 @@ class Daemon:
                 self.reload_failures += 1
                 log.error("reload rejected, keeping the running config and model: %s", exc)
                 return False
-            self.engine.precision = new.model.precision
             await self.engine.run(self.engine.replace, denoiser)
             if pub is not None:
                 self.pub.close(linger=LINGER_MS)

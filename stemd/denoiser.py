@@ -17,6 +17,7 @@ import torch
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("float32", "tf32", "bf16")  # tf32: CUDA matmuls/convolutions only; bf16: autocast on CPU and CUDA
 DEFAULT_STEP = 2
 # Mean and signal std (see `normalize`) of the training lattice in clean units: the paper's
 # SrTiO3-like lattice, period 10 px, column sigma 1.5 px, peaks 1.0 / 0.7 (measured on
@@ -141,8 +142,13 @@ class Denoiser:
     step: int
     window: int
     reference: tuple[float, float]  # what `normalize` matches a frame's statistics to
+    precision: str  # one of PRECISIONS; float32 is the reference the others are measured against
 
-    def __init__(self, model: torch.nn.Module, metadata: dict[str, Any], device: str = "auto", step: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, metadata: dict[str, Any], device: str = "auto", step: int | None = None,
+                 precision: str = "float32") -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"model.precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
+        self.precision = precision
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.metadata = dict(metadata)
@@ -156,13 +162,14 @@ class Denoiser:
         self._model_id: str | None = None
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None) -> "Denoiser":
+    def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
+             precision: str = "float32") -> "Denoiser":
         """From a checkpoint file; `None` is the shipped default model."""
         from stemd.model import load_checkpoint
 
         resolve_device(device)  # a bad device is reported before the file is read
         model, metadata = load_checkpoint(None if path is None else Path(path))
-        return cls(model, metadata, device=device, step=step)
+        return cls(model, metadata, device=device, step=step, precision=precision)
 
     @property
     def model_id(self) -> str:
@@ -187,5 +194,10 @@ class Denoiser:
         return out if image.ndim == 3 else out[0]
 
     def denoise_tensor(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) normalised float tensor on self.device -> same; no host copies (for the engine)."""
-        return self.model.denoise_frames(frames, self.step)
+        """(B, 1, H, W) normalised float tensor on self.device -> float32, same shape; no host copies (for the engine).
+
+        With precision tf32 the CUDA backends may use TF32 (a process-wide switch, set here each call)."""
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model.denoise_frames(frames, self.step).float()

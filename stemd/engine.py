@@ -54,9 +54,8 @@ class _Slot:
 class Engine:
     """A `Denoiser` plus one worker thread; batches of same-shape frames in, float32 frames out."""
 
-    def __init__(self, denoiser: Denoiser, *, precision: str = "float32") -> None:
+    def __init__(self, denoiser: Denoiser) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-engine")
-        self.precision = precision
         self._set(denoiser)
         log.info("engine: %s", self.describe())
 
@@ -64,7 +63,7 @@ class Engine:
     def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
              precision: str = "float32") -> "Engine":
         """Load a checkpoint (None: the shipped model) onto a device and start the worker."""
-        return cls(Denoiser.load(path, device=device, step=step), precision=precision)
+        return cls(Denoiser.load(path, device=device, step=step, precision=precision))
 
     def _set(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
@@ -75,13 +74,15 @@ class Engine:
             torch.cuda.synchronize(denoiser.device)  # weights uploaded on the default stream are in place
             with torch.cuda.device(denoiser.device):
                 self._streams = [torch.cuda.Stream() for _ in range(3)]  # copy-in, compute, copy-out
-            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
-            torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
 
     def replace(self, denoiser: Denoiser) -> None:
         """Swap in a new model; call through `run` so it happens between batches."""
         self._set(denoiser)
         log.info("engine: model replaced, %s", self.describe())
+
+    @property
+    def precision(self) -> str:
+        return self.denoiser.precision
 
     @property
     def window(self) -> int:
@@ -111,9 +112,10 @@ class Engine:
         dev = self.denoiser.device
         if dev.type == "cuda":
             total = torch.cuda.get_device_properties(dev).total_memory
-            where = f"GPU {self.device_name}, {total / 2**30:.1f} GiB, precision {self.precision}"
+            where = f"GPU {self.device_name}, {total / 2**30:.1f} GiB"
         else:
             where = f"no GPU, CPU with {torch.get_num_threads()} threads"
+        where += f", precision {self.precision}"
         return f"model {self.model_id} (step {self.denoiser.step}) on {where}"
 
     def memory_bytes(self) -> int:
@@ -179,9 +181,7 @@ class Engine:
             uploaded.record(copy_in)
         with torch.cuda.stream(compute), torch.inference_mode():
             compute.wait_event(uploaded)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                y = self.denoiser.denoise_tensor(slot.dev_in.unsqueeze(1))
-            y = y.float()
+            y = self.denoiser.denoise_tensor(slot.dev_in.unsqueeze(1))
             computed = torch.cuda.Event()
             computed.record(compute)
         with torch.cuda.stream(copy_out):

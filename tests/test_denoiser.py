@@ -165,3 +165,23 @@ def test_denoise_tensor_stays_on_device():
     with torch.inference_mode():
         out = den.denoise_tensor(frames)
     assert out.shape == frames.shape and out.device == frames.device
+
+
+@pytest.mark.parametrize("kind", ["window_ae", "conv_unet"])
+def test_bf16_precision_tracks_float32(tmp_path: Path, kind):
+    """bf16 autocast (CPU here) changes the arithmetic, not the answer: within 1% of the frame's range."""
+    from stemd.convnet import ConvDenoiser
+
+    torch.manual_seed(0)
+    model = WindowAE(28, (64, 16)) if kind == "window_ae" else ConvDenoiser((8, 16), guide="bragg")
+    if kind == "conv_unet":
+        torch.nn.init.normal_(model.head.weight, std=0.1)  # not the identity it starts as
+    save_checkpoint(tmp_path / "m.pt", model, {"step": 3})
+    rng = np.random.default_rng(0)
+    frame = corrupt(simulate_frame((64, 72), rng).clean, NoiseSpec(kind="poisson", dose=20.0), rng)
+    ref = Denoiser.load(tmp_path / "m.pt", device="cpu")(frame)
+    low = Denoiser.load(tmp_path / "m.pt", device="cpu", precision="bf16")(frame)
+    assert low.dtype == np.float32 and not np.array_equal(low, ref)
+    assert np.abs(low - ref).max() < 0.01 * np.ptp(ref)
+    with pytest.raises(ConfigError, match="model.precision.*allowed: float32, tf32, bf16"):
+        Denoiser.load(tmp_path / "m.pt", device="cpu", precision="half")
