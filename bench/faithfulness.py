@@ -32,7 +32,7 @@ from scipy.spatial import cKDTree
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _report import machine_line, write_section  # noqa: E402
-from quality import bm3d_denoise, gaussian_best  # noqa: E402
+from classical import bm3d_denoise, gaussian_best  # noqa: E402
 
 from stemd import metrics, scenes  # noqa: E402
 from stemd.denoiser import Denoiser  # noqa: E402
@@ -283,7 +283,7 @@ def bm3d_gat(frame: Frame) -> np.ndarray:
 
     Counts z = y·D have mean λ and variance λ(1 + c²) + ρ² (gain cv c, read noise ρ counts): the law
     of α·Poisson(λ/α) + N(0, ρ²) with α = 1 + c². Its GAT is the plain Anscombe transform of
-    z/α + (ρ/α)², so quality.bm3d_denoise (Anscombe, BM3D at σ = 1, unbiased inverse) is reused.
+    z/α + (ρ/α)², so classical.bm3d_denoise (Anscombe, BM3D at σ = 1, unbiased inverse) is reused.
     """
     alpha = 1.0 + frame.noise["gain_cv"] ** 2
     s2 = (frame.noise["read_sigma"] / alpha) ** 2
@@ -683,11 +683,11 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         "E[y] = clean, while a "
         "least-squares gain shrinks a noisy image and would leave part of the lattice in output − clean). "
         "PSNR and SSIM with data range 1 (the brightest clean column).",
-        "**Methods.** *no denoising*: the noisy frame. *Gaussian (best σ, oracle)*: `quality.gaussian_best`, the σ from "
+        "**Methods.** *no denoising*: the noisy frame. *Gaussian (best σ, oracle)*: `classical.gaussian_best`, the σ from "
         "0.5–3 px that maximises PSNR against the clean frame, per frame — an advantage no real user has. *GAT + BM3D*: "
         "`bm3d.bm3d` (both stages, σ = 1) after the generalised Anscombe transform for this instrument: counts "
         "z = y·D have mean λ and variance λ(1 + c²) + ρ², the law of α·Poisson(λ/α) + N(0, ρ²) with α = 1 + c², so "
-        "z/α + (ρ/α)² goes through `quality.bm3d_denoise` (Anscombe, BM3D, Mäkitalo–Foi unbiased inverse) and back "
+        "z/α + (ρ/α)² goes through `classical.bm3d_denoise` (Anscombe, BM3D, Mäkitalo–Foi unbiased inverse) and back "
         "(the line artefacts are left to BM3D). *stemd models*: `Denoiser.load(path, device='cpu')` on the frame in "
         "clean units. *tk_r_em sfr_hrstem*: bench/peers, the frame in counts (the network is affine-equivariant). "
         f"Times per {size}² frame on the CPU, wall and process CPU (all threads: torch and TensorFlow both use the 2 "

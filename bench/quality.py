@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _report import machine_line, write_section  # noqa: E402
+from classical import GAUSS_SIGMAS, bm3d_denoise, gaussian_best, nlm  # noqa: E402
 
 from stemd import metrics, synthetic  # noqa: E402
 from stemd.denoiser import Denoiser  # noqa: E402
@@ -39,7 +40,6 @@ from stemd.model import load_checkpoint  # noqa: E402
 
 WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.training)
 FRAME_SEED = 20_240_002
-GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 BACKGROUND = 0.1  # flat signal under the lattice, fraction of the brightest column
 ARTEFACTS = dict(line_jitter_px=0.5, line_gain=0.05, line_offset=0.03)
 ROTATION_DEG = 8.0
@@ -80,45 +80,6 @@ def window_protocol(model: torch.nn.Module, n: int, seed: int, batch: int = 2000
         psnr_model=metrics.psnr(out, clean, data_range=1.0),
         examples=(noisy[:k], out[:k], clean[:k]),
     )
-
-
-# ---------------------------------------------------------------- classical denoisers
-
-
-def anscombe(counts: np.ndarray) -> np.ndarray:
-    """Variance-stabilising transform: Poisson counts -> approximately unit-variance Gaussian."""
-    return 2.0 * np.sqrt(np.maximum(counts, 0.0) + 0.375)
-
-
-def inverse_anscombe(y: np.ndarray) -> np.ndarray:
-    """Closed-form approximation of the exact unbiased inverse (Mäkitalo & Foi, 2011)."""
-    y = np.maximum(y, 0.8)
-    s = np.sqrt(1.5)
-    return 0.25 * y**2 + 0.25 * s / y - 1.375 / y**2 + 0.625 * s / y**3 - 0.125
-
-
-def gaussian_best(counts: np.ndarray, clean: np.ndarray) -> tuple[np.ndarray, float]:
-    """Gaussian filter with the sigma that maximises PSNR against the clean frame (an oracle choice)."""
-    from scipy.ndimage import gaussian_filter
-
-    best = max(GAUSS_SIGMAS, key=lambda s: metrics.psnr(metrics.fit_scale(gaussian_filter(counts, s), clean), clean))
-    return gaussian_filter(counts, best), best
-
-
-def nlm(counts: np.ndarray) -> np.ndarray:
-    """Non-local means (scikit-image, fast mode) in the Anscombe domain, sigma from estimate_sigma."""
-    from skimage.restoration import denoise_nl_means, estimate_sigma
-
-    y = anscombe(counts)
-    sigma = float(estimate_sigma(y))
-    return inverse_anscombe(denoise_nl_means(y, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True))
-
-
-def bm3d_denoise(counts: np.ndarray) -> np.ndarray:
-    """BM3D (`bm3d` package, both stages) in the Anscombe domain, where the Poisson noise has σ = 1."""
-    import bm3d
-
-    return inverse_anscombe(np.asarray(bm3d.bm3d(anscombe(counts), sigma_psd=1.0), dtype=np.float64))
 
 
 def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, float]:

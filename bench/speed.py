@@ -25,7 +25,7 @@ from stemd.denoiser import Denoiser, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import quality  # noqa: E402  (the classical peers, one definition for every bench)
+import classical  # noqa: E402  (the classical peers, one definition for every bench)
 from _report import machine_line, publish  # noqa: E402
 
 
@@ -151,11 +151,11 @@ def bench_peers(den: Denoiser, size: int, dose: float, seed: int) -> list[dict]:
     run("none", lambda c: c, 1)
     run(f"stemd (step {den.step})", den, 3)
     try:
-        run("non-local means (Anscombe)", quality.nlm, 1)
+        run("non-local means (Anscombe)", classical.nlm, 1)
     except ImportError:
         print("  scikit-image not installed: NLM skipped (pip install -e .[bench])")
     try:
-        run("BM3D (Anscombe)", quality.bm3d_denoise, 1)
+        run("BM3D (Anscombe)", classical.bm3d_denoise, 1)
     except ImportError:
         print("  bm3d not installed: BM3D skipped (pip install -e .[bench])")
     return out
