@@ -147,7 +147,7 @@ def lattice_shells(phases: list[dict], reach: float = SHELL_REACH) -> list[float
         if phase["kind"] not in scenes.STRUCTURES:
             continue
         a = float(phase["period_px"])
-        recip = np.linalg.inv(scenes._CELLS[phase["kind"]]).T / a  # rows: reciprocal basis (rotation-free)
+        recip = np.linalg.inv(scenes.CELLS[phase["kind"]]).T / a  # rows: reciprocal basis (rotation-free)
         hk = np.stack(np.meshgrid(np.arange(-4, 5), np.arange(-4, 5)), -1).reshape(-1, 2)
         g = np.linalg.norm(hk @ recip, axis=1)
         shells += sorted({round(float(v), 6) for v in g if 0 < v <= reach / a})

@@ -30,7 +30,7 @@ NAMED_FRAMES = ("perovskite_rp", "interface", "grain_boundary", "amorphous", "va
 # Structures in period units, coordinates along (e1, e2): lattice vectors (rows) and column sites.
 _SQRT2, _SQRT3 = math.sqrt(2.0), math.sqrt(3.0)
 DUMBBELL_SPLIT = _SQRT2 / 4  # zincblende [110]: a/4 between the dumbbell's columns, period a/sqrt(2)
-_CELLS = {
+CELLS = {  # public: benchmarks derive the reciprocal lattice (Bragg peaks) from these
     "perovskite": np.array([[1.0, 0.0], [0.0, 1.0]]),
     "dumbbell": np.array([[1.0, 0.0], [0.0, _SQRT2]]),
     "hexagonal": np.array([[1.0, 0.0], [0.5, _SQRT3 / 2]]),
@@ -190,7 +190,7 @@ def _crystal(phase: Phase, shape: tuple[int, int], margin: float) -> tuple[np.nd
     e = np.stack(_basis(phase.rotation_deg))  # rows e1, e2 in (y, x)
     origin = np.asarray(phase.offset_px, dtype=np.float64)
     c = (_frame_bounds(shape, margin) - origin) @ e.T / a  # corners in period units along e1, e2
-    cell = _CELLS[phase.kind]
+    cell = CELLS[phase.kind]
     f = c @ np.linalg.inv(cell)
     i = np.arange(math.floor(f[:, 0].min()) - 2, math.ceil(f[:, 0].max()) + 3)
     j = np.arange(math.floor(f[:, 1].min()) - 2, math.ceil(f[:, 1].max()) + 3)

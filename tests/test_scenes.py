@@ -43,7 +43,7 @@ def _off_lattice(points: np.ndarray, phase: Phase, sublattice: np.ndarray | None
     (of the point's own `sublattice`, 0 or 1, when given)."""
     e = np.stack(_basis(phase.rotation_deg))
     c = (points - np.asarray(phase.offset_px)) @ e.T / phase.period_px
-    cell = scenes._CELLS[phase.kind]
+    cell = scenes.CELLS[phase.kind]
     best = np.full(len(points), np.inf)
     for c1, c2, sub in scenes._MOTIFS[phase.kind]:
         f = (c - np.array([c1, c2])) @ np.linalg.inv(cell)
