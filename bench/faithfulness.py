@@ -2,7 +2,7 @@
 
     python bench/faithfulness.py                        # full run (~10-15 min on 2 cores)
     python bench/faithfulness.py --quick --no-tkrem     # smoke run (< 1 min): one dose, 256² / 128² frames
-    python bench/faithfulness.py --model ae=stemd/models/default.pt --model conv=stemd/models/conv.pt
+    python bench/faithfulness.py --model ae=stemd/models/paper_ae.pt --model conv=stemd/models/conv.pt
 
 Writes the "## Faithfulness" section of OUT/benchmarks.md (other sections kept) and OUT/defect.png.
 Every frame is a `stemd.scenes.named_frame` (seeded), in clean units (a clean value of 1 is the
@@ -53,7 +53,7 @@ INVENTION_PASS = 0.01  # |score| at or below this counts as "nothing invented" i
 TIMING_REPEATS = 3
 COLUMN_KINDS = ("perovskite_rp", "vacancies", "interface")
 INVENTION_KINDS = ("amorphous", "vacuum_edge", "noise_only")
-DEFAULT_MODELS = {"paper AE": ROOT / "stemd/models/default.pt", "conv": ROOT / "stemd/models/conv.pt"}
+DEFAULT_MODELS = {"paper AE": ROOT / "stemd/models/paper_ae.pt", "conv": ROOT / "stemd/models/conv.pt"}
 
 
 # ---------------------------------------------------------------- column fidelity (pure)

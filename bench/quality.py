@@ -36,7 +36,7 @@ from classical import GAUSS_SIGMAS, bm3d_denoise, gaussian_best, nlm  # noqa: E4
 from stemd import metrics, synthetic  # noqa: E402
 from stemd.denoiser import Denoiser  # noqa: E402
 from stemd.errors import StemdError  # noqa: E402
-from stemd.model import load_checkpoint  # noqa: E402
+from stemd.model import PAPER_AE_PATH, load_checkpoint  # noqa: E402
 
 WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.training)
 FRAME_SEED = 20_240_002
@@ -306,7 +306,7 @@ def report(
 ) -> str:
     """The markdown body of the "## Quality" section."""
     meta, size = denoiser.metadata, args.size
-    model_path = str(args.model) if args.model else "stemd/models/default.pt (shipped)"
+    model_path = "stemd/models/paper_ae.pt (shipped)" if args.model == PAPER_AE_PATH else str(args.model)
     threads = torch.get_num_threads()
     poisson_trained = any(isinstance(n, dict) and n.get("kind") == "poisson" for n in [meta.get("noise"), *meta.get("noise_mix", [])])
     parts = [
@@ -421,7 +421,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 500 windows, one dose, 128² frames")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for benchmarks.md and the PNGs (default docs/)")
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", type=Path, default=PAPER_AE_PATH, help="a window_ae checkpoint (default: the shipped paper AE)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device for stemd (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="offset added to the fixed test seeds")
     p.add_argument("--windows", type=int, default=None, help="test windows (default 10000; quick 500)")

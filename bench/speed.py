@@ -3,10 +3,13 @@
     python bench/speed.py                      # CPU (and CUDA when present), writes docs/benchmarks.md
     python bench/speed.py --quick --no-write   # a smoke run
 
-For each frame size and step: median time per frame after warm-up (batch 1), frames/s with a batch,
-peak memory, the model's FLOPs per frame, the device's matmul rate measured in the same run, and the
-ratio measured time / (FLOPs / matmul rate): 1.0 would be the floor. Side by side on the same frames:
-non-local means and BM3D (time and PSNR), the classical peers a microscopist would otherwise use.
+For each model, precision, frame size (and step, for the window AE): median time per frame after
+warm-up (batch 1), frames/s with a batch, peak memory, the model's FLOPs per frame (counted by
+torch's FlopCounterMode on the real forward pass), the device's matmul rate at that precision
+measured in the same run, and the ratio measured time / (FLOPs / matmul rate): 1.0 would be the
+floor. Side by side on one Poisson frame: every model and precision, non-local means and BM3D
+(time and PSNR), the classical peers a microscopist would otherwise use, and each precision's
+accuracy cost against float32.
 """
 
 from __future__ import annotations
@@ -20,19 +23,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from stemd.denoiser import Denoiser, resolve_device
+from stemd.model import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import classical  # noqa: E402  (the classical peers, one definition for every bench)
 from _report import machine_line, publish  # noqa: E402
 
+DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_MODELS = {"conv": MODELS_DIR / "conv.pt", "paper AE": MODELS_DIR / "paper_ae.pt"}
 
-def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul FLOP/s on `device` (median of `repeats`)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+
+def matmul_rate(device: torch.device, precision: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """Measured matmul FLOP/s on `device` at `precision` (median of `repeats`)."""
+    a = torch.randn(n, n, device=device, dtype=DTYPES[precision])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[precision])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     times = _timed(lambda: a @ b, device, repeats, warmup=2)
     return 2 * n**3 / statistics.median(times)
 
@@ -55,20 +65,12 @@ def _timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[floa
     return out
 
 
-def window_count(h: int, w: int, window: int, step: int) -> int:
-    """Windows the floating-window reconstruction evaluates for an h×w frame (see stemd.window)."""
-
-    def along(n: int) -> int:
-        padded = n + 2 * (window - step)
-        padded += (-(padded - window)) % step
-        return (padded - window) // step + 1
-
-    return along(h) * along(w)
-
-
-def flops_per_window(model: torch.nn.Module) -> int:
-    """Multiply-adds ×2 of every Linear layer of the AE for one window."""
-    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+def frame_flops(den: Denoiser, size: int) -> float:
+    """FLOPs of one size x size frame through the model (convolutions and matmuls, as run)."""
+    x = torch.rand(1, 1, size, size, device=den.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        den.denoise_tensor(x)
+    return float(counter.get_total_flops())
 
 
 def peak_rss_reset() -> None:
@@ -85,13 +87,19 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def bench_model(den: Denoiser, sizes: list[int], steps: list[int], batch: int, repeats: int, rate: float) -> list[dict]:
+def is_window_model(den: Denoiser) -> bool:
+    return den.model.arch()["name"] == "window_ae"
+
+
+def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], batch: int, repeats: int,
+                rate: float) -> list[dict]:
+    """Rows of time, throughput, memory and floor for one model at its current precision."""
     rows = []
-    fpw = flops_per_window(den.model)
     dev = den.device
     for size in sizes:
-        for step in steps:
-            den.step = step
+        for step in steps if is_window_model(den) else [None]:
+            if step is not None:
+                den.step = step
             reps = max(1, repeats if size <= 1024 else repeats // 3)
             x1 = torch.rand(1, 1, size, size, device=dev)
             xb = torch.rand(batch, 1, size, size, device=dev)
@@ -102,102 +110,116 @@ def bench_model(den: Denoiser, sizes: list[int], steps: list[int], batch: int, r
                 single = _timed(lambda: den.denoise_tensor(x1), dev, reps)
                 batched = _timed(lambda: den.denoise_tensor(xb), dev, max(1, reps // 2))
             peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()
-            flops = fpw * window_count(size, size, den.window, step)
+            flops = frame_flops(den, size)
             t = statistics.median(single)
-            rows.append(
-                dict(
-                    device=dev.type,
-                    size=size,
-                    step=step,
-                    ms=1e3 * t,
-                    fps_batched=batch / statistics.median(batched),
-                    gflop=flops / 1e9,
-                    floor_ms=1e3 * flops / rate,
-                    ratio=t / (flops / rate),
-                    peak_mb=peak,
-                )
-            )
+            rows.append(dict(device=dev.type, model=name, precision=den.precision, size=size, step=step, ms=1e3 * t,
+                             fps_batched=batch / statistics.median(batched), gflop=flops / 1e9,
+                             floor_ms=1e3 * flops / rate, ratio=t / (flops / rate), peak_mb=peak))
             r = rows[-1]
-            print(
-                f"{r['device']:>4} {size:>5}² step {step}: {r['ms']:9.1f} ms/frame  "
-                f"{r['fps_batched']:8.2f} fps (batch {batch})  {r['gflop']:7.1f} GFLOP  "
-                f"floor {r['floor_ms']:8.1f} ms  ratio {r['ratio']:5.2f}  peak {r['peak_mb']:7.0f} MB",
-                flush=True,
-            )
+            print(f"{r['device']:>4} {name:<9} {den.precision:<7} {size:>5}² step {step or '-'}: {r['ms']:9.1f} ms/frame  "
+                  f"{r['fps_batched']:8.2f} fps (batch {batch})  {r['gflop']:7.1f} GFLOP  floor {r['floor_ms']:8.1f} ms  "
+                  f"ratio {r['ratio']:5.2f}  peak {r['peak_mb']:7.0f} MB", flush=True)
     return rows
 
 
-def bench_peers(den: Denoiser, size: int, dose: float, seed: int) -> list[dict]:
-    """Shipped model vs NLM vs BM3D on the same Poisson frame: time and PSNR (side by side)."""
+def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, dose: float, seed: int,
+                repeats: int = 3) -> list[dict]:
+    """Every model and precision vs NLM vs BM3D on the same Poisson frame: time and PSNR, side by side."""
     from stemd import metrics, synthetic
 
     rng = np.random.default_rng(seed)
     truth = synthetic.simulate_frame((size, size), rng, defect="rp")
     noisy = synthetic.corrupt(truth.clean, synthetic.NoiseSpec(kind="poisson", dose=dose), rng)
     counts = (noisy * dose).astype(np.float32)
-    out = []
+    out: list[dict] = []
 
-    def run(name, fn, repeats):
+    def run(name, fn, reps, reference=None):
+        fn(counts) if reps > 1 else None  # warm-up
         times, result = [], None
-        for _ in range(repeats):
+        for _ in range(reps):
             t0 = time.perf_counter()
             result = fn(counts)
             times.append(time.perf_counter() - t0)
         est = metrics.fit_scale(result, truth.clean)
-        out.append(dict(method=name, ms=1e3 * statistics.median(times), psnr=metrics.psnr(est, truth.clean)))
-        print(f"  {name:<22} {out[-1]['ms']:10.1f} ms   PSNR {out[-1]['psnr']:6.2f} dB", flush=True)
+        row = dict(method=name, ms=1e3 * statistics.median(times), psnr=metrics.psnr(est, truth.clean, 1.0),
+                   vs_float32=None if reference is None else metrics.psnr(result, reference, float(np.ptp(reference))))
+        out.append(row)
+        extra = "" if reference is None else f"   vs float32 {row['vs_float32']:.1f} dB"
+        print(f"  {name:<26} {row['ms']:10.1f} ms   PSNR {row['psnr']:6.2f} dB{extra}", flush=True)
+        return result
 
-    den.step = den.metadata.get("step", 2)
     run("none", lambda c: c, 1)
-    run(f"stemd (step {den.step})", den, 3)
-    try:
-        run("non-local means (Anscombe)", classical.nlm, 1)
-    except ImportError:
-        print("  scikit-image not installed: NLM skipped (pip install -e .[bench])")
-    try:
-        run("BM3D (Anscombe)", classical.bm3d_denoise, 1)
-    except ImportError:
-        print("  bm3d not installed: BM3D skipped (pip install -e .[bench])")
+    for name, den in models.items():
+        reference = None
+        for precision in precisions:
+            den.precision = precision
+            if is_window_model(den):
+                den.step = den.metadata.get("step", 2)
+            label = f"stemd {name}, {precision}" + (f", step {den.step}" if is_window_model(den) else "")
+            result = run(label, den, repeats, reference)
+            reference = result if reference is None else reference
+        den.precision = "float32"
+    for label, fn in (("non-local means (Anscombe)", classical.nlm), ("BM3D (Anscombe)", classical.bm3d_denoise)):
+        try:
+            run(label, fn, 1)
+        except ImportError:
+            print(f"  {label}: its package is not installed, skipped (pip install -e .[bench])")
     return out
 
 
-def to_markdown(rows: list[dict], peers: list[dict], rates: dict[str, float], args) -> str:
+def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str], float], args) -> str:
     lines = [
-        f"Machine: {machine_line()}. Measured {datetime.date.today()}, torch {torch.__version__}.",
+        f"Machine: {machine_line()}. Measured {datetime.date.today()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads.",
         f"Command: `python bench/speed.py{' --quick' if args.quick else ''}`.",
         "",
-        "Measured matmul rate (float32, 2048², same run): "
-        + ", ".join(f"{d}: {r / 1e9:.0f} GFLOP/s" for d, r in rates.items())
-        + ". The floor is the model's FLOPs at that rate; ratio = measured / floor.",
+        "Measured matmul rate (2048², same run): "
+        + ", ".join(f"{d} {p}: {r / 1e9:.0f} GFLOP/s" for (d, p), r in rates.items())
+        + ". The floor is the model's FLOPs (torch's FlopCounterMode on the real forward pass) at the rate of its "
+        "device and precision; ratio = measured / floor. A window-AE row has a step; the conv model has none.",
         "",
-        f"| device | frame | step | ms/frame (median, batch 1) | frames/s (batch {args.batch}) | GFLOP/frame | floor ms | ratio | peak MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| device | model | precision | frame | step | ms/frame (median, batch 1) | frames/s (batch {args.batch}) | "
+        "GFLOP/frame | floor ms | ratio | peak MB |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['device']} | {r['size']}² | {r['step']} | {r['ms']:.1f} | {r['fps_batched']:.2f} | "
-            f"{r['gflop']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |"
-        )
+            f"| {r['device']} | {r['model']} | {r['precision']} | {r['size']}² | {r['step'] or '–'} | {r['ms']:.1f} | "
+            f"{r['fps_batched']:.2f} | {r['gflop']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |")
     if peers:
-        base = next(p for p in peers if p["method"].startswith("stemd"))
+        bm3d = next((p for p in peers if p["method"].startswith("BM3D")), None)
         lines += [
             "",
-            f"Side by side on one {args.peer_size}² Poisson frame (dose {args.dose} counts at the brightest column), CPU:",
+            f"Side by side on one {args.peer_size}² Poisson frame (`synthetic.simulate_frame`, RP fault, dose {args.dose:g} "
+            "counts at the brightest column), CPU. PSNR after the least-squares gain/offset onto the clean frame; "
+            "*vs float32*: PSNR of the output against the same model's float32 output (its range as peak): "
+            "the precision's accuracy cost.",
             "",
-            "| method | ms/frame | PSNR (dB) | time ÷ stemd |",
-            "| --- | ---: | ---: | ---: |",
+            "| method | ms/frame | PSNR (dB) | vs float32 (dB) | BM3D time ÷ this |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
         for p in peers:
-            lines.append(f"| {p['method']} | {p['ms']:.1f} | {p['psnr']:.2f} | {p['ms'] / base['ms']:.1f} |")
+            speedup = "–" if bm3d is None or p["method"] == "none" else f"{bm3d['ms'] / p['ms']:.1f}"
+            vs = "–" if p["vs_float32"] is None else f"{p['vs_float32']:.1f}"
+            lines.append(f"| {p['method']} | {p['ms']:.1f} | {p['psnr']:.2f} | {vs} | {speedup} |")
     return "\n".join(lines) + "\n"
+
+
+def _model_option(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", type=_model_option, action="append", metavar="NAME=PATH",
+                   help="a checkpoint to time (repeatable; default: the shipped conv and paper AE models)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)
     p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[2, 3])
+    p.add_argument("--precisions", type=lambda s: s.split(","), default=["float32", "bf16"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -209,20 +231,31 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    bad = [x for x in args.precisions if x not in DTYPES]
+    if bad:
+        p.error(f"--precisions: unknown {bad} (allowed: {', '.join(DTYPES)})")
     sizes = args.sizes or ([64, 128] if args.quick else [256, 512, 1024, 2048])
     repeats = 2 if args.quick else args.repeats
     if args.quick:
         args.peer_size = min(args.peer_size, 128)
+    paths = dict(args.model or DEFAULT_MODELS.items())
 
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(resolve_device("cuda"))
     rows, rates = [], {}
     for dev in devices:
-        rates[dev.type] = matmul_rate(dev, n=512 if args.quick else 2048)
-        den = Denoiser.load(args.model, device=dev.type)
-        rows += bench_model(den, sizes, args.steps, args.batch, repeats, rates[dev.type])
-    peers = [] if args.no_peers else bench_peers(Denoiser.load(args.model, device="cpu"), args.peer_size, args.dose, seed=1)
+        precisions = [x for x in args.precisions if dev.type == "cuda" or x != "tf32"]  # tf32 is a CUDA mode
+        for precision in precisions:
+            rates[dev.type, precision] = matmul_rate(dev, precision, n=512 if args.quick else 2048)
+        for name, path in paths.items():
+            den = Denoiser.load(path, device=dev.type)
+            for precision in precisions:
+                den.precision = precision
+                rows += bench_model(name, den, sizes, args.steps, args.batch, repeats, rates[dev.type, precision])
+    peers = [] if args.no_peers else bench_peers(
+        {name: Denoiser.load(path, device="cpu") for name, path in paths.items()},
+        [x for x in args.precisions if x != "tf32"], args.peer_size, args.dose, seed=1)
     text = to_markdown(rows, peers, rates, args)
     publish(text, args.out, "Speed (bench/speed.py)", write=not args.no_write)
     return 0

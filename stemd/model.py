@@ -25,7 +25,11 @@ from stemd.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "stemd-checkpoint"
 CHECKPOINT_VERSION = 1
-DEFAULT_MODEL_PATH = Path(__file__).parent / "models" / "default.pt"
+MODELS_DIR = Path(__file__).parent / "models"
+# The default is the fully convolutional model: it won the side-by-side benchmark against the paper's
+# AE (docs/benchmarks.md, "Faithfulness"); the paper's AE ships beside it as the reference.
+DEFAULT_MODEL_PATH = MODELS_DIR / "conv.pt"
+PAPER_AE_PATH = MODELS_DIR / "paper_ae.pt"
 
 
 class WindowAE(nn.Module):

@@ -36,11 +36,11 @@ def pca_model(rank: int = 96, window: int = 28, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    """The shipped model when it exists, else a PCA-projection WindowAE saved as a checkpoint."""
-    from stemd.model import DEFAULT_MODEL_PATH, save_checkpoint
+    """The shipped paper AE when it exists, else a PCA-projection WindowAE saved as a checkpoint."""
+    from stemd.model import PAPER_AE_PATH, save_checkpoint
 
-    if DEFAULT_MODEL_PATH.is_file():
-        return DEFAULT_MODEL_PATH
+    if PAPER_AE_PATH.is_file():
+        return PAPER_AE_PATH
     path = tmp_path_factory.mktemp("model") / "pca.pt"
     save_checkpoint(path, pca_model(), {"note": "test PCA projection", "step": 4})
     return path
