@@ -20,6 +20,8 @@ The physics, kept simple and documented:
   `startup_delay_s` (0.3 s) before frame 0, so subscribers that join at once miss nothing
   (ZeroMQ's slow joiner). A SUB that binds passes its subscription to a connecting PUB only
   once it polls/receives (a libzmq quirk), so start receiving before the simulator sends.
+  `lossless` (`--lossless`) uses an XPUB with XPUB_NODROP instead: frame 0 waits for a
+  subscriber, and a full subscriber slows the feed rather than losing frames.
 - Raw frames are uint16 counts clipped at 65535. The CLEAN frame is the expected counts
   (`clean * dose`, float32) of the drifted field, without noise, flicker or scan artefacts.
 """
@@ -318,6 +320,7 @@ class Simulator:
         publish_clean: bool = False,
         startup_delay_s: float = SLOW_JOINER_DELAY_S,
         hwm: int = 32,
+        lossless: bool = False,
         run_id: str | None = None,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
@@ -335,6 +338,7 @@ class Simulator:
         self.publish_clean = publish_clean
         self.startup_delay_s = startup_delay_s
         self.hwm = hwm
+        self.lossless = lossless
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
@@ -349,12 +353,17 @@ class Simulator:
         return self._scene
 
     def open(self) -> str:
-        """Bind (or connect) the PUB socket; returns the actual endpoint (resolves `tcp://host:*`)."""
+        """Bind (or connect) the PUB socket; returns the actual endpoint (resolves `tcp://host:*`).
+
+        `lossless`: an XPUB with XPUB_NODROP, so a full subscriber makes sends wait instead of
+        dropping frames (docs/protocol.md, "Backpressure and lossless publishing")."""
         if self._sock is not None:
             return self.endpoint
         if not self.connect and not is_local_endpoint(self.requested_endpoint):
             log.warning("binding %s: reachable from other machines", self.requested_endpoint)
-        sock = self._ctx.socket(zmq.PUB)
+        sock = self._ctx.socket(zmq.XPUB if self.lossless else zmq.PUB)
+        if self.lossless:
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.LINGER, 1000)
         try:
@@ -387,9 +396,31 @@ class Simulator:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
+    async def _send(self, parts: list) -> None:
+        """Send; a lossless socket answers EAGAIN while a subscriber is full: wait and retry."""
+        while True:
+            try:
+                return await self._sock.send_multipart(parts, copy=False)
+            except zmq.Again:
+                await asyncio.sleep(0.002)
+
     async def _send_event(self, kind: str, series_id: str, frames: int) -> None:
         header = protocol.series_header(kind, series_id, frames=frames, simulated=True)
-        await self._sock.send_multipart(protocol.encode_event(protocol.SERIES, header))
+        await self._send(protocol.encode_event(protocol.SERIES, header))
+
+    async def _wait_for_subscriber(self, topic: bytes = protocol.FRAME) -> None:
+        """Lossless: frame 0 waits until someone subscribes to frames (or `stop()`)."""
+        async def subscribed() -> None:
+            while (await self._sock.recv())[:1 + len(topic)] != b"\x01" + topic:
+                pass
+
+        waiter = asyncio.ensure_future(subscribed())
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            stopper.cancel()
 
     async def _wait_until(self, deadline: float) -> None:
         delay = deadline - asyncio.get_running_loop().time()
@@ -407,7 +438,10 @@ class Simulator:
         report = SimReport()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-sim")
         scene = await loop.run_in_executor(pool, lambda: self.scene)
-        await self._wait_until(loop.time() + self.startup_delay_s)
+        if self.lossless:
+            await self._wait_for_subscriber()
+        else:
+            await self._wait_until(loop.time() + self.startup_delay_s)
         start = deadline = loop.time()
         series_id, in_series = "", 0
         pending = loop.run_in_executor(pool, make_frame, scene, 0)
@@ -424,10 +458,9 @@ class Simulator:
                     report.series.append(series_id)
                     await self._send_event("start", series_id, 0)
                 header = frame_metadata(self.spec, series_id, in_series, frame)
-                await self._sock.send_multipart(protocol.encode_frame(protocol.FRAME, header, frame.raw), copy=False)
+                await self._send(protocol.encode_frame(protocol.FRAME, header, frame.raw))
                 if self.publish_clean:
-                    await self._sock.send_multipart(
-                        protocol.encode_frame(protocol.CLEAN, header, frame.clean), copy=False)
+                    await self._send(protocol.encode_frame(protocol.CLEAN, header, frame.clean))
                 in_series += 1
                 i += 1
                 report.frames = i
@@ -467,6 +500,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--startup-delay-s", type=float, default=SLOW_JOINER_DELAY_S,
                         help="wait after bind so subscribers join before frame 0 (default %(default)s)")
+    parser.add_argument("--lossless", action="store_true",
+                        help="XPUB with XPUB_NODROP: wait for a subscriber, then never drop a frame (a full "
+                             "subscriber slows the feed instead); pair with `stemd run --mode lossless`")
 
 
 def spec_from_args(args: argparse.Namespace) -> SimSpec:
@@ -503,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
     sim = Simulator(
         spec, args.endpoint, connect=args.connect, fps=args.fps, max_rate=args.max_rate,
         series_length=args.series_length, publish_clean=args.publish_clean,
-        startup_delay_s=args.startup_delay_s,
+        startup_delay_s=args.startup_delay_s, lossless=args.lossless,
     )
     _require(args.frames is None or args.frames >= 0, "--frames", "must be >= 0", args.frames)
     report = asyncio.run(_serve(sim, args.frames))

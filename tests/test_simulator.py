@@ -278,3 +278,30 @@ def test_cli_runs_until_sigint_and_closes_the_series():
         ctx.term()
     assert proc.returncode == 0, err
     assert topics[0] == protocol.SERIES and protocol.FRAME in topics and topics[-1] == protocol.SERIES
+
+
+async def test_lossless_waits_for_a_subscriber_and_never_drops():
+    """A slow subscriber with a tiny queue at max rate: a plain PUB would drop, the lossless one waits."""
+    ctx = zmq.asyncio.Context()
+    sim = Simulator(SMALL, "tcp://127.0.0.1:*", max_rate=True, hwm=1, lossless=True, run_id="l", context=ctx)
+    endpoint = sim.open()
+    n = 30
+    run = asyncio.ensure_future(sim.run(n))
+    await asyncio.sleep(0.3)
+    assert not run.done()  # nobody subscribed yet: frame 0 waits
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 1)
+    sub.setsockopt(zmq.SUBSCRIBE, protocol.FRAME)
+    sub.connect(endpoint)
+    ids = []
+    try:
+        while len(ids) < n:
+            msg = await asyncio.wait_for(sub.recv_multipart(), 10)
+            ids.append(protocol.decode_frame(msg).header["frame_id"])
+            await asyncio.sleep(0.01)  # slower than the publisher
+        report = await asyncio.wait_for(run, 10)
+    finally:
+        sub.close(0)
+        sim.close()
+        ctx.term()
+    assert ids == list(range(n)) and report.frames == n
