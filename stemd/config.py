@@ -36,6 +36,10 @@ class ModelSettings(_Section):
     device: Device = "auto"
     step: int | None = Field(default=None, ge=1, le=28)  # None: the checkpoint's default
     precision: Literal["float32", "tf32", "bf16"] = "float32"  # bf16: CPU and CUDA autocast; tf32: CUDA only
+    # a frame whose lattice period (lattice_period_m / its header's pixel_size_m) lies outside the
+    # model's trained range is resampled into it, refused, or (off) run as is; stemd.sampling
+    sampling: Literal["resample", "refuse", "off"] = "resample"
+    lattice_period_m: float = Field(default=3.905e-10, gt=1e-11, lt=1e-8, allow_inf_nan=False)  # SrTiO3 a
 
 
 class InputSettings(_Section):

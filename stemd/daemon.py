@@ -30,6 +30,7 @@ from stemd.engine import Engine, Pending
 from stemd.errors import ConfigError, StemdError
 from stemd.notify import Notifier
 from stemd.recorder import Recorder
+from stemd.sampling import SamplingError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class Item:
     header: dict[str, Any]
     data: np.ndarray | None = None
     received_at: float = 0.0
+
+
+def _batch_key(item: Item) -> tuple[Any, ...]:
+    """Frames batched together share this: one shape and one pixel size (one sampling plan)."""
+    return item.data.shape, item.header.get("pixel_size_m")
 
 
 class FrameQueue:
@@ -92,10 +98,10 @@ class FrameQueue:
         return item
 
     def pop_batch(self, max_batch: int) -> list[Item]:
-        """Leading frames of the head frame's shape, at most `max_batch`."""
-        shape = self._items[0].data.shape
+        """Leading frames of the head frame's shape and pixel size, at most `max_batch`."""
+        key = _batch_key(self._items[0])
         batch: list[Item] = []
-        while self._items and len(batch) < max_batch and self._items[0].kind == "frame" and self._items[0].data.shape == shape:
+        while self._items and len(batch) < max_batch and self._items[0].kind == "frame" and _batch_key(self._items[0]) == key:
             batch.append(self.pop())
         return batch
 
@@ -159,6 +165,7 @@ class Daemon:
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._reload_lock = asyncio.Lock()
+        self._sampling_said = ""  # the last sampling refusal logged (a new one is logged when it changes)
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -168,7 +175,8 @@ class Daemon:
         self._apply_log_level(s)
         if self.engine is None:
             self.engine = await asyncio.to_thread(
-                Engine.load, s.model.path, s.model.device, s.model.step, s.model.precision
+                Engine.load, s.model.path, s.model.device, s.model.step, s.model.precision, s.model.sampling,
+                s.model.lattice_period_m,
             )
         self.pub = self._open_output(s)
         self.sub = self._open_input(s)
@@ -331,7 +339,13 @@ class Daemon:
                 self._reject(exc.reason, exc.detail)
                 return
             self._track_series(frame.header)
-            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now))
+            item = Item("frame", frame.header, frame.data, now)
+            try:
+                self.engine.plan(frame.data.shape, frame.header.get("pixel_size_m"))
+            except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
+                self._refuse([item], exc)
+                return
+            dropped = self.queue.put_frame(item)
             if dropped is not None:
                 self._drop(dropped, "queue_full")
         elif topic == protocol.SERIES:
@@ -361,6 +375,15 @@ class Daemon:
         self.rejected[reason] += 1
         if self.rejected[reason] == 1:
             log.warning("rejected a message (%s): %s; further %r rejects are counted in the stats", reason, detail, reason)
+
+    def _refuse(self, items: list[Item], exc: SamplingError) -> None:
+        """Drop frames the sampling plan refuses (reason "sampling"); log why whenever the why changes."""
+        detail = str(exc)
+        if detail != self._sampling_said:
+            self._sampling_said = detail
+            log.warning("refusing frames (sampling): %s", detail)
+        for item in items:
+            self._drop(item, "sampling")
 
     def _drop(self, item: Item, reason: str) -> None:
         self.dropped[reason] += 1
@@ -393,7 +416,13 @@ class Daemon:
             batch = self.queue.pop_batch(self.settings.queue.max_batch)
             self._inflight.extend(batch)
             try:
-                handle = await self.engine.run(self.engine.submit, [it.data for it in batch])
+                handle = await self.engine.run(self.engine.submit, [it.data for it in batch],
+                                               batch[0].header.get("pixel_size_m"))
+            except SamplingError as exc:  # the model was replaced (reload) after these frames were queued
+                for item in batch:
+                    self._inflight.remove(item)
+                self._refuse(batch, exc)
+                continue
             except Exception as exc:  # a model failure must not stop the daemon
                 self._engine_failed(batch, exc)
                 continue
@@ -520,7 +549,7 @@ class Daemon:
             try:
                 new = await asyncio.to_thread(load_settings, self.config_path, self.overrides)
                 denoiser = await asyncio.to_thread(Denoiser.load, new.model.path, new.model.device, new.model.step,
-                                                   new.model.precision)
+                                                   new.model.precision, new.model.sampling, new.model.lattice_period_m)
                 old = self.settings
                 pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
                 try:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stemd import sampling as _sampling
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -143,12 +144,18 @@ class Denoiser:
     window: int
     reference: tuple[float, float]  # what `normalize` matches a frame's statistics to
     precision: str  # one of PRECISIONS; float32 is the reference the others are measured against
+    sampling: str  # one of sampling.POLICIES: what to do with a frame whose lattice period the model was not trained on
+    lattice_period_m: float  # the specimen's projected lattice period, metres
+    period_range: tuple[float, float] | None  # lattice periods (px) the model was trained on; None: not recorded
 
     def __init__(self, model: torch.nn.Module, metadata: dict[str, Any], device: str = "auto", step: int | None = None,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", sampling: str = "resample",
+                 lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
         self.precision = precision
+        self.sampling = _sampling.check_policy(sampling)
+        self.lattice_period_m = _sampling.check_lattice_period(lattice_period_m)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.metadata = dict(metadata)
@@ -159,17 +166,22 @@ class Denoiser:
             raise error(f"{source}: must be an integer from 1 to the window ({self.window}), got {step!r}")
         self.step = step
         self.reference = _reference_from(self.metadata)
+        self.period_range = _sampling.period_range(self.metadata)
         self._model_id: str | None = None
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
-             precision: str = "float32") -> "Denoiser":
+             precision: str = "float32", sampling: str = "resample",
+             lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M) -> "Denoiser":
         """From a checkpoint file; `None` is the shipped default model."""
         from stemd.model import load_checkpoint
 
         resolve_device(device)  # a bad device is reported before the file is read
+        _sampling.check_policy(sampling)
+        _sampling.check_lattice_period(lattice_period_m)
         model, metadata = load_checkpoint(None if path is None else Path(path))
-        return cls(model, metadata, device=device, step=step, precision=precision)
+        return cls(model, metadata, device=device, step=step, precision=precision, sampling=sampling,
+                   lattice_period_m=lattice_period_m)
 
     @property
     def model_id(self) -> str:
@@ -182,22 +194,34 @@ class Denoiser:
             self._model_id = f"{self.model.arch()['name']}-{digest.hexdigest()[:12]}"
         return self._model_id
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """2D (H, W) or 3D (B, H, W) in any units -> float32 of the same shape and scale."""
+    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None) -> float:
+        """The resampling factor for frames of `shape` at this pixel size (1.0: as is), or SamplingError."""
+        return _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, (int(shape[0]), int(shape[1])),
+                              self.sampling, min_side=self.window)
+
+    def __call__(self, image: np.ndarray, pixel_size_m: float | None = None) -> np.ndarray:
+        """2D (H, W) or 3D (B, H, W) in any units -> float32 of the same shape and scale.
+
+        With `pixel_size_m` (metres) the frame is resampled into the model's period range first (`plan`)."""
         check_frames(image, self.window)
+        self.plan(image.shape[-2:], pixel_size_m)  # refused before any work
         stack = image if image.ndim == 3 else image[None]
         x, lo, hi = normalize(stack, reference=self.reference)
         with torch.inference_mode():
-            y = self.denoise_tensor(torch.from_numpy(x).to(self.device)[:, None])
+            y = self.denoise_tensor(torch.from_numpy(x).to(self.device)[:, None], pixel_size_m)
             y = y[:, 0].float().cpu().numpy()
         out = denormalize(y, lo, hi)
         return out if image.ndim == 3 else out[0]
 
-    def denoise_tensor(self, frames: torch.Tensor) -> torch.Tensor:
+    def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None) -> torch.Tensor:
         """(B, 1, H, W) normalised float tensor on self.device -> float32, same shape; no host copies (for the engine).
 
-        With precision tf32 the CUDA backends may use TF32 (a process-wide switch, set here each call)."""
+        Frames are normalised at their own sampling, resampled by `plan`'s factor for the model and
+        back. With precision tf32 the CUDA backends may use TF32 (a process-wide switch, set here each call)."""
+        factor = self.plan(frames.shape[-2:], pixel_size_m)
+        x = frames if factor == 1.0 else _sampling.resample(frames.float(), factor)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self.model.denoise_frames(frames, self.step).float()
+            y = self.model.denoise_frames(x, self.step).float()
+        return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stemd.denoiser import Denoiser, denormalize, normalize
+from stemd.sampling import DEFAULT_LATTICE_PERIOD_M
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,9 +62,11 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
-             precision: str = "float32") -> "Engine":
+             precision: str = "float32", sampling: str = "resample",
+             lattice_period_m: float = DEFAULT_LATTICE_PERIOD_M) -> "Engine":
         """Load a checkpoint (None: the shipped model) onto a device and start the worker."""
-        return cls(Denoiser.load(path, device=device, step=step, precision=precision))
+        return cls(Denoiser.load(path, device=device, step=step, precision=precision, sampling=sampling,
+                                 lattice_period_m=lattice_period_m))
 
     def _set(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
@@ -116,7 +119,9 @@ class Engine:
         else:
             where = f"no GPU, CPU with {torch.get_num_threads()} threads"
         where += f", precision {self.precision}"
-        return f"model {self.model_id} (step {self.denoiser.step}) on {where}"
+        d = self.denoiser
+        periods = "unrecorded periods" if d.period_range is None else f"periods {d.period_range[0]:g}-{d.period_range[1]:g} px"
+        return f"model {self.model_id} (step {d.step}, {periods}, sampling {d.sampling}) on {where}"
 
     def memory_bytes(self) -> int:
         """Accelerator memory allocated (CUDA) or this process's resident memory (CPU)."""
@@ -132,13 +137,18 @@ class Engine:
         """Run `fn(*args)` on the engine's worker thread without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def denoise(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None) -> float:
+        """The resident model's resampling factor for such frames (`Denoiser.plan`), or SamplingError."""
+        return self.denoiser.plan(shape, pixel_size_m)
+
+    def denoise(self, frames: Sequence[np.ndarray], pixel_size_m: float | None = None) -> list[np.ndarray]:
         """Synchronous submit + collect (tests, offline use). Frames must share one shape."""
-        return self.collect(self.submit(frames))
+        return self.collect(self.submit(frames, pixel_size_m))
 
-    def submit(self, frames: Sequence[np.ndarray]) -> Pending:
-        """Start denoising a batch of same-shape 2D frames; worker thread only.
+    def submit(self, frames: Sequence[np.ndarray], pixel_size_m: float | None = None) -> Pending:
+        """Start denoising a batch of same-shape 2D frames of one pixel size (metres; None: unknown).
 
+        Worker thread only. A frame the sampling plan refuses raises SamplingError before any work.
         Collect batches in the order submitted; on CUDA, submit k+1 before collecting k to overlap them.
         """
         if not frames:
@@ -146,12 +156,13 @@ class Engine:
         shape = frames[0].shape
         if any(f.shape != shape for f in frames):
             raise ValueError("a batch must hold frames of one shape")
+        self.denoiser.plan(shape, pixel_size_m)
         x, lo, hi = normalize(np.stack(frames), reference=self.denoiser.reference)
         if not self.cuda:
             with torch.inference_mode():
-                y = self.denoiser.denoise_tensor(torch.from_numpy(x).unsqueeze(1))
+                y = self.denoiser.denoise_tensor(torch.from_numpy(x).unsqueeze(1), pixel_size_m)
             return Pending(n=len(frames), result=list(denormalize(y[:, 0].numpy(), lo, hi)))
-        return self._submit_cuda(x, lo, hi)
+        return self._submit_cuda(x, lo, hi, pixel_size_m)
 
     def _slot(self, shape: tuple[int, int, int]) -> _Slot:
         slots = self._slots.get(shape)
@@ -169,7 +180,7 @@ class Engine:
         self._turn = (self._turn + 1) % SLOTS
         return slots[self._turn]
 
-    def _submit_cuda(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Pending:
+    def _submit_cuda(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, pixel_size_m: float | None) -> Pending:
         copy_in, compute, copy_out = self._streams
         slot = self._slot(x.shape)
         if slot.done is not None:
@@ -181,7 +192,7 @@ class Engine:
             uploaded.record(copy_in)
         with torch.cuda.stream(compute), torch.inference_mode():
             compute.wait_event(uploaded)
-            y = self.denoiser.denoise_tensor(slot.dev_in.unsqueeze(1))
+            y = self.denoiser.denoise_tensor(slot.dev_in.unsqueeze(1), pixel_size_m)
             computed = torch.cuda.Event()
             computed.record(compute)
         with torch.cuda.stream(copy_out):

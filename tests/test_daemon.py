@@ -34,10 +34,12 @@ SHAPE = (64, 72)
 RNG = np.random.default_rng(0)
 CLEAN = [simulate_frame(SHAPE, RNG, rotation_deg=4.0 * i).clean * 20 for i in range(4)]
 RAW = [RNG.poisson(c).astype(np.uint16) for c in CLEAN]
+PIXEL_M = 3.905e-11  # the frames' true pixel size: SrTiO3's a (0.3905 nm) over their 10 px period
 
 
 def frame_parts(series: str, fid: int, **extra) -> list:
-    header = p.frame_header(series, fid, SHAPE, "uint16", dwell_time_s=2e-6, pixel_size_m=2e-11,
+    extra.setdefault("pixel_size_m", PIXEL_M)
+    header = p.frame_header(series, fid, SHAPE, "uint16", dwell_time_s=2e-6,
                             detector="HAADF", scan_rotation_deg=0.0, **extra)
     return p.encode_frame(p.FRAME, header, RAW[fid % len(RAW)])
 
@@ -108,9 +110,9 @@ def engine(checkpoint):
 class SlowDenoiser(Denoiser):
     delay_s = 0.15
 
-    def denoise_tensor(self, frames):
+    def denoise_tensor(self, frames, pixel_size_m=None):
         time.sleep(self.delay_s)
-        return super().denoise_tensor(frames)
+        return super().denoise_tensor(frames, pixel_size_m)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
     assert [h["frame_id"] for _, h, _ in outs] == [0, 1, 2, 3]
     for (_, h, den), (_, hr, raw), clean in zip(outs, [m for m in msgs if m[0] == p.RAW], CLEAN):
         assert h["series_id"] == "run1" and h["detector"] == "HAADF" and h["custom"] == {"stage_x": 1.5}
-        assert h["dwell_time_s"] == 2e-6 and h["pixel_size_m"] == 2e-11
+        assert h["dwell_time_s"] == 2e-6 and h["pixel_size_m"] == PIXEL_M
         assert h["model_id"] == engine.model_id and h["model_version"] == engine.model_version
         assert h["received_at"] <= h["published_at"] and h["latency_s"] == pytest.approx(h["published_at"] - h["received_at"])
         assert den.dtype == np.float32 and h["dtype"] == "float32" and hr["dtype"] == "uint16"
