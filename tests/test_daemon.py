@@ -353,6 +353,48 @@ async def test_reload_rejects_bad_config_and_applies_good_one(zctx, checkpoint, 
     pub.close()
 
 
+async def test_out_of_range_pixel_size_is_refused_counted_and_logged(zctx, checkpoint, tmp_path, caplog) -> None:
+    """model.sampling refuse: a frame whose header pixel size puts the lattice outside the model's range is
+    dropped as "sampling" (logged with the reason), the frames around it come out; a reload to off lets it in."""
+    pub = TestPublisher(zctx)
+    cfg = tmp_path / "stemd.yaml"
+    base = {"model": {"path": str(checkpoint), "device": "cpu", "sampling": "refuse"},
+            "input": {"endpoint": pub.endpoint}, "output": {"endpoint": "tcp://127.0.0.1:*"},
+            "stats": {"interval_s": 0.2}}
+    cfg.write_text(json.dumps(base))
+    async with running(load_settings(cfg), config_path=cfg) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        await pub.send(p.encode_event(p.SERIES, p.series_header("start", "mag")))
+        for fid, pixel in enumerate([PIXEL_M, 2e-11, PIXEL_M, None]):  # 10 px, 19.5 px, 10 px, unknown
+            await pub.send(frame_parts("mag", fid, pixel_size_m=pixel))
+        await pub.send(p.encode_event(p.SERIES, p.series_header("end", "mag")))
+        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
+        assert [h["frame_id"] for _, h, _ in denoised(msgs)] == [0, 2, 3]
+        assert d.dropped == {"sampling": 1} and not d.rejected and d.frames_in == 4 and d.frames_out == 3
+        assert list(d.dropped_ids) == [("mag", 1, "sampling")] and d.stats()["dropped"] == {"sampling": 1}
+        said = [r.getMessage() for r in caplog.records if "sampling" in r.getMessage()]
+        assert any("pixel size 2e-11 m" in m and "19.5 px" in m and "model.sampling is refuse" in m for m in said)
+        cfg.write_text(json.dumps({**base, "model": {**base["model"], "sampling": "off"}}))
+        assert await d.reload() is True and d.engine.denoiser.sampling == "off"
+        await pub.send(frame_parts("mag", 4, pixel_size_m=2e-11))
+        msgs = await sub.until(lambda m: len(denoised(m)) == 1)
+        assert denoised(msgs)[0][1]["frame_id"] == 4 and d.dropped == {"sampling": 1}
+    pub.close()
+
+
+def test_frame_queue_batches_one_shape_and_one_pixel_size() -> None:
+    q = FrameQueue(8, "live")
+    for i, (shape, pixel) in enumerate([((2, 2), 1e-11), ((2, 2), 1e-11), ((2, 2), 2e-11), ((2, 2), None),
+                                        ((2, 2), None), ((3, 2), None)]):
+        q.put_frame(Item("frame", {"frame_id": i, "pixel_size_m": pixel}, np.zeros(shape)))
+    batches = []
+    while not q.empty:
+        batches.append([it.header["frame_id"] for it in q.pop_batch(8)])
+    assert batches == [[0, 1], [2], [3, 4], [5]]
+
+
 async def test_sd_notify_ready_status_watchdog(zctx, checkpoint, engine, tmp_path, monkeypatch) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "notify"))

@@ -103,3 +103,24 @@ def test_engine_uses_the_checkpoints_normalization(checkpoint) -> None:
             np.testing.assert_allclose(o, den(f), rtol=1e-4, atol=1e-3)
     finally:
         eng.close()
+
+
+def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(checkpoint) -> None:
+    """Frames said to be at 14 px (the paper AE's range is about 10 px) are resampled alike in a batch and alone."""
+    from stemd.sampling import SamplingError
+
+    eng = Engine.load(checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10)  # so 3.905e-11 m px -> 14 px
+    try:
+        frames, _ = _noisy(2)
+        assert eng.plan(frames[0].shape, 3.905e-11) == pytest.approx(eng.denoiser.period_range[1] / 14.0)
+        out = eng.denoise(frames, 3.905e-11)
+        for f, o in zip(frames, out):
+            assert o.shape == f.shape
+            np.testing.assert_allclose(o, eng.denoiser(f, pixel_size_m=3.905e-11), rtol=1e-4, atol=1e-3)
+            assert not np.allclose(o, eng.denoiser(f), atol=1e-2)  # the pixel size made a difference
+        eng.replace(Denoiser.load(checkpoint, device="cpu", sampling="refuse"))
+        with pytest.raises(SamplingError, match="model.sampling is refuse"):
+            eng.submit(frames, 2e-11)
+        assert "sampling refuse" in eng.describe()
+    finally:
+        eng.close()
