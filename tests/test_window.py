@@ -1,10 +1,12 @@
 """The fast floating-window reconstruction against the explicit loop, and its geometry."""
 
+import numpy as np
 import pytest
 import torch
 
+from stemd import synthetic
 from stemd.model import WindowAE
-from stemd.window import pad_amounts, pad_frames, reconstruct, reconstruct_naive
+from stemd.window import pad_amounts, pad_frames, reconstruct, reconstruct_naive, window_starts
 
 
 def _random_model(window: int = 28, hidden=(48, 12), seed: int = 0) -> WindowAE:
@@ -27,8 +29,39 @@ def _identity_model(window: int) -> WindowAE:
     return model
 
 
-@pytest.mark.parametrize("shape", [(28, 28), (29, 31), (64, 100), (45, 28), (37, 53)])
-@pytest.mark.parametrize("step", [1, 2, 3, 5, 28])
+def _lattice_pca_model(k: int = 40, n: int = 500) -> WindowAE:
+    """A linear AE fitted to clean lattice windows (rotation 0): projection on their top `k` principal components.
+
+    The hidden layer holds +code and -code, so relu(a) - relu(-a) keeps the projection linear."""
+    windows = synthetic.clean_windows(n, np.random.default_rng(0), max_rotation_deg=0.0).reshape(n, -1).astype(np.float64)
+    mean = windows.mean(axis=0)
+    basis = torch.tensor(np.linalg.svd(windows - mean, full_matrices=False)[2][:k], dtype=torch.float32)
+    mean = torch.tensor(mean, dtype=torch.float32)
+    model = WindowAE(28, (2 * k,)).eval()
+    enc, dec = model.linear_layers()
+    with torch.no_grad():
+        enc.weight.copy_(torch.cat([basis, -basis]))
+        enc.bias.copy_(torch.cat([-basis @ mean, basis @ mean]))
+        dec.weight.copy_(torch.cat([basis, -basis]).t())
+        dec.bias.copy_(mean)
+    return model
+
+
+@pytest.mark.parametrize("size", [28, 29, 30, 41, 57, 64])
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 5, 9, 28])
+def test_window_starts_cover_every_pixel_from_inside_the_frame(size, step):
+    starts = window_starts(size, 28, step)
+    assert starts[0] == 0 and starts[-1] == size - 28  # no window leaves the frame
+    assert all(s % step == 0 for s in starts[:-1]) and starts == sorted(set(starts))
+    assert len(starts) == (size - 28) // step + 1 + ((size - 28) % step > 0)  # the grid, plus the edge window if missed
+    covered = np.zeros(size, int)
+    for s in starts:
+        covered[s : s + 28] += 1
+    assert covered.min() >= 1
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (29, 31), (64, 100), (45, 28), (37, 53), (41, 30)])
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 5, 28])
 def test_fast_matches_naive_and_forward(shape, step):
     model = _random_model()
     frame = torch.rand(shape, generator=torch.Generator().manual_seed(1))
@@ -39,7 +72,7 @@ def test_fast_matches_naive_and_forward(shape, step):
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("shape, step", [((29, 31), 1), ((64, 100), 3), ((37, 53), 5)])
+@pytest.mark.parametrize("shape, step", [((29, 31), 1), ((64, 100), 3), ((37, 53), 5), ((41, 30), 4)])
 def test_one_window_row_per_band_matches_naive(shape, step):
     model = _random_model()
     frame = torch.rand(shape, generator=torch.Generator().manual_seed(1))
@@ -76,9 +109,70 @@ def test_small_window_identity_and_naive():
         torch.testing.assert_close(reconstruct_naive(model, frame, step), frame, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_corner_pixels_come_from_the_corner_window_alone(step):
+    """A corner pixel lies in one window inside the frame: no padded or mirrored window may reach it."""
+    model = _random_model()
+    frame = torch.rand(41, 30, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        out = reconstruct(model, frame[None, None], step)[0, 0]
+        for rows, cols in ((slice(0, 28), slice(0, 28)), (slice(0, 28), slice(-28, None)),
+                           (slice(-28, None), slice(0, 28)), (slice(-28, None), slice(-28, None))):
+            corner = model(frame[rows, cols].reshape(1, -1)).view(28, 28)
+            for r, c in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+                if (r == 0) == (rows.start == 0) and (c == 0) == (cols.start == 0):
+                    torch.testing.assert_close(out[r, c], corner[r, c], atol=1e-5, rtol=0)
+
+
+def test_frame_of_the_window_size_is_one_window():
+    model = _random_model()
+    frame = torch.rand(28, 28, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        want = model(frame.reshape(1, -1)).view(28, 28)
+        for step in (1, 2, 3, 28):
+            torch.testing.assert_close(reconstruct(model, frame[None, None], step)[0, 0], want, atol=1e-5, rtol=0)
+
+
+def test_frames_smaller_than_the_window_are_refused():
+    model = _random_model(hidden=(8, 4))
+    with pytest.raises(ValueError, match="smaller than the window"):
+        reconstruct(model, torch.rand(1, 1, 27, 40), 2)
+    with pytest.raises(ValueError, match="smaller than the window"):
+        reconstruct_naive(model, torch.rand(40, 27), 2)
+
+
+def test_border_of_a_denoised_lattice_is_about_as_good_as_the_interior():
+    """A lattice-fitted AE cleans border pixels nearly as well as interior ones; with reflect padding
+    (the former geometry) mirrored windows, unlike any lattice window, made the border 4x worse."""
+    model = _lattice_pca_model()
+    band, step = 14, 2
+
+    def border_over_interior(pad: bool) -> float:
+        border = interior = 0.0
+        for seed in (0, 1):
+            rng = np.random.default_rng(seed)
+            clean = synthetic.simulate_frame((64, 64), rng, offset_px=(3.3, 1.7)).clean
+            noisy = torch.from_numpy(clean + 0.3 * rng.standard_normal(clean.shape, dtype=np.float32))[None, None]
+            with torch.inference_mode():
+                if pad:
+                    x, (top, left) = pad_frames(noisy, 28, step)
+                    out = reconstruct(model, x, step)[0, 0, top : top + 64, left : left + 64]
+                else:
+                    out = reconstruct(model, noisy, step)[0, 0]
+            sq = (out.numpy() - clean) ** 2
+            inner = np.zeros(sq.shape, bool)
+            inner[band:-band, band:-band] = True
+            border, interior = border + sq[~inner].mean(), interior + sq[inner].mean()
+        return border / interior
+
+    # the outermost pixels average fewer windows, so some excess remains (about 1.3x here)
+    assert border_over_interior(pad=False) < 2.0
+    assert border_over_interior(pad=True) > 3.0  # the check can tell mirrored windows apart
+
+
 @pytest.mark.parametrize("size", [28, 29, 40, 57])
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 9, 28])
-def test_padding_covers_every_window_of_the_infinite_grid(size, step):
+def test_former_padding_covers_every_window_of_the_infinite_grid(size, step):
     window = 28
     before, after = pad_amounts(size, window, step)
     padded = size + before + after
@@ -92,7 +186,7 @@ def test_padding_covers_every_window_of_the_infinite_grid(size, step):
         assert covered == infinite
 
 
-def test_pad_reflects_and_replicates_when_too_small():
+def test_former_pad_reflects_and_replicates_when_too_small():
     frame = torch.arange(30.0 * 30).view(1, 1, 30, 30)
     padded, (top, left) = pad_frames(frame, 28, 2)
     assert (top, left) == (26, 26)
