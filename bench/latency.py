@@ -2,6 +2,11 @@
 
     python bench/latency.py                    # 512² at the 2 µs-dwell rate and at full speed
     python bench/latency.py --quick --no-write
+    python bench/latency.py --model ae=stemd/models/paper_ae.pt --steps 2,3 --mode lossless
+
+Each model (default: the shipped conv model at float32 and at bf16, and the paper AE at step 3)
+runs in its own daemon; `--mode lossless` pairs the daemon's lossless queue with a lossless
+(XPUB_NODROP) simulator, so nothing may be lost anywhere.
 
 The daemon runs as its own `stemd run` process, as on the acquisition PC; this process runs the
 simulator (in-process, real PUB socket) and a subscriber that records, per denoised frame, the
@@ -31,6 +36,8 @@ import zmq
 import zmq.asyncio
 
 from stemd import protocol
+from stemd.denoiser import PRECISIONS
+from stemd.model import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
 from stemd.simulator import SimSpec, Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,14 +72,17 @@ async def wait_ready(sub: zmq.asyncio.Socket, timeout_s: float = 60.0) -> None:
     raise RuntimeError("the daemon did not publish STATS in time: see its log")
 
 
-async def measure(name: str, spec: SimSpec, seconds: float, *, max_rate: bool, daemon_cfg: dict, workdir: Path) -> dict:
+async def measure(name: str, spec: SimSpec, seconds: float, *, max_rate: bool, daemon_cfg: dict, workdir: Path,
+                  lossless: bool = False) -> dict:
     in_port, out_port = free_port(), free_port()
     cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in daemon_cfg.items()}
     cfg.setdefault("input", {}).update(endpoint=f"tcp://127.0.0.1:{in_port}", mode="connect")
     cfg.setdefault("output", {}).update(endpoint=f"tcp://127.0.0.1:{out_port}", publish_raw=False, hwm=1000)
     cfg.setdefault("stats", {}).update(interval_s=0.5)
     ctx = zmq.asyncio.Context()
-    sim = Simulator(spec, f"tcp://127.0.0.1:{in_port}", max_rate=max_rate, context=ctx, hwm=1000)
+    # lossless: small queues, so a full daemon holds the simulator back instead of buffering a backlog
+    sim = Simulator(spec, f"tcp://127.0.0.1:{in_port}", max_rate=max_rate, context=ctx, hwm=2 if lossless else 1000,
+                    lossless=lossless)
     sim.open()
     proc = start_daemon(cfg, workdir)
     sub = ctx.socket(zmq.SUB)
@@ -102,7 +112,10 @@ async def measure(name: str, spec: SimSpec, seconds: float, *, max_rate: bool, d
         await asyncio.sleep(sim.startup_delay_s + seconds)
         sim.stop()
         report = await publishing
-        await asyncio.sleep(3.0)  # let the queue drain and one more STATS arrive
+        drain = time.monotonic() + (60.0 if lossless else 3.0)  # lossless: every frame sent must come out
+        while time.monotonic() < drain and not (lossless and len(ids) >= report.frames):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # one more STATS
         collecting.cancel()
         await asyncio.gather(collecting, return_exceptions=True)
     finally:
@@ -159,37 +172,60 @@ def to_markdown(rows: list[dict], args) -> str:
     lines += [
         "",
         "`lost` = sent − published − dropped by the daemon: frames the PUB/SUB high-water marks shed "
-        "before the daemon read them (live mode sheds on purpose; lossless needs an XPUB_NODROP publisher, "
-        "see docs/protocol.md).",
+        "before the daemon read them (live mode sheds on purpose; in lossless mode the simulator is an "
+        "XPUB_NODROP publisher, see docs/protocol.md, and must lose nothing).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def variants(args) -> list[tuple[str, dict]]:
+    """(label, model settings) per daemon to run: each model at each step (window models) and precision."""
+    out = []
+    for name, path, precision in args.models:
+        window = load_checkpoint(path)[0].arch()["name"] == "window_ae"
+        for step in (args.steps or [3]) if window else [None]:
+            label = f"{name}{f', step {step}' if step else ''}{f', {precision}' if precision != 'float32' else ''}"
+            model = {"device": args.device, "path": str(path), "precision": precision}
+            out.append((label, model | ({"step": step} if step else {})))
+    return out
 
 
 async def amain(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for step in args.steps:
+        for label, model in variants(args):
             daemon_cfg = {
-                "model": {"device": args.device, "step": step, **({"path": str(args.model)} if args.model else {})},
+                "model": model,
                 "queue": {"mode": args.mode, "max_batch": args.max_batch, "maxsize": args.maxsize},
                 "log_level": "WARNING",
             }
             for size in args.sizes:
                 spec = SimSpec(shape=(size, size), dwell_us=args.dwell_us)
-                paced = f"step {step}, paced ({args.dwell_us:g} µs dwell: {1 / spec.frame_period_s:.2f} fps)"
-                for label, max_rate in ((paced, False), (f"step {step}, full speed", True)):
-                    rows.append(await measure(label, spec, args.seconds, max_rate=max_rate, daemon_cfg=daemon_cfg,
-                                              workdir=Path(tmp)))
+                paced = f"{label}, paced ({args.dwell_us:g} µs dwell: {1 / spec.frame_period_s:.2f} fps)"
+                for name, max_rate in ((paced, False), (f"{label}, full speed", True)):
+                    rows.append(await measure(name, spec, args.seconds, max_rate=max_rate, daemon_cfg=daemon_cfg,
+                                              workdir=Path(tmp), lossless=args.mode == "lossless"))
     return rows
+
+
+def _model_option(text: str) -> tuple[str, Path, str]:
+    """NAME=PATH[@PRECISION]."""
+    name, sep, rest = text.partition("=")
+    path, _, precision = rest.rpartition("@") if "@" in rest else (rest, "", "float32")
+    if not sep or not name or not path or precision not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}], got {text!r}")
+    return name, Path(path), precision
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--model", type=_model_option, action="append", metavar="NAME=PATH[@bf16]",
+                   help="a checkpoint to run in the daemon (repeatable; default: conv, conv@bf16, paper AE)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)
     p.add_argument("--dwell-us", type=float, default=2.0)
-    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[2, 3])
+    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="floating-window steps for window models (default 3)")
     p.add_argument("--mode", choices=["live", "lossless"], default="live")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--maxsize", type=int, default=2)
@@ -198,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
+    args.models = args.model or [("conv", DEFAULT_MODEL_PATH, "float32"), ("conv", DEFAULT_MODEL_PATH, "bf16"),
+                                 ("paper AE", PAPER_AE_PATH, "float32")]
     if args.quick:
         args.sizes, args.seconds = args.sizes or [128], min(args.seconds, 4.0)
     args.sizes = args.sizes or [512]
