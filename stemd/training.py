@@ -277,15 +277,12 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def frame_flops(window: int, hidden: tuple[int, ...], shape: tuple[int, int] = (512, 512), step: int = DEFAULT_STEP) -> float:
-    """FLOPs to reconstruct one frame: windows of stemd.window's padded grid x 2 x sum(layer in*out)."""
-    from stemd.window import pad_amounts
+    """FLOPs to reconstruct one frame: the windows `stemd.window` evaluates x 2 x sum(layer in*out)."""
+    from stemd.window import window_starts
 
     widths = [window * window, *hidden, *reversed(hidden[:-1]), window * window]
     per_window = sum(a * b for a, b in zip(widths, widths[1:]))
-    n_windows = 1
-    for size in shape:
-        padded = size + sum(pad_amounts(size, window, step))
-        n_windows *= (padded - window) // step + 1
+    n_windows = len(window_starts(shape[0], window, step)) * len(window_starts(shape[1], window, step))
     return 2.0 * n_windows * per_window
 
 
