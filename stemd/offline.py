@@ -1,14 +1,17 @@
 """`stemd denoise IN OUT`: denoise a TIFF frame or stack offline with `stemd.denoiser.Denoiser`.
 
 The output is float32 with the input's shape, pixel size (resolution tags, ImageJ spacing/unit)
-and description, plus a note of the model id and step. Stacks are denoised frame by frame and
-streamed into a temporary file beside OUT that is renamed into place only on success.
+and description, plus a note of the model id and step. Stacks are read, denoised and written
+frame by frame (a memory map or one TIFF page at a time), streamed into a temporary file beside
+OUT that is renamed into place only on success. The pixel size (`--pixel-size`, else the
+resolution tags) lets the denoiser resample a frame into the model's lattice-period range.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import time
@@ -20,6 +23,7 @@ import numpy as np
 
 from stemd import __version__
 from stemd.errors import ConfigError, InputError, StemdError
+from stemd.sampling import DEFAULT_LATTICE_PERIOD_M, POLICIES, check_lattice_period, check_policy
 
 MAX_STEP = 28
 # ImageJ keys that describe the old pixel values or file layout; tifffile rewrites the layout ones
@@ -27,19 +31,100 @@ _IMAGEJ_DROP = {"ImageJ", "images", "frames", "slices", "channels", "hyperstack"
                 "min", "max", "Ranges", "LUTs", "ROI", "Overlays", "Plot", "axes"}
 _IMAGEJ_STACK_AXES = ("TYX", "ZYX", "CYX")
 _BIGTIFF_BYTES = 2**32 - 2**25  # leave room for tags below the classic TIFF 4 GiB limit
+PRECISIONS = ("float32", "tf32", "bf16")
+# metres per resolution unit: TIFF ResolutionUnit codes (4, 5: tifffile's extensions) and ImageJ "unit" names
+_RESUNIT_M = {2: 0.0254, 3: 1e-2, 4: 1e-3, 5: 1e-6}
+_IMAGEJ_UNIT_M = {"m": 1.0, "cm": 1e-2, "mm": 1e-3, "micron": 1e-6, "microns": 1e-6, "um": 1e-6, "\\u00b5m": 1e-6,
+                  "µm": 1e-6, "μm": 1e-6, "nm": 1e-9, "a": 1e-10, "å": 1e-10, "angstrom": 1e-10, "pm": 1e-12}
+# Tags giving a pixel of 1 µm or more are a print resolution (72 dpi is 0.35 mm), not a microscope's
+PRINT_PIXEL_M = 1e-6
+SQUARE_TOLERANCE = 0.01  # x and y pixel sizes closer than this (relative) are one pixel size
 
 
 @dataclass(frozen=True)
 class TiffImage:
-    """Pixels of a TIFF's first series and the metadata `stemd denoise` carries over."""
+    """A TIFF's first series (read lazily, frame by frame) and the metadata `stemd denoise` carries over."""
 
-    data: np.ndarray  # (H, W) or (N, H, W)
-    axes: str  # tifffile's axes codes, e.g. "YX", "TYX", "QYX"
+    path: Path
+    shape: tuple[int, ...]  # (H, W) or (N, H, W)
+    dtype: np.dtype
+    axes: str  # tifffile's axes codes, e.g. "YX", "TYX", "QYX"; "SYX": the planes of a non-colour RGB page
     imagej: dict[str, Any] | None  # ImageJ metadata when the file is an ImageJ TIFF
     shaped: dict[str, Any] | None  # tifffile's JSON metadata (without "shape") when present
     description: str | None  # a plain ImageDescription (neither ImageJ nor tifffile JSON)
     resolution: tuple[float, float] | None  # pixels per `resolution_unit` in x and y
     resolution_unit: int | None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Each (H, W) frame in turn, read when reached: from a memory map when the pixels lie
+        uncompressed in one block, else one TIFF page at a time; a 2D image is one frame."""
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                series = tif.series[0]
+                stack = series.shape if self.ndim == 3 else (1, *self.shape)
+                if series.dataoffset is not None:
+                    dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+                    mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=series.dataoffset, shape=stack)
+                    yield from mapped
+                    del mapped
+                elif len(series.pages) == stack[0] and all(p is not None and p.shape == stack[1:] for p in series.pages):
+                    for page in series.pages:
+                        yield page.asarray()
+                else:  # an unusual layout (e.g. several frames in one compressed page): read it whole
+                    yield from series.asarray().reshape(stack)
+        except StemdError:
+            raise
+        except Exception as exc:  # tifffile and numpy report bad files with many exception types
+            raise InputError(f"cannot read {self.path} as a TIFF image: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def pixel_size_from_tags(image: TiffImage) -> float | None:
+    """Pixel size in metres from the resolution tags (or ImageJ's unit); None when they give no
+    physical size or only a print resolution (>= PRINT_PIXEL_M). Non-square pixels raise InputError."""
+    if image.resolution is None:
+        return None
+    per_unit = _RESUNIT_M.get(image.resolution_unit or 0)
+    if per_unit is None and image.imagej is not None:
+        per_unit = _IMAGEJ_UNIT_M.get(str(image.imagej.get("unit", "")).strip().lower())
+    xres, yres = image.resolution
+    if per_unit is None or not (xres > 0 and yres > 0 and math.isfinite(xres) and math.isfinite(yres)):
+        return None
+    x, y = per_unit / xres, per_unit / yres
+    if x >= PRINT_PIXEL_M or y >= PRINT_PIXEL_M:
+        return None
+    if abs(x - y) > SQUARE_TOLERANCE * max(x, y):
+        raise InputError(f"{image.path}: its resolution tags give non-square pixels ({x:.4g} x {y:.4g} m); "
+                         "pass --pixel-size METRES or --sampling off")
+    return x
+
+
+def _stack_of_planes(page: Any, series: Any, shaped: dict[str, Any] | None) -> bool:
+    """True when an RGB-tagged page is a stack of 3 or 4 greyscale frames, not a colour image.
+
+    tifffile writes an (S, H, W) array with S = 3 or 4 and no `photometric` as RGB with separate
+    planes (axes "SYX"; 4 planes get an alpha tag). Colour images almost always interleave their
+    samples (axes "YXS"), 8 bits each. So: separate planes, and either wider than 8 bits (detector
+    data) or tifffile's own shape record saying an (S, H, W) array was written.
+    """
+    import tifffile
+
+    if page.photometric != tifffile.PHOTOMETRIC.RGB or page.planarconfig != tifffile.PLANARCONFIG.SEPARATE:
+        return False
+    if series.axes != "SYX":
+        return False
+    written_as_stack = shaped is not None and list(shaped.get("shape", [])) == list(series.shape)
+    return np.dtype(series.dtype).itemsize > 1 or written_as_stack
 
 
 def _plain_description(text: str) -> bool:
@@ -68,10 +153,12 @@ def read_tiff(path: Path) -> TiffImage:
                 raise InputError(f"{path} holds no image")
             series = tif.series[0]
             page = tif.pages.first
-            if "S" in series.axes or page.photometric in (
+            shaped = dict(tif.shaped_metadata[0]) if tif.is_shaped and tif.shaped_metadata else None
+            planes = _stack_of_planes(page, series, shaped)
+            if not planes and ("S" in series.axes or page.photometric in (
                 tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR, tifffile.PHOTOMETRIC.PALETTE,
                 tifffile.PHOTOMETRIC.SEPARATED,
-            ):
+            )):
                 raise InputError(
                     f"{path} is a colour (RGB/palette) TIFF of shape {series.shape}; "
                     "stemd denoises single-channel greyscale images: convert it to greyscale first"
@@ -81,14 +168,14 @@ def read_tiff(path: Path) -> TiffImage:
                     f"{path} holds a {len(series.shape)}D image of shape {series.shape} (axes {series.axes}); "
                     "expected a 2D frame (H, W) or a 3D stack (N, H, W)"
                 )
-            data = series.asarray()
             descriptions = [t.value for t in page.tags if t.code == 270 and isinstance(t.value, str)]
-            shaped = dict(tif.shaped_metadata[0]) if tif.is_shaped and tif.shaped_metadata else None
             if shaped is not None:
                 shaped.pop("shape", None)
             resolution = page.resolution if 282 in page.tags and 283 in page.tags else None
             return TiffImage(
-                data=data,
+                path=path,
+                shape=tuple(int(v) for v in series.shape),
+                dtype=np.dtype(series.dtype),
                 axes=series.axes,
                 imagej=dict(tif.imagej_metadata or {}) if tif.is_imagej else None,
                 shaped=shaped,
@@ -99,8 +186,7 @@ def read_tiff(path: Path) -> TiffImage:
     except StemdError:
         raise
     except Exception as exc:  # tifffile reports bad files with many exception types
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read {path} as a TIFF image: {reason}") from None
+        raise InputError(f"cannot read {path} as a TIFF image: {_reason(exc)}") from None
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -117,8 +203,12 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise InputError(f"output directory {parent} is not writable")
 
 
-def stemd_note(model_id: str, step: int) -> dict[str, Any]:
-    return {"model": model_id, "step": step, "software": f"stemd {__version__}"}
+def stemd_note(model_id: str, step: int, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What OUT records of how it was made; `sampling`: the pixel size used and the resampling factor."""
+    note = {"model": model_id, "step": step, "software": f"stemd {__version__}"}
+    if sampling is not None:
+        note["sampling"] = sampling
+    return note
 
 
 def _write_kwargs(image: TiffImage, note: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -128,15 +218,17 @@ def _write_kwargs(image: TiffImage, note: dict[str, Any]) -> tuple[bool, dict[st
         kwargs["resolution"] = image.resolution
         kwargs["resolutionunit"] = image.resolution_unit
     note_line = f"stemd: denoised by {note['software']}, model {note['model']}, step {note['step']}"
+    if note.get("sampling", {}).get("factor", 1.0) != 1.0:
+        note_line += f", resampled x{note['sampling']['factor']:.4g} for the model and back"
     if image.imagej is not None:
         meta = {k: v for k, v in image.imagej.items() if k not in _IMAGEJ_DROP}
         meta["Info"] = f"{meta['Info'].rstrip()}\n{note_line}" if meta.get("Info") else note_line
-        if image.data.ndim == 3:
+        if image.ndim == 3:
             meta["axes"] = image.axes if image.axes in _IMAGEJ_STACK_AXES else "TYX"
         kwargs["metadata"] = meta
         return True, kwargs
     meta = dict(image.shaped or {})
-    if meta.get("axes") is not None and len(str(meta["axes"])) != image.data.ndim:
+    if meta.get("axes") is not None and len(str(meta["axes"])) != image.ndim:
         meta.pop("axes")
     meta["stemd"] = note
     kwargs["metadata"] = meta
@@ -151,7 +243,7 @@ def write_tiff_atomic(out: Path, image: TiffImage, frames: Iterator[np.ndarray],
     import tifffile
 
     out = Path(out)
-    shape = image.data.shape
+    shape = image.shape
     imagej, kwargs = _write_kwargs(image, note)
     bigtiff = not imagej and 4 * int(np.prod(shape)) > _BIGTIFF_BYTES
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -168,16 +260,22 @@ def write_tiff_atomic(out: Path, image: TiffImage, frames: Iterator[np.ndarray],
         tmp.unlink(missing_ok=True)
 
 
-def denoise_frames(image: np.ndarray, denoise: Callable[[np.ndarray], np.ndarray], progress: bool) -> Iterator[np.ndarray]:
-    """Denoised float32 frames of a 2D frame or 3D stack, one at a time, with a progress bar for stacks."""
-    stack = image if image.ndim == 3 else image[None]
-    indices: Any = range(len(stack))
-    if progress and len(stack) > 1:
+def denoise_frames(image: TiffImage, denoise: Callable[..., np.ndarray], pixel_size_m: float | None,
+                   progress: bool) -> Iterator[np.ndarray]:
+    """Denoised float32 frames of `image`, read and denoised one at a time, with a progress bar for stacks.
+
+    `denoise(frame, pixel_size_m=...)` is a `Denoiser`; an InputError names the frame it came from."""
+    n = image.shape[0] if image.ndim == 3 else 1
+    frames: Any = image.frames()
+    if progress and n > 1:
         from tqdm import tqdm
 
-        indices = tqdm(indices, unit="frame", desc="denoise", dynamic_ncols=True)
-    for i in indices:
-        yield np.ascontiguousarray(denoise(stack[i]), dtype=np.float32)
+        frames = tqdm(frames, total=n, unit="frame", desc="denoise", dynamic_ncols=True)
+    for i, frame in enumerate(frames):
+        try:
+            yield np.ascontiguousarray(denoise(frame, pixel_size_m=pixel_size_m), dtype=np.float32)
+        except InputError as exc:
+            raise InputError(f"{image.path}: frame {i + 1} of {n}: {exc}" if n > 1 else f"{image.path}: {exc}") from None
 
 
 def denoise_file(
@@ -189,21 +287,42 @@ def denoise_file(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    pixel_size_m: float | None = None,
+    lattice_period_m: float = DEFAULT_LATTICE_PERIOD_M,
+    sampling: str = "resample",
+    precision: str = "float32",
 ) -> tuple[TiffImage, dict[str, Any]]:
-    """Denoise the TIFF `inp` into `out` (float32, same shape, metadata carried); returns (input, note)."""
+    """Denoise the TIFF `inp` into `out` (float32, same shape, metadata carried); returns (input, note).
+
+    `pixel_size_m` None: the one the resolution tags give, if any (see `pixel_size_from_tags`)."""
     from stemd.denoiser import Denoiser, check_frames
 
     if step is not None and not 1 <= step <= MAX_STEP:
         raise ConfigError(f"--step must be from 1 to {MAX_STEP}, got {step}")
+    check_policy(sampling, "--sampling")
+    check_lattice_period(lattice_period_m, "--lattice-period")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
+    if pixel_size_m is not None and not (math.isfinite(pixel_size_m) and pixel_size_m > 0):
+        raise ConfigError(f"--pixel-size must be a positive number of metres, got {pixel_size_m!r}")
     check_output(out, overwrite)
     image = read_tiff(inp)
-    denoiser = Denoiser.load(model, device=device, step=step)
+    source = "--pixel-size"
+    if pixel_size_m is None and sampling != "off":
+        pixel_size_m, source = pixel_size_from_tags(image), "resolution tags"
+    denoiser = Denoiser.load(model, device=device, step=step, precision=precision, sampling=sampling,
+                             lattice_period_m=lattice_period_m)
     try:
-        check_frames(image.data, denoiser.window)
+        frames = image.frames()
+        check_frames(next(frames), denoiser.window)
+        frames.close()
+        factor = denoiser.plan(image.shape[-2:], pixel_size_m)
     except InputError as exc:
         raise InputError(f"{inp}: {exc}") from None
-    note = stemd_note(denoiser.model_id, denoiser.step)
-    write_tiff_atomic(out, image, denoise_frames(image.data, denoiser, progress), note)
+    used = None if pixel_size_m is None or sampling == "off" else {
+        "pixel_size_m": pixel_size_m, "source": source, "lattice_period_m": lattice_period_m, "factor": factor}
+    note = stemd_note(denoiser.model_id, denoiser.step, used)
+    write_tiff_atomic(out, image, denoise_frames(image, denoiser, pixel_size_m, progress), note)
     return image, note
 
 
@@ -213,6 +332,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, metavar="PATH", help="checkpoint (default: the shipped model)")
     parser.add_argument("--step", metavar="N", help=f"floating-window step 1..{MAX_STEP} (default: the model's, 2)")
     parser.add_argument("--device", default="auto", metavar="cpu|cuda|auto", help="where to run the model (default auto)")
+    parser.add_argument("--precision", default="float32", metavar="float32|tf32|bf16",
+                        help="model arithmetic (default float32; bf16 is about 2x faster for the conv model on the CPU)")
+    parser.add_argument("--pixel-size", metavar="METRES",
+                        help="pixel size, e.g. 3.9e-11 (default: from the TIFF's resolution tags, if they give one)")
+    parser.add_argument("--lattice-period", metavar="METRES", default=str(DEFAULT_LATTICE_PERIOD_M),
+                        help=f"the specimen's projected lattice period (default {DEFAULT_LATTICE_PERIOD_M:g}, SrTiO3)")
+    parser.add_argument("--sampling", default="resample", metavar="|".join(POLICIES),
+                        help="a frame outside the model's lattice-period range: resample it (default), refuse, or "
+                             "run it as is (off)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -226,6 +354,15 @@ def _parse_step(text: str | None) -> int | None:
         raise ConfigError(f"--step must be an integer from 1 to {MAX_STEP}, got {text!r}") from None
 
 
+def _parse_metres(text: str | None, option: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{option} must be a number of metres, e.g. 3.9e-11, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     image, note = denoise_file(
@@ -236,8 +373,17 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"),
+        lattice_period_m=_parse_metres(args.lattice_period, "--lattice-period"),
+        sampling=args.sampling,
+        precision=args.precision,
     )
-    frames = 1 if image.data.ndim == 2 else len(image.data)
-    print(f"wrote {args.output}: {frames} frame(s) of {image.data.shape[-2]}x{image.data.shape[-1]}, "
-          f"model {note['model']}, step {note['step']}, {time.perf_counter() - t0:.1f} s")
+    frames = 1 if image.ndim == 2 else image.shape[0]
+    used = note.get("sampling")
+    sampled = f"sampling {args.sampling}: run as is" if args.sampling == "off" else "pixel size unknown: run as is"
+    sampled = sampled if used is None else (
+        f"pixel size {used['pixel_size_m']:.4g} m ({used['source']}), "
+        + ("in the model's range" if used["factor"] == 1.0 else f"resampled x{used['factor']:.4g} and back"))
+    print(f"wrote {args.output}: {frames} frame(s) of {image.shape[-2]}x{image.shape[-1]}, "
+          f"model {note['model']}, step {note['step']}, {sampled}, {time.perf_counter() - t0:.1f} s")
     return 0

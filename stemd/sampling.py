@@ -110,7 +110,7 @@ def plan(pixel_size_m: float | None, lattice_period_m: float, period_range: tupl
     where = (f"pixel size {pixel_size_m:.4g} m with lattice period {lattice_period_m:.4g} m is {period:.3g} px "
              f"per period; the model was trained on {lo:g}-{hi:g} px")
     if policy == "refuse":
-        raise SamplingError(f"{where} (model.sampling is refuse); {OVERRIDE_HINT}")
+        raise SamplingError(f"{where} (sampling policy: refuse); {OVERRIDE_HINT}")
     if period < MIN_PERIOD_PX:
         raise SamplingError(f"{where}, and below {MIN_PERIOD_PX:g} px the lattice is not resolved (aliased), so "
                             f"resampling cannot help; {OVERRIDE_HINT}")

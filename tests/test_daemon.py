@@ -375,7 +375,7 @@ async def test_out_of_range_pixel_size_is_refused_counted_and_logged(zctx, check
         assert d.dropped == {"sampling": 1} and not d.rejected and d.frames_in == 4 and d.frames_out == 3
         assert list(d.dropped_ids) == [("mag", 1, "sampling")] and d.stats()["dropped"] == {"sampling": 1}
         said = [r.getMessage() for r in caplog.records if "sampling" in r.getMessage()]
-        assert any("pixel size 2e-11 m" in m and "19.5 px" in m and "model.sampling is refuse" in m for m in said)
+        assert any("pixel size 2e-11 m" in m and "19.5 px" in m and "sampling policy: refuse" in m for m in said)
         cfg.write_text(json.dumps({**base, "model": {**base["model"], "sampling": "off"}}))
         assert await d.reload() is True and d.engine.denoiser.sampling == "off"
         await pub.send(frame_parts("mag", 4, pixel_size_m=2e-11))

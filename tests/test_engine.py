@@ -119,7 +119,7 @@ def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(chec
             np.testing.assert_allclose(o, eng.denoiser(f, pixel_size_m=3.905e-11), rtol=1e-4, atol=1e-3)
             assert not np.allclose(o, eng.denoiser(f), atol=1e-2)  # the pixel size made a difference
         eng.replace(Denoiser.load(checkpoint, device="cpu", sampling="refuse"))
-        with pytest.raises(SamplingError, match="model.sampling is refuse"):
+        with pytest.raises(SamplingError, match="sampling policy: refuse"):
             eng.submit(frames, 2e-11)
         assert "sampling refuse" in eng.describe()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import tifffile
 from stemd.cli import main
 from stemd.denoiser import Denoiser
 from stemd.errors import InputError
+from stemd.offline import TiffImage, denoise_frames, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
 from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
 
 SENTINEL = b"previous output, must survive a failed run"
@@ -33,15 +35,15 @@ def denoise(*argv: str | Path) -> int:
 def test_frame_round_trip_keeps_description_and_pixel_size(tmp_path, checkpoint, frames):
     raw = (frames[1][0] * 1000 + 200).clip(0).astype(np.uint16)
     inp, out = tmp_path / "frame.tif", tmp_path / "out.tif"
-    tifffile.imwrite(inp, raw, description="Scope 9000, HAADF, dwell 2 us", resolution=(2e7, 2e7),
-                     resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(inp, raw, description="Scope 9000, HAADF, dwell 2 us", resolution=(2.56e8, 2.56e8),
+                     resolutionunit="CENTIMETER", metadata=None)  # 0.0390625 nm: the 10 px lattice is SrTiO3's
     assert denoise(inp, out, "--model", checkpoint) == 0
     expected = Denoiser.load(checkpoint, device="cpu")
     with tifffile.TiffFile(out) as tif:
         data, page = tif.asarray(), tif.pages.first
         assert data.shape == raw.shape and data.dtype == np.float32
         assert page.description == "Scope 9000, HAADF, dwell 2 us"
-        assert page.resolution == (2e7, 2e7) and page.resolutionunit == tifffile.RESUNIT.CENTIMETER
+        assert page.resolution == (2.56e8, 2.56e8) and page.resolutionunit == tifffile.RESUNIT.CENTIMETER
         note = tif.shaped_metadata[0]["stemd"]
     assert note["model"] == expected.model_id and note["step"] == expected.step
     np.testing.assert_allclose(data, expected(raw), rtol=1e-5, atol=1e-3)
@@ -50,13 +52,13 @@ def test_frame_round_trip_keeps_description_and_pixel_size(tmp_path, checkpoint,
 def test_imagej_stack_round_trip_is_cleaner(tmp_path, checkpoint, frames):
     clean, noisy = frames
     inp, out = tmp_path / "stack.tif", tmp_path / "out.tif"
-    tifffile.imwrite(inp, noisy, imagej=True, resolution=(20.0, 20.0),
+    tifffile.imwrite(inp, noisy, imagej=True, resolution=(25.6, 25.6),
                      metadata={"axes": "TYX", "spacing": 1.0, "unit": "nm", "Info": "session 42"})
     assert denoise(inp, out, "--model", checkpoint, "--step", "3") == 0
     with tifffile.TiffFile(out) as tif:
         assert tif.is_imagej
         data, meta = tif.asarray(), tif.imagej_metadata
-        assert tif.pages.first.resolution == (20.0, 20.0)
+        assert tif.pages.first.resolution == (25.6, 25.6)
     assert data.shape == noisy.shape and data.dtype == np.float32
     assert meta["unit"] == "nm" and meta["images"] == 3
     assert meta["Info"].startswith("session 42") and "step 3" in meta["Info"]
@@ -129,6 +131,11 @@ def test_bad_input_exits_2_and_keeps_out(tmp_path, capsys, checkpoint, case):
         (["--device", "tpu"], "device"),
         (["--model", "{garbage}"], "garbage.pt"),
         (["--model", "{missing}"], "does not exist"),
+        (["--pixel-size", "-1"], "--pixel-size"),
+        (["--pixel-size", "big"], "--pixel-size"),
+        (["--lattice-period", "3.905"], "--lattice-period"),
+        (["--sampling", "sometimes"], "--sampling"),
+        (["--precision", "half"], "--precision"),
     ],
 )
 def test_bad_option_exits_2_and_keeps_out(tmp_path, capsys, checkpoint, frames, args, fragment):
@@ -170,11 +177,11 @@ def test_failure_mid_stack_leaves_out_untouched(tmp_path, capsys, checkpoint, fr
     calls = []
     real = Denoiser.__call__
 
-    def flaky(self, image):
+    def flaky(self, image, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise InputError("simulated failure on frame 2")
-        return real(self, image)
+        return real(self, image, **kwargs)
 
     monkeypatch.setattr(Denoiser, "__call__", flaky)
     assert denoise(inp, out, "--model", checkpoint, "--overwrite") == 2
@@ -191,3 +198,133 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("stemd: error:") and "in.tif" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o.tif").exists()
+
+
+# ---- pixel size and sampling, precision, streaming, stacks tifffile tagged RGB
+
+SRTIO3_M = 3.905e-10
+
+
+def _tags(resolution, unit, imagej=None) -> TiffImage:
+    return TiffImage(path=Path("x.tif"), shape=(64, 64), dtype=np.dtype(np.uint16), axes="YX", imagej=imagej,
+                     shaped=None, description=None, resolution=resolution, resolution_unit=unit)
+
+
+@pytest.mark.parametrize(("resolution", "unit", "imagej", "metres"), [
+    ((2.56e8, 2.56e8), 3, None, 3.90625e-11),  # per centimetre
+    ((0.0254 / 3.9e-11,) * 2, 2, None, 3.9e-11),  # per inch
+    ((2.5e7, 2.5e7), 4, None, 4e-11),  # per millimetre (tifffile's extension)
+    ((2.5e4, 2.5e4), 5, None, 4e-11),  # per micrometre (tifffile's extension)
+    ((25.6, 25.6), 1, {"unit": "nm"}, 3.90625e-11),  # ImageJ: no TIFF unit, its own
+    ((25600.0, 25600.0), 1, {"unit": "micron"}, 3.90625e-11),
+    ((25600.0, 25600.0), 1, {"unit": "\\u00B5m"}, 3.90625e-11),  # ImageJ writes µ escaped
+    ((0.256, 0.256), 1, {"unit": "Å"}, 3.90625e-10),
+    ((72.0, 72.0), 2, None, None),  # a print resolution, not a microscope's pixel
+    ((25.6, 25.6), 1, None, None),  # no unit
+    ((25.6, 25.6), 1, {"unit": "pixel"}, None),
+    (None, None, None, None),
+])
+def test_pixel_size_from_tags(resolution, unit, imagej, metres):
+    got = pixel_size_from_tags(_tags(resolution, unit, imagej))
+    assert (got is None) if metres is None else got == pytest.approx(metres, rel=1e-9)
+
+
+def test_non_square_pixels_are_named():
+    with pytest.raises(InputError, match="non-square pixels.*--pixel-size"):
+        pixel_size_from_tags(_tags((25.6, 30.0), 1, {"unit": "nm"}))
+
+
+@pytest.fixture(scope="module")
+def lattice_14px() -> tuple[np.ndarray, float]:
+    """A noisy uint16 frame whose lattice period is 14 px, and the pixel size that says so."""
+    rng = np.random.default_rng(5)
+    clean = simulate_frame((96, 104), rng, period_px=14.0, sigma_px=2.1, rotation_deg=11.0).clean
+    return corrupt(clean, NoiseSpec(kind="poisson", dose=20.0), rng).astype(np.uint16), SRTIO3_M / 14.0
+
+
+def test_tags_resample_and_options_override_them(tmp_path, capsys, checkpoint, lattice_14px):
+    raw, pixel = lattice_14px
+    inp = tmp_path / "in.tif"
+    tifffile.imwrite(inp, raw, imagej=True, resolution=(1e-9 / pixel,) * 2, metadata={"unit": "nm"})
+    den = Denoiser.load(checkpoint, device="cpu")
+    as_is, resampled = den(raw), den(raw, pixel_size_m=pixel)
+    assert np.abs(as_is - resampled).max() > 0.05 * np.ptp(as_is)  # the pixel size matters for this model
+    runs = {"tags": [], "off": ["--sampling", "off"], "override": ["--pixel-size", str(SRTIO3_M / 10.0)]}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.tif"
+        assert denoise(inp, out, "--model", checkpoint, *extra) == 0
+        with tifffile.TiffFile(out) as tif:
+            data, info = tif.asarray(), tif.imagej_metadata["Info"]
+        np.testing.assert_allclose(data, resampled if name == "tags" else as_is, rtol=1e-5, atol=1e-3)
+        assert ("resampled x" in info) == (name == "tags")
+    printed = capsys.readouterr().out
+    assert "(resolution tags), resampled x0.72" in printed and "sampling off: run as is" in printed
+    assert "(--pixel-size), in the model's range" in printed
+
+
+def test_refused_sampling_exits_2_and_keeps_out(tmp_path, capsys, checkpoint, lattice_14px):
+    raw, pixel = lattice_14px
+    inp, out = tmp_path / "in.tif", tmp_path / "out.tif"
+    tifffile.imwrite(inp, raw, resolution=(0.01 / pixel,) * 2, resolutionunit="CENTIMETER")
+    out.write_bytes(SENTINEL)
+    for extra, fragment in [(["--sampling", "refuse"], "14 px per period"), (["--pixel-size", "3e-10"], "not resolved")]:
+        assert denoise(inp, out, "--model", checkpoint, "--overwrite", *extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("stemd: error:") and "in.tif" in err and fragment in err and err.count("\n") == 1
+        assert out.read_bytes() == SENTINEL and _leftovers(tmp_path, {"in.tif", "out.tif"}) == []
+
+
+def test_bf16_precision_option(tmp_path, checkpoint, frames):
+    inp = tmp_path / "in.tif"
+    tifffile.imwrite(inp, frames[1][0])
+    assert denoise(inp, tmp_path / "f32.tif", "--model", checkpoint) == 0
+    assert denoise(inp, tmp_path / "bf16.tif", "--model", checkpoint, "--precision", "bf16") == 0
+    f32, bf16 = tifffile.imread(tmp_path / "f32.tif"), tifffile.imread(tmp_path / "bf16.tif")
+    assert not np.array_equal(f32, bf16) and np.abs(f32 - bf16).max() < 0.01 * np.ptp(f32)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
+def test_small_stack_tagged_rgb_by_tifffile_is_a_stack(tmp_path, checkpoint, frames, n, dtype):
+    """tifffile writes an (n, H, W) array with n = 3 or 4 and no photometric as RGB(A) with separate planes."""
+    clean = np.concatenate([frames[0], frames[0]])[:n]
+    rng = np.random.default_rng(n)
+    raw = rng.poisson(clean * 40).clip(0, np.iinfo(dtype).max).astype(dtype)
+    inp, out = tmp_path / "in.tif", tmp_path / "out.tif"
+    with pytest.warns(DeprecationWarning):  # tifffile: "stored as RGB with separate component planes"
+        tifffile.imwrite(inp, raw)
+    with tifffile.TiffFile(inp) as tif:
+        assert tif.pages.first.photometric == tifffile.PHOTOMETRIC.RGB  # what makes it look like colour
+    assert denoise(inp, out, "--model", checkpoint) == 0
+    data = tifffile.imread(out)
+    den = Denoiser.load(checkpoint, device="cpu")
+    assert data.shape == raw.shape and data.dtype == np.float32
+    for got, frame in zip(data, raw):
+        np.testing.assert_allclose(got, den(frame), rtol=1e-5, atol=1e-3)
+
+
+def test_sixteen_bit_colour_image_is_still_refused(tmp_path, capsys, checkpoint):
+    inp = tmp_path / "in.tif"
+    tifffile.imwrite(inp, np.ones((64, 64, 3), np.uint16), photometric="rgb")  # interleaved samples: colour
+    assert denoise(inp, tmp_path / "out.tif", "--model", checkpoint) == 2
+    assert "colour" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["plain", "zlib", "imagej"])
+def test_stack_streams_frame_by_frame(tmp_path, layout):
+    """Reading, denoising and writing hold about one frame: far less than the stack, whatever the layout."""
+    stack = (np.arange(96 * 128 * 128) % 4001).astype(np.uint16).reshape(96, 128, 128)
+    inp, out = tmp_path / "in.tif", tmp_path / "out.tif"
+    kwargs = {"plain": {"photometric": "minisblack"}, "zlib": {"photometric": "minisblack", "compression": "zlib"},
+              "imagej": {"imagej": True}}[layout]
+    tifffile.imwrite(inp, stack, **kwargs)
+    tracemalloc.start()
+    try:
+        image = read_tiff(inp)
+        write_tiff_atomic(out, image, denoise_frames(image, lambda f, pixel_size_m: f * np.float32(2), None, False),
+                          stemd_note("test", 1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.shape == stack.shape and peak < stack.nbytes / 4  # the stack as float32 is 2x stack.nbytes
+    np.testing.assert_array_equal(tifffile.imread(out), stack * 2.0)
