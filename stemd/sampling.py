@@ -20,9 +20,9 @@ POLICIES = ("resample", "refuse", "off")  # off: the pixel size is ignored
 DEFAULT_LATTICE_PERIOD_M = 3.905e-10  # SrTiO3's a, the perovskite the training scenes are scaled to
 LATTICE_PERIOD_RANGE_M = (1e-11, 1e-8)  # 0.01-10 nm: outside it, a unit slip (Å or nm for metres) is likelier
 # A model trained on one period p (the paper's window AE: 10 px) runs frames as is only within
-# p ÷/x this factor ([9.9, 10.1] px). Measured on the AE (512² RP frames at dose 20, docs/benchmarks.md
-# "Sampling"): as is it loses ~0 dB at ±1 %, 0.3-0.5 dB at ±2 %, 2.3 dB at +5 % and 12.6 dB at 8 px,
-# while frames resampled to 9.9-10.1 px score within 0.3 dB of a 10 px frame from 7 to 14 px.
+# p ÷/× this factor ([9.9, 10.1] px). Measured (docs/benchmarks.md, "Sampling"): as is the AE loses
+# about 2 dB 5 % away from 10 px and 7-13 dB 20 % away; resampled to 9.9-10.1 px it stays within a dB
+# of its 10 px score from 7 to 20 px; 1 % away, as is costs nothing measurable (a 256² check).
 SINGLE_PERIOD_TOLERANCE = 1.01
 MIN_PERIOD_PX = 2.0  # Nyquist: a lattice below 2 px per period is aliased; no interpolation restores it
 MAX_UPSAMPLE = 4.0  # upsampling adds no information and costs factor² in compute and memory
