@@ -124,3 +124,19 @@ def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(chec
         assert "sampling refuse" in eng.describe()
     finally:
         eng.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pipeline_resamples_like_cpu(checkpoint) -> None:
+    frames, _ = _noisy(3)
+    cpu = Engine.load(checkpoint, device="cpu")
+    gpu = Engine.load(checkpoint, device="cuda")
+    try:
+        for pixel in (3.905e-10 / 14.0, 3.905e-10 / 7.0):  # shrunk, then enlarged, on the compute stream
+            got = gpu.collect(gpu.submit(frames, pixel))
+            for e, g in zip(cpu.denoise(frames, pixel), got):
+                assert g.shape == e.shape
+                np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-2)
+    finally:
+        cpu.close()
+        gpu.close()
