@@ -223,5 +223,17 @@ class Denoiser:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            y = self.model.denoise_frames(x, self.step).float()
+            if factor != 1.0 and getattr(self.model, "guide", None) == "bragg":
+                y = self.model(x, self._resampled_guide(frames, factor)).float()
+            else:
+                y = self.model.denoise_frames(x, self.step).float()
         return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])
+
+    @staticmethod
+    def _resampled_guide(frames: torch.Tensor, factor: float) -> torch.Tensor:
+        """A conv model's Bragg guide taken at the frame's own sampling, then resampled with it: on an
+        upsampled frame the guide's noise floor is underestimated (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
+        from stemd.convnet import bragg_filter
+
+        with torch.autocast(frames.device.type, enabled=False):
+            return _sampling.resample(bragg_filter(frames.float()), factor)

@@ -255,3 +255,23 @@ def test_resampling_rescues_a_single_period_model(tmp_path: Path):
     mse = lambda x: float(np.mean((x - clean)[8:-8, 8:-8] ** 2))  # noqa: E731
     as_is, resampled = mse(den(noisy)), mse(den(noisy, pixel_size_m=SRTIO3_M / 14.0))
     assert resampled < 0.5 * as_is and resampled < 0.2 * mse(noisy)
+
+
+def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
+    """Resampling a Bragg-guided conv model: the guide is the original frame's, resampled with it."""
+    from stemd.convnet import ConvDenoiser, bragg_filter
+    from stemd.sampling import resample
+
+    model = ConvDenoiser((4, 8), guide="bragg")
+    seen = []
+    monkeypatch.setattr(model, "forward", lambda x, guide=None: seen.append((x, guide)) or x)
+    den = Denoiser(model, {"sampling": {"period_px": [6, 20]}}, device="cpu")
+    frames = torch.from_numpy(_lattice((60, 64)))[None, None]
+    with torch.inference_mode():
+        den.denoise_tensor(frames, SRTIO3_M / 4)  # 4 px per period: upsampled 1.5x
+    (x, guide), = seen
+    assert x.shape[-2:] == (90, 96) and guide is not None
+    torch.testing.assert_close(guide, resample(bragg_filter(frames), 1.5))
+    with torch.inference_mode():
+        den.denoise_tensor(frames, SRTIO3_M / 10)  # in range: the model takes its own guide
+    assert seen[-1][1] is None
