@@ -55,6 +55,7 @@ MAX_COUNTS = 65535
 OVERSAMPLE_MAX_PIXELS = 1 << 22  # oversample the field 2x only up to ~2048^2 frame pixels
 POISSON_HEADROOM = 1.5  # table covers flicker and line gain above the brightest column
 POISSON_TABLE_MAX = 64.0  # larger expected counts use numpy's sampler (tables would be big)
+SRTIO3_A_M = 3.905e-10  # the simulated lattice's period in metres (SrTiO3 a): sets the pixel size
 SLOW_JOINER_DELAY_S = 0.3  # after bind/connect, so subscribers are attached before frame 0
 
 
@@ -70,7 +71,7 @@ class SimSpec:
     shape: tuple[int, int] = (512, 512)
     dwell_us: float = 2.0
     dose_per_us: float = 10.0  # expected counts per microsecond at the brightest column
-    pixel_size_m: float = 3.905e-11  # SrTiO3: 0.3905 nm Sr-Sr over period_px = 10 pixels
+    pixel_size_m: float | None = None  # None: SrTiO3's 0.3905 nm Sr-Sr over period_px (3.905e-11 m at 10 px)
     period_px: float = 10.0
     sigma_px: float = 1.5
     rotation_deg: float = 0.0  # lattice orientation in the image
@@ -86,6 +87,9 @@ class SimSpec:
 
     def __post_init__(self) -> None:
         h, w = self.shape
+        _require(self.period_px > 2, "--period-px", "must be > 2", self.period_px)
+        if self.pixel_size_m is None:
+            object.__setattr__(self, "pixel_size_m", SRTIO3_A_M / self.period_px)
         _require(28 <= min(h, w) and max(h, w) <= 8192, "--size", "must be between 28 and 8192", self.shape)
         _require(self.dwell_us > 0 and math.isfinite(self.dwell_us), "--dwell-us", "must be > 0", self.dwell_us)
         _require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0", self.dose_per_us)
@@ -94,7 +98,6 @@ class SimSpec:
                  self.pixel_size_m)
         for option, value in (("--rotation-deg", self.rotation_deg), ("--scan-rotation-deg", self.scan_rotation_deg)):
             _require(math.isfinite(value), option, "must be a finite angle", value)
-        _require(self.period_px > 2, "--period-px", "must be > 2", self.period_px)
         _require(self.sigma_px > 0, "--sigma-px", "must be > 0", self.sigma_px)
         _require(self.defect in (None, "rp"), "--defect", "must be 'rp' or absent", self.defect)
         _require(0 <= self.drift_px <= self.margin_px, "--drift-px", f"must be between 0 and {self.margin_px}", self.drift_px)
@@ -496,7 +499,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-px", type=float, default=0.1, help="sample drift per frame, px (default %(default)s)")
     parser.add_argument("--rotation-deg", type=float, default=0.0, help="lattice rotation (default %(default)s)")
     parser.add_argument("--scan-rotation-deg", type=float, default=0.0, help="scan rotation metadata")
-    parser.add_argument("--pixel-size-m", type=float, default=3.905e-11, help="pixel size metadata, m")
+    parser.add_argument("--pixel-size-m", type=float, default=None,
+                        help="pixel size metadata, m (default: SrTiO3's 0.3905 nm over the 10 px lattice period)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--startup-delay-s", type=float, default=SLOW_JOINER_DELAY_S,
                         help="wait after bind so subscribers join before frame 0 (default %(default)s)")

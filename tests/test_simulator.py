@@ -305,3 +305,9 @@ async def test_lossless_waits_for_a_subscriber_and_never_drops():
         sim.close()
         ctx.term()
     assert ids == list(range(n)) and report.frames == n
+
+
+def test_pixel_size_follows_the_lattice_period_unless_given():
+    assert SimSpec().pixel_size_m == pytest.approx(3.905e-11)
+    assert SimSpec(period_px=20.0).pixel_size_m == pytest.approx(3.905e-10 / 20)
+    assert SimSpec(period_px=20.0, pixel_size_m=1e-11).pixel_size_m == 1e-11
