@@ -40,6 +40,7 @@ class ModelSettings(_Section):
     # model's trained range is resampled into it, refused, or (off) run as is; stemd.sampling
     sampling: Literal["resample", "refuse", "off"] = "resample"
     lattice_period_m: float = Field(default=3.905e-10, gt=1e-11, lt=1e-8, allow_inf_nan=False)  # SrTiO3 a
+    flips: bool = False  # average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB (docs/benchmarks.md)
 
 
 class InputSettings(_Section):

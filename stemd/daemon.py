@@ -174,10 +174,7 @@ class Daemon:
         s = self.settings
         self._apply_log_level(s)
         if self.engine is None:
-            self.engine = await asyncio.to_thread(
-                Engine.load, s.model.path, s.model.device, s.model.step, s.model.precision, s.model.sampling,
-                s.model.lattice_period_m,
-            )
+            self.engine = await asyncio.to_thread(lambda: Engine.load(**s.model.model_dump()))
         self.pub = self._open_output(s)
         self.sub = self._open_input(s)
         self.recorder = self._make_recorder(s)
@@ -548,8 +545,7 @@ class Daemon:
                 return False
             try:
                 new = await asyncio.to_thread(load_settings, self.config_path, self.overrides)
-                denoiser = await asyncio.to_thread(Denoiser.load, new.model.path, new.model.device, new.model.step,
-                                                   new.model.precision, new.model.sampling, new.model.lattice_period_m)
+                denoiser = await asyncio.to_thread(lambda: Denoiser.load(**new.model.model_dump()))
                 old = self.settings
                 pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
                 try:

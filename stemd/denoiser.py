@@ -18,7 +18,8 @@ from stemd import sampling as _sampling
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("float32", "tf32", "bf16")  # tf32: CUDA matmuls/convolutions only; bf16: autocast on CPU and CUDA
+PRECISIONS = ("float32", "tf32", "bf16")
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: each keeps scan lines rows  # tf32: CUDA matmuls/convolutions only; bf16: autocast on CPU and CUDA
 DEFAULT_STEP = 2
 # Mean and signal std (see `normalize`) of the training lattice in clean units: the paper's
 # SrTiO3-like lattice, period 10 px, column sigma 1.5 px, peaks 1.0 / 0.7 (measured on
@@ -150,7 +151,10 @@ class Denoiser:
 
     def __init__(self, model: torch.nn.Module, metadata: dict[str, Any], device: str = "auto", step: int | None = None,
                  precision: str = "float32", sampling: str = "resample",
-                 lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M) -> None:
+                 lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False) -> None:
+        if not isinstance(flips, bool):
+            raise ConfigError(f"model.flips: must be true or false, got {flips!r}")
+        self.flips = flips
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
         self.precision = precision
@@ -172,8 +176,9 @@ class Denoiser:
     @classmethod
     def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
              precision: str = "float32", sampling: str = "resample",
-             lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M) -> "Denoiser":
-        """From a checkpoint file; `None` is the shipped default model."""
+             lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False) -> "Denoiser":
+        """From a checkpoint file; `None` is the shipped default model. The keywords are `ModelSettings`'
+        fields, so `Denoiser.load(**settings.model.model_dump())` loads what a config names."""
         from stemd.model import load_checkpoint
 
         resolve_device(device)  # a bad device is reported before the file is read
@@ -181,7 +186,7 @@ class Denoiser:
         _sampling.check_lattice_period(lattice_period_m)
         model, metadata = load_checkpoint(None if path is None else Path(path))
         return cls(model, metadata, device=device, step=step, precision=precision, sampling=sampling,
-                   lattice_period_m=lattice_period_m)
+                   lattice_period_m=lattice_period_m, flips=flips)
 
     @property
     def model_id(self) -> str:
@@ -217,8 +222,16 @@ class Denoiser:
         """(B, 1, H, W) normalised float tensor on self.device -> float32, same shape; no host copies (for the engine).
 
         Frames are normalised at their own sampling, resampled by `plan`'s factor for the model and
-        back. With precision tf32 the CUDA backends may use TF32 (a process-wide switch, set here each call)."""
+        back. With `flips` the output is the mean over the frame's FLIPS (4x the compute: a self-ensemble
+        that averages out part of the model's own error). With precision tf32 the CUDA backends may use
+        TF32 (a process-wide switch, set here each call)."""
         factor = self.plan(frames.shape[-2:], pixel_size_m)
+        if not self.flips:
+            return self._denoise(frames, factor)
+        return sum(self._denoise(frames.flip(dims), factor).flip(dims) for dims in FLIPS) / len(FLIPS)
+
+    def _denoise(self, frames: torch.Tensor, factor: float) -> torch.Tensor:
+        """One pass of the model under `precision`, resampled by `factor` and back."""
         x = frames if factor == 1.0 else _sampling.resample(frames.float(), factor)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"

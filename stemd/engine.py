@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from stemd.denoiser import Denoiser, denormalize, normalize
-from stemd.sampling import DEFAULT_LATTICE_PERIOD_M
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,12 +60,10 @@ class Engine:
         log.info("engine: %s", self.describe())
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
-             precision: str = "float32", sampling: str = "resample",
-             lattice_period_m: float = DEFAULT_LATTICE_PERIOD_M) -> "Engine":
-        """Load a checkpoint (None: the shipped model) onto a device and start the worker."""
-        return cls(Denoiser.load(path, device=device, step=step, precision=precision, sampling=sampling,
-                                 lattice_period_m=lattice_period_m))
+    def load(cls, path: Path | str | None = None, **options: Any) -> "Engine":
+        """Load a checkpoint (None: the shipped model) onto a device and start the worker; `options` are
+        `Denoiser.load`'s (device, step, precision, sampling, lattice_period_m, flips)."""
+        return cls(Denoiser.load(path, **options))
 
     def _set(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser

@@ -291,6 +291,7 @@ def denoise_file(
     lattice_period_m: float = DEFAULT_LATTICE_PERIOD_M,
     sampling: str = "resample",
     precision: str = "float32",
+    flips: bool = False,
 ) -> tuple[TiffImage, dict[str, Any]]:
     """Denoise the TIFF `inp` into `out` (float32, same shape, metadata carried); returns (input, note).
 
@@ -311,7 +312,7 @@ def denoise_file(
     if pixel_size_m is None and sampling != "off":
         pixel_size_m, source = pixel_size_from_tags(image), "resolution tags"
     denoiser = Denoiser.load(model, device=device, step=step, precision=precision, sampling=sampling,
-                             lattice_period_m=lattice_period_m)
+                             lattice_period_m=lattice_period_m, flips=flips)
     try:
         frames = image.frames()
         check_frames(next(frames), denoiser.window)
@@ -322,6 +323,7 @@ def denoise_file(
     used = None if pixel_size_m is None or sampling == "off" else {
         "pixel_size_m": pixel_size_m, "source": source, "lattice_period_m": lattice_period_m, "factor": factor}
     note = stemd_note(denoiser.model_id, denoiser.step, used)
+    note.update(precision=precision, flips=flips)
     write_tiff_atomic(out, image, denoise_frames(image, denoiser, pixel_size_m, progress), note)
     return image, note
 
@@ -341,6 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampling", default="resample", metavar="|".join(POLICIES),
                         help="a frame outside the model's lattice-period range: resample it (default), refuse, or "
                              "run it as is (off)")
+    parser.add_argument("--flips", action="store_true",
+                        help="average the model over the frame's 4 flips: 4x the time, +0.1-0.4 dB")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -377,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
         lattice_period_m=_parse_metres(args.lattice_period, "--lattice-period"),
         sampling=args.sampling,
         precision=args.precision,
+        flips=args.flips,
     )
     frames = 1 if image.ndim == 2 else image.shape[0]
     used = note.get("sampling")

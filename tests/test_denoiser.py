@@ -275,3 +275,23 @@ def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
     with torch.inference_mode():
         den.denoise_tensor(frames, SRTIO3_M / 10)  # in range: the model takes its own guide
     assert seen[-1][1] is None
+
+
+def test_flips_average_the_model_over_the_four_flips(tmp_path: Path):
+    """flips=True is the mean of the model on the frame's left-right/up-down flips, each flipped back."""
+    from stemd.convnet import ConvDenoiser
+
+    torch.manual_seed(0)
+    model = ConvDenoiser((4, 8), guide="bragg")
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # not the identity it starts as
+    save_checkpoint(tmp_path / "m.pt", model, {})
+    plain = Denoiser.load(tmp_path / "m.pt", device="cpu")
+    flips = Denoiser.load(tmp_path / "m.pt", device="cpu", flips=True)
+    x = torch.from_numpy(_lattice((64, 72)))[None, None]
+    with torch.inference_mode():
+        expected = sum(plain.denoise_tensor(x.flip(d)).flip(d) for d in ([], [-1], [-2], [-2, -1])) / 4
+        got = flips.denoise_tensor(x)
+        torch.testing.assert_close(got, expected)
+        assert not torch.allclose(got, plain.denoise_tensor(x))
+    with pytest.raises(ConfigError, match="model.flips"):
+        Denoiser.load(tmp_path / "m.pt", device="cpu", flips="yes")

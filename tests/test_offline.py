@@ -328,3 +328,15 @@ def test_stack_streams_frame_by_frame(tmp_path, layout):
         tracemalloc.stop()
     assert image.shape == stack.shape and peak < stack.nbytes / 4  # the stack as float32 is 2x stack.nbytes
     np.testing.assert_array_equal(tifffile.imread(out), stack * 2.0)
+
+
+def test_flips_and_precision_are_applied_and_recorded(tmp_path, checkpoint, frames):
+    raw = (frames[1][0] * 1000 + 200).clip(0).astype(np.uint16)
+    inp, out = tmp_path / "frame.tif", tmp_path / "out.tif"
+    tifffile.imwrite(inp, raw)
+    assert denoise(inp, out, "--model", checkpoint, "--flips", "--precision", "bf16") == 0
+    expected = Denoiser.load(checkpoint, device="cpu", flips=True, precision="bf16")
+    with tifffile.TiffFile(out) as tif:
+        data, note = tif.asarray(), tif.shaped_metadata[0]["stemd"]
+    assert note["flips"] is True and note["precision"] == "bf16"
+    np.testing.assert_allclose(data, expected(raw), rtol=1e-5, atol=1e-3)
