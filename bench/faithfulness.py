@@ -54,8 +54,9 @@ TIMING_REPEATS = 3
 COLUMN_KINDS = ("perovskite_rp", "vacancies", "interface")
 INVENTION_KINDS = ("amorphous", "vacuum_edge", "noise_only")
 DEFAULT_MODELS = {"paper AE": ROOT / "stemd/models/paper_ae.pt", "conv": ROOT / "stemd/models/conv.pt",
-                  "conv bf16": ROOT / "stemd/models/conv.pt"}
-DEFAULT_PRECISIONS = {"conv bf16": "bf16"}  # the rest run at float32
+                  "conv bf16": ROOT / "stemd/models/conv.pt", "conv bf16 flips": ROOT / "stemd/models/conv.pt"}
+DEFAULT_OPTIONS = {"conv bf16": {"precision": "bf16"},  # Denoiser options; the rest run at float32, one pass
+                   "conv bf16 flips": {"precision": "bf16", "flips": True}}
 
 
 # ---------------------------------------------------------------- column fidelity (pure)
@@ -308,9 +309,9 @@ def gaussian_oracle(frames: list[Frame]) -> tuple[list[np.ndarray | None], Times
     return outs, [], note
 
 
-def model_method(name: str, path: Path, precision: str = "float32") -> Method:
-    """A stemd checkpoint through `Denoiser` on the CPU; a frame it refuses scores as failed."""
-    denoiser = Denoiser.load(path, device="cpu", precision=precision)
+def model_method(name: str, path: Path, options: dict | None = None) -> Method:
+    """A stemd checkpoint through `Denoiser` on the CPU (`options`: precision, flips); a refused frame scores as failed."""
+    denoiser = Denoiser.load(path, device="cpu", **(options or {}))
     denoiser(np.random.default_rng(0).poisson(5.0, (64, 64)).astype(np.float32))  # warm-up
 
     def one(frame: Frame) -> np.ndarray | None:
@@ -485,7 +486,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
     if not args.no_bm3d:
         methods.append(Method("bm3d", "GAT + BM3D", _each(bm3d_gat)))
     for name, path in args.models.items():
-        methods.append(model_method(name, path, args.precisions.get(name, "float32")))
+        methods.append(model_method(name, path, args.options.get(name)))
     if not args.no_tkrem:
         tk = tkrem_method()
         if tk is not None:
@@ -666,7 +667,7 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
     ran = ", ".join(m.label for m in res.methods)
     ids = {m.name: m.ident for m in res.methods}
     model_lines = "; ".join(f"**{n}** = `{Path(p).relative_to(ROOT) if Path(p).is_relative_to(ROOT) else p}` ({ids.get(n)}"
-                            f"{', ' + args.precisions[n] if n in args.precisions else ''})"
+                            + "".join(f", {k} {v}" for k, v in args.options.get(n, {}).items()) + ")"
                             for n, p in args.models.items()) or "none (no checkpoint found)"
     missing = [n for n, p in DEFAULT_MODELS.items() if n not in args.models and not args.explicit_models]
     pm = PEROVSKITE_A_PM / 10.0
@@ -796,20 +797,28 @@ def defect_figure(res: Results, path: Path, crop: int = 128) -> None:
 # ---------------------------------------------------------------- main
 
 
-def _model_option(text: str) -> tuple[str, Path, str]:
-    """NAME=PATH[@PRECISION] -> (name, path, precision); precision float32 unless given."""
+def _model_option(text: str) -> tuple[str, Path, dict]:
+    """NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision or `flips`."""
     name, sep, rest = text.partition("=")
-    path, at, precision = rest.rpartition("@") if "@" in rest else (rest, "", "float32")
-    if not sep or not name or not path or precision not in PRECISIONS:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}], got {text!r}")
-    return name, Path(path), precision
+    path, _, suffix = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    options: dict = {}
+    for opt in filter(None, suffix.split("+")):
+        if opt in PRECISIONS:
+            options["precision"] = opt
+        elif opt == "flips":
+            options["flips"] = True
+        else:
+            path = ""
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips[+...]], got {text!r}")
+    return name, Path(path), options
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"smoke run: dose {QUICK_DOSE:g} only, 256² and 128² frames")
     p.add_argument("--model", action="append", type=_model_option, default=[], metavar="NAME=PATH",
-                   help="a stemd checkpoint to measure, NAME=PATH[@bf16] (repeatable; default: those of "
+                   help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips] (repeatable; default: those of "
                         f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)")
     p.add_argument("--no-tkrem", action="store_true", help="skip the tk_r_em peer")
     p.add_argument("--no-bm3d", action="store_true", help="skip BM3D (the slowest classical peer)")
@@ -825,7 +834,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("need --size >= 128 and positive --doses")
     args.explicit_models = bool(args.model)
     args.models = {n: p for n, p, _ in args.model} if args.model else {n: p for n, p in DEFAULT_MODELS.items() if p.is_file()}
-    args.precisions = {n: x for n, _, x in args.model if x != "float32"} if args.model else dict(DEFAULT_PRECISIONS)
+    args.options = {n: o for n, _, o in args.model if o} if args.model else dict(DEFAULT_OPTIONS)
     for name, path in args.models.items():
         if not path.is_file():
             p.error(f"--model {name}={path}: no such file")

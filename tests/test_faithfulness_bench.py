@@ -201,13 +201,16 @@ def test_bad_model_option_is_a_clear_usage_error(tmp_path, capsys) -> None:
         fb.parse_args(["--model", "no-equals-sign"])
     with pytest.raises(SystemExit):
         fb.parse_args(["--model", f"x={tmp_path}@half"])
+    with pytest.raises(SystemExit):
+        fb.parse_args(["--model", f"x={tmp_path}@bf16+mirror"])
 
 
 def test_model_option_takes_a_precision(tmp_path) -> None:
     path = tmp_path / "m.pt"
     path.write_bytes(b"")
-    args = fb.parse_args(["--model", f"a={path}", "--model", f"b={path}@bf16"])
-    assert args.models == {"a": path, "b": path} and args.precisions == {"b": "bf16"}
+    args = fb.parse_args(["--model", f"a={path}", "--model", f"b={path}@bf16", "--model", f"c={path}@bf16+flips"])
+    assert args.models == {"a": path, "b": path, "c": path}
+    assert args.options == {"b": {"precision": "bf16"}, "c": {"precision": "bf16", "flips": True}}
 
 
 def test_quick_smoke_run_writes_the_section_and_figure(tmp_path, capsys) -> None:
