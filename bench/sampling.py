@@ -100,20 +100,19 @@ def report(args: argparse.Namespace, tables: list[str]) -> str:
         "`named_frame(\"perovskite_rp\", (512, 512), dose=20)` itself. PSNR (dB) against the clean frame, data range 1, "
         "after `metrics.fit_scale`; float32, `torch.set_num_threads(1)`.",
         "",
-        f"Machine: {machine_line()}. Measured {today}, 1 thread, the other core busy training; {args.elapsed_s:.0f} s.",
+        f"Machine: {machine_line()}. Measured {today}, 1 thread; {args.elapsed_s:.0f} s.",
         f"Command: `{args.command}`",
         "",
         *[t + "\n" for t in tables],
         "Reading. The conv model copes with periods somewhat outside its range (it sees whole frames and a global "
         "Bragg guide), yet shrinking coarser frames into the range gains more the coarser they are (the antialiased "
-        "shrink also averages noise). Upsampling a finer frame loses instead: interpolation correlates the noise and "
-        "leaves the spectrum empty above the original Nyquist, so the Bragg guide's noise floor (the spectrum's median, "
-        "`convnet.bragg_filter`) comes out too low and lets noise through. A one-off check (256² frame at 4 px, not "
-        "in the table): with the guide computed at the frame's own sampling and resampled with it, the upsampled frame "
-        "scored 26.8 dB against 25.0 as is and 23.2 with the guide of the upsampled frame; that is a change on the "
-        "conv model's side. The paper's AE knows one period: run as is it loses about 2 dB 5 % away from 10 px and "
-        "7-13 dB 20 % away, while resampled it stays within a dB of its 10 px score from 7 to 20 px, which is why its "
-        "range is only 10 px ÷/× 1.01 (`sampling.SINGLE_PERIOD_TOLERANCE`).",
+        "shrink also averages noise). A finer frame is upsampled into the range; its Bragg guide is taken at the "
+        "frame's own sampling and resampled with it (`Denoiser._resampled_guide`), because the guide of an upsampled "
+        "frame underestimates the noise floor (the spectrum above the original Nyquist is empty) and lets noise "
+        "through: with that guide the 4 px frame lost 1.8 dB to running as is; with its own, it gains. The paper's "
+        "AE knows one period: run as is it loses about 2 dB 5 % away from 10 px and 7-13 dB 20 % away, while "
+        "resampled it stays within a dB of its 10 px score from 7 to 20 px, which is why its range is only "
+        "10 px ÷/× 1.01 (`sampling.SINGLE_PERIOD_TOLERANCE`).",
     ])
 
 
