@@ -187,6 +187,7 @@ class TrainSettings(_Section):
     warmup: int = Field(default=0, ge=0)  # samples of linear learning-rate warm-up
     grad_clip: float = Field(default=0.0, ge=0)  # gradient norm clipped to this; 0: off
     precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast forward passes (validation stays float32)
+    init: Path | None = None  # start from this checkpoint's weights (same architecture), a fresh optimizer: fine-tuning
     conv: ConvSettings = ConvSettings()
 
     @field_validator("hidden")

@@ -402,6 +402,16 @@ def new_model(settings: TrainSettings) -> nn.Module:
     return WindowAE(settings.window, settings.hidden)
 
 
+def load_init(model: nn.Module, path: Path) -> None:
+    """Copy a checkpoint's weights into `model` (settings `init`); CheckpointError unless the architectures match."""
+    from stemd.model import load_checkpoint
+
+    source, _ = load_checkpoint(path)
+    if source.arch() != model.arch():
+        raise CheckpointError(f"init: {path} is a {source.arch()} model; these settings build a {model.arch()}")
+    model.load_state_dict(source.state_dict())
+
+
 def _state(settings: TrainSettings, run: _Run, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {
         "format": STATE_FORMAT,
@@ -472,7 +482,10 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
     out = Path(settings.out)
     best_path, last_path = out / "best.pt", out / "last.pt"
     torch.manual_seed(settings.seed)
-    model = new_model(settings).to(device).train()
+    model = new_model(settings)
+    if settings.init is not None and resume is None:
+        load_init(model, settings.init)
+    model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     run = _Run()
     if resume is not None:

@@ -214,3 +214,13 @@ def test_frame_flops_count_every_window_and_layer():
     windows = torch.zeros(1, 1, 512, 512).unfold(2, 28, 2).unfold(3, 28, 2).shape[2:4].numel()  # (512-28) % 2 == 0
     assert small == 2 * windows * (784 * 64 + 64 * 16 + 16 * 64 + 64 * 784)
     assert frame_flops(28, (64, 16), (29, 512)) == pytest.approx(small * 2 / 243)  # 29 rows: windows at 0 and 1
+
+
+def test_init_starts_from_a_checkpoints_weights(run_a, tmp_path):
+    settings, result = run_a
+    tuned = train(tiny(tmp_path / "tuned", samples=3000, val_every=3000, init=str(result.best_path)), **QUIET)
+    assert tuned.start_val_loss == pytest.approx(result.best_val_loss, rel=1e-6)  # not a random start
+    fresh = train(tiny(tmp_path / "fresh", samples=3000, val_every=3000), **QUIET)
+    assert fresh.start_val_loss > 2 * tuned.start_val_loss
+    with pytest.raises(CheckpointError, match="init: .* these settings build"):
+        train(tiny(tmp_path / "other", hidden=[32, 8], init=str(result.best_path)), **QUIET)
