@@ -190,6 +190,10 @@ def _check_frame_header(header: dict[str, Any]) -> tuple[int, int, np.dtype]:
     for key, types in _SCAN_TYPES.items():
         if header.get(key) is not None:
             _check_type(header, key, types)
+    for key in ("dwell_time_s", "pixel_size_m"):  # sizes: a zero, negative or non-finite one is a broken header
+        value = header.get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ProtocolError("field_type", f"'{key}' must be a positive number, got {value!r}")
     if header["frame_id"] < 0:
         raise ProtocolError("field_type", f"'frame_id' must be >= 0, got {header['frame_id']}")
     if not math.isfinite(header["acquired_at"]):
