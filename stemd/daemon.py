@@ -597,6 +597,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="checkpoint file (overrides model.path)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
     parser.add_argument("--step", type=int, help="floating-window step in pixels (overrides model.step)")
+    parser.add_argument("--precision", choices=["float32", "tf32", "bf16"], help="model arithmetic (overrides model.precision)")
+    parser.add_argument("--sampling", choices=["resample", "refuse", "off"],
+                        help="frames outside the model's lattice-period range (overrides model.sampling)")
     parser.add_argument("--mode", choices=["live", "lossless"], help="backpressure (overrides queue.mode)")
     parser.add_argument("--record", type=Path, metavar="DIR", help="record TIFFs into DIR (enables recording)")
 
@@ -610,6 +613,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "model.path": str(args.model) if args.model else None,
         "model.device": args.device,
         "model.step": args.step,
+        "model.precision": args.precision,
+        "model.sampling": args.sampling,
         "queue.mode": args.mode,
         "recording.enabled": True if args.record else None,
         "recording.directory": str(args.record) if args.record else None,

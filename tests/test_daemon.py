@@ -521,3 +521,14 @@ async def _subprocess_signals(checkpoint: Path, tmp_path: Path) -> None:
             stack = tf.asarray()
             ids = [json.loads(pg.description)["frame_id"] for pg in tf.pages]
         assert stack.shape == (5, *SHAPE) and stack.dtype == dtype and ids == [0, 1, 2, 3, 4]
+
+
+def test_run_options_override_the_config() -> None:
+    from stemd.cli import build_parser
+    from stemd.daemon import overrides_from_args
+
+    args = build_parser().parse_args(["run", "--precision", "bf16", "--sampling", "refuse", "--mode", "lossless",
+                                      "--step", "3"])
+    s = load_settings(None, overrides_from_args(args))
+    assert (s.model.precision, s.model.sampling, s.queue.mode, s.model.step) == ("bf16", "refuse", "lossless", 3)
+    assert load_settings(None, overrides_from_args(build_parser().parse_args(["run"]))) == load_settings()
