@@ -188,6 +188,9 @@ class TrainSettings(_Section):
     grad_clip: float = Field(default=0.0, ge=0)  # gradient norm clipped to this; 0: off
     precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast forward passes (validation stays float32)
     init: Path | None = None  # start from this checkpoint's weights (same architecture), a fresh optimizer: fine-tuning
+    # mse: one L2 loss over the batch, dominated by the noisiest (lowest-dose) samples; log_mse: the mean over
+    # samples of 10*log10(MSE), i.e. minus their mean PSNR, which weights every dose alike. It also picks best.pt.
+    loss: Literal["mse", "log_mse"] = "mse"
     conv: ConvSettings = ConvSettings()
 
     @field_validator("hidden")

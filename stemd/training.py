@@ -214,11 +214,27 @@ def validation_set(settings: TrainSettings) -> ValidationSet:
     return ValidationSet(torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts)
 
 
+LOG_MSE_FLOOR = 1e-6  # keeps log10(MSE) finite for a perfect sample (a 60 dB PSNR cap)
+
+
+def sample_log_mse(pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Per-sample 10*log10(MSE) (minus each sample's PSNR at peak 1.0), shape (n,)."""
+    mse = (pred - clean).flatten(1).pow(2).mean(dim=1)
+    return 10.0 * torch.log10(mse + LOG_MSE_FLOOR)
+
+
 def quality(pred: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
-    """MSE, mean absolute per-pixel error and PSNR (peak 1.0, the clean lattice maximum)."""
+    """MSE, mean absolute per-pixel error, PSNR (peak 1.0, the clean lattice maximum) and the mean of the
+    per-sample PSNRs (what `loss: log_mse` maximises)."""
     mse = float(F.mse_loss(pred, clean))
     mae = float((pred - clean).abs().mean())
-    return {"mse": mse, "mae": mae, "psnr_db": 10.0 * math.log10(1.0 / max(mse, 1e-12))}
+    return {"mse": mse, "mae": mae, "psnr_db": 10.0 * math.log10(1.0 / max(mse, 1e-12)),
+            "mean_psnr_db": -float(sample_log_mse(pred, clean).mean())}
+
+
+def val_loss(settings: TrainSettings, q: dict[str, float]) -> float:
+    """The validation number best.pt minimises: MSE, or minus the mean per-sample PSNR for `loss: log_mse`."""
+    return q["mse"] if settings.loss == "mse" else -q["mean_psnr_db"]
 
 
 @torch.no_grad()
@@ -507,7 +523,8 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
     log(f"{'resumed at' if resume else 'start'} {run.samples:,} samples: validation MSE {start_q['mse']:.5f} "
         f"(noisy input {noisy_q['mse']:.5f}), device {device}, torch threads {torch.get_num_threads()}")
     if not run.history:
-        run.history.append({"samples": 0, "train_loss": math.nan, "val_loss": start_q["mse"], "lr": lr_at(settings, 0)})
+        run.history.append({"samples": 0, "train_loss": math.nan, "val_loss": val_loss(settings, start_q),
+                            "lr": lr_at(settings, 0)})
 
     bar = _progress_bar(settings.samples, run.samples, progress)
     try:
@@ -517,10 +534,11 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             run.samples = stop
             q, parts = evaluate(model, val, device)
             by_noise = _by_noise(settings, parts, noisy_parts, val.labels)
-            improved = q["mse"] < run.best
+            improved = val_loss(settings, q) < run.best
             if improved:
-                run.best, run.best_quality, run.best_by_noise = q["mse"], q, by_noise
-            run.history.append({"samples": stop, "train_loss": train_loss, "val_loss": q["mse"], "lr": lr_at(settings, stop)})
+                run.best, run.best_quality, run.best_by_noise = val_loss(settings, q), q, by_noise
+            run.history.append({"samples": stop, "train_loss": train_loss, "val_loss": val_loss(settings, q),
+                                "lr": lr_at(settings, stop)})
             meta = _metadata(settings, command, run, q, noisy_q, by_noise, parameter_count(model))
             if improved:
                 save_checkpoint(best_path, model, meta)
@@ -529,7 +547,7 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             each = ", ".join(f"{x['mse']:.5f}" for x in parts)
             log(f"{stop:,} samples: train loss {train_loss:.5f}, validation MSE {q['mse']:.5f}"
                 f"{f' (per noise model: {each})' if len(parts) > 1 else ''}, MAE {q['mae']:.4f}, "
-                f"PSNR {q['psnr_db']:.2f} dB{' (best)' if improved else ''}")
+                f"PSNR {q['psnr_db']:.2f} dB (mean per sample {q['mean_psnr_db']:.2f}){' (best)' if improved else ''}")
     finally:
         if bar is not None:
             bar.close()
@@ -539,7 +557,7 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             + ", ".join(f"dose {r['dose']:g}: {r['noisy_psnr_db']:.1f} -> {r['psnr_db']:.1f}; {r['inner_psnr_db']:.1f} dB"
                         for r in frames))
     return TrainResult(out, best_path, last_path, run.samples, run.best, run.best_quality, noisy_q, run.history,
-                       run.best_by_noise, start_q["mse"], time.perf_counter() - t0)
+                       run.best_by_noise, val_loss(settings, start_q), time.perf_counter() - t0)
 
 
 def _record_frame_quality(best_path: Path, device: torch.device) -> list[dict[str, float]]:
@@ -565,7 +583,7 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSett
             group["lr"] = lr_at(settings, pos)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"):
             pred = model(*inputs)
-        loss = F.mse_loss(pred.float(), y)
+        loss = F.mse_loss(pred.float(), y) if settings.loss == "mse" else sample_log_mse(pred.float(), y).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip:

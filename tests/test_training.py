@@ -17,8 +17,8 @@ from stemd.cli import main
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
 from stemd.model import load_checkpoint
-from stemd.training import (evaluate, frame_flops, lr_at, mirror_edges, read_state, train, training_stream,
-                            validation_set)
+from stemd.training import (evaluate, frame_flops, lr_at, mirror_edges, quality, read_state, sample_log_mse, train,
+                            training_stream, validation_set)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_checkpoints_load_and_carry_metadata(run_a):
     assert meta["stemd_version"] == stemd.__version__
     assert meta["samples_seen"] == 6000
     assert meta["best_val_loss"] == result.best_val_loss
-    assert set(meta["quality"]) == {"val_mse", "val_mae", "val_psnr_db"}
+    assert set(meta["quality"]) == {"val_mse", "val_mae", "val_psnr_db", "val_mean_psnr_db"}
     assert meta["command"]
     assert [row["dose"] for row in meta["frame_quality"]] == [5.0, 20.0, 100.0]
     assert all(math.isfinite(row["psnr_db"]) and math.isfinite(row["noisy_psnr_db"]) for row in meta["frame_quality"])
@@ -224,3 +224,24 @@ def test_init_starts_from_a_checkpoints_weights(run_a, tmp_path):
     assert fresh.start_val_loss > 2 * tuned.start_val_loss
     with pytest.raises(CheckpointError, match="init: .* these settings build"):
         train(tiny(tmp_path / "other", hidden=[32, 8], init=str(result.best_path)), **QUIET)
+
+
+def test_log_mse_is_minus_each_samples_psnr():
+    clean = torch.zeros(3, 1, 4, 4)
+    pred = clean + torch.tensor([0.1, 0.01, 0.0]).view(3, 1, 1, 1)  # MSE 1e-2, 1e-4, 0
+    assert sample_log_mse(pred, clean).tolist() == pytest.approx([-20.0, -40.0, -60.0], abs=0.05)  # floor 1e-6
+    q = quality(pred, clean)
+    assert q["mean_psnr_db"] == pytest.approx(40.0, abs=0.05)  # the mean of the per-sample PSNRs (20, 40, 60)
+    assert q["psnr_db"] == pytest.approx(10 * math.log10(3 / 0.0101), abs=1e-3)  # the PSNR of the mean MSE
+
+
+def test_log_mse_run_learns_and_picks_best_by_mean_psnr(run_a, tmp_path):
+    _, result = run_a
+    tuned = train(tiny(tmp_path / "log", samples=3000, val_every=1000, loss="log_mse", init=str(result.best_path)),
+                  **QUIET)
+    assert tuned.best_val_loss == -tuned.quality["mean_psnr_db"]
+    assert tuned.best_val_loss == min(row["val_loss"] for row in tuned.history)
+    assert tuned.start_val_loss == pytest.approx(-result.quality["mean_psnr_db"], rel=1e-5)
+    assert tuned.best_val_loss < tuned.start_val_loss  # it trained on, by its own measure
+    with pytest.raises(ConfigError, match="loss"):
+        tiny(tmp_path / "bad", loss="psnr")
