@@ -1,13 +1,17 @@
-"""Shared by the bench scripts: the machine line and section-wise updates of docs/benchmarks.md."""
+"""Shared by the bench scripts: the machine line, section-wise updates of docs/benchmarks.md, and the
+NAME=PATH[@OPTIONS] model option."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
 from pathlib import Path
 
 import torch
+
+from stemd.denoiser import PRECISIONS
 
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to reproduce.\n"
 
@@ -45,3 +49,20 @@ def publish(text: str, path: Path, title: str, write: bool = True) -> None:
     if write:
         write_section(path, title, text)
         print(f"wrote {path}")
+
+
+def model_option(text: str) -> tuple[str, Path, dict]:
+    """--model NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision or `flips`."""
+    name, sep, rest = text.partition("=")
+    path, _, suffix = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    options: dict = {}
+    for opt in filter(None, suffix.split("+")):
+        if opt in PRECISIONS:
+            options["precision"] = opt
+        elif opt == "flips":
+            options["flips"] = True
+        else:
+            path = ""
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips[+...]], got {text!r}")
+    return name, Path(path), options

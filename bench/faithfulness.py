@@ -31,11 +31,11 @@ from scipy.spatial import cKDTree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, write_section  # noqa: E402
+from _report import machine_line, model_option, write_section  # noqa: E402
 from classical import bm3d_denoise, gaussian_best  # noqa: E402
 
 from stemd import metrics, scenes  # noqa: E402
-from stemd.denoiser import PRECISIONS, Denoiser  # noqa: E402
+from stemd.denoiser import Denoiser  # noqa: E402
 from stemd.errors import StemdError  # noqa: E402
 
 DOSES = (2.0, 5.0, 20.0, 80.0, 200.0)
@@ -797,27 +797,10 @@ def defect_figure(res: Results, path: Path, crop: int = 128) -> None:
 # ---------------------------------------------------------------- main
 
 
-def _model_option(text: str) -> tuple[str, Path, dict]:
-    """NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision or `flips`."""
-    name, sep, rest = text.partition("=")
-    path, _, suffix = rest.rpartition("@") if "@" in rest else (rest, "", "")
-    options: dict = {}
-    for opt in filter(None, suffix.split("+")):
-        if opt in PRECISIONS:
-            options["precision"] = opt
-        elif opt == "flips":
-            options["flips"] = True
-        else:
-            path = ""
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips[+...]], got {text!r}")
-    return name, Path(path), options
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"smoke run: dose {QUICK_DOSE:g} only, 256² and 128² frames")
-    p.add_argument("--model", action="append", type=_model_option, default=[], metavar="NAME=PATH",
+    p.add_argument("--model", action="append", type=model_option, default=[], metavar="NAME=PATH",
                    help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips] (repeatable; default: those of "
                         f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)")
     p.add_argument("--no-tkrem", action="store_true", help="skip the tk_r_em peer")

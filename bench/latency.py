@@ -36,13 +36,12 @@ import zmq
 import zmq.asyncio
 
 from stemd import protocol
-from stemd.denoiser import PRECISIONS
 from stemd.model import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
 from stemd.simulator import SimSpec, Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, publish  # noqa: E402
+from _report import machine_line, model_option, publish  # noqa: E402
 
 
 def free_port() -> int:
@@ -179,13 +178,14 @@ def to_markdown(rows: list[dict], args) -> str:
 
 
 def variants(args) -> list[tuple[str, dict]]:
-    """(label, model settings) per daemon to run: each model at each step (window models) and precision."""
+    """(label, model settings) per daemon to run: each model with its options, at each step (window models)."""
     out = []
-    for name, path, precision in args.models:
+    for name, path, options in args.models:
         window = load_checkpoint(path)[0].arch()["name"] == "window_ae"
         for step in (args.steps or [3]) if window else [None]:
-            label = f"{name}{f', step {step}' if step else ''}{f', {precision}' if precision != 'float32' else ''}"
-            model = {"device": args.device, "path": str(path), "precision": precision}
+            extras = [f"step {step}" if step else "", options.get("precision", ""), "flips" if options.get("flips") else ""]
+            label = ", ".join(filter(None, [name, *extras]))
+            model = {"device": args.device, "path": str(path), **options}
             out.append((label, model | ({"step": step} if step else {})))
     return out
 
@@ -208,18 +208,9 @@ async def amain(args) -> list[dict]:
     return rows
 
 
-def _model_option(text: str) -> tuple[str, Path, str]:
-    """NAME=PATH[@PRECISION]."""
-    name, sep, rest = text.partition("=")
-    path, _, precision = rest.rpartition("@") if "@" in rest else (rest, "", "float32")
-    if not sep or not name or not path or precision not in PRECISIONS:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}], got {text!r}")
-    return name, Path(path), precision
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=_model_option, action="append", metavar="NAME=PATH[@bf16]",
+    p.add_argument("--model", type=model_option, action="append", metavar="NAME=PATH[@bf16][+flips]",
                    help="a checkpoint to run in the daemon (repeatable; default: conv, conv@bf16, paper AE)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)
@@ -234,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args(argv)
-    args.models = args.model or [("conv", DEFAULT_MODEL_PATH, "float32"), ("conv", DEFAULT_MODEL_PATH, "bf16"),
-                                 ("paper AE", PAPER_AE_PATH, "float32")]
+    args.models = args.model or [("conv", DEFAULT_MODEL_PATH, {}), ("conv", DEFAULT_MODEL_PATH, {"precision": "bf16"}),
+                                 ("paper AE", PAPER_AE_PATH, {})]
     if args.quick:
         args.sizes, args.seconds = args.sizes or [128], min(args.seconds, 4.0)
     args.sizes = args.sizes or [512]

@@ -31,7 +31,7 @@ from stemd.model import MODELS_DIR
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import classical  # noqa: E402  (the classical peers, one definition for every bench)
-from _report import machine_line, publish  # noqa: E402
+from _report import machine_line, model_option, publish  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MODELS = {"conv": MODELS_DIR / "conv.pt", "paper AE": MODELS_DIR / "paper_ae.pt"}
@@ -207,16 +207,9 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
     return "\n".join(lines) + "\n"
 
 
-def _model_option(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, Path(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=_model_option, action="append", metavar="NAME=PATH",
+    p.add_argument("--model", type=model_option, action="append", metavar="NAME=PATH",
                    help="a checkpoint to time (repeatable; default: the shipped conv and paper AE models)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)
@@ -240,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 2 if args.quick else args.repeats
     if args.quick:
         args.peer_size = min(args.peer_size, 128)
-    paths = dict(args.model or DEFAULT_MODELS.items())
+    if any(options for *_, options in args.model or []):
+        p.error("--model: give NAME=PATH without @options; speed times every one of --precisions")
+    paths = {name: path for name, path, *_ in args.model} if args.model else dict(DEFAULT_MODELS)
 
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
