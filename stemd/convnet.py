@@ -13,6 +13,10 @@ With `guide="bragg"` the network also sees a second channel, `bragg_filter` of t
 the frame's Fourier components that stand well above the white-noise floor, i.e. the lattice
 averaged over the entire frame. It is parameter-free and global; the network learns where to
 trust it (lattice) and where not (defects, amorphous and vacuum regions, where the input rules).
+
+With `noise_level=True` it also sees a constant channel, the frame's `noise_level`: the network need
+not guess from a patch how strongly to denoise, so one model serves doses 2 to 200 (a blind network
+is pulled towards the noisiest frames it was trained on, and over-smooths clean ones).
 """
 
 from __future__ import annotations
@@ -53,6 +57,19 @@ def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH) -> torc
     return out.to(frames.dtype)
 
 
+def noise_level(frames: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> (B,): each frame's noise std: its variance less the signal's, which is extrapolated
+    to lag 0 from the covariances of pixels 1, 2 and 3 scan lines apart, (15 C1 - 6 C2 + C3) / 10 (exact for a
+    covariance quartic in the lag; pixel noise and line artefacts do not correlate across scan lines). A
+    sharp lattice still adds a little (0.035 for a 9 px period, 1.3 px columns, peak 1, std 0.22): this is a
+    feature for the network, consistent between training and use, not a calibrated measurement."""
+    x = frames.float()
+    d = x - x.mean((-2, -1), keepdim=True)
+    var = d.square().mean((-3, -2, -1))
+    c1, c2, c3 = ((d[..., k:, :] * d[..., :-k, :]).mean((-3, -2, -1)) for k in (1, 2, 3))
+    return (var - ((15 * c1 - 6 * c2 + c3) / 10).clamp_min(0)).clamp_min(0).sqrt()
+
+
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
                          nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(inplace=True))
@@ -63,18 +80,19 @@ class ConvDenoiser(nn.Module):
 
     `channels[i]` is the width of level i (level 0 at half the input resolution after the 2x2
     unshuffle when `unshuffle` is 2, full resolution when 1). `guide` "bragg" adds the
-    `bragg_filter` channel.
+    `bragg_filter` channel, `noise_level` a constant channel of the frame's `noise_level`.
     """
 
-    def __init__(self, channels: Sequence[int] = DEFAULT_CHANNELS, unshuffle: int = 2, guide: str = "none") -> None:
+    def __init__(self, channels: Sequence[int] = DEFAULT_CHANNELS, unshuffle: int = 2, guide: str = "none",
+                 noise_level: bool = False) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 1 or int(unshuffle) not in (1, 2) or guide not in GUIDES:
             raise ValueError(f"ConvDenoiser needs positive channels, unshuffle 1 or 2 and guide in {GUIDES}, "
                              f"got {channels}, {unshuffle}, {guide!r}")
-        self.channels, self.unshuffle, self.guide = channels, int(unshuffle), guide
+        self.channels, self.unshuffle, self.guide, self.noise_level = channels, int(unshuffle), guide, bool(noise_level)
         s2 = self.unshuffle**2
-        c_in = s2 * (2 if guide == "bragg" else 1)
+        c_in = s2 * (1 + (guide == "bragg") + self.noise_level)
         self.enc = nn.ModuleList(_block(c_in if i == 0 else c, c) for i, c in enumerate(channels))
         self.down = nn.ModuleList(nn.Conv2d(a, b, 2, stride=2) for a, b in zip(channels, channels[1:]))
         self.up = nn.ModuleList(nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(channels, channels[1:]))
@@ -108,12 +126,12 @@ class ConvDenoiser(nn.Module):
             worst = max(worst, p - s * lo, s * hi + s - 1 - p)
         return worst
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None, *,
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None, level: torch.Tensor | None = None, *,
                 band_pixels: int = DEFAULT_BAND_PIXELS) -> torch.Tensor:
         """(B, 1, H, W) -> (B, 1, H, W); sides padded (reflect) to `multiple` and cropped back.
 
-        `guide` (same shape) replaces `bragg_filter(x)`: training cuts patches from the guide of a
-        whole frame, as inference computes it. Frames larger than `band_pixels` (times the batch)
+        `guide` (same shape) replaces `bragg_filter(x)`, `level` (B,) `noise_level(x)`: training cuts
+        patches from the guide and level of a whole frame, as inference computes them. Frames larger than `band_pixels` (times the batch)
         are run in row bands (`_bands`) with the same result.
         """
         if x.ndim != 4 or x.shape[1] != 1:
@@ -121,9 +139,13 @@ class ConvDenoiser(nn.Module):
         h, w = x.shape[-2:]
         if min(h, w) < MIN_SIZE:
             raise ValueError(f"frames must be at least {MIN_SIZE} px on each side, got {h}x{w}")
-        xin = x
+        inputs = [x]
         if self.guide == "bragg":
-            xin = torch.cat([x, bragg_filter(x) if guide is None else guide], 1)
+            inputs.append(bragg_filter(x) if guide is None else guide)
+        if self.noise_level:
+            level = noise_level(x) if level is None else level
+            inputs.append(level.to(x.dtype).view(-1, 1, 1, 1).expand(-1, 1, h, w))
+        xin = torch.cat(inputs, 1) if len(inputs) > 1 else x
         m = self.multiple
         ph, pw = -h % m, -w % m
         xp = F.pad(xin, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect") if ph or pw else xin
@@ -168,12 +190,13 @@ class ConvDenoiser(nn.Module):
         return self(frames)
 
     def arch(self) -> dict[str, Any]:
-        """{"name": "conv_unet", "channels": [...], "unshuffle": s, "guide": g, "window": MIN_SIZE}.
+        """{"name": "conv_unet", "channels": [...], "unshuffle": s, "guide": g, "window": MIN_SIZE}, plus
+        "noise_level": true when it has that input (older checkpoints lack the key).
 
         `window` is the smallest frame side it takes; `Denoiser` checks frames against it.
         """
         return {"name": "conv_unet", "channels": list(self.channels), "unshuffle": self.unshuffle,
-                "guide": self.guide, "window": MIN_SIZE}
+                "guide": self.guide, "window": MIN_SIZE} | ({"noise_level": True} if self.noise_level else {})
 
 
 def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
@@ -190,7 +213,10 @@ def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
     guide = arch.get("guide", "none")
     if guide not in GUIDES:
         raise CheckpointError(f"arch.guide must be one of {', '.join(GUIDES)}, got {guide!r}")
-    return ConvDenoiser(channels, unshuffle, guide)
+    level = arch.get("noise_level", False)
+    if not isinstance(level, bool):
+        raise CheckpointError(f"arch.noise_level must be true or false, got {level!r}")
+    return ConvDenoiser(channels, unshuffle, guide, level)
 
 
 # ---------------------------------------------------------------- training data (stemd.scenes)
@@ -212,8 +238,9 @@ def reference_levels(period_px: tuple[float, float] = (6.0, 20.0), n: int = 200,
 def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple[float, float], *,
                   guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
                   dose: tuple[float, float] = (2.0, 200.0), period: tuple[float, float] = (6.0, 20.0),
-                  edge_fraction: float = 0.25) -> tuple[np.ndarray, ...]:
-    """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model.
+                  edge_fraction: float = 0.25, level: bool = False) -> tuple[np.ndarray, ...]:
+    """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model; with
+    `level`, (noisy, [guide,] level, clean), `level` (n,) the `noise_level` of the scene a patch is cut from.
 
     Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
     `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
@@ -226,6 +253,11 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
     from stemd.denoiser import normalize
 
     out = [np.empty((n, 1, patch, patch), np.float32) for _ in range(3 if guide else 2)]
+    levels = np.empty(n, np.float32)
+
+    def result() -> tuple[np.ndarray, ...]:
+        return (*out[:-1], levels, out[-1]) if level else tuple(out)
+
     done = 0
     while done < n:
         s = scenes.random_scene((scene_size, scene_size), rng, period_px=period)
@@ -237,14 +269,16 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
             whole = [x[0], c]
             if guide:
                 whole.insert(1, bragg_filter(torch.from_numpy(x)[None])[0, 0].numpy())
+            frame_level = float(noise_level(torch.from_numpy(x)[None])[0]) if level else 0.0
             for _ in range(per_dose):
                 if done == n:
-                    return tuple(out)
+                    return result()
                 top = rng.integers(0, scene_size - patch + 1, 2)
                 edge = rng.random(2) < edge_fraction
                 top[edge] = rng.integers(0, 2, int(edge.sum())) * (scene_size - patch)
                 r, q = top
                 for o, w in zip(out, whole):
                     o[done, 0] = w[r:r + patch, q:q + patch]
+                levels[done] = frame_level
                 done += 1
-    return tuple(out)
+    return result()

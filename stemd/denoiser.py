@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from stemd import sampling as _sampling
+from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -236,17 +237,16 @@ class Denoiser:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            if factor != 1.0 and getattr(self.model, "guide", None) == "bragg":
-                y = self.model(x, self._resampled_guide(frames, factor)).float()
+            if factor != 1.0 and isinstance(self.model, ConvDenoiser):
+                y = self.model(x, *self._resampled_inputs(frames, factor)).float()
             else:
                 y = self.model.denoise_frames(x, self.step).float()
         return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])
 
-    @staticmethod
-    def _resampled_guide(frames: torch.Tensor, factor: float) -> torch.Tensor:
-        """A conv model's Bragg guide taken at the frame's own sampling, then resampled with it: on an
-        upsampled frame the guide's noise floor is underestimated (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
-        from stemd.convnet import bragg_filter
-
+    def _resampled_inputs(self, frames: torch.Tensor, factor: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A conv model's Bragg guide and noise level, taken at the frame's own sampling (the guide then
+        resampled with it): interpolation correlates the noise, so on an upsampled frame the guide's noise
+        floor and the noise level would be underestimated (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
         with torch.autocast(frames.device.type, enabled=False):
-            return _sampling.resample(bragg_filter(frames.float()), factor)
+            guide = _sampling.resample(bragg_filter(frames.float()), factor) if self.model.guide == "bragg" else None
+            return guide, noise_level(frames) if self.model.noise_level else None

@@ -164,7 +164,7 @@ def _conv_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tup
     for first in range(start // pool * pool, stop, pool):
         rng = np.random.default_rng(stream_seed(settings.seed, _TRAIN_STREAM, first))
         data = scene_patches(pool, c.patch, rng, reference, guide=c.guide == "bragg", scene_size=c.scene_size,
-                             dose=c.dose, period=c.period_px)
+                             dose=c.dose, period=c.period_px, level=c.noise_level)
         order = rng.permutation(pool)
         end = min(stop, first + pool)
         for i in range(max(start, first), end, batch):
@@ -412,19 +412,29 @@ def new_model(settings: TrainSettings) -> nn.Module:
     if settings.model == "conv_unet":
         from stemd.convnet import ConvDenoiser
 
-        return ConvDenoiser(settings.conv.channels, guide=settings.conv.guide)
+        return ConvDenoiser(settings.conv.channels, guide=settings.conv.guide, noise_level=settings.conv.noise_level)
     from stemd.model import WindowAE
 
     return WindowAE(settings.window, settings.hidden)
 
 
 def load_init(model: nn.Module, path: Path) -> None:
-    """Copy a checkpoint's weights into `model` (settings `init`); CheckpointError unless the architectures match."""
+    """Copy a checkpoint's weights into `model` (settings `init`); CheckpointError unless the architectures match.
+
+    A conv_unet without the noise-level input may start one with it: the new input's first-layer weights
+    are zero, so the model starts out computing exactly what the checkpoint did."""
     from stemd.model import load_checkpoint
 
     source, _ = load_checkpoint(path)
-    if source.arch() != model.arch():
-        raise CheckpointError(f"init: {path} is a {source.arch()} model; these settings build a {model.arch()}")
+    arch, target = source.arch(), model.arch()
+    if arch | {"noise_level": True} == target and arch != target:
+        state = source.state_dict()
+        first = "enc.0.0.weight"
+        state[first] = torch.cat([state[first], torch.zeros_like(model.state_dict()[first][:, state[first].shape[1]:])], 1)
+        model.load_state_dict(state)
+        return
+    if arch != target:
+        raise CheckpointError(f"init: {path} is a {arch} model; these settings build a {target}")
     model.load_state_dict(source.state_dict())
 
 
@@ -572,17 +582,25 @@ def _record_frame_quality(best_path: Path, device: torch.device) -> list[dict[st
     return meta["frame_quality"]
 
 
+def _extra_inputs(settings: TrainSettings) -> list[str]:
+    """The names of the model inputs a training batch carries between the noisy patches and the targets."""
+    if settings.model != "conv_unet":
+        return []
+    return ["guide"] * (settings.conv.guide == "bragg") + ["level"] * settings.conv.noise_level
+
+
 def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings, start: int, stop: int,
          device: torch.device, bar: Any) -> float:
     """Adam steps on samples [start, stop) of the data stream; returns their mean training loss."""
     pos, loss_sum, running = start, 0.0, math.nan
     for batch in training_stream(settings, start, stop):
         n = len(batch[0])
-        *inputs, y = (torch.from_numpy(b).to(device) for b in batch)  # (noisy, [guide,] clean)
+        noisy, *extra, y = (torch.from_numpy(b).to(device) for b in batch)  # (noisy, [guide,] [level,] clean)
+        inputs = dict(zip(_extra_inputs(settings), extra))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(settings, pos)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"):
-            pred = model(*inputs)
+            pred = model(noisy, **inputs)
         loss = F.mse_loss(pred.float(), y) if settings.loss == "mse" else sample_log_mse(pred.float(), y).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

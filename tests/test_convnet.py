@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.convnet import MIN_SIZE, ConvDenoiser, bragg_filter
+from stemd.convnet import MIN_SIZE, ConvDenoiser, bragg_filter, noise_level
 from stemd.denoiser import Denoiser, denormalize, normalize
 from stemd.errors import CheckpointError
 from stemd.model import build_model, load_checkpoint, save_checkpoint
@@ -31,9 +31,10 @@ def _random_head(model: ConvDenoiser, seed: int = 0) -> ConvDenoiser:
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 28, 28), (2, 1, 31, 45), (1, 1, 64, 100), (3, 1, 97, 29)])
-@pytest.mark.parametrize("unshuffle, guide", [(1, "none"), (2, "none"), (2, "bragg")])
-def test_any_size_in_and_out(shape, unshuffle, guide):
-    model = _random_head(ConvDenoiser((4, 6, 8), unshuffle, guide))
+@pytest.mark.parametrize("unshuffle, guide, level", [(1, "none", False), (2, "none", False), (2, "bragg", False),
+                                                     (2, "bragg", True), (1, "none", True)])
+def test_any_size_in_and_out(shape, unshuffle, guide, level):
+    model = _random_head(ConvDenoiser((4, 6, 8), unshuffle, guide, level))
     x = torch.randn(shape)
     with torch.no_grad():
         y = model(x)
@@ -127,6 +128,51 @@ def test_guided_model_round_trip_and_explicit_guide(tmp_path):
         assert not torch.allclose(model(x), model(x, torch.zeros_like(x)), atol=1e-4)  # the guide is used
 
 
+def test_noise_level_adds_pixel_noise_in_quadrature_to_the_lattices_own():
+    clean, _ = _lattice(256)
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(clean)[None, None]
+    base = float(noise_level(x))
+    assert 0 < base < 0.2 * float(x.std())  # a sharp lattice's pixel-to-pixel change counts a little
+    for sigma in (0.05, 0.2):
+        noisy = x + sigma * torch.from_numpy(rng.standard_normal(clean.shape).astype(np.float32))
+        assert float(noise_level(noisy)) ** 2 - base**2 == pytest.approx(sigma**2, rel=0.1)
+        assert float(noise_level(3 * noisy + 7)) == pytest.approx(3 * float(noise_level(noisy)), rel=1e-4)
+    assert noise_level(torch.zeros(2, 1, 32, 32)).tolist() == [0.0, 0.0]
+
+
+def test_noise_level_model_round_trip_and_uses_the_level(tmp_path):
+    model = _random_head(ConvDenoiser((4, 6), guide="bragg", noise_level=True))
+    torch.nn.init.normal_(model.enc[0][0].weight, std=0.3)
+    _, noisy = _lattice(64)
+    x = torch.from_numpy(noisy)[None, None]
+    path = tmp_path / "level.pt"
+    save_checkpoint(path, model, {})
+    loaded, _ = load_checkpoint(path)
+    assert loaded.arch()["noise_level"] is True and "noise_level" not in ConvDenoiser((4, 6)).arch()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x, level=noise_level(x)), atol=1e-6)
+        assert not torch.allclose(model(x), model(x, level=torch.zeros(1)), atol=1e-4)  # the level is used
+    with pytest.raises(CheckpointError, match="arch.noise_level"):
+        build_model({"name": "conv_unet", "channels": [8], "noise_level": "yes"})
+
+
+def test_init_adds_the_noise_level_input_without_changing_the_output(tmp_path):
+    from stemd.errors import CheckpointError as Error
+    from stemd.training import load_init
+
+    source = _random_head(ConvDenoiser((4, 6), guide="bragg"))
+    save_checkpoint(tmp_path / "s.pt", source, {})
+    widened = ConvDenoiser((4, 6), guide="bragg", noise_level=True).eval()
+    load_init(widened, tmp_path / "s.pt")
+    _, noisy = _lattice(64)
+    x = torch.from_numpy(noisy)[None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(widened(x), source(x), rtol=0, atol=1e-6)
+    with pytest.raises(Error, match="init: .* these settings build"):
+        load_init(ConvDenoiser((4, 6), guide="none", noise_level=True), tmp_path / "s.pt")  # not only the level
+
+
 def test_registry_errors():
     with pytest.raises(CheckpointError, match=r"unknown model architecture 'nope' \(known: conv_unet, window_ae\)"):
         build_model({"name": "nope"})
@@ -177,6 +223,12 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
     np.testing.assert_array_equal(again[1], clean)
     assert abs(float((noisy - clean).mean())) < 0.05  # same lo/hi: the noise is centred on the target
     assert np.mean((guide - clean) ** 2) < np.mean((noisy - clean) ** 2)
+    *first, level, clean2 = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2,
+                                          per_dose=3, level=True)
+    np.testing.assert_array_equal(first[0], noisy)
+    np.testing.assert_array_equal(clean2, clean)
+    assert level.shape == (6,) and level[0] == level[2] != level[3]  # one level per recording (3 patches each)
+    assert (level > 0).all()
 
 
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
@@ -236,3 +288,26 @@ def test_bfloat16_training_autocasts_and_tracks_float32(tmp_path):
     assert any(not torch.equal(w32[k], w16[k]) for k in w32)
     loss32, loss16 = f32.history[-1]["train_loss"], bf16.history[-1]["train_loss"]
     assert loss32 != loss16 and abs(loss16 - loss32) < 0.1 * loss32
+
+
+def test_stemd_train_feeds_the_noise_level_of_each_patchs_scene(tmp_path, monkeypatch):
+    """`conv.noise_level`: the model is built with the input, and every training step passes the level."""
+    from stemd.config import load_train_settings
+    from stemd.training import train
+
+    seen = []
+    forward = ConvDenoiser.forward
+
+    def spy(self, x, guide=None, level=None, **kw):
+        if self.training:
+            seen.append((guide is not None, level))
+        return forward(self, x, guide, level, **kw)
+
+    monkeypatch.setattr(ConvDenoiser, "forward", spy)
+    settings = load_train_settings(None, {
+        "model": "conv_unet", "samples": 16, "batch_size": 8, "val_every": 16, "threads": 1, "device": "cpu",
+        "out": str(tmp_path / "level"), "loss": "log_mse",
+        "conv": {"channels": [4, 8], "patch": 32, "scene_size": 64, "val_scenes": 3, "noise_level": True}})
+    result = train(settings, progress=False, log=lambda _: None, frame_check=False)
+    assert load_checkpoint(result.best_path)[0].arch()["noise_level"] is True
+    assert len(seen) == 2 and all(g and level.shape == (8,) and (level > 0).all() for g, level in seen)

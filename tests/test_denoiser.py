@@ -258,23 +258,26 @@ def test_resampling_rescues_a_single_period_model(tmp_path: Path):
 
 
 def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
-    """Resampling a Bragg-guided conv model: the guide is the original frame's, resampled with it."""
-    from stemd.convnet import ConvDenoiser, bragg_filter
+    """Resampling a Bragg-guided conv model: the guide is the original frame's, resampled with it, and
+    the noise level the original frame's (interpolation would smooth the noise away)."""
+    from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
     from stemd.sampling import resample
 
-    model = ConvDenoiser((4, 8), guide="bragg")
+    model = ConvDenoiser((4, 8), guide="bragg", noise_level=True)
     seen = []
-    monkeypatch.setattr(model, "forward", lambda x, guide=None: seen.append((x, guide)) or x)
+    monkeypatch.setattr(model, "forward", lambda x, guide=None, level=None: seen.append((x, guide, level)) or x)
     den = Denoiser(model, {"sampling": {"period_px": [6, 20]}}, device="cpu")
     frames = torch.from_numpy(_lattice((60, 64)))[None, None]
     with torch.inference_mode():
         den.denoise_tensor(frames, SRTIO3_M / 4)  # 4 px per period: upsampled 1.5x
-    (x, guide), = seen
+    (x, guide, level), = seen
     assert x.shape[-2:] == (90, 96) and guide is not None
     torch.testing.assert_close(guide, resample(bragg_filter(frames), 1.5))
+    torch.testing.assert_close(level, noise_level(frames))
+    assert float(noise_level(x)) < 0.8 * float(level)
     with torch.inference_mode():
-        den.denoise_tensor(frames, SRTIO3_M / 10)  # in range: the model takes its own guide
-    assert seen[-1][1] is None
+        den.denoise_tensor(frames, SRTIO3_M / 10)  # in range: the model takes its own guide and level
+    assert seen[-1][1] is None and seen[-1][2] is None
 
 
 def test_flips_average_the_model_over_the_four_flips(tmp_path: Path):
