@@ -37,14 +37,16 @@ DEFAULT_BAND_PIXELS = 2**20  # pixels (x batch) run at once; larger frames go in
 BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their power exceeds this x the noise floor
 
 
-def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH) -> torch.Tensor:
+def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0) -> torch.Tensor:
     """(B, 1, H, W) -> same: each frame with its Fourier components shrunk by a Wiener-like gain.
 
     The frame (mean removed) is zero-padded to 2H x 2W, so a lattice need not fit the frame a whole
     number of times (no wrapped, out-of-phase lattice along the borders: it fades out instead). Its
     power spectrum, averaged over 5x5 bins, is compared with its median, the white-noise floor:
     gain = clip(1 - strength * floor / power, 0, 1) keeps the lattice's Bragg peaks and drops the
-    noise between them; the filtered frame is cropped back and the mean restored.
+    noise between them; the filtered frame is cropped back and the mean restored. `dynamic_range` > 0
+    raises the floor to that fraction of the strongest (smoothed) bin: only the main peaks pass, not the
+    faint streaks that line jitter spreads from them (`stemd.dejitter`).
     """
     h, w = frames.shape[-2:]
     x = frames.float()
@@ -52,6 +54,8 @@ def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH) -> torc
     spectrum = torch.fft.rfft2(x - mean, s=(2 * h, 2 * w))
     power = F.avg_pool2d(spectrum.abs().square(), 5, stride=1, padding=2, count_include_pad=False)
     floor = power.flatten(-2).median(-1).values[..., None, None]
+    if dynamic_range > 0:
+        floor = torch.maximum(floor, dynamic_range * power.flatten(-2).amax(-1)[..., None, None])
     gain = (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
     out = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
     return out.to(frames.dtype)

@@ -16,6 +16,8 @@ import torch
 
 from stemd import sampling as _sampling
 from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
+from stemd.config import DEJITTER_DEFAULT, check_dejitter
+from stemd.dejitter import dejitter as _dejitter
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -152,10 +154,12 @@ class Denoiser:
 
     def __init__(self, model: torch.nn.Module, metadata: dict[str, Any], device: str = "auto", step: int | None = None,
                  precision: str = "float32", sampling: str = "resample",
-                 lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False) -> None:
+                 lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False,
+                 dejitter: int = DEJITTER_DEFAULT) -> None:
         if not isinstance(flips, bool):
             raise ConfigError(f"model.flips: must be true or false, got {flips!r}")
         self.flips = flips
+        self.dejitter = check_dejitter(dejitter)
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
         self.precision = precision
@@ -177,7 +181,8 @@ class Denoiser:
     @classmethod
     def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
              precision: str = "float32", sampling: str = "resample",
-             lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False) -> "Denoiser":
+             lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False,
+             dejitter: int = DEJITTER_DEFAULT) -> "Denoiser":
         """From a checkpoint file; `None` is the shipped default model. The keywords are `ModelSettings`'
         fields, so `Denoiser.load(**settings.model.model_dump())` loads what a config names."""
         from stemd.model import load_checkpoint
@@ -185,9 +190,10 @@ class Denoiser:
         resolve_device(device)  # a bad device is reported before the file is read
         _sampling.check_policy(sampling)
         _sampling.check_lattice_period(lattice_period_m)
+        check_dejitter(dejitter)
         model, metadata = load_checkpoint(None if path is None else Path(path))
         return cls(model, metadata, device=device, step=step, precision=precision, sampling=sampling,
-                   lattice_period_m=lattice_period_m, flips=flips)
+                   lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter)
 
     @property
     def model_id(self) -> str:
@@ -227,6 +233,9 @@ class Denoiser:
         that averages out part of the model's own error). With precision tf32 the CUDA backends may use
         TF32 (a process-wide switch, set here each call)."""
         factor = self.plan(frames.shape[-2:], pixel_size_m)
+        if self.dejitter:
+            with torch.autocast(frames.device.type, enabled=False):
+                frames = _dejitter(frames, self.dejitter)
         if not self.flips:
             return self._denoise(frames, factor)
         return sum(self._denoise(frames.flip(dims), factor).flip(dims) for dims in FLIPS) / len(FLIPS)

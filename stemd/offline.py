@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from stemd import __version__
+from stemd.config import DEJITTER_DEFAULT, DEJITTER_MAX, check_dejitter
 from stemd.errors import ConfigError, InputError, StemdError
 from stemd.sampling import DEFAULT_LATTICE_PERIOD_M, POLICIES, check_lattice_period, check_policy
 
@@ -292,6 +293,7 @@ def denoise_file(
     sampling: str = "resample",
     precision: str = "float32",
     flips: bool = False,
+    dejitter: int = DEJITTER_DEFAULT,
 ) -> tuple[TiffImage, dict[str, Any]]:
     """Denoise the TIFF `inp` into `out` (float32, same shape, metadata carried); returns (input, note).
 
@@ -304,6 +306,7 @@ def denoise_file(
     check_lattice_period(lattice_period_m, "--lattice-period")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
+    check_dejitter(dejitter, "--dejitter")
     if pixel_size_m is not None and not (math.isfinite(pixel_size_m) and pixel_size_m > 0):
         raise ConfigError(f"--pixel-size must be a positive number of metres, got {pixel_size_m!r}")
     check_output(out, overwrite)
@@ -312,7 +315,7 @@ def denoise_file(
     if pixel_size_m is None and sampling != "off":
         pixel_size_m, source = pixel_size_from_tags(image), "resolution tags"
     denoiser = Denoiser.load(model, device=device, step=step, precision=precision, sampling=sampling,
-                             lattice_period_m=lattice_period_m, flips=flips)
+                             lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter)
     try:
         frames = image.frames()
         check_frames(next(frames), denoiser.window)
@@ -323,7 +326,7 @@ def denoise_file(
     used = None if pixel_size_m is None or sampling == "off" else {
         "pixel_size_m": pixel_size_m, "source": source, "lattice_period_m": lattice_period_m, "factor": factor}
     note = stemd_note(denoiser.model_id, denoiser.step, used)
-    note.update(precision=precision, flips=flips)
+    note.update(precision=precision, flips=flips, dejitter=dejitter)
     write_tiff_atomic(out, image, denoise_frames(image, denoiser, pixel_size_m, progress), note)
     return image, note
 
@@ -345,8 +348,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "run it as is (off)")
     parser.add_argument("--flips", action="store_true",
                         help="average the model over the frame's 4 flips: 4x the time, +0.1-0.4 dB")
+    parser.add_argument("--dejitter", type=_parse_dejitter, default=DEJITTER_DEFAULT, metavar="N",
+                        help=f"rounds of line-jitter correction before the model, 0 (off) to {DEJITTER_MAX} "
+                             f"(default {DEJITTER_DEFAULT})")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_dejitter(text: str) -> int:
+    try:
+        return check_dejitter(int(text), "--dejitter")
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 (off) to {DEJITTER_MAX}, got {text!r}") from None
 
 
 def _parse_step(text: str | None) -> int | None:
@@ -382,6 +395,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=args.sampling,
         precision=args.precision,
         flips=args.flips,
+        dejitter=args.dejitter,
     )
     frames = 1 if image.ndim == 2 else image.shape[0]
     used = note.get("sampling")

@@ -334,9 +334,18 @@ def test_flips_and_precision_are_applied_and_recorded(tmp_path, checkpoint, fram
     raw = (frames[1][0] * 1000 + 200).clip(0).astype(np.uint16)
     inp, out = tmp_path / "frame.tif", tmp_path / "out.tif"
     tifffile.imwrite(inp, raw)
-    assert denoise(inp, out, "--model", checkpoint, "--flips", "--precision", "bf16") == 0
-    expected = Denoiser.load(checkpoint, device="cpu", flips=True, precision="bf16")
+    assert denoise(inp, out, "--model", checkpoint, "--flips", "--precision", "bf16", "--dejitter", "1") == 0
+    expected = Denoiser.load(checkpoint, device="cpu", flips=True, precision="bf16", dejitter=1)
     with tifffile.TiffFile(out) as tif:
         data, note = tif.asarray(), tif.shaped_metadata[0]["stemd"]
-    assert note["flips"] is True and note["precision"] == "bf16"
+    assert note["flips"] is True and note["precision"] == "bf16" and note["dejitter"] == 1
     np.testing.assert_allclose(data, expected(raw), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", ["11", "-1", "two"])
+def test_bad_dejitter_is_a_usage_error(tmp_path, checkpoint, capsys, bad):
+    inp = tmp_path / "frame.tif"
+    tifffile.imwrite(inp, np.zeros((32, 32), np.uint16))
+    with pytest.raises(SystemExit) as exc:
+        denoise(inp, tmp_path / "out.tif", "--model", checkpoint, "--dejitter", bad)
+    assert exc.value.code == 2 and "--dejitter" in capsys.readouterr().err and not (tmp_path / "out.tif").exists()

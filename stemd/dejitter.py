@@ -1,0 +1,68 @@
+"""Line-jitter correction: each scan line shifted back by its estimated offset (pure torch, no I/O).
+
+Fast scans misplace whole lines: row r is recorded shifted along the scan by s_r, a different
+offset each line. A denoiser that sees one row at a time through 3x3 filters undoes this badly
+(at dose 200 jitter of 0.2 px costs the conv model 3 dB), yet each offset is easy to measure
+against the lattice: the frame's `bragg_filter` (its periodic part, the same in every row up to
+the jitter) is a reference. Linearised, row r minus the reference is -s_r times the reference's
+slope, so s_r is a least-squares fit. Each fit is shrunk towards 0 by its reliability
+(empirical Bayes: the spread of the fits less their noise gives the jitter's variance), so a
+frame without a lattice, or without jitter, or too noisy to tell, is left almost as it is.
+With the plain Bragg filter the reference would keep part of the jitter (at high dose the
+streaks jitter spreads from each peak stand above the noise floor); `DYNAMIC_RANGE` drops them.
+The estimate is repeated on the corrected frame `iterations` times (2 is converged to within
+0.01 dB on the benchmark frames).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stemd.config import DEJITTER_DEFAULT
+from stemd.convnet import bragg_filter
+
+
+DYNAMIC_RANGE = 1e-3  # the reference keeps Fourier bins above this fraction of the strongest: peaks, not jitter streaks
+MAX_SHIFT = 2.0  # px: no shift beyond this is applied (the training data's jitter is at most 0.5 px rms)
+PAD = 16  # px of reflection each side of a row before its Fourier shift, against wrap-around
+
+
+def shift_rows(frames: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) frames, (B, 1, H) shifts -> row r sampled at x + shifts[r]: undoes a recording whose row r
+    was displaced by +shifts[r] along the scan. A Fourier (sinc) shift of each row, reflect-padded by PAD px:
+    unlike interpolation it leaves white noise white, whatever the shift (the network was trained on that)."""
+    w = frames.shape[-1]
+    pad = min(PAD, w - 1)
+    x = torch.nn.functional.pad(frames.float(), (pad, pad, 0, 0), mode="reflect") if pad else frames.float()
+    n = x.shape[-1]
+    k = torch.fft.rfftfreq(n, device=frames.device)
+    phase = torch.exp(2j * torch.pi * k * shifts[..., None].float())
+    return torch.fft.irfft(torch.fft.rfft(x, dim=-1) * phase, n=n, dim=-1)[..., pad : pad + w]
+
+
+def row_shifts(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, H): each scan line's estimated displacement along the scan, in pixels."""
+    x = frames.float()
+    total = x.new_zeros(x.shape[:-1])
+    y = x
+    for _ in range(iterations):
+        guide = bragg_filter(y, dynamic_range=DYNAMIC_RANGE)
+        slope = (guide[..., 2:] - guide[..., :-2]) / 2
+        residual = (y - guide)[..., 1:-1]
+        power = slope.square().sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+        fit = -(residual * slope).sum(-1) / power
+        misfit = (residual + fit[..., None] * slope).square().mean((-2, -1))  # (B, 1): noise and model error
+        variance = misfit[..., None] / power  # of each row's fit
+        reliable = (variance < 1.0).float()  # rows with next to no lattice (vacuum, amorphous) say nothing
+        jitter = ((fit.square() - variance) * reliable).sum(-1, keepdim=True) / reliable.sum(-1, keepdim=True).clamp_min(1)
+        jitter = jitter.clamp_min(0)
+        total = (total + fit * jitter / (jitter + variance)).clamp(-MAX_SHIFT, MAX_SHIFT)
+        y = shift_rows(x, total)
+    return total
+
+
+def dejitter(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torch.Tensor:
+    """(B, 1, H, W) -> same: the frames with each scan line moved back by `row_shifts`."""
+    if iterations < 1:
+        return frames
+    return shift_rows(frames, row_shifts(frames, iterations)).to(frames.dtype)
