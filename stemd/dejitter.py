@@ -49,14 +49,15 @@ def row_shifts(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torc
         guide = bragg_filter(y, dynamic_range=DYNAMIC_RANGE)
         slope = (guide[..., 2:] - guide[..., :-2]) / 2
         residual = (y - guide)[..., 1:-1]
-        power = slope.square().sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-        fit = -(residual * slope).sum(-1) / power
+        power = slope.square().sum(-1)
+        valid = power > 1e-6 * residual.square().sum(-1)  # a row with no lattice slope to fit against
+        fit = torch.where(valid, -(residual * slope).sum(-1) / power.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         misfit = (residual + fit[..., None] * slope).square().mean((-2, -1))  # (B, 1): noise and model error
-        variance = misfit[..., None] / power  # of each row's fit
-        reliable = (variance < 1.0).float()  # rows with next to no lattice (vacuum, amorphous) say nothing
-        jitter = ((fit.square() - variance) * reliable).sum(-1, keepdim=True) / reliable.sum(-1, keepdim=True).clamp_min(1)
-        jitter = jitter.clamp_min(0)
-        total = (total + fit * jitter / (jitter + variance)).clamp(-MAX_SHIFT, MAX_SHIFT)
+        variance = torch.where(valid, misfit[..., None] / power.clamp_min(torch.finfo(torch.float32).tiny), torch.inf)
+        reliable = variance < 1.0  # rows with next to no lattice (vacuum, amorphous) say nothing
+        jitter = torch.where(reliable, fit.square() - variance, 0.0).sum(-1, keepdim=True)
+        jitter = (jitter / reliable.sum(-1, keepdim=True).clamp_min(1)).clamp_min(0)
+        total = (total + fit * (jitter / (jitter + variance)).nan_to_num(0.0)).clamp(-MAX_SHIFT, MAX_SHIFT)
         y = shift_rows(x, total)
     return total
 

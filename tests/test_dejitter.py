@@ -62,6 +62,10 @@ def test_no_jitter_and_no_lattice_are_left_alone():
     noise = torch.poisson(torch.full((1, 1, 128, 128), 20.0), generator=torch.Generator().manual_seed(3))
     assert float(row_shifts(noise).abs().max()) < 0.05
     assert torch.equal(dejitter(noise, 0), noise)
+    small = torch.poisson(torch.full((1, 1, 45, 61), 20.0), generator=torch.Generator().manual_seed(0))
+    assert float(row_shifts(small).abs().max()) < 0.05  # the reference is flat: no slope to fit, no NaN
+    flat = torch.full((2, 1, 40, 40), 7.0)
+    assert torch.equal(row_shifts(flat), torch.zeros(2, 1, 40)) and torch.allclose(dejitter(flat), flat)
 
 
 def test_more_rounds_undo_more_at_high_dose():
