@@ -142,6 +142,7 @@ class ConvSettings(_Section):
     channels: tuple[int, ...] = (48, 64, 96, 128)  # U-Net level widths, finest first
     guide: Literal["none", "bragg"] = "bragg"  # bragg: the frame's lattice Fourier components as a second input
     noise_level: bool = False  # also input the frame's noise std (convnet.noise_level), so one model fits every dose
+    dejitter: int = Field(default=0, ge=0, le=DEJITTER_MAX)  # rounds of stemd.dejitter on each training recording
     patch: int = Field(default=96, ge=28)  # training patch side, pixels
     scene_size: int = Field(default=384, ge=28)  # side of the scenes patches are cut from, each normalised whole
     dose: tuple[float, float] = (2.0, 200.0)  # expected counts at the brightest column, log-uniform

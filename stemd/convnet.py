@@ -242,9 +242,10 @@ def reference_levels(period_px: tuple[float, float] = (6.0, 20.0), n: int = 200,
 def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple[float, float], *,
                   guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
                   dose: tuple[float, float] = (2.0, 200.0), period: tuple[float, float] = (6.0, 20.0),
-                  edge_fraction: float = 0.25, level: bool = False) -> tuple[np.ndarray, ...]:
+                  edge_fraction: float = 0.25, level: bool = False, dejitter: int = 0) -> tuple[np.ndarray, ...]:
     """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model; with
     `level`, (noisy, [guide,] level, clean), `level` (n,) the `noise_level` of the scene a patch is cut from.
+    `dejitter` rounds of `stemd.dejitter` are applied to each normalised recording, as `Denoiser` does.
 
     Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
     `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
@@ -269,6 +270,10 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
         for _ in range(doses_per_scene):
             d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
             x, lo, hi = normalize(scenes.apply_instrument(s.clean, rng, params, dose=d)[None], reference=reference)
+            if dejitter:
+                from stemd.dejitter import dejitter as undo_jitter
+
+                x = undo_jitter(torch.from_numpy(x)[None], dejitter)[0].numpy()
             c = (s.clean - np.float32(lo[0])) / np.float32(float(hi[0] - lo[0]) or 1.0)
             whole = [x[0], c]
             if guide:

@@ -164,7 +164,7 @@ def _conv_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tup
     for first in range(start // pool * pool, stop, pool):
         rng = np.random.default_rng(stream_seed(settings.seed, _TRAIN_STREAM, first))
         data = scene_patches(pool, c.patch, rng, reference, guide=c.guide == "bragg", scene_size=c.scene_size,
-                             dose=c.dose, period=c.period_px, level=c.noise_level)
+                             dose=c.dose, period=c.period_px, level=c.noise_level, dejitter=c.dejitter)
         order = rng.permutation(pool)
         end = min(stop, first + pool)
         for i in range(max(start, first), end, batch):
@@ -192,7 +192,8 @@ def _conv_validation(settings: TrainSettings) -> ValidationSet:
     rng = np.random.default_rng(stream_seed(settings.seed, _VAL_STREAM, 0))
     doses = np.geomspace(c.dose[0], c.dose[1], c.val_scenes)
     noisy, clean = zip(*(scene_patches(1, VAL_SCENE_PX, rng, reference, guide=False, scene_size=VAL_SCENE_PX,
-                                       doses_per_scene=1, per_dose=1, dose=(d, d), period=c.period_px) for d in doses))
+                                       doses_per_scene=1, per_dose=1, dose=(d, d), period=c.period_px,
+                                       dejitter=c.dejitter) for d in doses))
     bounds = [round(k * c.val_scenes / 3) for k in range(4)]
     parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
     labels = [{"dose": [float(doses[p.start]), float(doses[p.stop - 1])]} for p in parts]
