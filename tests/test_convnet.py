@@ -232,7 +232,7 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
     fixed, _, clean3 = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2, per_dose=3,
                                      dejitter=2)
     np.testing.assert_array_equal(clean3, clean)
-    assert not np.array_equal(fixed, noisy)  # the recordings were de-jittered before the patches were cut
+    assert np.abs(fixed - noisy).max() > 0.05  # the recordings were de-jittered (rows moved) before the cut
 
 
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
