@@ -229,10 +229,11 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
     np.testing.assert_array_equal(clean2, clean)
     assert level.shape == (6,) and level[0] == level[2] != level[3]  # one level per recording (3 patches each)
     assert (level > 0).all()
-    fixed, _, clean3 = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2, per_dose=3,
-                                     dejitter=2)
-    np.testing.assert_array_equal(clean3, clean)
-    assert np.abs(fixed - noisy).max() > 0.05  # the recordings were de-jittered (rows moved) before the cut
+    kw = {"scene_size": 256, "doses_per_scene": 1, "per_dose": 2, "dose": (100.0, 100.0)}
+    plain, _, clean3 = scene_patches(2, 48, np.random.default_rng(4), ref, **kw)
+    fixed, _, clean4 = scene_patches(2, 48, np.random.default_rng(4), ref, dejitter=2, **kw)
+    np.testing.assert_array_equal(clean3, clean4)
+    assert np.abs(fixed - plain).max() > 0.05  # the recording was de-jittered (rows moved) before the cut
 
 
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
