@@ -230,7 +230,7 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
     assert level.shape == (6,) and level[0] == level[2] != level[3]  # one level per recording (3 patches each)
     assert (level > 0).all()
     kw = {"scene_size": 256, "doses_per_scene": 1, "per_dose": 2, "dose": (100.0, 100.0)}
-    plain, _, clean3 = scene_patches(2, 48, np.random.default_rng(5), ref, **kw)  # seed 4: a scene with no lattice
+    plain, _, clean3 = scene_patches(2, 48, np.random.default_rng(5), ref, **kw)  # (seed 4: nothing to undo)
     fixed, _, clean4 = scene_patches(2, 48, np.random.default_rng(5), ref, dejitter=2, **kw)
     np.testing.assert_array_equal(clean3, clean4)
     assert np.abs(fixed - plain).max() > 0.05  # the recording was de-jittered (rows moved) before the cut
