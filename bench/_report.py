@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from stemd.config import DEJITTER_MAX
 from stemd.denoiser import PRECISIONS
 
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to reproduce.\n"
@@ -52,7 +53,8 @@ def publish(text: str, path: Path, title: str, write: bool = True) -> None:
 
 
 def model_option(text: str) -> tuple[str, Path, dict]:
-    """--model NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision or `flips`."""
+    """--model NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision, `flips` or
+    `dejitterN` (N rounds of line-jitter correction; dejitter0: off)."""
     name, sep, rest = text.partition("=")
     path, _, suffix = rest.rpartition("@") if "@" in rest else (rest, "", "")
     options: dict = {}
@@ -61,8 +63,10 @@ def model_option(text: str) -> tuple[str, Path, dict]:
             options["precision"] = opt
         elif opt == "flips":
             options["flips"] = True
+        elif opt.startswith("dejitter") and opt[8:].isdigit() and int(opt[8:]) <= DEJITTER_MAX:
+            options["dejitter"] = int(opt[8:])
         else:
             path = ""
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips[+...]], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips|dejitterN[+...]], got {text!r}")
     return name, Path(path), options

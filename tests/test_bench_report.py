@@ -35,7 +35,8 @@ def test_machine_line_names_cores_and_torch():
 def test_model_option_parses_precision_and_flips():
     assert model_option("a=x.pt") == ("a", Path("x.pt"), {})
     assert model_option("a=dir@1/x.pt@bf16+flips") == ("a", Path("dir@1/x.pt"), {"precision": "bf16", "flips": True})
-    for bad in ("no-equals", "=x.pt", "a=", "a=x.pt@half", "a=x.pt@bf16+mirror"):
+    assert model_option("a=x.pt@dejitter0") == ("a", Path("x.pt"), {"dejitter": 0})
+    for bad in ("no-equals", "=x.pt", "a=", "a=x.pt@half", "a=x.pt@bf16+mirror", "a=x.pt@dejitter11", "a=x.pt@dejitter"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=PATH"):
             model_option(bad)
 
