@@ -7,7 +7,9 @@ For each model, precision, frame size (and step, for the window AE): median time
 warm-up (batch 1), frames/s with a batch, peak memory, the model's FLOPs per frame (counted by
 torch's FlopCounterMode on the real forward pass), the device's matmul rate at that precision
 measured in the same run, and the ratio measured time / (FLOPs / matmul rate): 1.0 would be the
-floor. Side by side on one Poisson frame: every model and precision, non-local means and BM3D
+floor. The model rows time the model alone (model.dejitter 0); the line-jitter correction that runs
+before it by default is timed on its own (its FFTs are not matmul FLOPs). Side by side on one
+Poisson frame: every model and precision as shipped (with the correction), non-local means and BM3D
 (time and PSNR), the classical peers a microscopist would otherwise use, and each precision's
 accuracy cost against float32.
 """
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from stemd.config import DEJITTER_DEFAULT
+from stemd.dejitter import dejitter
 from stemd.denoiser import Denoiser, resolve_device
 from stemd.model import MODELS_DIR
 
@@ -122,6 +126,18 @@ def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], ba
     return rows
 
 
+def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
+    """Median time of the default line-jitter correction on one frame per size (a lattice-free frame costs the same)."""
+    rows = []
+    for size in sizes:
+        x = torch.rand(1, 1, size, size, device=device)
+        with torch.inference_mode():
+            t = statistics.median(_timed(lambda: dejitter(x, DEJITTER_DEFAULT), device, max(1, repeats if size <= 1024 else repeats // 3)))
+        rows.append(dict(device=device.type, size=size, ms=1e3 * t))
+        print(f"{device.type:>4} line-jitter correction, {DEJITTER_DEFAULT} rounds, {size:>5}²: {1e3 * t:9.1f} ms/frame", flush=True)
+    return rows
+
+
 def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, dose: float, seed: int,
                 repeats: int = 3) -> list[dict]:
     """Every model and precision vs NLM vs BM3D on the same Poisson frame: time and PSNR, side by side."""
@@ -159,6 +175,10 @@ def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, d
             result = run(label, den, repeats, reference)
             reference = result if reference is None else reference
         den.precision = "float32"
+        if not is_window_model(den):
+            den.dejitter = 0
+            run(f"stemd {name}, float32, no line-jitter correction", den, repeats, reference)
+            den.dejitter = DEJITTER_DEFAULT
     for label, fn in (("non-local means (Anscombe)", classical.nlm), ("BM3D (Anscombe)", classical.bm3d_denoise)):
         try:
             run(label, fn, 1)
@@ -167,7 +187,8 @@ def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, d
     return out
 
 
-def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str], float], args) -> str:
+def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str], float], args,
+                jitter: list[dict] = ()) -> str:
     lines = [
         f"Machine: {machine_line()}. Measured {datetime.date.today()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads.",
@@ -188,6 +209,10 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
         lines.append(
             f"| {r['device']} | {r['model']} | {r['precision']} | {r['size']}² | {r['step'] or '–'} | {r['ms']:.1f} | "
             f"{r['fps_batched']:.2f} | {r['gflop']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |")
+    if jitter:
+        lines += ["", f"Line-jitter correction (`stemd.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
+                  "before the model in every `Denoiser` call, on its own: "
+                  + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in jitter) + "."]
     if peers:
         bm3d = next((p for p in peers if p["method"].startswith("BM3D")), None)
         lines += [
@@ -195,7 +220,8 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
             f"Side by side on one {args.peer_size}² Poisson frame (`synthetic.simulate_frame`, RP fault, dose {args.dose:g} "
             "counts at the brightest column), CPU. PSNR after the least-squares gain/offset onto the clean frame; "
             "*vs float32*: PSNR of the output against the same model's float32 output (its range as peak): "
-            "the precision's accuracy cost.",
+            "the precision's accuracy cost. The stemd rows run as shipped, line-jitter correction included "
+            "(this frame has no jitter; the row without it shows what the correction costs).",
             "",
             "| method | ms/frame | PSNR (dB) | vs float32 (dB) | BM3D time ÷ this |",
             "| --- | ---: | ---: | ---: | ---: |",
@@ -240,22 +266,23 @@ def main(argv: list[str] | None = None) -> int:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(resolve_device("cuda"))
-    rows, rates = [], {}
+    rows, rates, jitter = [], {}, []
     for dev in devices:
         precisions = [x for x in args.precisions if dev.type == "cuda" or x != "tf32"]  # tf32 is a CUDA mode
         for precision in precisions:
             rates[dev.type, precision] = matmul_rate(dev, precision, n=512 if args.quick else 2048)
         for name, path in paths.items():
-            den = Denoiser.load(path, device=dev.type)
+            den = Denoiser.load(path, device=dev.type, dejitter=0)
             for precision in precisions:
                 den.precision = precision
                 slow = dev.type == "cpu" and precision == "bf16" and is_window_model(den)
                 rows += bench_model(name, den, [x for x in sizes if x <= 512] if slow else sizes, args.steps,
                                     args.batch, repeats, rates[dev.type, precision])
+        jitter += bench_dejitter(dev, sizes, repeats)
     peers = [] if args.no_peers else bench_peers(
         {name: Denoiser.load(path, device="cpu") for name, path in paths.items()},
         [x for x in args.precisions if x != "tf32"], args.peer_size, args.dose, seed=1)
-    text = to_markdown(rows, peers, rates, args)
+    text = to_markdown(rows, peers, rates, args, jitter)
     publish(text, args.out, "Speed (bench/speed.py)", write=not args.no_write)
     return 0
 
