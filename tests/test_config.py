@@ -90,3 +90,13 @@ def test_train_settings_validation():
     with pytest.raises(ConfigError, match="hidden"):
         load_train_settings(None, {"hidden": []})
     assert load_train_settings(None, {"samples": 10}).samples == 10
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("train_*.yaml")), ids=lambda p: p.name)
+def test_every_training_recipe_is_valid(path):
+    """The recipes of the shipped models load, and name their stage's predecessor by its output path."""
+    settings = load_train_settings(path)
+    assert settings.model == "conv_unet"
+    if settings.init is not None:
+        outs = {load_train_settings(p).out for p in (ROOT / "config").glob("train_*.yaml")}
+        assert settings.init.parent in outs and settings.init.name == "best.pt"
