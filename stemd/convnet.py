@@ -135,8 +135,8 @@ class ConvDenoiser(nn.Module):
         """(B, 1, H, W) -> (B, 1, H, W); sides padded (reflect) to `multiple` and cropped back.
 
         `guide` (same shape) replaces `bragg_filter(x)`, `level` (B,) `noise_level(x)`: training cuts
-        patches from the guide and level of a whole frame, as inference computes them. Frames larger than `band_pixels` (times the batch)
-        are run in row bands (`_bands`) with the same result.
+        patches from the guide and level of a whole frame, as inference computes them. Frames larger
+        than `band_pixels` (times the batch) are run in row bands (`_bands`) with the same result.
         """
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"frames must be (B, 1, H, W), got shape {tuple(x.shape)}")

@@ -21,10 +21,10 @@ import torch
 from stemd.config import DEJITTER_DEFAULT
 from stemd.convnet import bragg_filter
 
-
 DYNAMIC_RANGE = 1e-3  # the reference keeps Fourier bins above this fraction of the strongest: peaks, not jitter streaks
 MAX_SHIFT = 2.0  # px: no shift beyond this is applied (the training data's jitter is at most 0.5 px rms)
 PAD = 16  # px of reflection each side of a row before its Fourier shift, against wrap-around
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def shift_rows(frames: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -51,9 +51,9 @@ def row_shifts(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torc
         residual = (y - guide)[..., 1:-1]
         power = slope.square().sum(-1)
         valid = power > 1e-6 * residual.square().sum(-1)  # a row with no lattice slope to fit against
-        fit = torch.where(valid, -(residual * slope).sum(-1) / power.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        fit = torch.where(valid, -(residual * slope).sum(-1) / power.clamp_min(_TINY), 0.0)
         misfit = (residual + fit[..., None] * slope).square().mean((-2, -1))  # (B, 1): noise and model error
-        variance = torch.where(valid, misfit[..., None] / power.clamp_min(torch.finfo(torch.float32).tiny), torch.inf)
+        variance = torch.where(valid, misfit[..., None] / power.clamp_min(_TINY), torch.inf)
         reliable = variance < 1.0  # rows with next to no lattice (vacuum, amorphous) say nothing
         jitter = torch.where(reliable, fit.square() - variance, 0.0).sum(-1, keepdim=True)
         jitter = (jitter / reliable.sum(-1, keepdim=True).clamp_min(1)).clamp_min(0)
