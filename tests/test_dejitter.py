@@ -78,3 +78,12 @@ def test_setting_is_validated_with_its_key():
     assert load_settings(None, {"model": {"dejitter": 0}}).model.dejitter == 0
     with pytest.raises(ConfigError, match="model.dejitter"):
         load_settings(None, {"model": {"dejitter": 11}})
+
+
+def test_frames_of_a_batch_are_corrected_independently():
+    clean = _lattice(128)
+    jittered, _ = _recorded(clean, 0.3, 200.0, seed=1)
+    plain, _ = _recorded(clean, 0.0, 200.0, seed=2)
+    batch = dejitter(torch.cat([jittered, plain]))
+    torch.testing.assert_close(batch[:1], dejitter(jittered), rtol=0, atol=1e-3)
+    torch.testing.assert_close(batch[1:], dejitter(plain), rtol=0, atol=1e-3)
