@@ -1,4 +1,4 @@
-"""Shared fixtures: a working model checkpoint and a ZeroMQ test publisher. Keep it small."""
+"""Shared fixtures: a working model checkpoint, one torch thread, and a ZeroMQ test publisher. Keep it small."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def pca_model(rank: int = 96, window: int = 28, seed: int = 0):
         dec.weight.copy_(p.T)
         dec.bias.copy_(torch.from_numpy(mean).float())
     return model.eval()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on a busy 2-core machine two threads wait on each other (measured 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

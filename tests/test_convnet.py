@@ -12,13 +12,7 @@ from stemd.errors import CheckpointError
 from stemd.model import build_model, load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads wait on each other (measured 10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_head(model: ConvDenoiser, seed: int = 0) -> ConvDenoiser:

@@ -11,12 +11,7 @@ from stemd.dejitter import dejitter, row_shifts, shift_rows
 from stemd.synthetic import simulate_frame
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lattice(size: int = 256) -> torch.Tensor:
