@@ -95,6 +95,11 @@ def is_window_model(den: Denoiser) -> bool:
     return den.model.arch()["name"] == "window_ae"
 
 
+def _repeats(size: int, repeats: int) -> int:
+    """Timed runs per frame size: a third above 1024² (those take seconds each), at least one."""
+    return max(1, repeats if size <= 1024 else repeats // 3)
+
+
 def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], batch: int, repeats: int,
                 rate: float) -> list[dict]:
     """Rows of time, throughput, memory and floor for one model at its current precision."""
@@ -104,7 +109,7 @@ def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], ba
         for step in steps if is_window_model(den) else [None]:
             if step is not None:
                 den.step = step
-            reps = max(1, repeats if size <= 1024 else repeats // 3)
+            reps = _repeats(size, repeats)
             x1 = torch.rand(1, 1, size, size, device=dev)
             xb = torch.rand(batch, 1, size, size, device=dev)
             if dev.type == "cuda":
@@ -132,7 +137,7 @@ def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list
     for size in sizes:
         x = torch.rand(1, 1, size, size, device=device)
         with torch.inference_mode():
-            t = statistics.median(_timed(lambda: dejitter(x, DEJITTER_DEFAULT), device, max(1, repeats if size <= 1024 else repeats // 3)))
+            t = statistics.median(_timed(lambda: dejitter(x, DEJITTER_DEFAULT), device, _repeats(size, repeats)))
         rows.append(dict(device=device.type, size=size, ms=1e3 * t))
         print(f"{device.type:>4} line-jitter correction, {DEJITTER_DEFAULT} rounds, {size:>5}²: {1e3 * t:9.1f} ms/frame", flush=True)
     return rows

@@ -47,11 +47,12 @@ def test_latency_runs_each_models_options_in_the_daemon(tmp_path):
 
     path = tmp_path / "c.pt"
     save_checkpoint(path, ConvDenoiser([4, 4]), {})
-    args = argparse.Namespace(models=[model_option(f"c={path}@bf16+flips"), model_option(f"d={path}")],
-                              device="cpu", steps=None)
+    args = argparse.Namespace(models=[model_option(f"c={path}@bf16+flips"), model_option(f"d={path}"),
+                                      model_option(f"d={path}@dejitter0")], device="cpu", steps=None)
     assert latency.variants(args) == [("c, bf16, flips", {"device": "cpu", "path": str(path), "precision": "bf16",
                                                           "flips": True}),
-                                      ("d", {"device": "cpu", "path": str(path)})]
+                                      ("d", {"device": "cpu", "path": str(path)}),
+                                      ("d, dejitter 0", {"device": "cpu", "path": str(path), "dejitter": 0})]
 
 
 def test_speed_refuses_options_it_would_ignore(capsys):
