@@ -270,15 +270,16 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
         for _ in range(doses_per_scene):
             d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
             x, lo, hi = normalize(scenes.apply_instrument(s.clean, rng, params, dose=d)[None], reference=reference)
+            frame = torch.from_numpy(x)[None]  # (1, 1, H, W), as Denoiser hands a frame to the model
             if dejitter:
                 from stemd.dejitter import dejitter as undo_jitter
 
-                x = undo_jitter(torch.from_numpy(x)[None], dejitter)[0].numpy()
+                frame = undo_jitter(frame, dejitter)
             c = (s.clean - np.float32(lo[0])) / np.float32(float(hi[0] - lo[0]) or 1.0)
-            whole = [x[0], c]
+            whole = [frame[0, 0].numpy(), c]
             if guide:
-                whole.insert(1, bragg_filter(torch.from_numpy(x)[None])[0, 0].numpy())
-            frame_level = float(noise_level(torch.from_numpy(x)[None])[0]) if level else 0.0
+                whole.insert(1, bragg_filter(frame)[0, 0].numpy())
+            frame_level = float(noise_level(frame)[0]) if level else 0.0
             for _ in range(per_dose):
                 if done == n:
                     return result()
