@@ -143,6 +143,7 @@ class ConvSettings(_Section):
     guide: Literal["none", "bragg"] = "bragg"  # bragg: the frame's lattice Fourier components as a second input
     noise_level: bool = False  # also input the frame's noise std (convnet.noise_level), so one model fits every dose
     dejitter: int = Field(default=0, ge=0, le=DEJITTER_MAX)  # rounds of stemd.dejitter on each training recording
+    planes: bool = False  # also input convnet.plane_guides (needs guide bragg): keeps planar defects (docs/training.md)
     patch: int = Field(default=96, ge=28)  # training patch side, pixels
     scene_size: int = Field(default=384, ge=28)  # side of the scenes patches are cut from, each normalised whole
     dose: tuple[float, float] = (2.0, 200.0)  # expected counts at the brightest column, log-uniform
@@ -162,6 +163,13 @@ class ConvSettings(_Section):
         low = 2.0 if info.field_name == "period_px" else 0.0
         if not low < v[0] <= v[1]:
             raise ValueError(f"must be [low, high] with {low:g} < low <= high")
+        return v
+
+    @field_validator("planes")
+    @classmethod
+    def _planes_need_guide(cls, v: bool, info: Any) -> bool:
+        if v and info.data.get("guide") != "bragg":
+            raise ValueError("needs guide: bragg (the lattice is found in the Bragg guide)")
         return v
 
     @field_validator("scene_size")

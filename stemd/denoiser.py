@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from stemd import sampling as _sampling
-from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
+from stemd.convnet import ConvDenoiser, bragg_filter, noise_level, plane_guides
 from stemd.config import DEJITTER_DEFAULT, check_dejitter
 from stemd.dejitter import dejitter as _dejitter
 from stemd.errors import CheckpointError, ConfigError, InputError
@@ -252,10 +252,12 @@ class Denoiser:
                 y = self.model.denoise_frames(x, self.step).float()
         return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])
 
-    def _resampled_inputs(self, frames: torch.Tensor, factor: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A conv model's Bragg guide and noise level, taken at the frame's own sampling (the guide then
-        resampled with it): interpolation correlates the noise, so on an upsampled frame the guide's noise
-        floor and the noise level would be underestimated (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
+    def _resampled_inputs(self, frames: torch.Tensor, factor: float) -> tuple[torch.Tensor | None, ...]:
+        """A conv model's Bragg guide, noise level and plane guides, taken at the frame's own sampling (the
+        guides then resampled with it): interpolation correlates the noise, so on an upsampled frame the guide's
+        noise floor and the noise level would be underestimated (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
         with torch.autocast(frames.device.type, enabled=False):
-            guide = _sampling.resample(bragg_filter(frames.float()), factor) if self.model.guide == "bragg" else None
-            return guide, noise_level(frames) if self.model.noise_level else None
+            guide = bragg_filter(frames.float()) if self.model.guide == "bragg" else None
+            planes = _sampling.resample(plane_guides(frames.float(), guide), factor) if self.model.planes else None
+            return (None if guide is None else _sampling.resample(guide, factor),
+                    noise_level(frames) if self.model.noise_level else None, planes)
