@@ -75,11 +75,12 @@ def lattice_vectors(guide: torch.Tensor) -> list[tuple[tuple[float, float], tupl
     or None where the guide has no lattice: its autocorrelation's peaks of at least PLANE_PEAK_FRACTION of the
     zero-lag value with lengths within PLANE_LAGS_PX, refined to sub-pixel by a parabola along each axis."""
     h, w = guide.shape[-2:]
-    g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
-    acf = torch.fft.irfft2(torch.fft.rfft2(g, s=(2 * h, 2 * w)).abs().square(), s=(2 * h, 2 * w))
     r = int(PLANE_LAGS_PX[1]) + 1
+    size = (_fast_size(h + r + 1), _fast_size(w + r + 1))  # zero padding beyond the longest lag: no wrap-around
+    g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
+    acf = torch.fft.irfft2(torch.fft.rfft2(g, s=size).abs().square(), s=size)
     lag = torch.arange(-r, r + 1)
-    crop = acf[:, 0][:, lag % (2 * h)][:, :, lag % (2 * w)]  # (B, 2r+1, 2r+1), lag 0 at [r, r]
+    crop = acf[:, 0][:, lag % size[0]][:, :, lag % size[1]]  # (B, 2r+1, 2r+1), lag 0 at [r, r]
     peak = crop == F.max_pool2d(crop[:, None], 3, stride=1, padding=1)[:, 0]
     dy, dx = torch.meshgrid(lag.float(), lag.float(), indexing="ij")
     length = torch.hypot(dy, dx)
@@ -110,6 +111,18 @@ def _vertex(left: float, mid: float, right: float) -> float:
     return 0.0 if curve >= 0 else max(-0.5, min(0.5, 0.5 * (left - right) / curve))
 
 
+def _fast_size(n: int) -> int:
+    """The least 2^a 3^b 5^c >= n: a side the FFT runs fast at."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
 def plane_guides(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 1, H, W) -> (B, PLANES, H, W): each frame averaged over its shifts by k t, |k t| <= PLANE_REACH_PX,
     for t = u, v, u + v, u - v (`lattice_vectors` of its Bragg `guide`). Shifts are Fourier (sub-pixel) on the
@@ -119,24 +132,29 @@ def plane_guides(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tor
     x = frames.float()
     guide = bragg_filter(x) if guide is None else guide.float()
     mean = x.mean((-2, -1), keepdim=True)
-    size = (2 * h, 2 * w)
+    pad = int(PLANE_REACH_PX) + 1  # beyond the longest shift: no wrap-around
+    size = (_fast_size(h + pad), _fast_size(w + pad))
     spectrum = torch.fft.rfft2(x - mean, s=size)
     inside = torch.fft.rfft2(torch.ones(h, w, device=x.device), s=size)
-    qy = torch.fft.fftfreq(2 * h, device=x.device)[:, None]
-    qx = torch.fft.rfftfreq(2 * w, device=x.device)[None, :]
+    qy = torch.fft.fftfreq(size[0], device=x.device)[:, None]
+    qx = torch.fft.rfftfreq(size[1], device=x.device)[None, :]
     out = guide.expand(-1, PLANES, -1, -1).clone()
     for b, vecs in enumerate(lattice_vectors(guide)):
         if vecs is None:
             continue
         (uy, ux), (vy, vx) = vecs
-        for c, (ty, tx) in enumerate(((uy, ux), (vy, vx), (uy + vy, ux + vx), (uy - vy, ux - vx))):
+        kernels, least = [], []
+        for ty, tx in ((uy, ux), (vy, vx), (uy + vy, ux + vx), (uy - vy, ux - vx)):
             n = 2 * max(1, int(PLANE_REACH_PX // math.hypot(ty, tx))) + 1
-            phase = math.pi * (qy * ty + qx * tx)
+            phase = math.pi * (qy * ty + qx * tx)  # the mean of exp(2 pi i k q.t) over |k| <= n // 2 (Dirichlet)
             s = torch.sin(phase)
-            kernel = torch.where(s.abs() < 1e-6, torch.ones_like(s), torch.sin(n * phase) / (n * s.where(s.abs() >= 1e-6, torch.ones_like(s))))
-            total = torch.fft.irfft2(spectrum[b, 0] * kernel, s=size)[:h, :w]
-            count = torch.fft.irfft2(inside * kernel, s=size)[:h, :w]
-            out[b, c] = total / count.clamp_min(1.0 / n) + mean[b, 0]
+            small = s.abs() < 1e-6
+            kernels.append(torch.where(small, 1.0, torch.sin(n * phase) / (n * torch.where(small, 1.0, s))))
+            least.append(1.0 / n)  # one shift inside the frame
+        kernel = torch.stack(kernels)
+        total = torch.fft.irfft2(spectrum[b, 0] * kernel, s=size)[:, :h, :w]
+        count = torch.fft.irfft2(inside * kernel, s=size)[:, :h, :w]
+        out[b] = total / torch.maximum(count, torch.tensor(least, device=x.device)[:, None, None]) + mean[b, 0]
     return out.to(frames.dtype)
 
 
