@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stemd.errors import ConfigError
 
 Device = Literal["auto", "cpu", "cuda"]
+SceneLayout = Literal["perfect", "rp", "interface", "grain_boundary", "amorphous", "vacuum", "mixed"]  # scenes.LAYOUTS
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -144,6 +145,8 @@ class ConvSettings(_Section):
     noise_level: bool = False  # also input the frame's noise std (convnet.noise_level), so one model fits every dose
     dejitter: int = Field(default=0, ge=0, le=DEJITTER_MAX)  # rounds of stemd.dejitter on each training recording
     planes: bool = False  # also input convnet.plane_guides (needs guide bragg): keeps planar defects (docs/training.md)
+    # scene layouts drawn from, uniformly; name one several times to weight it
+    layouts: tuple[SceneLayout, ...] = ("perfect", "rp", "interface", "grain_boundary", "amorphous", "vacuum", "mixed")
     patch: int = Field(default=96, ge=28)  # training patch side, pixels
     scene_size: int = Field(default=384, ge=28)  # side of the scenes patches are cut from, each normalised whole
     dose: tuple[float, float] = (2.0, 200.0)  # expected counts at the brightest column, log-uniform
@@ -163,6 +166,13 @@ class ConvSettings(_Section):
         low = 2.0 if info.field_name == "period_px" else 0.0
         if not low < v[0] <= v[1]:
             raise ValueError(f"must be [low, high] with {low:g} < low <= high")
+        return v
+
+    @field_validator("layouts")
+    @classmethod
+    def _some_layout(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must name at least one layout")
         return v
 
     @field_validator("planes")

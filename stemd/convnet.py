@@ -79,7 +79,7 @@ def lattice_vectors(guide: torch.Tensor) -> list[tuple[tuple[float, float], tupl
     size = (_fast_size(h + r + 1), _fast_size(w + r + 1))  # zero padding beyond the longest lag: no wrap-around
     g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
     acf = torch.fft.irfft2(torch.fft.rfft2(g, s=size).abs().square(), s=size)
-    lag = torch.arange(-r, r + 1)
+    lag = torch.arange(-r, r + 1, device=guide.device)
     crop = acf[:, 0][:, lag % size[0]][:, :, lag % size[1]]  # (B, 2r+1, 2r+1), lag 0 at [r, r]
     peak = crop == F.max_pool2d(crop[:, None], 3, stride=1, padding=1)[:, 0]
     dy, dx = torch.meshgrid(lag.float(), lag.float(), indexing="ij")
@@ -355,13 +355,14 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
                   guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
                   dose: tuple[float, float] = (2.0, 200.0), period: tuple[float, float] = (6.0, 20.0),
                   edge_fraction: float = 0.25, level: bool = False, dejitter: int = 0,
-                  planes: bool = False) -> tuple[np.ndarray, ...]:
+                  planes: bool = False, layouts: Sequence[str] | None = None) -> tuple[np.ndarray, ...]:
     """(noisy, [bragg guide,] [level,] [planes,] clean) float32 patches (n, 1, patch, patch), as `Denoiser`
     feeds a model: `level` (n,) is the `noise_level` of the scene a patch is cut from, `planes` (n, PLANES,
     patch, patch) its `plane_guides` (needs `guide`). `dejitter` rounds of `stemd.dejitter` are applied to
     each normalised recording, as `Denoiser` does.
 
-    Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
+    Each random scene (`stemd.scenes.random_scene`, every structure; `layouts`, default all, drawn
+    uniformly, so a layout named twice comes twice as often) is recorded whole by
     `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
     whole (`stemd.denoiser.normalize` at `reference`), its guides taken whole, and `per_dose`
     patches cut at random places; along each axis a patch touches a scene edge with probability
@@ -383,7 +384,7 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
 
     done = 0
     while done < n:
-        s = scenes.random_scene((scene_size, scene_size), rng, period_px=period)
+        s = scenes.random_scene((scene_size, scene_size), rng, period_px=period, layouts=layouts or scenes.LAYOUTS)
         params = scenes.draw_noise(rng, dose=dose)
         for _ in range(doses_per_scene):
             d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))

@@ -165,7 +165,7 @@ def _conv_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tup
         rng = np.random.default_rng(stream_seed(settings.seed, _TRAIN_STREAM, first))
         data = scene_patches(pool, c.patch, rng, reference, guide=c.guide == "bragg", scene_size=c.scene_size,
                              dose=c.dose, period=c.period_px, level=c.noise_level, dejitter=c.dejitter,
-                             planes=c.planes)
+                             planes=c.planes, layouts=c.layouts)
         order = rng.permutation(pool)
         end = min(stop, first + pool)
         for i in range(max(start, first), end, batch):

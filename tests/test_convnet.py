@@ -328,6 +328,23 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
     assert np.abs(fixed - plain).max() > 0.05  # the recording was de-jittered (rows moved) before the cut
 
 
+def test_scene_patches_draw_the_layouts_asked_for(monkeypatch):
+    """`layouts` reaches stemd.scenes.random_scene; the config's names are the scenes' layouts."""
+    import typing
+
+    from stemd import config, scenes
+    from stemd.convnet import scene_patches
+
+    assert typing.get_args(config.SceneLayout) == scenes.LAYOUTS == config.ConvSettings().layouts
+    drawn = []
+    real = scenes.random_scene
+    monkeypatch.setattr(scenes, "random_scene", lambda *a, **kw: (drawn.append(kw["layouts"]), real(*a, **kw))[1])
+    scene_patches(2, 32, np.random.default_rng(0), (0.16, 0.16), scene_size=64, doses_per_scene=1, per_dose=1,
+                  layouts=("rp", "rp", "vacuum"))
+    scene_patches(1, 32, np.random.default_rng(0), (0.16, 0.16), scene_size=64, doses_per_scene=1, per_dose=1)
+    assert drawn == [("rp", "rp", "vacuum")] * 2 + [scenes.LAYOUTS]
+
+
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
     from stemd.config import load_train_settings
     from stemd.training import train
