@@ -22,6 +22,9 @@ With `planes=True` it also sees `plane_guides`: the frame averaged along each of
 translations (found in the Bragg guide's autocorrelation). A planar defect parallel to one of them (a
 Ruddlesden-Popper fault, an interface along a lattice plane) is periodic along it, so that average keeps
 the defect while it cuts the noise; the 2D Bragg guide paints the perfect lattice across it instead.
+They enter as their differences from the Bragg guide: ~0 in a perfect crystal, so what the network
+learns from them is what they add (fed as they are, they duplicated the Bragg channel, and two
+fine-tunes learned nothing from them).
 """
 
 from __future__ import annotations
@@ -255,8 +258,8 @@ class ConvDenoiser(nn.Module):
         if self.noise_level:
             level = noise_level(x) if level is None else level
             inputs.append(level.to(x.dtype).view(-1, 1, 1, 1).expand(-1, 1, h, w))
-        if self.planes:
-            inputs.append((plane_guides(x, guide) if planes is None else planes).to(x.dtype))
+        if self.planes:  # as departures from the Bragg guide: zero in a perfect crystal, large by a planar defect
+            inputs.append((plane_guides(x, guide) if planes is None else planes).to(x.dtype) - guide)
         xin = torch.cat(inputs, 1) if len(inputs) > 1 else x
         m = self.multiple
         ph, pw = -h % m, -w % m
