@@ -53,8 +53,8 @@ def publish(text: str, path: Path, title: str, write: bool = True) -> None:
 
 
 def model_option(text: str) -> tuple[str, Path, dict]:
-    """--model NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision, `flips` or
-    `dejitterN` (N rounds of line-jitter correction; dejitter0: off)."""
+    """--model NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision, `flips`,
+    `dejitterN` (N rounds of line-jitter correction; dejitter0: off) or `noplanar` (the Bragg guide everywhere)."""
     name, sep, rest = text.partition("=")
     path, _, suffix = rest.rpartition("@") if "@" in rest else (rest, "", "")
     options: dict = {}
@@ -63,10 +63,12 @@ def model_option(text: str) -> tuple[str, Path, dict]:
             options["precision"] = opt
         elif opt == "flips":
             options["flips"] = True
+        elif opt == "noplanar":
+            options["planar"] = False
         elif opt.startswith("dejitter") and opt[8:].isdigit() and int(opt[8:]) <= DEJITTER_MAX:
             options["dejitter"] = int(opt[8:])
         else:
             path = ""
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips|dejitterN[+...]], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips|dejitterN|noplanar[+...]], got {text!r}")
     return name, Path(path), options

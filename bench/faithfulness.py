@@ -54,9 +54,11 @@ TIMING_REPEATS = 3
 COLUMN_KINDS = ("perovskite_rp", "vacancies", "interface")
 INVENTION_KINDS = ("amorphous", "vacuum_edge", "noise_only")
 DEFAULT_MODELS = {"paper AE": ROOT / "stemd/models/paper_ae.pt", "conv": ROOT / "stemd/models/conv.pt",
-                  "conv no dejitter": ROOT / "stemd/models/conv.pt", "conv bf16": ROOT / "stemd/models/conv.pt",
+                  "conv no dejitter": ROOT / "stemd/models/conv.pt", "conv no planar guide": ROOT / "stemd/models/conv.pt",
+                  "conv bf16": ROOT / "stemd/models/conv.pt",
                   "conv bf16 flips": ROOT / "stemd/models/conv.pt"}
-DEFAULT_OPTIONS = {"conv no dejitter": {"dejitter": 0},  # Denoiser options; the rest: float32, one pass, dejitter 2
+DEFAULT_OPTIONS = {"conv no dejitter": {"dejitter": 0},  # Denoiser options; the rest: float32, one pass, dejitter 2, planar
+                   "conv no planar guide": {"planar": False},
                    "conv bf16": {"precision": "bf16"},
                    "conv bf16 flips": {"precision": "bf16", "flips": True}}
 
@@ -636,13 +638,16 @@ def verdict(res: Results, model_names: list[str]) -> list[str]:
                   'met at every dose' if not miss else 'MISSED at dose ' + listing(miss))
         miss = [d for d in doses if not val(name, d, "rms") <= 2 * val("raw", d, "rms")]
         check("column RMS ≤ 2 × raw-fit RMS", not miss, 'met at every dose' if not miss else 'MISSED at dose ' + listing(miss))
-        bad = []
+        over = {kind: [] for kind in COLUMN_KINDS}  # the target is the RP fault's; the others are reported
         for kind in COLUMN_KINDS:
             for d in doses:
                 g = res.scores[name][_pick(res, kind, d)].groups
                 if g and not near_far_ratio(g["near"], g["far"]) <= 1.5:
-                    bad.append(f"{kind} {d:g}")
-        check("near/far ≤ 1.5", not bad, 'met everywhere' if not bad else 'MISSED at ' + ', '.join(bad))
+                    over[kind].append(d)
+        bad = over.pop("perovskite_rp")
+        beyond = "; ".join(f"{kind} above 1.5 at dose {listing(ds)}" for kind, ds in over.items() if ds)
+        check("near/far ≤ 1.5 at the RP fault", not bad, ('met at every dose' if not bad else 'MISSED at dose ' + listing(bad))
+              + (f" (not a target, reported: {beyond})" if beyond else ""))
         bad = [d for d in doses if not worst_invention(res, name, d) <= INVENTION_PASS]
         check(f"invention score ≤ {INVENTION_PASS:g}", not bad, 'met at every dose' if not bad else 'MISSED at dose ' + listing(bad))
         if "tk_r_em" in names and np.isfinite(res.seconds["tk_r_em"][1]):

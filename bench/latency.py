@@ -184,7 +184,8 @@ def variants(args) -> list[tuple[str, dict]]:
         window = load_checkpoint(path)[0].arch()["name"] == "window_ae"
         for step in (args.steps or [3]) if window else [None]:
             extras = [f"step {step}" if step else "", options.get("precision", ""), "flips" if options.get("flips") else "",
-                      f"dejitter {options['dejitter']}" if "dejitter" in options else ""]
+                      f"dejitter {options['dejitter']}" if "dejitter" in options else "",
+                      "no planar guide" if options.get("planar") is False else ""]
             label = ", ".join(filter(None, [name, *extras]))
             model = {"device": args.device, "path": str(path), **options}
             out.append((label, model | ({"step": step} if step else {})))
@@ -211,7 +212,7 @@ async def amain(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=model_option, action="append", metavar="NAME=PATH[@bf16][+flips][+dejitterN]",
+    p.add_argument("--model", type=model_option, action="append", metavar="NAME=PATH[@bf16][+flips][+dejitterN][+noplanar]",
                    help="a checkpoint to run in the daemon (repeatable; default: conv, conv@bf16, paper AE)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)

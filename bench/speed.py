@@ -7,8 +7,9 @@ For each model, precision, frame size (and step, for the window AE): median time
 warm-up (batch 1), frames/s with a batch, peak memory, the model's FLOPs per frame (counted by
 torch's FlopCounterMode on the real forward pass), the device's matmul rate at that precision
 measured in the same run, and the ratio measured time / (FLOPs / matmul rate): 1.0 would be the
-floor. The model rows time the model alone (model.dejitter 0); the line-jitter correction that runs
-before it by default is timed on its own (its FFTs are not matmul FLOPs). Side by side on one
+floor. The model rows time the model alone (model.dejitter 0, the plain Bragg guide); the line-jitter
+correction and the planar-defect guide that run by default are timed on their own (their FFTs are not
+matmul FLOPs). Side by side on one
 Poisson frame: every model and precision as shipped (with the correction), non-local means and BM3D
 (time and PSNR), the classical peers a microscopist would otherwise use, and each precision's
 accuracy cost against float32.
@@ -29,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stemd.config import DEJITTER_DEFAULT
 from stemd.dejitter import dejitter
+from stemd.planar import planar_guide
 from stemd.denoiser import Denoiser, resolve_device
 from stemd.model import MODELS_DIR
 
@@ -143,6 +145,24 @@ def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list
     return rows
 
 
+def bench_planar(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
+    """Median time of the planar-defect guide (stemd.planar, Bragg guide included) on a Poisson RP-fault frame per
+    size (a frame with a lattice: the costly case)."""
+    from stemd import synthetic
+
+    rows = []
+    for size in sizes:
+        rng = np.random.default_rng(size)
+        clean = synthetic.simulate_frame((size, size), rng, defect="rp").clean
+        x = torch.from_numpy(synthetic.corrupt(clean, synthetic.NoiseSpec(kind="poisson", dose=20.0), rng))[None, None]
+        x = x.to(device)
+        with torch.inference_mode():
+            t = statistics.median(_timed(lambda: planar_guide(x), device, _repeats(size, repeats)))
+        rows.append(dict(device=device.type, size=size, ms=1e3 * t))
+        print(f"{device.type:>4} planar-defect guide {size:>5}²: {1e3 * t:9.1f} ms/frame", flush=True)
+    return rows
+
+
 def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, dose: float, seed: int,
                 repeats: int = 3) -> list[dict]:
     """Every model and precision vs NLM vs BM3D on the same Poisson frame: time and PSNR, side by side."""
@@ -183,7 +203,9 @@ def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, d
         if not is_window_model(den):
             den.dejitter = 0
             run(f"stemd {name}, float32, no line-jitter correction", den, repeats, reference)
-            den.dejitter = DEJITTER_DEFAULT
+            den.dejitter, den.planar = DEJITTER_DEFAULT, False
+            run(f"stemd {name}, float32, no planar-defect guide", den, repeats, reference)
+            den.planar = True
     for label, fn in (("non-local means (Anscombe)", classical.nlm), ("BM3D (Anscombe)", classical.bm3d_denoise)):
         try:
             run(label, fn, 1)
@@ -193,7 +215,7 @@ def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, d
 
 
 def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str], float], args,
-                jitter: list[dict] = ()) -> str:
+                jitter: list[dict] = (), planar: list[dict] = ()) -> str:
     lines = [
         f"Machine: {machine_line()}. Measured {datetime.date.today()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads.",
@@ -218,6 +240,11 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
         lines += ["", f"Line-jitter correction (`stemd.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
                   "before the model in every `Denoiser` call, on its own: "
                   + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in jitter) + "."]
+    if planar:
+        lines += ["", "Planar-defect guide (`stemd.planar`: the Bragg guide, lattice vectors, four plane averages and their "
+                  "fit profiles), which replaces the model rows' Bragg guide in every `Denoiser` call of a conv model, "
+                  "on its own (Poisson RP-fault frames, dose 20): "
+                  + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in planar) + "."]
     if peers:
         bm3d = next((p for p in peers if p["method"].startswith("BM3D")), None)
         lines += [
@@ -225,8 +252,8 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
             f"Side by side on one {args.peer_size}² Poisson frame (`synthetic.simulate_frame`, RP fault, dose {args.dose:g} "
             "counts at the brightest column), CPU. PSNR after the least-squares gain/offset onto the clean frame; "
             "*vs float32*: PSNR of the output against the same model's float32 output (its range as peak): "
-            "the precision's accuracy cost. The stemd rows run as shipped, line-jitter correction included "
-            "(this frame has no jitter; the row without it shows what the correction costs).",
+            "the precision's accuracy cost. The stemd rows run as shipped, line-jitter correction and planar-defect "
+            "guide included (this frame has no jitter; the rows without them show what each costs).",
             "",
             "| method | ms/frame | PSNR (dB) | vs float32 (dB) | BM3D time ÷ this |",
             "| --- | ---: | ---: | ---: | ---: |",
@@ -271,23 +298,24 @@ def main(argv: list[str] | None = None) -> int:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(resolve_device("cuda"))
-    rows, rates, jitter = [], {}, []
+    rows, rates, jitter, planar = [], {}, [], []
     for dev in devices:
         precisions = [x for x in args.precisions if dev.type == "cuda" or x != "tf32"]  # tf32 is a CUDA mode
         for precision in precisions:
             rates[dev.type, precision] = matmul_rate(dev, precision, n=512 if args.quick else 2048)
         for name, path in paths.items():
-            den = Denoiser.load(path, device=dev.type, dejitter=0)
+            den = Denoiser.load(path, device=dev.type, dejitter=0, planar=False)
             for precision in precisions:
                 den.precision = precision
                 slow = dev.type == "cpu" and precision == "bf16" and is_window_model(den)
                 rows += bench_model(name, den, [x for x in sizes if x <= 512] if slow else sizes, args.steps,
                                     args.batch, repeats, rates[dev.type, precision])
         jitter += bench_dejitter(dev, sizes, repeats)
+        planar += bench_planar(dev, sizes, repeats)
     peers = [] if args.no_peers else bench_peers(
         {name: Denoiser.load(path, device="cpu") for name, path in paths.items()},
         [x for x in args.precisions if x != "tf32"], args.peer_size, args.dose, seed=1)
-    text = to_markdown(rows, peers, rates, args, jitter)
+    text = to_markdown(rows, peers, rates, args, jitter, planar)
     publish(text, args.out, "Speed (bench/speed.py)", write=not args.no_write)
     return 0
 

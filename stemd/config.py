@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stemd.errors import ConfigError
 
 Device = Literal["auto", "cpu", "cuda"]
-SceneLayout = Literal["perfect", "rp", "interface", "grain_boundary", "amorphous", "vacuum", "mixed"]  # scenes.LAYOUTS
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -54,6 +53,8 @@ class ModelSettings(_Section):
     flips: bool = False  # average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB (docs/benchmarks.md)
     # rounds of line-jitter correction before the model (stemd.dejitter; 0: off): +3 dB at dose 200, ±0.05 dB at dose 2
     dejitter: int = Field(default=DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX)
+    # conv models: across a planar fault (an RP fault), guide with the frame averaged along it (stemd.planar)
+    planar: bool = True
 
 
 class InputSettings(_Section):
@@ -144,9 +145,6 @@ class ConvSettings(_Section):
     guide: Literal["none", "bragg"] = "bragg"  # bragg: the frame's lattice Fourier components as a second input
     noise_level: bool = False  # also input the frame's noise std (convnet.noise_level), so one model fits every dose
     dejitter: int = Field(default=0, ge=0, le=DEJITTER_MAX)  # rounds of stemd.dejitter on each training recording
-    planes: bool = False  # also input convnet.plane_guides (needs guide bragg): keeps planar defects (docs/training.md)
-    # scene layouts drawn from, uniformly; name one several times to weight it
-    layouts: tuple[SceneLayout, ...] = ("perfect", "rp", "interface", "grain_boundary", "amorphous", "vacuum", "mixed")
     patch: int = Field(default=96, ge=28)  # training patch side, pixels
     scene_size: int = Field(default=384, ge=28)  # side of the scenes patches are cut from, each normalised whole
     dose: tuple[float, float] = (2.0, 200.0)  # expected counts at the brightest column, log-uniform
@@ -166,20 +164,6 @@ class ConvSettings(_Section):
         low = 2.0 if info.field_name == "period_px" else 0.0
         if not low < v[0] <= v[1]:
             raise ValueError(f"must be [low, high] with {low:g} < low <= high")
-        return v
-
-    @field_validator("layouts")
-    @classmethod
-    def _some_layout(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if not v:
-            raise ValueError("must name at least one layout")
-        return v
-
-    @field_validator("planes")
-    @classmethod
-    def _planes_need_guide(cls, v: bool, info: Any) -> bool:
-        if v and info.data.get("guide") != "bragg":
-            raise ValueError("needs guide: bragg (the lattice is found in the Bragg guide)")
         return v
 
     @field_validator("scene_size")

@@ -17,14 +17,6 @@ trust it (lattice) and where not (defects, amorphous and vacuum regions, where t
 With `noise_level=True` it also sees a constant channel, the frame's `noise_level`: the network need
 not guess from a patch how strongly to denoise, so one model serves doses 2 to 200 (a blind network
 is pulled towards the noisiest frames it was trained on, and over-smooths clean ones).
-
-With `planes=True` it also sees `plane_guides`: the frame averaged along each of four short lattice
-translations (found in the Bragg guide's autocorrelation). A planar defect parallel to one of them (a
-Ruddlesden-Popper fault, an interface along a lattice plane) is periodic along it, so that average keeps
-the defect while it cuts the noise; the 2D Bragg guide paints the perfect lattice across it instead.
-They enter as their differences from the Bragg guide: ~0 in a perfect crystal, so what the network
-learns from them is what they add (fed as they are, they duplicated the Bragg channel, and two
-fine-tunes learned nothing from them).
 """
 
 from __future__ import annotations
@@ -43,10 +35,6 @@ MIN_SIZE = 28  # the smallest frame side accepted, as for the paper's 28 px wind
 GUIDES = ("none", "bragg")
 DEFAULT_BAND_PIXELS = 2**20  # pixels (x batch) run at once; larger frames go in row bands (~250 MB at the default widths)
 BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their power exceeds this x the noise floor
-PLANES = 4  # plane_guides channels: along u, v, u + v and u - v
-PLANE_REACH_PX = 80.0  # each plane average spans this far either side of a pixel (docs/training.md)
-PLANE_LAGS_PX = (3.0, 48.0)  # lattice translations are sought among autocorrelation peaks this long
-PLANE_PEAK_FRACTION = 0.5  # ... at least this fraction of the zero-lag value
 
 
 def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0) -> torch.Tensor:
@@ -70,94 +58,6 @@ def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic
         floor = torch.maximum(floor, dynamic_range * power.flatten(-2).amax(-1)[..., None, None])
     gain = (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
     out = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
-    return out.to(frames.dtype)
-
-
-def lattice_vectors(guide: torch.Tensor) -> list[tuple[tuple[float, float], tuple[float, float]] | None]:
-    """(B, 1, H, W) Bragg guides -> per frame the two shortest independent lattice translations (y, x), px,
-    or None where the guide has no lattice: its autocorrelation's peaks of at least PLANE_PEAK_FRACTION of the
-    zero-lag value with lengths within PLANE_LAGS_PX, refined to sub-pixel by a parabola along each axis."""
-    h, w = guide.shape[-2:]
-    r = int(PLANE_LAGS_PX[1]) + 1
-    size = (_fast_size(h + r + 1), _fast_size(w + r + 1))  # zero padding beyond the longest lag: no wrap-around
-    g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
-    acf = torch.fft.irfft2(torch.fft.rfft2(g, s=size).abs().square(), s=size)
-    lag = torch.arange(-r, r + 1, device=guide.device)
-    crop = acf[:, 0][:, lag % size[0]][:, :, lag % size[1]]  # (B, 2r+1, 2r+1), lag 0 at [r, r]
-    peak = crop == F.max_pool2d(crop[:, None], 3, stride=1, padding=1)[:, 0]
-    dy, dx = torch.meshgrid(lag.float(), lag.float(), indexing="ij")
-    length = torch.hypot(dy, dx)
-    upper = (dy > 0) | ((dy == 0) & (dx > 0))  # one of each +-pair
-    found = []
-    for a, p in zip(crop, peak):
-        zero = float(a[r, r])
-        keep = p & upper & (length >= PLANE_LAGS_PX[0]) & (length <= PLANE_LAGS_PX[1]) & (a >= PLANE_PEAK_FRACTION * zero)
-        if zero <= 0 or not keep[1:-1, 1:-1].any():
-            found.append(None)
-            continue
-        cands = []
-        for i, j in keep.nonzero().tolist():
-            if 0 < i < 2 * r and 0 < j < 2 * r:
-                oy = _vertex(*a[i - 1 : i + 2, j].tolist())
-                ox = _vertex(*a[i, j - 1 : j + 2].tolist())
-                cands.append((float(lag[i]) + oy, float(lag[j]) + ox))
-        cands.sort(key=lambda v: math.hypot(*v))
-        u = cands[0]
-        v = next((c for c in cands[1:] if abs(u[0] * c[1] - u[1] * c[0]) > 0.5 * math.hypot(*u) * math.hypot(*c)), None)
-        found.append(None if v is None else (u, v))
-    return found
-
-
-def _vertex(left: float, mid: float, right: float) -> float:
-    """Offset (-0.5..0.5) of the top of the parabola through three equally spaced values."""
-    curve = left - 2 * mid + right
-    return 0.0 if curve >= 0 else max(-0.5, min(0.5, 0.5 * (left - right) / curve))
-
-
-def _fast_size(n: int) -> int:
-    """The least 2^a 3^b 5^c >= n: a side the FFT runs fast at."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
-
-
-def plane_guides(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1, H, W) -> (B, PLANES, H, W): each frame averaged over its shifts by k t, |k t| <= PLANE_REACH_PX,
-    for t = u, v, u + v, u - v (`lattice_vectors` of its Bragg `guide`). Shifts are Fourier (sub-pixel) on the
-    zero-padded frame, each pixel's average taken over the shifts that stay inside it. A frame without a
-    lattice gets its Bragg guide in every channel."""
-    h, w = frames.shape[-2:]
-    x = frames.float()
-    guide = bragg_filter(x) if guide is None else guide.float()
-    mean = x.mean((-2, -1), keepdim=True)
-    pad = int(PLANE_REACH_PX) + 1  # beyond the longest shift: no wrap-around
-    size = (_fast_size(h + pad), _fast_size(w + pad))
-    spectrum = torch.fft.rfft2(x - mean, s=size)
-    inside = torch.fft.rfft2(torch.ones(h, w, device=x.device), s=size)
-    qy = torch.fft.fftfreq(size[0], device=x.device)[:, None]
-    qx = torch.fft.rfftfreq(size[1], device=x.device)[None, :]
-    out = guide.expand(-1, PLANES, -1, -1).clone()
-    for b, vecs in enumerate(lattice_vectors(guide)):
-        if vecs is None:
-            continue
-        (uy, ux), (vy, vx) = vecs
-        kernels, least = [], []
-        for ty, tx in ((uy, ux), (vy, vx), (uy + vy, ux + vx), (uy - vy, ux - vx)):
-            n = 2 * max(1, int(PLANE_REACH_PX // math.hypot(ty, tx))) + 1
-            phase = math.pi * (qy * ty + qx * tx)  # the mean of exp(2 pi i k q.t) over |k| <= n // 2 (Dirichlet)
-            s = torch.sin(phase)
-            small = s.abs() < 1e-6
-            kernels.append(torch.where(small, 1.0, torch.sin(n * phase) / (n * torch.where(small, 1.0, s))))
-            least.append(1.0 / n)  # one shift inside the frame
-        kernel = torch.stack(kernels)
-        total = torch.fft.irfft2(spectrum[b, 0] * kernel, s=size)[:, :h, :w]
-        count = torch.fft.irfft2(inside * kernel, s=size)[:, :h, :w]
-        out[b] = total / torch.maximum(count, torch.tensor(least, device=x.device)[:, None, None]) + mean[b, 0]
     return out.to(frames.dtype)
 
 
@@ -188,18 +88,15 @@ class ConvDenoiser(nn.Module):
     """
 
     def __init__(self, channels: Sequence[int] = DEFAULT_CHANNELS, unshuffle: int = 2, guide: str = "none",
-                 noise_level: bool = False, planes: bool = False) -> None:
+                 noise_level: bool = False) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
         if not channels or min(channels) < 1 or int(unshuffle) not in (1, 2) or guide not in GUIDES:
             raise ValueError(f"ConvDenoiser needs positive channels, unshuffle 1 or 2 and guide in {GUIDES}, "
                              f"got {channels}, {unshuffle}, {guide!r}")
-        if planes and guide != "bragg":
-            raise ValueError("ConvDenoiser: planes needs guide 'bragg' (the lattice is found in the Bragg guide)")
-        self.channels, self.unshuffle, self.guide = channels, int(unshuffle), guide
-        self.noise_level, self.planes = bool(noise_level), bool(planes)
+        self.channels, self.unshuffle, self.guide, self.noise_level = channels, int(unshuffle), guide, bool(noise_level)
         s2 = self.unshuffle**2
-        c_in = s2 * len(self.input_names())
+        c_in = s2 * (1 + (guide == "bragg") + self.noise_level)
         self.enc = nn.ModuleList(_block(c_in if i == 0 else c, c) for i, c in enumerate(channels))
         self.down = nn.ModuleList(nn.Conv2d(a, b, 2, stride=2) for a, b in zip(channels, channels[1:]))
         self.up = nn.ModuleList(nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(channels, channels[1:]))
@@ -208,10 +105,6 @@ class ConvDenoiser(nn.Module):
         nn.init.zeros_(self.head.weight)  # starts as the identity: output = input
         nn.init.zeros_(self.head.bias)
         self.to(memory_format=torch.channels_last)  # measured 1.5x faster on CPU (oneDNN); kept by load_state_dict
-
-    def input_names(self) -> list[str]:
-        """What each input channel is, in order (before the unshuffle): "x", "guide", "level", "planes"."""
-        return ["x"] + ["guide"] * (self.guide == "bragg") + ["level"] * self.noise_level + ["planes"] * (PLANES * self.planes)
 
     @property
     def multiple(self) -> int:
@@ -237,13 +130,12 @@ class ConvDenoiser(nn.Module):
             worst = max(worst, p - s * lo, s * hi + s - 1 - p)
         return worst
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None, level: torch.Tensor | None = None,
-                planes: torch.Tensor | None = None, *, band_pixels: int = DEFAULT_BAND_PIXELS) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None, level: torch.Tensor | None = None, *,
+                band_pixels: int = DEFAULT_BAND_PIXELS) -> torch.Tensor:
         """(B, 1, H, W) -> (B, 1, H, W); sides padded (reflect) to `multiple` and cropped back.
 
-        `guide` (same shape) replaces `bragg_filter(x)`, `level` (B,) `noise_level(x)`, `planes`
-        (B, PLANES, H, W) `plane_guides(x)`: training cuts patches from the inputs of a whole frame, as
-        inference computes them. Frames larger
+        `guide` (same shape) replaces `bragg_filter(x)`, `level` (B,) `noise_level(x)`: training cuts
+        patches from the guide and level of a whole frame, as inference computes them. Frames larger
         than `band_pixels` (times the batch) are run in row bands (`_bands`) with the same result.
         """
         if x.ndim != 4 or x.shape[1] != 1:
@@ -253,13 +145,10 @@ class ConvDenoiser(nn.Module):
             raise ValueError(f"frames must be at least {MIN_SIZE} px on each side, got {h}x{w}")
         inputs = [x]
         if self.guide == "bragg":
-            guide = bragg_filter(x) if guide is None else guide
-            inputs.append(guide)
+            inputs.append(bragg_filter(x) if guide is None else guide)
         if self.noise_level:
             level = noise_level(x) if level is None else level
             inputs.append(level.to(x.dtype).view(-1, 1, 1, 1).expand(-1, 1, h, w))
-        if self.planes:  # as departures from the Bragg guide: zero in a perfect crystal, large by a planar defect
-            inputs.append((plane_guides(x, guide) if planes is None else planes).to(x.dtype) - guide)
         xin = torch.cat(inputs, 1) if len(inputs) > 1 else x
         m = self.multiple
         ph, pw = -h % m, -w % m
@@ -306,13 +195,12 @@ class ConvDenoiser(nn.Module):
 
     def arch(self) -> dict[str, Any]:
         """{"name": "conv_unet", "channels": [...], "unshuffle": s, "guide": g, "window": MIN_SIZE}, plus
-        "noise_level": true and "planes": true when it has those inputs (older checkpoints lack the keys).
+        "noise_level": true when it has that input (older checkpoints lack the key).
 
         `window` is the smallest frame side it takes; `Denoiser` checks frames against it.
         """
         return {"name": "conv_unet", "channels": list(self.channels), "unshuffle": self.unshuffle,
-                "guide": self.guide, "window": MIN_SIZE} | ({"noise_level": True} if self.noise_level else {}) \
-            | ({"planes": True} if self.planes else {})
+                "guide": self.guide, "window": MIN_SIZE} | ({"noise_level": True} if self.noise_level else {})
 
 
 def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
@@ -329,13 +217,10 @@ def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
     guide = arch.get("guide", "none")
     if guide not in GUIDES:
         raise CheckpointError(f"arch.guide must be one of {', '.join(GUIDES)}, got {guide!r}")
-    level, planes = arch.get("noise_level", False), arch.get("planes", False)
-    for key, value in (("noise_level", level), ("planes", planes)):
-        if not isinstance(value, bool):
-            raise CheckpointError(f"arch.{key} must be true or false, got {value!r}")
-    if planes and guide != "bragg":
-        raise CheckpointError(f"arch.planes needs arch.guide bragg, got {guide!r}")
-    return ConvDenoiser(channels, unshuffle, guide, level, planes)
+    level = arch.get("noise_level", False)
+    if not isinstance(level, bool):
+        raise CheckpointError(f"arch.noise_level must be true or false, got {level!r}")
+    return ConvDenoiser(channels, unshuffle, guide, level)
 
 
 # ---------------------------------------------------------------- training data (stemd.scenes)
@@ -357,37 +242,30 @@ def reference_levels(period_px: tuple[float, float] = (6.0, 20.0), n: int = 200,
 def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple[float, float], *,
                   guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
                   dose: tuple[float, float] = (2.0, 200.0), period: tuple[float, float] = (6.0, 20.0),
-                  edge_fraction: float = 0.25, level: bool = False, dejitter: int = 0,
-                  planes: bool = False, layouts: Sequence[str] | None = None) -> tuple[np.ndarray, ...]:
-    """(noisy, [bragg guide,] [level,] [planes,] clean) float32 patches (n, 1, patch, patch), as `Denoiser`
-    feeds a model: `level` (n,) is the `noise_level` of the scene a patch is cut from, `planes` (n, PLANES,
-    patch, patch) its `plane_guides` (needs `guide`). `dejitter` rounds of `stemd.dejitter` are applied to
-    each normalised recording, as `Denoiser` does.
+                  edge_fraction: float = 0.25, level: bool = False, dejitter: int = 0) -> tuple[np.ndarray, ...]:
+    """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model; with
+    `level`, (noisy, [guide,] level, clean), `level` (n,) the `noise_level` of the scene a patch is cut from.
+    `dejitter` rounds of `stemd.dejitter` are applied to each normalised recording, as `Denoiser` does.
 
-    Each random scene (`stemd.scenes.random_scene`, every structure; `layouts`, default all, drawn
-    uniformly, so a layout named twice comes twice as often) is recorded whole by
+    Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
     `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
-    whole (`stemd.denoiser.normalize` at `reference`), its guides taken whole, and `per_dose`
+    whole (`stemd.denoiser.normalize` at `reference`), its `bragg_filter` taken whole, and `per_dose`
     patches cut at random places; along each axis a patch touches a scene edge with probability
-    `edge_fraction`, so the model also learns the guides' fade at frame borders. The target is the
+    `edge_fraction`, so the model also learns the guide's fade at frame borders. The target is the
     clean scene mapped by the same lo/hi.
     """
     from stemd import scenes
     from stemd.denoiser import normalize
 
-    if planes and not guide:
-        raise ValueError("scene_patches: planes needs guide (the lattice is found in the Bragg guide)")
-    names = ["noisy"] + ["guide"] * guide + ["planes"] * planes + ["clean"]
-    out = {k: np.empty((n, PLANES if k == "planes" else 1, patch, patch), np.float32) for k in names}
+    out = [np.empty((n, 1, patch, patch), np.float32) for _ in range(3 if guide else 2)]
     levels = np.empty(n, np.float32)
 
     def result() -> tuple[np.ndarray, ...]:
-        return (out["noisy"], *(out[k] for k in ("guide",) if guide), *((levels,) if level else ()),
-                *(out[k] for k in ("planes",) if planes), out["clean"])
+        return (*out[:-1], levels, out[-1]) if level else tuple(out)
 
     done = 0
     while done < n:
-        s = scenes.random_scene((scene_size, scene_size), rng, period_px=period, layouts=layouts or scenes.LAYOUTS)
+        s = scenes.random_scene((scene_size, scene_size), rng, period_px=period)
         params = scenes.draw_noise(rng, dose=dose)
         for _ in range(doses_per_scene):
             d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
@@ -398,12 +276,9 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
 
                 frame = undo_jitter(frame, dejitter)
             c = (s.clean - np.float32(lo[0])) / np.float32(float(hi[0] - lo[0]) or 1.0)
-            whole = {"noisy": frame[0].numpy(), "clean": c[None]}
+            whole = [frame[0, 0].numpy(), c]
             if guide:
-                g = bragg_filter(frame)
-                whole["guide"] = g[0].numpy()
-                if planes:
-                    whole["planes"] = plane_guides(frame, g)[0].numpy()
+                whole.insert(1, bragg_filter(frame)[0, 0].numpy())
             frame_level = float(noise_level(frame)[0]) if level else 0.0
             for _ in range(per_dose):
                 if done == n:
@@ -412,8 +287,8 @@ def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple
                 edge = rng.random(2) < edge_fraction
                 top[edge] = rng.integers(0, 2, int(edge.sum())) * (scene_size - patch)
                 r, q = top
-                for k in names:
-                    out[k][done] = whole[k][:, r:r + patch, q:q + patch]
+                for o, w in zip(out, whole):
+                    o[done, 0] = w[r:r + patch, q:q + patch]
                 levels[done] = frame_level
                 done += 1
     return result()

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from stemd import sampling as _sampling
-from stemd.convnet import ConvDenoiser, bragg_filter, noise_level, plane_guides
+from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
 from stemd.config import DEJITTER_DEFAULT, check_dejitter
 from stemd.dejitter import dejitter as _dejitter
+from stemd.planar import planar_guide
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -155,10 +156,11 @@ class Denoiser:
     def __init__(self, model: torch.nn.Module, metadata: dict[str, Any], device: str = "auto", step: int | None = None,
                  precision: str = "float32", sampling: str = "resample",
                  lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False,
-                 dejitter: int = DEJITTER_DEFAULT) -> None:
-        if not isinstance(flips, bool):
-            raise ConfigError(f"model.flips: must be true or false, got {flips!r}")
-        self.flips = flips
+                 dejitter: int = DEJITTER_DEFAULT, planar: bool = True) -> None:
+        for key, value in (("flips", flips), ("planar", planar)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.{key}: must be true or false, got {value!r}")
+        self.flips, self.planar = flips, planar
         self.dejitter = check_dejitter(dejitter)
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
@@ -182,7 +184,7 @@ class Denoiser:
     def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
              precision: str = "float32", sampling: str = "resample",
              lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False,
-             dejitter: int = DEJITTER_DEFAULT) -> "Denoiser":
+             dejitter: int = DEJITTER_DEFAULT, planar: bool = True) -> "Denoiser":
         """From a checkpoint file; `None` is the shipped default model. The keywords are `ModelSettings`'
         fields, so `Denoiser.load(**settings.model.model_dump())` loads what a config names."""
         from stemd.model import load_checkpoint
@@ -193,7 +195,7 @@ class Denoiser:
         check_dejitter(dejitter)
         model, metadata = load_checkpoint(None if path is None else Path(path))
         return cls(model, metadata, device=device, step=step, precision=precision, sampling=sampling,
-                   lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter)
+                   lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter, planar=planar)
 
     @property
     def model_id(self) -> str:
@@ -246,18 +248,20 @@ class Denoiser:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            if factor != 1.0 and isinstance(self.model, ConvDenoiser):
-                y = self.model(x, *self._resampled_inputs(frames, factor)).float()
+            if isinstance(self.model, ConvDenoiser):
+                y = self.model(x, *self._conv_inputs(frames, factor)).float()
             else:
                 y = self.model.denoise_frames(x, self.step).float()
         return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])
 
-    def _resampled_inputs(self, frames: torch.Tensor, factor: float) -> tuple[torch.Tensor | None, ...]:
-        """A conv model's Bragg guide, noise level and plane guides, taken at the frame's own sampling (the
-        guides then resampled with it): interpolation correlates the noise, so on an upsampled frame the guide's
-        noise floor and the noise level would be underestimated (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
+    def _conv_inputs(self, frames: torch.Tensor, factor: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A conv model's guide (the planar-defect guide with `planar`, else the Bragg guide) and noise level,
+        taken at the frame's own sampling (the guide then resampled with it): interpolation correlates the
+        noise, so on an upsampled frame the guide's noise floor and the noise level would be underestimated
+        (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
         with torch.autocast(frames.device.type, enabled=False):
-            guide = bragg_filter(frames.float()) if self.model.guide == "bragg" else None
-            planes = _sampling.resample(plane_guides(frames.float(), guide), factor) if self.model.planes else None
-            return (None if guide is None else _sampling.resample(guide, factor),
-                    noise_level(frames) if self.model.noise_level else None, planes)
+            guide = None
+            if self.model.guide == "bragg":
+                guide = planar_guide(frames.float()) if self.planar else bragg_filter(frames.float())
+                guide = _sampling.resample(guide, factor)
+            return guide, noise_level(frames) if self.model.noise_level else None

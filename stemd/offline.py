@@ -294,6 +294,7 @@ def denoise_file(
     precision: str = "float32",
     flips: bool = False,
     dejitter: int = DEJITTER_DEFAULT,
+    planar: bool = True,
 ) -> tuple[TiffImage, dict[str, Any]]:
     """Denoise the TIFF `inp` into `out` (float32, same shape, metadata carried); returns (input, note).
 
@@ -315,7 +316,7 @@ def denoise_file(
     if pixel_size_m is None and sampling != "off":
         pixel_size_m, source = pixel_size_from_tags(image), "resolution tags"
     denoiser = Denoiser.load(model, device=device, step=step, precision=precision, sampling=sampling,
-                             lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter)
+                             lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter, planar=planar)
     try:
         frames = image.frames()
         check_frames(next(frames), denoiser.window)
@@ -326,7 +327,7 @@ def denoise_file(
     used = None if pixel_size_m is None or sampling == "off" else {
         "pixel_size_m": pixel_size_m, "source": source, "lattice_period_m": lattice_period_m, "factor": factor}
     note = stemd_note(denoiser.model_id, denoiser.step, used)
-    note.update(precision=precision, flips=flips, dejitter=dejitter)
+    note.update(precision=precision, flips=flips, dejitter=dejitter, planar=planar)
     write_tiff_atomic(out, image, denoise_frames(image, denoiser, pixel_size_m, progress), note)
     return image, note
 
@@ -351,6 +352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dejitter", type=_parse_dejitter, default=DEJITTER_DEFAULT, metavar="N",
                         help=f"rounds of line-jitter correction before the model, 0 (off) to {DEJITTER_MAX} "
                              f"(default {DEJITTER_DEFAULT})")
+    parser.add_argument("--no-planar", dest="planar", action="store_false",
+                        help="conv models: the Bragg guide everywhere, also across planar faults (stemd.planar)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -396,6 +399,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         flips=args.flips,
         dejitter=args.dejitter,
+        planar=args.planar,
     )
     frames = 1 if image.ndim == 2 else image.shape[0]
     used = note.get("sampling")

@@ -164,8 +164,7 @@ def _conv_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tup
     for first in range(start // pool * pool, stop, pool):
         rng = np.random.default_rng(stream_seed(settings.seed, _TRAIN_STREAM, first))
         data = scene_patches(pool, c.patch, rng, reference, guide=c.guide == "bragg", scene_size=c.scene_size,
-                             dose=c.dose, period=c.period_px, level=c.noise_level, dejitter=c.dejitter,
-                             planes=c.planes, layouts=c.layouts)
+                             dose=c.dose, period=c.period_px, level=c.noise_level, dejitter=c.dejitter)
         order = rng.permutation(pool)
         end = min(stop, first + pool)
         for i in range(max(start, first), end, batch):
@@ -414,8 +413,7 @@ def new_model(settings: TrainSettings) -> nn.Module:
     if settings.model == "conv_unet":
         from stemd.convnet import ConvDenoiser
 
-        c = settings.conv
-        return ConvDenoiser(c.channels, guide=c.guide, noise_level=c.noise_level, planes=c.planes)
+        return ConvDenoiser(settings.conv.channels, guide=settings.conv.guide, noise_level=settings.conv.noise_level)
     from stemd.model import WindowAE
 
     return WindowAE(settings.window, settings.hidden)
@@ -424,23 +422,16 @@ def new_model(settings: TrainSettings) -> nn.Module:
 def load_init(model: nn.Module, path: Path) -> None:
     """Copy a checkpoint's weights into `model` (settings `init`); CheckpointError unless the architectures match.
 
-    A conv_unet may start one that adds inputs (the noise level, the plane guides): the new inputs'
-    first-layer weights are zero, so the model starts out computing exactly what the checkpoint did."""
+    A conv_unet without the noise-level input may start one with it: the new input's first-layer weights
+    are zero, so the model starts out computing exactly what the checkpoint did."""
     from stemd.model import load_checkpoint
 
     source, _ = load_checkpoint(path)
     arch, target = source.arch(), model.arch()
-    added = {k: True for k in ("noise_level", "planes") if k in target and k not in arch}
-    if added and arch | added == target:
+    if arch | {"noise_level": True} == target and arch != target:
         state = source.state_dict()
         first = "enc.0.0.weight"
-        s2 = source.unshuffle**2
-        old, new = source.input_names(), model.input_names()
-        weight = torch.zeros_like(model.state_dict()[first])
-        for i, name in enumerate(old):
-            j = new.index(name) + (i - old.index(name))  # the same channel of a multi-channel input
-            weight[:, j * s2 : (j + 1) * s2] = state[first][:, i * s2 : (i + 1) * s2]
-        state[first] = weight
+        state[first] = torch.cat([state[first], torch.zeros_like(model.state_dict()[first][:, state[first].shape[1]:])], 1)
         model.load_state_dict(state)
         return
     if arch != target:
@@ -596,8 +587,7 @@ def _extra_inputs(settings: TrainSettings) -> list[str]:
     """The names of the model inputs a training batch carries between the noisy patches and the targets."""
     if settings.model != "conv_unet":
         return []
-    c = settings.conv
-    return ["guide"] * (c.guide == "bragg") + ["level"] * c.noise_level + ["planes"] * c.planes
+    return ["guide"] * (settings.conv.guide == "bragg") + ["level"] * settings.conv.noise_level
 
 
 def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings, start: int, stop: int,
@@ -606,7 +596,7 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSett
     pos, loss_sum, running = start, 0.0, math.nan
     for batch in training_stream(settings, start, stop):
         n = len(batch[0])
-        noisy, *extra, y = (torch.from_numpy(b).to(device) for b in batch)  # (noisy, [guide,] [level,] [planes,] clean)
+        noisy, *extra, y = (torch.from_numpy(b).to(device) for b in batch)  # (noisy, [guide,] [level,] clean)
         inputs = dict(zip(_extra_inputs(settings), extra))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(settings, pos)

@@ -90,12 +90,6 @@ def test_train_settings_validation():
     with pytest.raises(ConfigError, match="hidden"):
         load_train_settings(None, {"hidden": []})
     assert load_train_settings(None, {"samples": 10}).samples == 10
-    with pytest.raises(ConfigError, match=r"conv\.layouts\.1: .*'perfect', 'rp'"):
-        load_train_settings(None, {"model": "conv_unet", "conv": {"layouts": ["rp", "faults"]}})
-    with pytest.raises(ConfigError, match=r"conv\.layouts: .*at least one"):
-        load_train_settings(None, {"model": "conv_unet", "conv": {"layouts": []}})
-    with pytest.raises(ConfigError, match=r"conv\.planes: .*needs guide: bragg"):
-        load_train_settings(None, {"model": "conv_unet", "conv": {"guide": "none", "planes": True}})
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("train_*.yaml")), ids=lambda p: p.name)

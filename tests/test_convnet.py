@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.convnet import MIN_SIZE, PLANES, ConvDenoiser, bragg_filter, lattice_vectors, noise_level, plane_guides
+from stemd.convnet import MIN_SIZE, ConvDenoiser, bragg_filter, noise_level
 from stemd.denoiser import Denoiser, denormalize, normalize
 from stemd.errors import CheckpointError
 from stemd.model import build_model, load_checkpoint, save_checkpoint
@@ -167,94 +167,6 @@ def test_init_adds_the_noise_level_input_without_changing_the_output(tmp_path):
         load_init(ConvDenoiser((4, 6), guide="none", noise_level=True), tmp_path / "s.pt")  # not only the level
 
 
-def _rp_frame(size: int = 192, rotation: float = 7.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A noise-free perovskite with a Ruddlesden-Popper fault (period 10 px): (clean, columns, near_defect)."""
-    from stemd.synthetic import simulate_frame
-
-    f = simulate_frame((size, size), np.random.default_rng(0), period_px=10.0, sigma_px=1.3, rotation_deg=rotation,
-                       offset_px=(3.0, 4.0), defect="rp")
-    return f.clean, f.columns, f.near_defect
-
-
-def test_lattice_vectors_are_short_lattice_translations():
-    """A perovskite's shortest translations in its image are the half diagonals (Sr and Ti columns look
-    alike), so u + v and u - v are its cell vectors, here through an RP fault too; no lattice, no vectors."""
-    def cell(period: float, degrees: float) -> np.ndarray:
-        t = np.deg2rad(degrees)
-        return period * np.array([[np.sin(t), np.cos(t)], [np.cos(t), -np.sin(t)]])  # e1, e2 in (y, x)
-
-    def matches(vec: np.ndarray, cells: np.ndarray) -> bool:
-        return any(np.allclose(vec, c, atol=0.15) or np.allclose(vec, -c, atol=0.15) for c in cells)
-
-    clean, _ = _lattice(192)  # period 9, rotated 11 degrees
-    rp, _, _ = _rp_frame()  # period 10, rotated 7 degrees
-    x = torch.from_numpy(clean)[None, None]
-    (u, v), none = lattice_vectors(torch.cat([bragg_filter(x), torch.zeros_like(x)]))
-    assert none is None
-    assert matches(np.add(u, v), cell(9.0, 11.0)) and matches(np.subtract(u, v), cell(9.0, 11.0)), (u, v)
-    (u, v), = lattice_vectors(bragg_filter(torch.from_numpy(rp)[None, None]))
-    assert matches(np.add(u, v), cell(10.0, 7.0)) and matches(np.subtract(u, v), cell(10.0, 7.0)), (u, v)
-
-
-def test_plane_guides_keep_a_planar_fault_that_the_bragg_guide_paints_over():
-    """By an RP fault (dose 20), the plane average along the fault is closer to the clean frame than the
-    Bragg guide (measured 0.026 against 0.040) and than the noisy frame (0.097); away from the frame's
-    edges, it averages white noise down (8-9 shifts along its vector)."""
-    from stemd.synthetic import NoiseSpec, corrupt
-
-    clean, columns, near = _rp_frame()
-    noisy = corrupt(clean, NoiseSpec(kind="poisson", dose=20.0), np.random.default_rng(1))
-    x = torch.from_numpy(noisy)[None, None]
-    planes = plane_guides(x)[0].numpy()
-    assert planes.shape == (PLANES, *clean.shape)
-    ij = np.round(columns[near]).astype(int)
-    ij = ij[((ij >= 24) & (ij < clean.shape[0] - 24)).all(1)]  # by the fault, away from the frame's edges
-    patch = lambda img: np.stack([img[i - 3:i + 4, j - 3:j + 4] for i, j in ij])  # noqa: E731
-    err = lambda img: float(np.sqrt(np.mean((patch(img) - patch(clean)) ** 2)))  # noqa: E731
-    best = min(err(p) for p in planes)
-    assert best < 0.75 * err(bragg_filter(x)[0, 0].numpy()) and best < 0.4 * err(noisy)
-    noise = np.random.default_rng(2).normal(0, 0.3, clean.shape).astype(np.float32)
-    averaged = plane_guides(torch.from_numpy(clean + noise)[None, None])[0].numpy() - plane_guides(
-        torch.from_numpy(clean)[None, None])[0].numpy()
-    assert averaged[:, 24:-24, 24:-24].std() < 0.45 * noise.std()
-
-
-def test_plane_guides_of_a_frame_without_a_lattice_are_its_bragg_guide():
-    flat = torch.full((1, 1, 64, 64), 0.3)
-    torch.testing.assert_close(plane_guides(flat), bragg_filter(flat).expand(-1, PLANES, -1, -1))
-
-
-def test_planes_model_round_trip_uses_them_and_needs_the_bragg_guide(tmp_path):
-    model = _random_head(ConvDenoiser((4, 6), guide="bragg", noise_level=True, planes=True))
-    torch.nn.init.normal_(model.enc[0][0].weight, std=0.3)
-    clean, _, _ = _rp_frame(64)
-    x = torch.from_numpy(clean)[None, None]
-    save_checkpoint(tmp_path / "p.pt", model, {})
-    loaded, _ = load_checkpoint(tmp_path / "p.pt")
-    assert loaded.arch()["planes"] is True and "planes" not in ConvDenoiser((4, 6), guide="bragg").arch()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x, planes=plane_guides(x)), rtol=0, atol=1e-6)
-        assert not torch.allclose(model(x), model(x, planes=torch.zeros(1, PLANES, 64, 64)), atol=1e-4)
-    with pytest.raises(ValueError, match="planes needs guide"):
-        ConvDenoiser((4, 6), planes=True)
-    with pytest.raises(CheckpointError, match="arch.planes"):
-        build_model({"name": "conv_unet", "channels": [8], "guide": "none", "planes": True})
-
-
-def test_init_adds_plane_inputs_after_the_noise_level_without_changing_the_output(tmp_path):
-    from stemd.training import load_init
-
-    source = _random_head(ConvDenoiser((4, 6), guide="bragg"))
-    torch.nn.init.normal_(source.enc[0][0].weight, std=0.3)
-    save_checkpoint(tmp_path / "s.pt", source, {})
-    widened = ConvDenoiser((4, 6), guide="bragg", noise_level=True, planes=True).eval()
-    load_init(widened, tmp_path / "s.pt")
-    clean, _, _ = _rp_frame(64)
-    x = torch.from_numpy(clean)[None, None]
-    with torch.no_grad():
-        torch.testing.assert_close(widened(x), source(x), rtol=0, atol=1e-6)
-
-
 def test_registry_errors():
     with pytest.raises(CheckpointError, match=r"unknown model architecture 'nope' \(known: conv_unet, window_ae\)"):
         build_model({"name": "nope"})
@@ -311,38 +223,11 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
     np.testing.assert_array_equal(clean2, clean)
     assert level.shape == (6,) and level[0] == level[2] != level[3]  # one level per recording (3 patches each)
     assert (level > 0).all()
-    _, guide2, level2, planes, clean5 = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96,
-                                                      doses_per_scene=2, per_dose=3, level=True, planes=True)
-    np.testing.assert_array_equal(guide2, guide)
-    np.testing.assert_array_equal(level2, level)
-    np.testing.assert_array_equal(clean5, clean)
-    assert planes.shape == (6, PLANES, 48, 48) and np.isfinite(planes).all()
-    assert np.abs(planes.mean((2, 3)) - guide.mean((2, 3))).max() < 0.2  # averages over +-80 px of the same recording
-    assert not np.allclose(planes, guide, atol=1e-3)
-    with pytest.raises(ValueError, match="planes needs guide"):
-        scene_patches(1, 48, np.random.default_rng(3), ref, scene_size=96, guide=False, planes=True)
     kw = {"scene_size": 256, "doses_per_scene": 1, "per_dose": 2, "dose": (100.0, 100.0)}
     plain, _, clean3 = scene_patches(2, 48, np.random.default_rng(5), ref, **kw)  # (seed 4: nothing to undo)
     fixed, _, clean4 = scene_patches(2, 48, np.random.default_rng(5), ref, dejitter=2, **kw)
     np.testing.assert_array_equal(clean3, clean4)
     assert np.abs(fixed - plain).max() > 0.05  # the recording was de-jittered (rows moved) before the cut
-
-
-def test_scene_patches_draw_the_layouts_asked_for(monkeypatch):
-    """`layouts` reaches stemd.scenes.random_scene; the config's names are the scenes' layouts."""
-    import typing
-
-    from stemd import config, scenes
-    from stemd.convnet import scene_patches
-
-    assert typing.get_args(config.SceneLayout) == scenes.LAYOUTS == config.ConvSettings().layouts
-    drawn = []
-    real = scenes.random_scene
-    monkeypatch.setattr(scenes, "random_scene", lambda *a, **kw: (drawn.append(kw["layouts"]), real(*a, **kw))[1])
-    scene_patches(2, 32, np.random.default_rng(0), (0.16, 0.16), scene_size=64, doses_per_scene=1, per_dose=1,
-                  layouts=("rp", "rp", "vacuum"))
-    scene_patches(1, 32, np.random.default_rng(0), (0.16, 0.16), scene_size=64, doses_per_scene=1, per_dose=1)
-    assert drawn == [("rp", "rp", "vacuum")] * 2 + [scenes.LAYOUTS]
 
 
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
@@ -404,27 +289,24 @@ def test_bfloat16_training_autocasts_and_tracks_float32(tmp_path):
     assert loss32 != loss16 and abs(loss16 - loss32) < 0.1 * loss32
 
 
-def test_stemd_train_feeds_the_noise_level_and_plane_guides_of_each_patchs_scene(tmp_path, monkeypatch):
-    """`conv.noise_level`, `conv.planes`: the model is built with the inputs, and every training step passes them."""
+def test_stemd_train_feeds_the_noise_level_of_each_patchs_scene(tmp_path, monkeypatch):
+    """`conv.noise_level`: the model is built with the input, and every training step passes the level."""
     from stemd.config import load_train_settings
     from stemd.training import train
 
     seen = []
     forward = ConvDenoiser.forward
 
-    def spy(self, x, guide=None, level=None, planes=None, **kw):
+    def spy(self, x, guide=None, level=None, **kw):
         if self.training:
-            seen.append((guide is not None, level, None if planes is None else tuple(planes.shape)))
-        return forward(self, x, guide, level, planes, **kw)
+            seen.append((guide is not None, level))
+        return forward(self, x, guide, level, **kw)
 
     monkeypatch.setattr(ConvDenoiser, "forward", spy)
     settings = load_train_settings(None, {
         "model": "conv_unet", "samples": 16, "batch_size": 8, "val_every": 16, "threads": 1, "device": "cpu",
         "out": str(tmp_path / "level"), "loss": "log_mse",
-        "conv": {"channels": [4, 8], "patch": 32, "scene_size": 64, "val_scenes": 3, "noise_level": True,
-                 "planes": True}})
+        "conv": {"channels": [4, 8], "patch": 32, "scene_size": 64, "val_scenes": 3, "noise_level": True}})
     result = train(settings, progress=False, log=lambda _: None, frame_check=False)
-    arch = load_checkpoint(result.best_path)[0].arch()
-    assert arch["noise_level"] is True and arch["planes"] is True
-    assert len(seen) == 2 and all(g and level.shape == (8,) and (level > 0).all() and p == (8, PLANES, 32, 32)
-                                  for g, level, p in seen)
+    assert load_checkpoint(result.best_path)[0].arch()["noise_level"] is True
+    assert len(seen) == 2 and all(g and level.shape == (8,) and (level > 0).all() for g, level in seen)

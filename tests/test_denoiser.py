@@ -258,20 +258,14 @@ def test_resampling_rescues_a_single_period_model(tmp_path: Path):
 
 
 def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
-    """Resampling a Bragg-guided conv model: the guides are the original frame's, resampled with it, and
+    """Resampling a Bragg-guided conv model: the guide is the original frame's, resampled with it, and
     the noise level the original frame's (interpolation would smooth the noise away)."""
-    from stemd.convnet import ConvDenoiser, bragg_filter, noise_level, plane_guides
+    from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
     from stemd.sampling import resample
 
-    model = ConvDenoiser((4, 8), guide="bragg", noise_level=True, planes=True)
-    seen, planes_seen = [], []
-
-    def forward(x, guide=None, level=None, planes=None):
-        seen.append((x, guide, level))
-        planes_seen.append(planes)
-        return x
-
-    monkeypatch.setattr(model, "forward", forward)
+    model = ConvDenoiser((4, 8), guide="bragg", noise_level=True)
+    seen = []
+    monkeypatch.setattr(model, "forward", lambda x, guide=None, level=None: seen.append((x, guide, level)) or x)
     den = Denoiser(model, {"sampling": {"period_px": [6, 20]}}, device="cpu")
     frames = torch.from_numpy(_lattice((60, 64)))[None, None]
     with torch.inference_mode():
@@ -280,11 +274,34 @@ def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
     assert x.shape[-2:] == (90, 96) and guide is not None
     torch.testing.assert_close(guide, resample(bragg_filter(frames), 1.5))
     torch.testing.assert_close(level, noise_level(frames))
-    torch.testing.assert_close(planes_seen[0], resample(plane_guides(frames), 1.5), rtol=0, atol=1e-4)
     assert float(noise_level(x)) < 0.8 * float(level)
     with torch.inference_mode():
-        den.denoise_tensor(frames, SRTIO3_M / 10)  # in range: the model takes its own guide and level
-    assert seen[-1][1] is None and seen[-1][2] is None and planes_seen[-1] is None
+        den.denoise_tensor(frames, SRTIO3_M / 10)  # in range: the frame's own guide and level, as they are
+    torch.testing.assert_close(seen[-1][0], frames)
+    torch.testing.assert_close(seen[-1][1], bragg_filter(frames))  # (too small a frame for a planar band)
+    torch.testing.assert_close(seen[-1][2], noise_level(frames))
+
+
+def test_conv_model_is_guided_by_the_planar_guide_unless_told_not_to(monkeypatch):
+    """planar (default): the model's guide is stemd.planar's, which differs from the Bragg guide across an RP
+    fault; planar=False: the Bragg guide."""
+    from stemd.convnet import ConvDenoiser, bragg_filter
+    from stemd.planar import planar_guide
+
+    model = ConvDenoiser((4, 8), guide="bragg")
+    seen = []
+    monkeypatch.setattr(model, "forward", lambda x, guide=None, level=None: seen.append(guide) or x)
+    clean = simulate_frame((256, 256), np.random.default_rng(0), period_px=10.0, sigma_px=1.3, rotation_deg=7.0,
+                           defect="rp").clean
+    frames = torch.from_numpy(corrupt(clean, NoiseSpec(kind="poisson", dose=5.0), np.random.default_rng(1)))[None, None]
+    with torch.inference_mode():
+        for planar in (True, False):
+            Denoiser(model, {}, device="cpu", dejitter=0, planar=planar).denoise_tensor(frames)
+    torch.testing.assert_close(seen[0], planar_guide(frames))
+    torch.testing.assert_close(seen[1], bragg_filter(frames))
+    assert (seen[0] - seen[1]).abs().max() > 0.05
+    with pytest.raises(ConfigError, match="model.planar: must be true or false"):
+        Denoiser(model, {}, device="cpu", planar="yes")
 
 
 def test_flips_average_the_model_over_the_four_flips(tmp_path: Path):

@@ -334,11 +334,12 @@ def test_flips_and_precision_are_applied_and_recorded(tmp_path, checkpoint, fram
     raw = (frames[1][0] * 1000 + 200).clip(0).astype(np.uint16)
     inp, out = tmp_path / "frame.tif", tmp_path / "out.tif"
     tifffile.imwrite(inp, raw)
-    assert denoise(inp, out, "--model", checkpoint, "--flips", "--precision", "bf16", "--dejitter", "1") == 0
-    expected = Denoiser.load(checkpoint, device="cpu", flips=True, precision="bf16", dejitter=1)
+    assert denoise(inp, out, "--model", checkpoint, "--flips", "--precision", "bf16", "--dejitter", "1",
+                   "--no-planar") == 0
+    expected = Denoiser.load(checkpoint, device="cpu", flips=True, precision="bf16", dejitter=1, planar=False)
     with tifffile.TiffFile(out) as tif:
         data, note = tif.asarray(), tif.shaped_metadata[0]["stemd"]
-    assert note["flips"] is True and note["precision"] == "bf16" and note["dejitter"] == 1
+    assert note["flips"] is True and note["precision"] == "bf16" and note["dejitter"] == 1 and note["planar"] is False
     np.testing.assert_allclose(data, expected(raw), rtol=1e-5, atol=1e-3)
 
 

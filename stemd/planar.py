@@ -1,0 +1,193 @@
+"""The planar-defect guide: the Bragg guide, except across a planar fault, where the frame averaged along it.
+
+The conv model follows its guide wherever the data allow: fed the clean frame as its guide, its column error
+by the faithfulness bench's Ruddlesden-Popper fault falls from 23 to 1.1 pm at dose 2. The Bragg guide
+(`convnet.bragg_filter`) is the lattice averaged over the whole frame, so across a fault it shows both
+domains' lattices superposed, and the model pulled the fault's columns 0.5 px towards each other. A straight
+fault along a lattice plane is periodic along that plane: the frame averaged over its shifts by that lattice
+translation (`plane_averages`) keeps the fault and still cuts the noise (over 2 x REACH_PX). `planar_guide`
+finds, for four short translations, the bands across which that average fits the frame better than the
+Bragg guide does (a profile across the whole frame: a fault that spans it), and takes the average there.
+Pure torch, any device; docs/training.md, "Planar defects".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from stemd.convnet import bragg_filter
+
+REACH_PX = 256.0  # plane averages take shifts k t with |k t| up to this
+LAGS_PX = (3.0, 48.0)  # lattice translations are sought among autocorrelation peaks this long
+PEAK_FRACTION = 0.5  # ... at least this fraction of the zero-lag value
+Z_THRESHOLD = 4.0  # a band takes the plane average where its fit gain stands this many robust deviations out
+PROFILE_SIGMA_PX = 2.0  # the gain profile across a direction is smoothed by this Gaussian
+WIDEN = 0.5  # a band reaches this many of its translation's lengths past where its gain shows (outer columns)
+BORDER_PX = 32  # the Bragg guide fades towards the frame's edges: gains are taken this far inside
+TRIM_PX = 32  # and bands this close to the ends of a profile are not taken (the fade reaches further)
+MIN_PROFILE_BINS = 64  # a shorter profile (a frame under ~200 px) is too short to tell a band from chance
+
+Vectors = tuple[tuple[float, float], tuple[float, float]]
+
+
+def lattice_vectors(guide: torch.Tensor) -> list[Vectors | None]:
+    """(B, 1, H, W) Bragg guides -> per frame two short independent lattice translations (y, x) in px, or None
+    where the guide shows no lattice: the shortest peaks of its autocorrelation of at least PEAK_FRACTION of the
+    zero-lag value within LAGS_PX (parabola-refined), each refined again at its longest multiple within
+    REACH_PX and half the frame.
+
+    A perovskite's shortest are its half diagonals (its two columns look alike), so `translations` adds
+    their sum and difference, its cell vectors."""
+    h, w = guide.shape[-2:]
+    r = int(LAGS_PX[1]) + 1
+    reach = int(REACH_PX) + 3
+    size = (_fast_size(h + reach + 1), _fast_size(w + reach + 1))  # zero padding past the longest lag: no wrap
+    g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
+    acf = torch.fft.irfft2(torch.fft.rfft2(g, s=size).abs().square(), s=size)[:, 0]
+    lag = torch.arange(-r, r + 1, device=guide.device)
+    crop = acf[:, lag % size[0]][:, :, lag % size[1]]  # (B, 2r+1, 2r+1), lag 0 at [r, r]
+    peak = crop == F.max_pool2d(crop[:, None], 3, stride=1, padding=1)[:, 0]
+    dy, dx = torch.meshgrid(lag.float(), lag.float(), indexing="ij")
+    length = torch.hypot(dy, dx)
+    upper = (dy > 0) | ((dy == 0) & (dx > 0))  # one of each +-pair
+    inner = torch.zeros_like(upper)
+    inner[1:-1, 1:-1] = True
+    found: list[Vectors | None] = []
+    for b, (a, p) in enumerate(zip(crop, peak)):
+        zero = float(a[r, r])
+        keep = p & upper & inner & (length >= LAGS_PX[0]) & (length <= LAGS_PX[1]) & (a >= PEAK_FRACTION * zero)
+        cands = sorted(((float(lag[i]) + _vertex(*a[i - 1:i + 2, j].tolist()),
+                         float(lag[j]) + _vertex(*a[i, j - 1:j + 2].tolist())) for i, j in keep.nonzero().tolist()),
+                       key=lambda t: math.hypot(*t))
+        u = cands[0] if zero > 0 and cands else None
+        v = next((c for c in cands[1:] if abs(u[0] * c[1] - u[1] * c[0]) > 0.5 * math.hypot(*u) * math.hypot(*c)),
+                 None) if u else None
+        reach = min(REACH_PX, min(h, w) / 2)  # lags past half the frame overlap too little of it
+        found.append(None if v is None else (_refine(acf[b], u, reach), _refine(acf[b], v, reach)))
+    return found
+
+
+def translations(vectors: Vectors) -> list[tuple[float, float]]:
+    """The four directions plane averages are taken along: u, v, u + v, u - v."""
+    (uy, ux), (vy, vx) = vectors
+    return [(uy, ux), (vy, vx), (uy + vy, ux + vx), (uy - vy, ux - vx)]
+
+
+def plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float = REACH_PX) -> torch.Tensor:
+    """(H, W) -> (4, H, W): the frame averaged over its shifts by k t, |k t| <= reach, for each of the four
+    `translations`; Fourier (sub-pixel) shifts of the zero-padded frame, each pixel averaged over the shifts
+    that stay inside the frame."""
+    h, w = frame.shape
+    x = frame.float()
+    mean = x.mean()
+    size = (_fast_size(h + int(reach) + 1), _fast_size(w + int(reach) + 1))  # past the longest shift: no wrap
+    spectrum = torch.fft.rfft2(x - mean, s=size)
+    inside = torch.fft.rfft2(torch.ones_like(x), s=size)
+    qy = torch.fft.fftfreq(size[0], device=x.device)[:, None]
+    qx = torch.fft.rfftfreq(size[1], device=x.device)[None, :]
+    kernels, least = [], []
+    for ty, tx in translations(vectors):
+        n = 2 * max(1, int(reach // math.hypot(ty, tx))) + 1
+        phase = math.pi * (qy * ty + qx * tx)  # the mean of exp(2 pi i k q.t) over |k| <= n // 2 (Dirichlet)
+        s = torch.sin(phase)
+        small = s.abs() < 1e-6
+        kernels.append(torch.where(small, 1.0, torch.sin(n * phase) / (n * torch.where(small, 1.0, s))))
+        least.append(1.0 / n)  # one shift inside the frame
+    kernel = torch.stack(kernels)
+    total = torch.fft.irfft2(spectrum * kernel, s=size)[:, :h, :w]
+    count = torch.fft.irfft2(inside * kernel, s=size)[:, :h, :w]
+    return total / torch.maximum(count, torch.tensor(least, device=x.device)[:, None, None]) + mean
+
+
+def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, H, W) -> the Bragg `guide` (computed if None), replaced by a plane average across planar faults.
+
+    For each direction t of `translations`: the gain (x - guide)^2 - (x - average_t)^2, summed over lines
+    along t (a profile across t, 1 px bins, pixels BORDER_PX inside the frame), smoothed, and scored as a
+    robust z (median, 1.4826 MAD over the profile's bins more than TRIM_PX from its ends), widened by WIDEN
+    translation lengths (a running maximum). Where the best direction's z exceeds Z_THRESHOLD, the guide ramps
+    to its average (fully 1 above). A frame without a lattice, or without such a band, keeps its Bragg guide."""
+    x = frames.float()
+    guide = bragg_filter(x) if guide is None else guide.float()
+    out = guide.clone()
+    h, w = x.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float32),
+                            torch.arange(w, device=x.device, dtype=torch.float32), indexing="ij")
+    inner = torch.zeros(h, w, dtype=torch.bool, device=x.device)
+    inner[BORDER_PX:h - BORDER_PX, BORDER_PX:w - BORDER_PX] = True
+    if not inner.any():
+        return out.to(frames.dtype)
+    for b, vectors in enumerate(lattice_vectors(guide)):
+        if vectors is None:
+            continue
+        frame, g = x[b, 0], guide[b, 0]
+        averages = plane_averages(frame, vectors)
+        best_z = torch.full((h, w), -math.inf, device=x.device)
+        best = g
+        for c, (ty, tx) in enumerate(translations(vectors)):
+            gain = (frame - g).square() - (frame - averages[c]).square()
+            across = (xx * ty - yy * tx) / math.hypot(ty, tx)  # distance along the normal to t
+            bins = (across - across.min()).round().long()
+            z = _robust_z(torch.bincount(bins[inner], gain[inner], minlength=int(bins.max()) + 1),
+                          torch.bincount(bins[inner], minlength=int(bins.max()) + 1))
+            k = round(WIDEN * math.hypot(ty, tx))
+            z = F.max_pool1d(z[None, None], 2 * k + 1, stride=1, padding=k)[0, 0][bins] if k else z[bins]
+            better = z > best_z
+            best_z = torch.where(better, z, best_z)
+            best = torch.where(better, averages[c], best)
+        weight = (best_z - Z_THRESHOLD).clamp(0, 1)
+        out[b, 0] = g + weight * (best - g)
+    return out.to(frames.dtype)
+
+
+def _robust_z(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Per bin: the smoothed mean gain as a robust z-score over the bins with enough pixels; -inf elsewhere."""
+    radius = int(3 * PROFILE_SIGMA_PX)
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=total.device) / PROFILE_SIGMA_PX) ** 2)
+    smooth = lambda v: F.conv1d(v.float()[None, None], taps[None, None], padding=radius)[0, 0]  # noqa: E731
+    profile = smooth(total) / smooth(count).clamp_min(1.0)
+    enough = (count > 0.25 * count.max()).float()
+    valid = F.max_pool1d(F.pad(1 - enough, (TRIM_PX, TRIM_PX), value=1.0)[None], 2 * TRIM_PX + 1, stride=1)[0] == 0
+    if int(valid.sum()) < MIN_PROFILE_BINS:
+        return torch.full_like(profile, -math.inf)
+    median = profile[valid].median()
+    spread = 1.4826 * (profile[valid] - median).abs().median()
+    if not spread > 0:
+        return torch.full_like(profile, -math.inf)
+    return torch.where(valid, (profile - median) / spread, -math.inf)
+
+
+def _vertex(left: float, mid: float, right: float) -> float:
+    """Offset (-0.5..0.5) of the top of the parabola through three equally spaced values."""
+    curve = left - 2 * mid + right
+    return 0.0 if curve >= 0 else max(-0.5, min(0.5, 0.5 * (left - right) / curve))
+
+
+def _refine(acf: torch.Tensor, t: tuple[float, float], reach: float) -> tuple[float, float]:
+    """t from the autocorrelation's highest value within 2 px of m t, m = reach // |t| (parabola-refined),
+    divided by m: m times the precision where the shifts reach; t itself where m < 2."""
+    m = int(reach // math.hypot(*t))
+    h, w = acf.shape
+    cy, cx = round(m * t[0]), round(m * t[1])
+    if m < 2:
+        return t
+    win = acf[torch.arange(cy - 3, cy + 4, device=acf.device) % h][:, torch.arange(cx - 3, cx + 4, device=acf.device) % w]
+    i, j = divmod(int(win[1:-1, 1:-1].argmax()), 5)
+    i, j = i + 1, j + 1
+    return ((cy - 3 + i + _vertex(*win[i - 1:i + 2, j].tolist())) / m,
+            (cx - 3 + j + _vertex(*win[i, j - 1:j + 2].tolist())) / m)
+
+
+def _fast_size(n: int) -> int:
+    """The least 2^a 3^b 5^c >= n: a side the FFT runs fast at."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
