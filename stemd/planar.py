@@ -79,27 +79,30 @@ def translations(vectors: Vectors) -> list[tuple[float, float]]:
 def plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float = REACH_PX) -> torch.Tensor:
     """(H, W) -> (4, H, W): the frame averaged over its shifts by k t, |k t| <= reach, for each of the four
     `translations`; Fourier (sub-pixel) shifts of the zero-padded frame, each pixel averaged over the shifts
-    that stay inside the frame."""
+    that land inside the frame."""
     h, w = frame.shape
     x = frame.float()
     mean = x.mean()
     size = (_fast_size(h + int(reach) + 1), _fast_size(w + int(reach) + 1))  # past the longest shift: no wrap
     spectrum = torch.fft.rfft2(x - mean, s=size)
-    inside = torch.fft.rfft2(torch.ones_like(x), s=size)
     qy = torch.fft.fftfreq(size[0], device=x.device)[:, None]
     qx = torch.fft.rfftfreq(size[1], device=x.device)[None, :]
-    kernels, least = [], []
+    rows = torch.arange(h, device=x.device, dtype=torch.float32)
+    cols = torch.arange(w, device=x.device, dtype=torch.float32)
+    kernels, counts = [], []
     for ty, tx in translations(vectors):
-        n = 2 * max(1, int(reach // math.hypot(ty, tx))) + 1
-        phase = math.pi * (qy * ty + qx * tx)  # the mean of exp(2 pi i k q.t) over |k| <= n // 2 (Dirichlet)
+        half = max(1, int(reach // math.hypot(ty, tx)))
+        n = 2 * half + 1
+        phase = math.pi * (qy * ty + qx * tx)  # the mean of exp(2 pi i k q.t) over |k| <= half (Dirichlet)
         s = torch.sin(phase)
         small = s.abs() < 1e-6
         kernels.append(torch.where(small, 1.0, torch.sin(n * phase) / (n * torch.where(small, 1.0, s))))
-        least.append(1.0 / n)  # one shift inside the frame
-    kernel = torch.stack(kernels)
-    total = torch.fft.irfft2(spectrum * kernel, s=size)[:, :h, :w]
-    count = torch.fft.irfft2(inside * kernel, s=size)[:, :h, :w]
-    return total / torch.maximum(count, torch.tensor(least, device=x.device)[:, None, None]) + mean
+        k = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)[:, None]
+        inside_y = ((rows + k * ty >= 0) & (rows + k * ty <= h - 1)).float()  # (n, H): shift k keeps row y inside
+        inside_x = ((cols + k * tx >= 0) & (cols + k * tx <= w - 1)).float()
+        counts.append((inside_y.T @ inside_x).clamp_min(1.0) / n)  # shifts inside, as a fraction of n
+    total = torch.fft.irfft2(spectrum * torch.stack(kernels).to(spectrum.dtype), s=size)[:, :h, :w]  # (complex x complex: faster)
+    return total / torch.stack(counts) + mean
 
 
 def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,6 +123,7 @@ def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tor
     inner[BORDER_PX:h - BORDER_PX, BORDER_PX:w - BORDER_PX] = True
     if not inner.any():
         return out.to(frames.dtype)
+    weight_inner = inner.float().flatten()
     for b, vectors in enumerate(lattice_vectors(guide)):
         if vectors is None:
             continue
@@ -128,11 +132,11 @@ def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tor
         best_z = torch.full((h, w), -math.inf, device=x.device)
         best = g
         for c, (ty, tx) in enumerate(translations(vectors)):
-            gain = (frame - g).square() - (frame - averages[c]).square()
+            gain = ((frame - g).square() - (frame - averages[c]).square()).flatten() * weight_inner
             across = (xx * ty - yy * tx) / math.hypot(ty, tx)  # distance along the normal to t
             bins = (across - across.min()).round().long()
-            z = _robust_z(torch.bincount(bins[inner], gain[inner], minlength=int(bins.max()) + 1),
-                          torch.bincount(bins[inner], minlength=int(bins.max()) + 1))
+            flat, length = bins.flatten(), int(bins.max()) + 1
+            z = _robust_z(torch.bincount(flat, gain, minlength=length), torch.bincount(flat, weight_inner, minlength=length))
             k = round(WIDEN * math.hypot(ty, tx))
             z = F.max_pool1d(z[None, None], 2 * k + 1, stride=1, padding=k)[0, 0][bins] if k else z[bins]
             better = z > best_z
