@@ -94,3 +94,11 @@ def test_planar_guide_of_flat_and_small_frames_is_the_bragg_guide():
     torch.testing.assert_close(planar_guide(flat), bragg_filter(flat), rtol=0, atol=0)
     small, _ = _frame(size=96, dose=20.0)  # too short a profile to tell a band from chance
     torch.testing.assert_close(planar_guide(small), bragg_filter(small), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device tool's machines)")
+def test_planar_guide_on_cuda_matches_the_cpu():
+    x, _ = _frame(dose=5.0)
+    cpu = planar_guide(x)
+    assert (cpu - bragg_filter(x)).abs().max() > 0.05  # the fault's band is taken
+    torch.testing.assert_close(planar_guide(x.cuda()).cpu(), cpu, rtol=0, atol=1e-3)
