@@ -5,7 +5,7 @@ by the faithfulness bench's Ruddlesden-Popper fault falls from 23 to 1.1 pm at d
 (`convnet.bragg_filter`) is the lattice averaged over the whole frame, so across a fault it shows both
 domains' lattices superposed, and the model pulled the fault's columns 0.5 px towards each other. A straight
 fault along a lattice plane is periodic along that plane: the frame averaged over its shifts by that lattice
-translation (`plane_averages`) keeps the fault and still cuts the noise (over 2 x REACH_PX). `planar_guide`
+translation (`plane_averages`) keeps the fault and still cuts the noise (over up to 2 x REACH_PX). `planar_guide`
 finds, for four short translations, the bands across which that average fits the frame better than the
 Bragg guide does (a profile across the whole frame: a fault that spans it), and takes the average there.
 Pure torch, any device; docs/training.md, "Planar defects".
@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from stemd.convnet import bragg_filter
 
-REACH_PX = 256.0  # plane averages take shifts k t with |k t| up to this
+REACH_PX = 512.0  # plane averages take shifts k t with |k t| up to this (the whole of a 512² frame)
 LAGS_PX = (3.0, 48.0)  # lattice translations are sought among autocorrelation peaks this long
 PEAK_FRACTION = 0.5  # ... at least this fraction of the zero-lag value
 Z_THRESHOLD = 4.0  # a band takes the plane average where its fit gain stands this many robust deviations out
@@ -43,8 +43,9 @@ def lattice_vectors(guide: torch.Tensor) -> list[Vectors | None]:
     their sum and difference, its cell vectors."""
     h, w = guide.shape[-2:]
     r = int(LAGS_PX[1]) + 1
-    reach = int(REACH_PX) + 3
-    size = (_fast_size(h + reach + 1), _fast_size(w + reach + 1))  # zero padding past the longest lag: no wrap
+    reach = min(REACH_PX, min(h, w) / 2)  # lags past half the frame overlap too little of it
+    pad = max(r, int(reach) + 3)
+    size = (_fast_size(h + pad + 1), _fast_size(w + pad + 1))  # zero padding past the longest lag: no wrap
     g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
     acf = torch.fft.irfft2(torch.fft.rfft2(g, s=size).abs().square(), s=size)[:, 0]
     lag = torch.arange(-r, r + 1, device=guide.device)
@@ -65,7 +66,6 @@ def lattice_vectors(guide: torch.Tensor) -> list[Vectors | None]:
         u = cands[0] if zero > 0 and cands else None
         v = next((c for c in cands[1:] if abs(u[0] * c[1] - u[1] * c[0]) > 0.5 * math.hypot(*u) * math.hypot(*c)),
                  None) if u else None
-        reach = min(REACH_PX, min(h, w) / 2)  # lags past half the frame overlap too little of it
         found.append(None if v is None else (_refine(acf[b], u, reach), _refine(acf[b], v, reach)))
     return found
 
