@@ -230,3 +230,21 @@ def test_quick_smoke_run_writes_the_section_and_figure(tmp_path, capsys) -> None
     assert "## Faithfulness" in text and "Quick smoke run" in text and "- **tiny**:" in text
     assert (out / "defect.png").stat().st_size > 10_000
 
+
+
+def test_near_far_seeds_errors_are_zero_on_the_clean_frame_and_grow_with_a_shift():
+    """bench/near_far_seeds.py: the clean frame scores 0 pm near and far; the frame moved by 0.1 px scores
+    0.1 px (in pm) in both groups."""
+    from scipy import ndimage
+
+    spec = importlib.util.spec_from_file_location("near_far_seeds", BENCH / "near_far_seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    _, scene, _ = scenes.named_frame("perovskite_rp", (192, 192), seed=fb.FRAME_SEED, dose=20.0)
+    near, far = seeds.errors(scene.clean, scene)
+    assert len(near) > 10 and len(far) > 10 and near.max() < 1e-12 and far.max() < 1e-12
+    moved = ndimage.shift(scene.clean.astype(np.float64), (0.0, 0.1), order=3, mode="nearest")
+    near, far = seeds.errors(moved, scene)
+    expected = 0.1 * fb.pm_per_px(scene)
+    assert np.sqrt(near.mean()) == pytest.approx(expected, rel=0.15)
+    assert np.sqrt(far.mean()) == pytest.approx(expected, rel=0.15)
