@@ -18,8 +18,8 @@ from stemd import sampling as _sampling
 from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
 from stemd.config import DEJITTER_DEFAULT, check_dejitter
 from stemd.dejitter import dejitter as _dejitter
-from stemd.planar import planar_guide
 from stemd.errors import CheckpointError, ConfigError, InputError
+from stemd.planar import planar_guide
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("float32", "tf32", "bf16")
