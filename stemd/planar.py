@@ -41,11 +41,13 @@ def lattice_vectors(guide: torch.Tensor) -> list[Vectors | None]:
 
     A perovskite's shortest are its half diagonals (its two columns look alike), so `translations` adds
     their sum and difference, its cell vectors."""
+    from scipy.fft import next_fast_len  # imported on first use: scipy.fft adds ~0.2 s to start-up
+
     h, w = guide.shape[-2:]
     r = int(LAGS_PX[1]) + 1
     reach = min(REACH_PX, min(h, w) / 2)  # lags past half the frame overlap too little of it
     pad = max(r, int(reach) + 3)
-    size = (_fast_size(h + pad + 1), _fast_size(w + pad + 1))  # zero padding past the longest lag: no wrap
+    size = (next_fast_len(h + pad + 1, real=True), next_fast_len(w + pad + 1, real=True))  # padding past the longest lag
     g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
     acf = torch.fft.irfft2(torch.fft.rfft2(g, s=size).abs().square(), s=size)[:, 0]
     lag = torch.arange(-r, r + 1, device=guide.device)
@@ -80,10 +82,12 @@ def plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float = REACH_P
     """(H, W) -> (4, H, W): the frame averaged over its shifts by k t, |k t| <= reach, for each of the four
     `translations`; Fourier (sub-pixel) shifts of the zero-padded frame, each pixel averaged over the shifts
     that land inside the frame."""
+    from scipy.fft import next_fast_len
+
     h, w = frame.shape
     x = frame.float()
     mean = x.mean()
-    size = (_fast_size(h + int(reach) + 1), _fast_size(w + int(reach) + 1))  # past the longest shift: no wrap
+    size = (next_fast_len(h + int(reach) + 1, real=True), next_fast_len(w + int(reach) + 1, real=True))  # no wrap
     spectrum = torch.fft.rfft2(x - mean, s=size)
     qy = torch.fft.fftfreq(size[0], device=x.device)[:, None]
     qx = torch.fft.rfftfreq(size[1], device=x.device)[None, :]
@@ -183,15 +187,3 @@ def _refine(acf: torch.Tensor, t: tuple[float, float], reach: float) -> tuple[fl
     i, j = i + 1, j + 1
     return ((cy - 3 + i + _vertex(*win[i - 1:i + 2, j].tolist())) / m,
             (cx - 3 + j + _vertex(*win[i, j - 1:j + 2].tolist())) / m)
-
-
-def _fast_size(n: int) -> int:
-    """The least 2^a 3^b 5^c >= n: a side the FFT runs fast at."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
