@@ -545,11 +545,11 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             run.samples = stop
             q, parts = evaluate(model, val, device)
             by_noise = _by_noise(settings, parts, noisy_parts, val.labels)
-            improved = val_loss(settings, q) < run.best
+            loss = val_loss(settings, q)
+            improved = loss < run.best
             if improved:
-                run.best, run.best_quality, run.best_by_noise = val_loss(settings, q), q, by_noise
-            run.history.append({"samples": stop, "train_loss": train_loss, "val_loss": val_loss(settings, q),
-                                "lr": lr_at(settings, stop)})
+                run.best, run.best_quality, run.best_by_noise = loss, q, by_noise
+            run.history.append({"samples": stop, "train_loss": train_loss, "val_loss": loss, "lr": lr_at(settings, stop)})
             meta = _metadata(settings, command, run, q, noisy_q, by_noise, parameter_count(model))
             if improved:
                 save_checkpoint(best_path, model, meta)
