@@ -9,10 +9,9 @@ torch's FlopCounterMode on the real forward pass), the device's matmul rate at t
 measured in the same run, and the ratio measured time / (FLOPs / matmul rate): 1.0 would be the
 floor. The model rows time the model alone (model.dejitter 0, the plain Bragg guide); the line-jitter
 correction and the planar-defect guide that run by default are timed on their own (their FFTs are not
-matmul FLOPs). Side by side on one
-Poisson frame: every model and precision as shipped (with the correction), non-local means and BM3D
-(time and PSNR), the classical peers a microscopist would otherwise use, and each precision's
-accuracy cost against float32.
+matmul FLOPs). Side by side on one Poisson frame: every model and precision as shipped (with the
+correction and the guide), non-local means and BM3D (time and PSNR), the classical peers a
+microscopist would otherwise use, and each precision's accuracy cost against float32.
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stemd.config import DEJITTER_DEFAULT
 from stemd.dejitter import dejitter
-from stemd.planar import planar_guide
 from stemd.denoiser import Denoiser, resolve_device
 from stemd.model import MODELS_DIR
+from stemd.planar import planar_guide
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -133,34 +132,35 @@ def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], ba
     return rows
 
 
-def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
-    """Median time of the default line-jitter correction on one frame per size (a lattice-free frame costs the same)."""
+def bench_stage(label: str, fn, frame, device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
+    """Median time of `fn` (a step `Denoiser` runs besides the model) on `frame(size)`, one row per size."""
     rows = []
     for size in sizes:
-        x = torch.rand(1, 1, size, size, device=device)
+        x = frame(size).to(device)
         with torch.inference_mode():
-            t = statistics.median(_timed(lambda: dejitter(x, DEJITTER_DEFAULT), device, _repeats(size, repeats)))
+            t = statistics.median(_timed(lambda: fn(x), device, _repeats(size, repeats)))
         rows.append(dict(device=device.type, size=size, ms=1e3 * t))
-        print(f"{device.type:>4} line-jitter correction, {DEJITTER_DEFAULT} rounds, {size:>5}²: {1e3 * t:9.1f} ms/frame", flush=True)
+        print(f"{device.type:>4} {label} {size:>5}²: {1e3 * t:9.1f} ms/frame", flush=True)
     return rows
+
+
+def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
+    """The default line-jitter correction on a random frame per size (a lattice-free frame costs the same)."""
+    return bench_stage(f"line-jitter correction, {DEJITTER_DEFAULT} rounds,", lambda x: dejitter(x, DEJITTER_DEFAULT),
+                       lambda size: torch.rand(1, 1, size, size), device, sizes, repeats)
 
 
 def bench_planar(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
-    """Median time of the planar-defect guide (stemd.planar, Bragg guide included) on a Poisson RP-fault frame per
-    size (a frame with a lattice: the costly case)."""
+    """The planar-defect guide (stemd.planar, Bragg guide included) on a Poisson RP-fault frame per size (a frame
+    with a lattice: the costly case)."""
     from stemd import synthetic
 
-    rows = []
-    for size in sizes:
+    def frame(size: int) -> torch.Tensor:
         rng = np.random.default_rng(size)
         clean = synthetic.simulate_frame((size, size), rng, defect="rp").clean
-        x = torch.from_numpy(synthetic.corrupt(clean, synthetic.NoiseSpec(kind="poisson", dose=20.0), rng))[None, None]
-        x = x.to(device)
-        with torch.inference_mode():
-            t = statistics.median(_timed(lambda: planar_guide(x), device, _repeats(size, repeats)))
-        rows.append(dict(device=device.type, size=size, ms=1e3 * t))
-        print(f"{device.type:>4} planar-defect guide {size:>5}²: {1e3 * t:9.1f} ms/frame", flush=True)
-    return rows
+        return torch.from_numpy(synthetic.corrupt(clean, synthetic.NoiseSpec(kind="poisson", dose=20.0), rng))[None, None]
+
+    return bench_stage("planar-defect guide", planar_guide, frame, device, sizes, repeats)
 
 
 def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, dose: float, seed: int,
@@ -236,15 +236,16 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
         lines.append(
             f"| {r['device']} | {r['model']} | {r['precision']} | {r['size']}² | {r['step'] or '–'} | {r['ms']:.1f} | "
             f"{r['fps_batched']:.2f} | {r['gflop']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |")
+    def timed(what: str, stage: list[dict]) -> list[str]:
+        return ["", what + ", on its own: " + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in stage) + "."]
+
     if jitter:
-        lines += ["", f"Line-jitter correction (`stemd.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
-                  "before the model in every `Denoiser` call, on its own: "
-                  + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in jitter) + "."]
+        lines += timed(f"Line-jitter correction (`stemd.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
+                       "before the model in every `Denoiser` call", jitter)
     if planar:
-        lines += ["", "Planar-defect guide (`stemd.planar`: the Bragg guide, lattice vectors, four plane averages and their "
-                  "fit profiles), which replaces the model rows' Bragg guide in every `Denoiser` call of a conv model, "
-                  "on its own (Poisson RP-fault frames, dose 20): "
-                  + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in planar) + "."]
+        lines += timed("Planar-defect guide (`stemd.planar`: the Bragg guide, lattice vectors, four plane averages and "
+                       "their fit profiles), which replaces the model rows' Bragg guide in every `Denoiser` call of a "
+                       "conv model (Poisson RP-fault frames, dose 20)", planar)
     if peers:
         bm3d = next((p for p in peers if p["method"].startswith("BM3D")), None)
         lines += [
