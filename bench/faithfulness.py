@@ -314,7 +314,7 @@ def gaussian_oracle(frames: list[Frame]) -> tuple[list[np.ndarray | None], Times
 
 
 def model_method(name: str, path: Path, options: dict | None = None) -> Method:
-    """A stemd checkpoint through `Denoiser` on the CPU (`options`: precision, flips, dejitter); a refused frame scores as failed."""
+    """A stemd checkpoint through `Denoiser` on the CPU (`options`: precision, flips, dejitter, planar); a refused frame scores as failed."""
     denoiser = Denoiser.load(path, device="cpu", **(options or {}))
     denoiser(np.random.default_rng(0).poisson(5.0, (64, 64)).astype(np.float32))  # warm-up
 
@@ -808,7 +808,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"smoke run: dose {QUICK_DOSE:g} only, 256² and 128² frames")
     p.add_argument("--model", action="append", type=model_option, default=[], metavar="NAME=PATH",
-                   help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN] (repeatable; default: those of "
+                   help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar] (repeatable; default: those of "
                         f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)")
     p.add_argument("--no-tkrem", action="store_true", help="skip the tk_r_em peer")
     p.add_argument("--no-bm3d", action="store_true", help="skip BM3D (the slowest classical peer)")

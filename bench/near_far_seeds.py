@@ -28,7 +28,7 @@ from stemd.denoiser import Denoiser  # noqa: E402
 
 def errors(out: np.ndarray, scene: scenes.Scene) -> tuple[np.ndarray, np.ndarray]:
     """Squared position errors (pm²) of the near and the far columns that both fits found."""
-    radii = fb.fit_radii(scene.columns, 10.0)
+    radii = fb.fit_radii(scene.columns, scene.params["phases"][0]["period_px"])
     ref = fb.fit_all(scene.clean.astype(np.float64), scene.columns, radii, scene.params["target_sigma_px"])
     fits = fb.fit_all(np.asarray(out, np.float64), scene.columns, radii, scene.params["target_sigma_px"])
     e2 = np.sum(((fits.centres - ref.centres) * fb.pm_per_px(scene)) ** 2, axis=1)

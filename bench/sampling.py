@@ -108,7 +108,7 @@ def report(args: argparse.Namespace, tables: list[str]) -> str:
         "Bragg guide); shrinking a frame twice as coarse as its range still gains (the antialiased shrink also "
         "averages noise), one 1.5x as coarse no longer does. A finer frame is upsampled into the range; its Bragg "
         "guide and noise level are taken at the frame's own sampling, the guide then resampled with it "
-        "(`Denoiser._resampled_inputs`), because an upsampled frame's noise is correlated: its guide underestimates "
+        "(`Denoiser._conv_inputs`), because an upsampled frame's noise is correlated: its guide underestimates "
         "the noise floor (the spectrum above the original Nyquist is empty) and lets noise through (with that "
         "guide the 4 px frame lost 1.8 dB to running as is; with its own, it gains). The paper's "
         "AE knows one period: run as is it loses about 2 dB 5 % away from 10 px and 7-13 dB 20 % away, while "
