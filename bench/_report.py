@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from stemd.config import DEJITTER_MAX
-from stemd.denoiser import PRECISIONS
+from stemd.pipeline import PRECISIONS
 
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to reproduce.\n"
 

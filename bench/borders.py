@@ -9,7 +9,7 @@ Simulated 512×512 lattice frames (three rotations, no defect) under Poisson cou
 and 80 over a 0.1 background, in detector counts, normalised as `Denoiser` does. Each output is
 mapped onto the clean frame's scale by `metrics.fit_scale` (one fit per whole frame) and scored by
 PSNR (data range 1) over the outer 28 px band and over the interior, the squared error pooled over
-the three frames. "before" reconstructs the reflect-padded frame (`stemd.window.pad_frames`) and
+the three frames. "before" reconstructs the reflect-padded frame (`stemd.compute.window.pad_frames`) and
 crops it, which is exactly what `reconstruct` did before it kept to windows inside the frame.
 Times: `reconstruct` of one frame, median of 5, torch on one thread.
 """
@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stemd import metrics, synthetic
-from stemd.denoiser import Denoiser, denormalize, normalize
-from stemd.window import pad_frames, reconstruct
+from stemd.compute import metrics
+from stemd.sim import lattice as synthetic
+from stemd.pipeline import Denoiser
+from stemd.compute.normalize import denormalize, normalize
+from stemd.compute.window import pad_frames, reconstruct
 
 SIZE = 512
 BAND = 28  # px: the outer band scored apart from the interior

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stemd import metrics
+from stemd.compute import metrics
 
 GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # px; the oracle Gaussian picks the best
 

@@ -5,7 +5,7 @@
     python bench/faithfulness.py --model ae=stemd/models/paper_ae.pt --model conv=stemd/models/conv.pt
 
 Writes the "## Faithfulness" section of OUT/benchmarks.md (other sections kept) and OUT/defect.png.
-Every frame is a `stemd.scenes.named_frame` (seeded), in clean units (a clean value of 1 is the
+Every frame is a `stemd.sim.scenes.named_frame` (seeded), in clean units (a clean value of 1 is the
 brightest column's peak; the noisy frame has the same units: counts / dose). Each method gets the
 same frames; its output, back in those units, is mapped onto the clean frame by the least-squares
 gain/offset `metrics.fit_scale` (the same oracle for everyone) before it is scored, except on the
@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _report import machine_line, model_option, write_section  # noqa: E402
 from classical import bm3d_denoise, gaussian_best  # noqa: E402
 
-from stemd import metrics, scenes  # noqa: E402
-from stemd.denoiser import Denoiser  # noqa: E402
+from stemd.compute import metrics  # noqa: E402
+from stemd.sim import scenes  # noqa: E402
+from stemd.pipeline import Denoiser  # noqa: E402
 from stemd.errors import StemdError  # noqa: E402
 
 DOSES = (2.0, 5.0, 20.0, 80.0, 200.0)
@@ -683,7 +684,7 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         + f"Measured {datetime.date.today().isoformat()} on {machine_line()} ({torch.get_num_threads()} torch threads) "
         f"by `{args.command}` (seeded; {args.elapsed_s / 60:.1f} min). Methods: {ran}. Models: {model_lines}"
         + (f"; not found, so not measured: {', '.join(missing)}" if missing else "") + ".",
-        "**Frames.** `stemd.scenes.named_frame` (docs/noise.md) at doses " + ", ".join(f"{d:g}" for d in doses)
+        "**Frames.** `stemd.sim.scenes.named_frame` (docs/noise.md) at doses " + ", ".join(f"{d:g}" for d in doses)
         + f" (expected counts at the brightest column), instrument `NAMED_NOISE` (gain cv 0.3, read noise 0.2 counts, "
         f"line jitter 0.2 px, line gain 0.01, line offset 0.003): perovskite_rp at {size}², vacancies, interface, "
         f"amorphous, vacuum_edge and noise_only at {small}², seed {args.seed + FRAME_SEED} (the same scenes at every "

@@ -35,9 +35,10 @@ import yaml
 import zmq
 import zmq.asyncio
 
-from stemd import protocol
-from stemd.model import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
-from stemd.simulator import SimSpec, Simulator
+from stemd.live import protocol
+from stemd.models.checkpoint import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
+from stemd.sim.microscope import SimSpec
+from stemd.apps.simulate import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -54,7 +55,7 @@ def start_daemon(cfg: dict, workdir: Path) -> subprocess.Popen:
     path = workdir / "stemd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return subprocess.Popen(
-        [sys.executable, "-m", "stemd.cli", "run", "--config", str(path)],
+        [sys.executable, "-m", "stemd.apps.cli", "run", "--config", str(path)],
         stdout=subprocess.DEVNULL,
         stderr=open(workdir / "daemon.log", "w"),
     )

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import faithfulness as fb  # noqa: E402
 
-from stemd import scenes  # noqa: E402
-from stemd.denoiser import Denoiser  # noqa: E402
+from stemd.sim import scenes  # noqa: E402
+from stemd.pipeline import Denoiser  # noqa: E402
 
 
 def errors(out: np.ndarray, scene: scenes.Scene) -> tuple[np.ndarray, np.ndarray]:

@@ -33,12 +33,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _report import machine_line, write_section  # noqa: E402
 from classical import GAUSS_SIGMAS, bm3d_denoise, gaussian_best, nlm  # noqa: E402
 
-from stemd import metrics, synthetic  # noqa: E402
-from stemd.denoiser import Denoiser  # noqa: E402
+from stemd.compute import metrics  # noqa: E402
+from stemd.sim import lattice as synthetic  # noqa: E402
+from stemd.pipeline import Denoiser  # noqa: E402
 from stemd.errors import StemdError  # noqa: E402
-from stemd.model import PAPER_AE_PATH, load_checkpoint  # noqa: E402
+from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint  # noqa: E402
 
-WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.training)
+WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.apps.training)
 FRAME_SEED = 20_240_002
 BACKGROUND = 0.1  # flat signal under the lattice, fraction of the brightest column
 ARTEFACTS = dict(line_jitter_px=0.5, line_gain=0.05, line_offset=0.03)

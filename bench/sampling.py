@@ -3,7 +3,7 @@
     python bench/sampling.py                 # both tables (~1-2 min on 1 thread), prints them
     python bench/sampling.py --write         # ... and writes the "## Sampling" section of docs/benchmarks.md
 
-Each frame is `stemd.scenes.named_frame("perovskite_rp", (512, 512), dose=20)` re-rendered with
+Each frame is `stemd.sim.scenes.named_frame("perovskite_rp", (512, 512), dose=20)` re-rendered with
 every length in the specimen scaled to a lattice period of P px (column width 0.13 P, probe blur
 0.06 P, drift P/10 times the named frame's): the same specimen at pixel size 390.5 pm / P, the
 same dose per pixel. At P = 10 it is the named frame itself (checked). Scores: PSNR against the
@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _report import machine_line, write_section  # noqa: E402
 
-from stemd import metrics, scenes  # noqa: E402
-from stemd.denoiser import Denoiser  # noqa: E402
-from stemd.sampling import DEFAULT_LATTICE_PERIOD_M, SamplingError  # noqa: E402
+from stemd.compute import metrics  # noqa: E402
+from stemd.sim import scenes  # noqa: E402
+from stemd.pipeline import Denoiser  # noqa: E402
+from stemd.compute.sampling import DEFAULT_LATTICE_PERIOD_M, SamplingError  # noqa: E402
 
 KIND = "perovskite_rp"
 NAMED_PERIOD = 10.0  # the named frame's perovskite period, px

@@ -28,10 +28,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stemd.config import DEJITTER_DEFAULT
-from stemd.dejitter import dejitter
-from stemd.denoiser import Denoiser, resolve_device
-from stemd.model import MODELS_DIR
-from stemd.planar import planar_guide
+from stemd.compute.dejitter import dejitter
+from stemd.pipeline import Denoiser, resolve_device
+from stemd.models.checkpoint import MODELS_DIR
+from stemd.compute.planar import planar_guide
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -151,9 +151,9 @@ def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list
 
 
 def bench_planar(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
-    """The planar-defect guide (stemd.planar, Bragg guide included) on a Poisson RP-fault frame per size (a frame
+    """The planar-defect guide (stemd.compute.planar, Bragg guide included) on a Poisson RP-fault frame per size (a frame
     with a lattice: the costly case)."""
-    from stemd import synthetic
+    from stemd.sim import lattice as synthetic
 
     def frame(size: int) -> torch.Tensor:
         rng = np.random.default_rng(size)
@@ -166,7 +166,8 @@ def bench_planar(device: torch.device, sizes: list[int], repeats: int) -> list[d
 def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, dose: float, seed: int,
                 repeats: int = 3) -> list[dict]:
     """Every model and precision vs NLM vs BM3D on the same Poisson frame: time and PSNR, side by side."""
-    from stemd import metrics, synthetic
+    from stemd.compute import metrics
+    from stemd.sim import lattice as synthetic
 
     rng = np.random.default_rng(seed)
     truth = synthetic.simulate_frame((size, size), rng, defect="rp")
@@ -240,10 +241,10 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
         return ["", what + ", on its own: " + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in stage) + "."]
 
     if jitter:
-        lines += timed(f"Line-jitter correction (`stemd.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
+        lines += timed(f"Line-jitter correction (`stemd.compute.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
                        "before the model in every `Denoiser` call", jitter)
     if planar:
-        lines += timed("Planar-defect guide (`stemd.planar`: the Bragg guide, lattice vectors, four plane averages and "
+        lines += timed("Planar-defect guide (`stemd.compute.planar`: the Bragg guide, lattice vectors, four plane averages and "
                        "their fit profiles), which replaces the model rows' Bragg guide in every `Denoiser` call of a "
                        "conv model (Poisson RP-fault frames, dose 20)", planar)
     if peers:

@@ -1,10 +1,10 @@
-"""The fully convolutional model (stemd.convnet): train it, time it, check it (issue 5).
+"""The fully convolutional model (stemd.models.conv_unet): train it, time it, check it (issue 5).
 
     python bench/train_conv.py train [stemd train options]   # = stemd train --config config/train_conv.yaml ...
     python bench/train_conv.py speed [--threads N]           # seconds per 512^2 frame of candidate widths
     python bench/train_conv.py check NAME=CKPT ... [--threads N]  # PSNR and time on RP-defect frames
 
-Training is `stemd train` (stemd.training, `model: conv_unet`); this file only adds the two
+Training is `stemd train` (stemd.apps.training, `model: conv_unet`); this file only adds the two
 measurements recorded in docs/training.md, "Fully convolutional model".
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stemd.convnet import ConvDenoiser
-from stemd.metrics import fit_scale
+from stemd.models.conv_unet import ConvDenoiser
+from stemd.compute.metrics import fit_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [((16, 32, 48), 2, "none"), ((16, 32, 48, 64), 2, "none"), ((32, 48, 64, 96), 2, "none"),
@@ -42,8 +42,8 @@ def quick_check(models: dict[str, Path | None], doses=(5.0, 20.0, 80.0), threads
     """PSNR (dB, after metrics.fit_scale over the frame) on 512^2 simulate_frame RP-defect frames at
     Poisson doses: whole frame, its outer 32 px band, the interior, and the interior within 8 px of
     the fault's columns; and seconds per frame through `Denoiser`."""
-    from stemd.denoiser import Denoiser
-    from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+    from stemd.pipeline import Denoiser
+    from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
     torch.set_num_threads(threads)
     dens = {name: Denoiser.load(path, device="cpu") for name, path in models.items()}
@@ -76,7 +76,7 @@ def speed_table(configs: list[tuple[tuple[int, ...], int, str]], threads: int, r
     Bragg guide's FFTs are not counted) and min seconds per 512^2 frame, all models interleaved."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stemd.model import load_checkpoint
+    from stemd.models.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
     x = torch.randn(1, 1, 512, 512)
@@ -102,7 +102,7 @@ def speed_table(configs: list[tuple[tuple[int, ...], int, str]], threads: int, r
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from stemd.cli import main as stemd
+        from stemd.apps.cli import main as stemd
 
         return stemd(["train", "--config", str(ROOT / "config" / "train_conv.yaml"), *argv[1:]])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

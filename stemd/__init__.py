@@ -12,7 +12,7 @@ __all__ = ["__version__", "Denoiser"]
 
 def __getattr__(name: str):
     if name == "Denoiser":  # imported lazily: `import stemd` must not pay for torch
-        from stemd.denoiser import Denoiser
+        from stemd.pipeline import Denoiser
 
         return Denoiser
     raise AttributeError(name)

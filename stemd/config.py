@@ -29,7 +29,7 @@ def _check_endpoint(value: str) -> str:
     return value
 
 
-DEJITTER_DEFAULT, DEJITTER_MAX = 2, 10  # rounds of stemd.dejitter; 2 take ~0.08 s per 512² frame on one CPU thread
+DEJITTER_DEFAULT, DEJITTER_MAX = 2, 10  # rounds of stemd.compute.dejitter; 2 take ~0.08 s per 512² frame on one CPU thread
 
 
 def check_dejitter(rounds: Any, key: str = "model.dejitter") -> int:
@@ -47,13 +47,13 @@ class ModelSettings(_Section):
     step: int | None = Field(default=None, ge=1, le=28)  # None: the checkpoint's default
     precision: Literal["float32", "tf32", "bf16"] = "float32"  # bf16: CPU and CUDA autocast; tf32: CUDA only
     # a frame whose lattice period (lattice_period_m / its header's pixel_size_m) lies outside the
-    # model's trained range is resampled into it, refused, or (off) run as is; stemd.sampling
+    # model's trained range is resampled into it, refused, or (off) run as is; stemd.compute.sampling
     sampling: Literal["resample", "refuse", "off"] = "resample"
     lattice_period_m: float = Field(default=3.905e-10, gt=1e-11, lt=1e-8, allow_inf_nan=False)  # SrTiO3 a
     flips: bool = False  # average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB (docs/benchmarks.md)
-    # rounds of line-jitter correction before the model (stemd.dejitter; 0: off): +3 dB at dose 200, ±0.05 dB at dose 2
+    # rounds of line-jitter correction before the model (stemd.compute.dejitter; 0: off): +3 dB at dose 200, ±0.05 dB at dose 2
     dejitter: int = Field(default=DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX)
-    # conv models: across a planar fault (an RP fault), guide with the frame averaged along it (stemd.planar)
+    # conv models: across a planar fault (an RP fault), guide with the frame averaged along it (stemd.compute.planar)
     planar: bool = True
 
 
@@ -118,7 +118,7 @@ class Settings(_Section):
 
 
 class NoiseSettings(_Section):
-    """Training noise; see `stemd.synthetic.NoiseSpec` for the exact formulas."""
+    """Training noise; see `stemd.sim.lattice.NoiseSpec` for the exact formulas."""
 
     kind: Literal["uniform", "poisson", "gaussian", "none"] = "uniform"
     snr: float = Field(default=0.33, gt=0)  # uniform and gaussian kinds
@@ -139,12 +139,12 @@ class LatticeSettings(_Section):
 
 
 class ConvSettings(_Section):
-    """`model: conv_unet`: the network (stemd.convnet) and the patches it learns from (stemd.scenes)."""
+    """`model: conv_unet`: the network (stemd.models.conv_unet) and the patches it learns from (stemd.sim.scenes)."""
 
     channels: tuple[int, ...] = (48, 64, 96, 128)  # U-Net level widths, finest first
     guide: Literal["none", "bragg"] = "bragg"  # bragg: the frame's lattice Fourier components as a second input
-    noise_level: bool = False  # also input the frame's noise std (convnet.noise_level), so one model fits every dose
-    dejitter: int = Field(default=0, ge=0, le=DEJITTER_MAX)  # rounds of stemd.dejitter on each training recording
+    noise_level: bool = False  # also input the frame's noise std (stemd.compute.fourier.noise_level), so one model fits every dose
+    dejitter: int = Field(default=0, ge=0, le=DEJITTER_MAX)  # rounds of stemd.compute.dejitter on each training recording
     patch: int = Field(default=96, ge=28)  # training patch side, pixels
     scene_size: int = Field(default=384, ge=28)  # side of the scenes patches are cut from, each normalised whole
     dose: tuple[float, float] = (2.0, 200.0)  # expected counts at the brightest column, log-uniform

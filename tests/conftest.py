@@ -16,8 +16,8 @@ def pca_model(rank: int = 96, window: int = 28, seed: int = 0):
     """A WindowAE that projects each window onto the top `rank` principal components of clean
     lattice windows: a real denoiser built in well under a second, no training loop.
     ReLU(Pv) - ReLU(-Pv) = Pv makes the one-hidden-layer AE exactly linear."""
-    from stemd.model import WindowAE
-    from stemd.synthetic import clean_windows
+    from stemd.models.window_ae import WindowAE
+    from stemd.sim.lattice import clean_windows
 
     clean = clean_windows(2000, np.random.default_rng(seed), size=window).reshape(2000, -1).astype(np.float64)
     mean = clean.mean(0)
@@ -46,7 +46,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """The shipped paper AE when it exists, else a PCA-projection WindowAE saved as a checkpoint."""
-    from stemd.model import PAPER_AE_PATH, save_checkpoint
+    from stemd.models.checkpoint import PAPER_AE_PATH, save_checkpoint
 
     if PAPER_AE_PATH.is_file():
         return PAPER_AE_PATH

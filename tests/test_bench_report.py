@@ -43,8 +43,8 @@ def test_model_option_parses_precision_and_flips():
 
 
 def test_latency_runs_each_models_options_in_the_daemon(tmp_path):
-    from stemd.convnet import ConvDenoiser
-    from stemd.model import save_checkpoint
+    from stemd.models.conv_unet import ConvDenoiser
+    from stemd.models.checkpoint import save_checkpoint
 
     path = tmp_path / "c.pt"
     save_checkpoint(path, ConvDenoiser([4, 4]), {})

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stemd import metrics
-from stemd.synthetic import simulate_frame
+from stemd.compute import metrics
+from stemd.sim.lattice import simulate_frame
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import classical  # noqa: E402

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from stemd.cli import COMMANDS, build_parser, main
+from stemd.apps.cli import COMMANDS, build_parser, main
 
 
 def test_every_command_has_help(capsys):
@@ -19,7 +19,7 @@ def test_every_command_has_help(capsys):
 
 def test_user_error_is_one_line_exit_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "stemd.cli", "denoise", str(tmp_path / "nope.tif"), str(tmp_path / "o.tif")],
+        [sys.executable, "-m", "stemd.apps.cli", "denoise", str(tmp_path / "nope.tif"), str(tmp_path / "o.tif")],
         capture_output=True,
         text=True,
         timeout=120,

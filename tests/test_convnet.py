@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.convnet import MIN_SIZE, ConvDenoiser, bragg_filter, noise_level
-from stemd.denoiser import Denoiser, denormalize, normalize
+from stemd.models.conv_unet import MIN_SIZE, ConvDenoiser
+from stemd.compute.fourier import bragg_filter, noise_level
+from stemd.pipeline import Denoiser
+from stemd.compute.normalize import denormalize, normalize
 from stemd.errors import CheckpointError
-from stemd.model import build_model, load_checkpoint, save_checkpoint
+from stemd.models.checkpoint import build_model, load_checkpoint, save_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,7 +93,7 @@ def test_checkpoint_round_trip_and_denoiser(tmp_path):
 
 
 def _lattice(size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+    from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
     rng = np.random.default_rng(seed)
     clean = simulate_frame((size, size), rng, period_px=9.0, sigma_px=1.3, rotation_deg=11.0).clean
@@ -153,7 +155,7 @@ def test_noise_level_model_round_trip_and_uses_the_level(tmp_path):
 
 def test_init_adds_the_noise_level_input_without_changing_the_output(tmp_path):
     from stemd.errors import CheckpointError as Error
-    from stemd.training import load_init
+    from stemd.apps.training import load_init
 
     source = _random_head(ConvDenoiser((4, 6), guide="bragg"))
     save_checkpoint(tmp_path / "s.pt", source, {})
@@ -180,7 +182,7 @@ def test_registry_errors():
 
 
 def test_a_few_seconds_of_training_reduce_the_error():
-    from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+    from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
     rng = np.random.default_rng(0)
     clean = simulate_frame((256, 256), rng, period_px=8.0, sigma_px=1.2, rotation_deg=17.0).clean
@@ -207,7 +209,7 @@ def test_a_few_seconds_of_training_reduce_the_error():
 
 
 def test_scene_patches_are_normalised_whole_and_reproducible():
-    from stemd.convnet import scene_patches
+    from stemd.apps.training import scene_patches
 
     ref = (0.16, 0.16)
     noisy, guide, clean = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2, per_dose=3)
@@ -232,7 +234,7 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
 
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
     from stemd.config import load_train_settings
-    from stemd.training import train
+    from stemd.apps.training import train
 
     def settings(out, samples):
         return load_train_settings(None, {
@@ -271,7 +273,7 @@ def test_row_bands_give_the_whole_frame_result(shape):
 def test_bfloat16_training_autocasts_and_tracks_float32(tmp_path):
     """`precision: bfloat16` autocasts the forward passes: same seed and data, other arithmetic, a similar loss."""
     from stemd.config import load_train_settings
-    from stemd.training import train
+    from stemd.apps.training import train
 
     def run(precision):
         settings = load_train_settings(None, {
@@ -292,7 +294,7 @@ def test_bfloat16_training_autocasts_and_tracks_float32(tmp_path):
 def test_stemd_train_feeds_the_noise_level_of_each_patchs_scene(tmp_path, monkeypatch):
     """`conv.noise_level`: the model is built with the input, and every training step passes the level."""
     from stemd.config import load_train_settings
-    from stemd.training import train
+    from stemd.apps.training import train
 
     seen = []
     forward = ConvDenoiser.forward

@@ -20,14 +20,14 @@ import tifffile
 import zmq
 import zmq.asyncio
 
-from stemd import protocol as p
+from stemd.live import protocol as p
 from stemd.config import load_settings
-from stemd.daemon import Daemon, FrameQueue, Item
-from stemd.denoiser import Denoiser
-from stemd.engine import Engine
+from stemd.live.daemon import Daemon, FrameQueue, Item
+from stemd.pipeline import Denoiser
+from stemd.live.engine import Engine
 from stemd.errors import ConfigError
-from stemd.notify import Notifier
-from stemd.synthetic import simulate_frame
+from stemd.live.notify import Notifier
+from stemd.sim.lattice import simulate_frame
 from conftest import TestPublisher
 
 SHAPE = (64, 72)
@@ -163,7 +163,8 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
 
 
 async def test_simulator_to_daemon_to_subscriber(zctx, checkpoint, engine) -> None:
-    from stemd.simulator import SimSpec, Simulator
+    from stemd.sim.microscope import SimSpec
+    from stemd.apps.simulate import Simulator
 
     sim = Simulator(SimSpec(shape=(64, 64), margin_px=8), "tcp://127.0.0.1:*", fps=50, publish_clean=True,
                     startup_delay_s=0.0, run_id="e2e", context=zctx)
@@ -441,7 +442,7 @@ async def test_non_loopback_bind_allowed_with_warning(zctx, checkpoint, engine, 
 
 
 def test_cli_bad_config_is_one_line_error(tmp_path, capsys) -> None:
-    from stemd.cli import main
+    from stemd.apps.cli import main
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("queue:\n  mode: fast\n")
@@ -480,7 +481,7 @@ async def _subprocess_signals(checkpoint: Path, tmp_path: Path) -> None:
     }))
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
     log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "stemd.cli", "run", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "stemd.apps.cli", "run", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         msg = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(listener, 4096), 60)
@@ -524,8 +525,8 @@ async def _subprocess_signals(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_run_options_override_the_config() -> None:
-    from stemd.cli import build_parser
-    from stemd.daemon import overrides_from_args
+    from stemd.apps.cli import build_parser
+    from stemd.live.daemon import overrides_from_args
 
     args = build_parser().parse_args(["run", "--precision", "bf16", "--sampling", "refuse", "--mode", "lossless",
                                       "--step", "3"])

@@ -1,4 +1,4 @@
-"""stemd.dejitter: scan lines moved back by their estimated offsets; frames without jitter or lattice left alone."""
+"""stemd.compute.dejitter: scan lines moved back by their estimated offsets; frames without jitter or lattice left alone."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stemd.config import ConfigError, load_settings
-from stemd.dejitter import dejitter, row_shifts, shift_rows
-from stemd.synthetic import simulate_frame
+from stemd.compute.dejitter import dejitter, row_shifts, shift_rows
+from stemd.sim.lattice import simulate_frame
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

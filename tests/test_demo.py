@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stemd.cli import main
-from stemd.demo import DemoReport, frame_psnr
-from stemd.model import WindowAE, save_checkpoint
-from stemd.synthetic import clean_windows
+from stemd.apps.cli import main
+from stemd.apps.demo import DemoReport, frame_psnr
+from stemd.models.window_ae import WindowAE
+from stemd.models.checkpoint import save_checkpoint
+from stemd.sim.lattice import clean_windows
 
 
 def pca_model(k: int = 64, n: int = 3000) -> WindowAE:

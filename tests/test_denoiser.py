@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.denoiser import REFERENCE_LEVELS, Denoiser, check_frames, denormalize, lattice_reference, normalize, resolve_device
+from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, mean_and_signal_std, normalize
+from stemd.pipeline import Denoiser, resolve_device
 from stemd.errors import CheckpointError, ConfigError, InputError
-from stemd.model import WindowAE, save_checkpoint
-from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+from stemd.models.window_ae import WindowAE
+from stemd.models.checkpoint import save_checkpoint
+from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
 
 def _lattice(shape=(64, 80), seed=0) -> np.ndarray:
@@ -93,6 +95,15 @@ def test_normalize_maps_a_noisy_lattice_to_the_clean_scale(noise):
     assert np.abs(out[0] - noisy).mean() < 0.05
 
 
+def lattice_reference(period_px: float, sigma_px: float, size: int = 128) -> tuple[float, float]:
+    """(mean, signal std) of the clean training lattice over four rotations."""
+    rng = np.random.default_rng(0)
+    clean = np.stack([simulate_frame((size, size), rng, period_px=period_px, sigma_px=sigma_px, rotation_deg=r).clean
+                      for r in (0.0, 15.0, 30.0, 45.0)])
+    mean, signal, _ = mean_and_signal_std(clean)
+    return float(mean.mean()), float(signal.mean())
+
+
 def test_reference_levels_match_the_synthetic_lattice():
     mean, std = lattice_reference(10.0, 1.5, size=128)
     assert mean == pytest.approx(REFERENCE_LEVELS[0], rel=0.02) and std == pytest.approx(REFERENCE_LEVELS[1], rel=0.02)
@@ -170,7 +181,7 @@ def test_denoise_tensor_stays_on_device():
 @pytest.mark.parametrize("kind", ["window_ae", "conv_unet"])
 def test_bf16_precision_tracks_float32(tmp_path: Path, kind):
     """bf16 autocast (CPU here) changes the arithmetic, not the answer: within 1% of the frame's range."""
-    from stemd.convnet import ConvDenoiser
+    from stemd.models.conv_unet import ConvDenoiser
 
     torch.manual_seed(0)
     model = WindowAE(28, (64, 16)) if kind == "window_ae" else ConvDenoiser((8, 16), guide="bragg")
@@ -187,7 +198,7 @@ def test_bf16_precision_tracks_float32(tmp_path: Path, kind):
         Denoiser.load(tmp_path / "m.pt", device="cpu", precision="half")
 
 
-# ---- sampling: the frame's pixel size against the model's trained lattice periods (stemd.sampling)
+# ---- sampling: the frame's pixel size against the model's trained lattice periods (stemd.compute.sampling)
 
 SRTIO3_M = 3.905e-10
 
@@ -260,8 +271,9 @@ def test_resampling_rescues_a_single_period_model(tmp_path: Path):
 def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
     """Resampling a Bragg-guided conv model: the guide is the original frame's, resampled with it, and
     the noise level the original frame's (interpolation would smooth the noise away)."""
-    from stemd.convnet import ConvDenoiser, bragg_filter, noise_level
-    from stemd.sampling import resample
+    from stemd.models.conv_unet import ConvDenoiser
+    from stemd.compute.fourier import bragg_filter, noise_level
+    from stemd.compute.sampling import resample
 
     model = ConvDenoiser((4, 8), guide="bragg", noise_level=True)
     seen = []
@@ -283,10 +295,11 @@ def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
 
 
 def test_conv_model_is_guided_by_the_planar_guide_unless_told_not_to(monkeypatch):
-    """planar (default): the model's guide is stemd.planar's, which differs from the Bragg guide across an RP
+    """planar (default): the model's guide is stemd.compute.planar's, which differs from the Bragg guide across an RP
     fault; planar=False: the Bragg guide."""
-    from stemd.convnet import ConvDenoiser, bragg_filter
-    from stemd.planar import planar_guide
+    from stemd.models.conv_unet import ConvDenoiser
+    from stemd.compute.fourier import bragg_filter
+    from stemd.compute.planar import planar_guide
 
     model = ConvDenoiser((4, 8), guide="bragg")
     seen = []
@@ -306,7 +319,7 @@ def test_conv_model_is_guided_by_the_planar_guide_unless_told_not_to(monkeypatch
 
 def test_flips_average_the_model_over_the_four_flips(tmp_path: Path):
     """flips=True is the mean of the model on the frame's left-right/up-down flips, each flipped back."""
-    from stemd.convnet import ConvDenoiser
+    from stemd.models.conv_unet import ConvDenoiser
 
     torch.manual_seed(0)
     model = ConvDenoiser((4, 8), guide="bragg")

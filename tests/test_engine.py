@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.denoiser import Denoiser
-from stemd.engine import Engine
-from stemd.synthetic import simulate_frame
+from stemd.pipeline import Denoiser
+from stemd.live.engine import Engine
+from stemd.sim.lattice import simulate_frame
 
 
 def _noisy(n: int, shape=(64, 72), seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -57,7 +57,7 @@ def test_describe_and_memory(engine: Engine) -> None:
 
 
 def test_replace_swaps_the_model(checkpoint) -> None:
-    from stemd.model import WindowAE
+    from stemd.models.window_ae import WindowAE
 
     eng = Engine.load(checkpoint, device="cpu")
     try:
@@ -95,7 +95,7 @@ def test_cuda_pipeline_matches_cpu(checkpoint) -> None:
 
 def test_engine_uses_the_checkpoints_normalization(checkpoint) -> None:
     """A checkpoint trained on another lattice carries its own reference levels; the engine must use them."""
-    from stemd.model import load_checkpoint
+    from stemd.models.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
     meta = dict(meta, normalization={"mean": 0.31, "signal_std": 0.12})
@@ -112,7 +112,7 @@ def test_engine_uses_the_checkpoints_normalization(checkpoint) -> None:
 
 def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(checkpoint) -> None:
     """Frames said to be at 14 px (the paper AE's range is about 10 px) are resampled alike in a batch and alone."""
-    from stemd.sampling import SamplingError
+    from stemd.compute.sampling import SamplingError
 
     eng = Engine.load(checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10)  # so 3.905e-11 m px -> 14 px
     try:

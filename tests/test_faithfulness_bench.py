@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stemd import metrics, scenes
+from stemd.compute import metrics
+from stemd.sim import scenes
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -216,7 +217,8 @@ def test_model_option_takes_a_precision(tmp_path) -> None:
 def test_quick_smoke_run_writes_the_section_and_figure(tmp_path, capsys) -> None:
     import torch
 
-    from stemd.model import WindowAE, save_checkpoint
+    from stemd.models.window_ae import WindowAE
+    from stemd.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     path = tmp_path / "tiny.pt"

@@ -1,4 +1,4 @@
-"""Tests for stemd.metrics: PSNR/SSIM, scale fitting, the paper's per-pixel error, column fits."""
+"""Tests for stemd.compute.metrics: PSNR/SSIM, scale fitting, the paper's per-pixel error, column fits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from stemd import metrics
+from stemd.compute import metrics
 
 
 def gaussians(shape, positions, amplitudes, sigma=1.5, background=0.0):
@@ -138,7 +138,8 @@ def test_quality_bench_quick_runs_to_completion(tmp_path):
 
     import torch
 
-    from stemd.model import WindowAE, save_checkpoint
+    from stemd.models.window_ae import WindowAE
+    from stemd.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model_path = tmp_path / "tiny.pt"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from stemd.errors import CheckpointError
-from stemd.model import CHECKPOINT_FORMAT, WindowAE, build_model, load_checkpoint, save_checkpoint
+from stemd.models.checkpoint import CHECKPOINT_FORMAT, build_model, load_checkpoint, save_checkpoint
+from stemd.models.window_ae import WindowAE
 
 
 def _model(hidden=(32, 8), seed=0) -> WindowAE:
@@ -137,7 +138,8 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path) -> None:
     import os
     import stat
 
-    from stemd.model import WindowAE, save_checkpoint
+    from stemd.models.window_ae import WindowAE
+    from stemd.models.checkpoint import save_checkpoint
 
     old = os.umask(0o022)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stemd.notify import Notifier
+from stemd.live.notify import Notifier
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from stemd.cli import main
-from stemd.denoiser import Denoiser
+from stemd.apps.cli import main
+from stemd.pipeline import Denoiser
 from stemd.errors import InputError
-from stemd.offline import TiffImage, denoise_frames, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
-from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+from stemd.apps.offline import TiffImage, denoise_frames, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
+from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
 SENTINEL = b"previous output, must survive a failed run"
 
@@ -193,7 +193,7 @@ def test_failure_mid_stack_leaves_out_untouched(tmp_path, capsys, checkpoint, fr
 def test_subprocess_error_has_no_traceback(tmp_path):
     inp = tmp_path / "in.tif"
     inp.write_text("plain text")
-    proc = subprocess.run([sys.executable, "-m", "stemd.cli", "denoise", str(inp), str(tmp_path / "o.tif")],
+    proc = subprocess.run([sys.executable, "-m", "stemd.apps.cli", "denoise", str(inp), str(tmp_path / "o.tif")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("stemd: error:") and "in.tif" in proc.stderr

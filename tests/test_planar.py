@@ -1,4 +1,4 @@
-"""stemd.planar: lattice translations, plane averages, and the planar-defect guide (Bragg guide elsewhere)."""
+"""stemd.compute.planar: lattice translations, plane averages, and the planar-defect guide (Bragg guide elsewhere)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.convnet import bragg_filter
-from stemd.planar import lattice_vectors, plane_averages, planar_guide
-from stemd.synthetic import NoiseSpec, corrupt, simulate_frame
+from stemd.compute.fourier import bragg_filter
+from stemd.compute.planar import lattice_vectors, plane_averages, planar_guide
+from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from stemd import protocol as p
+from stemd.live import protocol as p
 
 
 def _frame(dtype: str = "uint16", shape: tuple[int, int] = (32, 40)) -> np.ndarray:

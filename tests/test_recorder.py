@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from stemd.recorder import Recorder, file_stem
+from stemd.live.recorder import Recorder, file_stem
 
 
 def _frames(n: int, dtype=np.uint16) -> list[np.ndarray]:

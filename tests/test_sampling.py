@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from stemd import sampling as s
+from stemd.compute import sampling as s
 from stemd.errors import CheckpointError, ConfigError, InputError
-from stemd.metrics import psnr
-from stemd.synthetic import simulate_frame
+from stemd.compute.metrics import psnr
+from stemd.sim.lattice import simulate_frame
 
 A = s.DEFAULT_LATTICE_PERIOD_M
 CONV = (6.0, 20.0)

@@ -1,4 +1,4 @@
-"""Tests for stemd.scenes: structures, defects, regions, the instrument and the training stream."""
+"""Tests for stemd.sim.scenes: structures, defects, regions, the instrument and the training stream."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stemd import scenes
-from stemd.scenes import Cut, Phase, build_scene, corrupt_scene, named_frame, random_scene, training_patches
-from stemd.synthetic import _basis
+from stemd.sim import scenes
+from stemd.sim.scenes import Cut, Phase, build_scene, corrupt_scene, named_frame, random_scene, training_patches
+from stemd.sim.lattice import _basis
 
 
 def _maxima(img: np.ndarray, threshold: float, size: int = 3) -> np.ndarray:

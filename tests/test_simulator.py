@@ -14,27 +14,18 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from stemd import protocol
-from stemd.cli import main
+from stemd.live import protocol
+from stemd.apps.cli import main
 from stemd.errors import ConfigError
-from stemd.simulator import (
-    SimSpec,
-    Simulator,
-    build_scene,
-    crop,
-    drift_offset,
-    frame_metadata,
-    make_frame,
-    poisson_table,
-    sample_poisson,
-)
+from stemd.sim.microscope import SimSpec, build_specimen, crop, drift_offset, make_frame, poisson_table, sample_poisson
+from stemd.apps.simulate import Simulator, frame_metadata
 
 SMALL = SimSpec(shape=(64, 80), margin_px=8)
 
 
 @pytest.fixture(scope="module")
 def scene():
-    return build_scene(SMALL)
+    return build_specimen(SMALL)
 
 
 # --- pure generation -------------------------------------------------------------------------
@@ -71,7 +62,7 @@ def test_crop_at_integer_offset_is_the_shifted_field(scene):
 
 def test_drift_is_continuous_across_frames_and_stays_in_the_field():
     spec = SimSpec(shape=(64, 64), margin_px=8, drift_px=0.5)
-    sc = build_scene(spec)
+    sc = build_specimen(spec)
     offsets = np.array([drift_offset(sc, i) for i in range(400)])
     steps = np.hypot(*np.diff(offsets, axis=0).T)
     assert np.all(steps <= 0.5 + 1e-9) and np.median(steps) == pytest.approx(0.5)
@@ -86,7 +77,7 @@ def test_dose_scales_with_dwell_time():
     means = {}
     for dwell in (1.0, 4.0):
         spec = SimSpec(shape=(96, 96), dwell_us=dwell, dose_per_us=10.0, artefacts=False, margin_px=4)
-        f = make_frame(build_scene(spec), 0)
+        f = make_frame(build_specimen(spec), 0)
         assert f.clean.max() == pytest.approx(10.0 * dwell, rel=0.05)
         means[dwell] = f.raw.astype(np.float64).mean()
         residual = f.raw - f.clean.astype(np.float64)
@@ -96,18 +87,18 @@ def test_dose_scales_with_dwell_time():
 
 
 def test_reproducible_by_seed_and_independent_of_order(scene):
-    again = build_scene(SMALL)
+    again = build_specimen(SMALL)
     np.testing.assert_array_equal(make_frame(scene, 5).raw, make_frame(again, 5).raw)
-    other = build_scene(SimSpec(shape=(64, 80), margin_px=8, seed=1))
+    other = build_specimen(SimSpec(shape=(64, 80), margin_px=8, seed=1))
     assert not np.array_equal(make_frame(scene, 5).raw, make_frame(other, 5).raw)
     assert not np.array_equal(make_frame(scene, 5).raw, make_frame(scene, 6).raw)
 
 
 def test_artefacts_off_gives_pure_poisson_of_the_clean_frame():
     spec = SimSpec(shape=(64, 64), artefacts=False, margin_px=4)
-    f = make_frame(build_scene(spec), 2)
+    f = make_frame(build_specimen(spec), 2)
     assert f.beam_gain == 1.0
-    on = make_frame(build_scene(SimSpec(shape=(64, 64), margin_px=4)), 2)
+    on = make_frame(build_specimen(SimSpec(shape=(64, 64), margin_px=4)), 2)
     assert on.beam_gain != 1.0
 
 
@@ -204,7 +195,7 @@ async def test_subscriber_gets_frames_in_order_with_series_events_and_clean():
     assert [f.header["sim_index"] for f in frames] == list(range(7))
     cleans = [protocol.decode_frame(m) for m in msgs if m[0] == protocol.CLEAN]
     assert [(c.header["series_id"], c.header["frame_id"]) for c in cleans] == ids
-    expected = make_frame(build_scene(SMALL), 4)
+    expected = make_frame(build_specimen(SMALL), 4)
     np.testing.assert_array_equal(frames[4].data, expected.raw)
     np.testing.assert_array_equal(cleans[4].data, expected.clean)
     assert cleans[4].data.dtype == np.float32
@@ -258,7 +249,7 @@ def test_cli_runs_until_sigint_and_closes_the_series():
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     port = sub.bind_to_random_port("tcp://127.0.0.1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stemd.cli", "simulate", "--connect", "--endpoint", f"tcp://127.0.0.1:{port}",
+        [sys.executable, "-m", "stemd.apps.cli", "simulate", "--connect", "--endpoint", f"tcp://127.0.0.1:{port}",
          "--size", "64", "--fps", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -1,4 +1,4 @@
-"""Tests for stemd.synthetic: lattice geometry, noise models and their definitions."""
+"""Tests for stemd.sim.lattice: lattice geometry, noise models and their definitions."""
 
 from __future__ import annotations
 
@@ -7,18 +7,7 @@ import pytest
 from scipy import ndimage
 
 from stemd.config import NoiseSettings
-from stemd.synthetic import (
-    PAPER_INTENSITIES,
-    PAPER_PERIOD_PX,
-    PAPER_SIGMA_PX,
-    PAPER_WINDOW,
-    NoiseSpec,
-    clean_windows,
-    corrupt,
-    lattice_std,
-    simulate_frame,
-    training_batches,
-)
+from stemd.sim.lattice import PAPER_INTENSITIES, PAPER_PERIOD_PX, PAPER_SIGMA_PX, PAPER_WINDOW, NoiseSpec, clean_windows, corrupt, lattice_std, simulate_frame, training_batches
 
 A = PAPER_PERIOD_PX
 S = PAPER_SIGMA_PX

@@ -13,12 +13,11 @@ import torch
 import yaml
 
 import stemd
-from stemd.cli import main
+from stemd.apps.cli import main
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
-from stemd.model import load_checkpoint
-from stemd.training import (evaluate, frame_flops, lr_at, mirror_edges, quality, read_state, sample_log_mse, train,
-                            training_stream, validation_set)
+from stemd.models.checkpoint import load_checkpoint
+from stemd.apps.training import evaluate, frame_flops, lr_at, mirror_edges, quality, read_state, sample_log_mse, train, training_stream, validation_set
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import pytest
 import zmq
 from PIL import Image
 
-from stemd import protocol
-from stemd.cli import main
+from stemd.live import protocol
+from stemd.apps.cli import main
 from stemd.errors import ConfigError
-from stemd.viewer import LiveStats, NoFramesError, PairMatcher, show, snapshot
+from stemd.apps.viewer import LiveStats, NoFramesError, PairMatcher, show, snapshot
 
 
 def _frame(topic: bytes, series: str, fid: int, value: float, dtype=np.uint16) -> protocol.Frame:

@@ -6,7 +6,7 @@ Runs in stemd's venv; tk_r_em runs in its own venv through tk_r_em_bridge (set i
 bench/peers/tk_r_em_setup.sh). Each frame is an independent Poisson draw of one clean lattice;
 it is passed to tk_r_em in counts. Time is wall clock per frame (batch 1, after one warm-up) and
 process CPU time over all TensorFlow threads. PSNR/SSIM are taken against the clean frame after the
-least-squares gain/offset fit (stemd.metrics.fit_scale) that every method gets.
+least-squares gain/offset fit (stemd.compute.metrics.fit_scale) that every method gets.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stemd import metrics, synthetic
+from stemd.compute import metrics
+from stemd.sim import lattice as synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tk_r_em_bridge  # noqa: E402

@@ -2,7 +2,7 @@
 
 The conv model follows its guide wherever the data allow: fed the clean frame as its guide, its column error
 by the faithfulness bench's Ruddlesden-Popper fault falls from 23 to 1.1 pm at dose 2. The Bragg guide
-(`convnet.bragg_filter`) is the lattice averaged over the whole frame, so across a fault it shows both
+(`stemd.compute.fourier.bragg_filter`) is the lattice averaged over the whole frame, so across a fault it shows both
 domains' lattices superposed, and the model pulled the fault's columns 0.5 px towards each other. A straight
 fault along a lattice plane is periodic along that plane: the frame averaged over its shifts by that lattice
 translation (`plane_averages`) keeps the fault and still cuts the noise (over up to 2 x REACH_PX). `planar_guide`
@@ -18,7 +18,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from stemd.convnet import bragg_filter
+from stemd.compute.fourier import bragg_filter
 
 REACH_PX = 512.0  # plane averages take shifts k t with |k t| up to this (the whole of a 512² frame)
 LAGS_PX = (3.0, 48.0)  # lattice translations are sought among autocorrelation peaks this long

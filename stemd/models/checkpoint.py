@@ -15,84 +15,26 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from stemd.errors import CheckpointError
+from stemd.models.conv_unet import conv_from_arch
+from stemd.models.window_ae import window_ae_from_arch
 
 CHECKPOINT_FORMAT = "stemd-checkpoint"
 CHECKPOINT_VERSION = 1
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).parent  # the shipped checkpoints sit beside this module
 # The default is the fully convolutional model: it won the side-by-side benchmark against the paper's
 # AE (docs/benchmarks.md, "Faithfulness"); the paper's AE ships beside it as the reference.
 DEFAULT_MODEL_PATH = MODELS_DIR / "conv.pt"
 PAPER_AE_PATH = MODELS_DIR / "paper_ae.pt"
 
 
-class WindowAE(nn.Module):
-    """Stacked fully connected AE on window*window pixels: encoder widths `hidden`, mirrored decoder.
-
-    Every Linear but the last is followed by a ReLU; the output has no activation. The paper uses a
-    code (last of `hidden`) smaller than window*window; that is a training choice, not enforced.
-    """
-
-    def __init__(self, window: int = 28, hidden: Sequence[int] = (256, 64)) -> None:
-        super().__init__()
-        hidden = [int(h) for h in hidden]
-        if int(window) < 1 or not hidden or min(hidden) < 1:
-            raise ValueError(f"WindowAE needs window >= 1 and positive hidden widths, got {window}, {hidden}")
-        self.window = int(window)
-        self.hidden = hidden
-        n = self.window * self.window
-        widths = [n, *hidden, *reversed(hidden[:-1]), n]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(widths) - 2:
-                layers.append(nn.ReLU())
-        self.net = nn.Sequential(*layers)
-        self._window_cache: dict = {}  # stemd.window keeps per-shape count/bias maps here
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, window*window) or (B, 1, window, window) -> the same shape."""
-        return self.net(x.reshape(x.shape[0], -1)).reshape(x.shape)
-
-    def linear_layers(self) -> list[nn.Linear]:
-        """The Linear layers in order; a ReLU sits between consecutive ones (stemd.window uses this)."""
-        return [m for m in self.net if isinstance(m, nn.Linear)]
-
-    def denoise_frames(self, frames: torch.Tensor, step: int) -> torch.Tensor:
-        """(B, 1, H, W) normalised frames -> same shape, by the floating window (stemd.window)."""
-        from stemd.window import reconstruct
-
-        return reconstruct(self, frames, step)
-
-    def arch(self) -> dict[str, Any]:
-        """Plain-data description that rebuilds this model: {"name": "window_ae", ...}."""
-        return {"name": "window_ae", "window": self.window, "hidden": list(self.hidden)}
-
-
-def _window_ae(arch: dict[str, Any]) -> nn.Module:
-    window, hidden = arch.get("window", 28), arch.get("hidden", [256, 64])
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise CheckpointError(f"arch.window must be a positive integer, got {window!r}")
-    if not isinstance(hidden, (list, tuple)) or not hidden or not all(
-        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
-    ):
-        raise CheckpointError(f"arch.hidden must be a non-empty list of positive integers, got {hidden!r}")
-    return WindowAE(window, hidden)
-
-
-def _conv_unet(arch: dict[str, Any]) -> nn.Module:
-    from stemd.convnet import conv_from_arch
-
-    return conv_from_arch(arch)
-
-
-_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"window_ae": _window_ae, "conv_unet": _conv_unet}
+_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"window_ae": window_ae_from_arch, "conv_unet": conv_from_arch}
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:

@@ -1,4 +1,4 @@
-"""`stemd denoise IN OUT`: denoise a TIFF frame or stack offline with `stemd.denoiser.Denoiser`.
+"""`stemd denoise IN OUT`: denoise a TIFF frame or stack offline with `stemd.pipeline.Denoiser`.
 
 The output is float32 with the input's shape, pixel size (resolution tags, ImageJ spacing/unit)
 and description, plus a note of the model id and step. Stacks are read, denoised and written
@@ -24,7 +24,9 @@ import numpy as np
 from stemd import __version__
 from stemd.config import DEJITTER_DEFAULT, DEJITTER_MAX, check_dejitter
 from stemd.errors import ConfigError, InputError, StemdError
-from stemd.sampling import DEFAULT_LATTICE_PERIOD_M, POLICIES, check_lattice_period, check_policy
+from stemd.compute.normalize import check_frames
+from stemd.compute.sampling import DEFAULT_LATTICE_PERIOD_M, POLICIES, check_lattice_period, check_policy
+from stemd.pipeline import Denoiser
 
 MAX_STEP = 28
 # ImageJ keys that describe the old pixel values or file layout; tifffile rewrites the layout ones
@@ -299,7 +301,6 @@ def denoise_file(
     """Denoise the TIFF `inp` into `out` (float32, same shape, metadata carried); returns (input, note).
 
     `pixel_size_m` None: the one the resolution tags give, if any (see `pixel_size_from_tags`)."""
-    from stemd.denoiser import Denoiser, check_frames
 
     if step is not None and not 1 <= step <= MAX_STEP:
         raise ConfigError(f"--step must be from 1 to {MAX_STEP}, got {step}")
@@ -353,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"rounds of line-jitter correction before the model, 0 (off) to {DEJITTER_MAX} "
                              f"(default {DEJITTER_DEFAULT})")
     parser.add_argument("--no-planar", dest="planar", action="store_false",
-                        help="conv models: the Bragg guide everywhere, also across planar faults (stemd.planar)")
+                        help="conv models: the Bragg guide everywhere, also across planar faults (stemd.compute.planar)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from stemd.denoiser import Denoiser, denormalize, normalize
+from stemd.pipeline import Denoiser
+from stemd.compute.normalize import denormalize, normalize
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -21,57 +21,19 @@ is pulled towards the noisiest frames it was trained on, and over-smooths clean 
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from stemd.compute.fourier import bragg_filter, noise_level
+from stemd.errors import CheckpointError
 
 DEFAULT_CHANNELS = (48, 64, 96, 128)
 MIN_SIZE = 28  # the smallest frame side accepted, as for the paper's 28 px window
 GUIDES = ("none", "bragg")
 DEFAULT_BAND_PIXELS = 2**20  # pixels (x batch) run at once; larger frames go in row bands (~250 MB at the default widths)
-BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their power exceeds this x the noise floor
-
-
-def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0) -> torch.Tensor:
-    """(B, 1, H, W) -> same: each frame with its Fourier components shrunk by a Wiener-like gain.
-
-    The frame (mean removed) is zero-padded to 2H x 2W, so a lattice need not fit the frame a whole
-    number of times (no wrapped, out-of-phase lattice along the borders: it fades out instead). Its
-    power spectrum, averaged over 5x5 bins, is compared with its median, the white-noise floor:
-    gain = clip(1 - strength * floor / power, 0, 1) keeps the lattice's Bragg peaks and drops the
-    noise between them; the filtered frame is cropped back and the mean restored. `dynamic_range` > 0
-    raises the floor to that fraction of the strongest (smoothed) bin: only the main peaks pass, not the
-    faint streaks that line jitter spreads from them (`stemd.dejitter`).
-    """
-    h, w = frames.shape[-2:]
-    x = frames.float()
-    mean = x.mean((-2, -1), keepdim=True)
-    spectrum = torch.fft.rfft2(x - mean, s=(2 * h, 2 * w))
-    power = F.avg_pool2d(spectrum.abs().square(), 5, stride=1, padding=2, count_include_pad=False)
-    floor = power.flatten(-2).median(-1).values[..., None, None]
-    if dynamic_range > 0:
-        floor = torch.maximum(floor, dynamic_range * power.flatten(-2).amax(-1)[..., None, None])
-    gain = (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
-    out = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
-    return out.to(frames.dtype)
-
-
-def noise_level(frames: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) -> (B,): each frame's noise std: its variance less the signal's, which is extrapolated
-    to lag 0 from the covariances of pixels 1, 2 and 3 scan lines apart, (15 C1 - 6 C2 + C3) / 10 (exact for a
-    covariance quartic in the lag; pixel noise and line artefacts do not correlate across scan lines). A
-    sharp lattice still adds a little (0.035 for a 9 px period, 1.3 px columns, peak 1, std 0.22): this is a
-    feature for the network, consistent between training and use, not a calibrated measurement."""
-    x = frames.float()
-    d = x - x.mean((-2, -1), keepdim=True)
-    var = d.square().mean((-3, -2, -1))
-    c1, c2, c3 = ((d[..., k:, :] * d[..., :-k, :]).mean((-3, -2, -1)) for k in (1, 2, 3))
-    return (var - ((15 * c1 - 6 * c2 + c3) / 10).clamp_min(0)).clamp_min(0).sqrt()
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -205,8 +167,6 @@ class ConvDenoiser(nn.Module):
 
 def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
     """The registry factory: validate the plain-data arch and build the model."""
-    from stemd.errors import CheckpointError
-
     channels, unshuffle = arch.get("channels", list(DEFAULT_CHANNELS)), arch.get("unshuffle", 2)
     if not isinstance(channels, (list, tuple)) or not channels or not all(
         isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels
@@ -221,74 +181,3 @@ def conv_from_arch(arch: dict[str, Any]) -> ConvDenoiser:
     if not isinstance(level, bool):
         raise CheckpointError(f"arch.noise_level must be true or false, got {level!r}")
     return ConvDenoiser(channels, unshuffle, guide, level)
-
-
-# ---------------------------------------------------------------- training data (stemd.scenes)
-
-
-@functools.lru_cache(maxsize=8)
-def reference_levels(period_px: tuple[float, float] = (6.0, 20.0), n: int = 200, size: int = 256,
-                     seed: int = 7) -> tuple[float, float]:
-    """Median (mean, signal std) of clean random scenes: the `normalize` reference a conv model is trained at."""
-    from stemd import scenes
-    from stemd.denoiser import _mean_and_signal_std
-
-    rng = np.random.default_rng(seed)
-    clean = np.stack([scenes.random_scene((size, size), rng, period_px=period_px).clean for _ in range(n)])
-    mean, signal, _ = _mean_and_signal_std(clean)
-    return float(np.median(mean)), float(np.median(signal))
-
-
-def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple[float, float], *,
-                  guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
-                  dose: tuple[float, float] = (2.0, 200.0), period: tuple[float, float] = (6.0, 20.0),
-                  edge_fraction: float = 0.25, level: bool = False, dejitter: int = 0) -> tuple[np.ndarray, ...]:
-    """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model; with
-    `level`, (noisy, [guide,] level, clean), `level` (n,) the `noise_level` of the scene a patch is cut from.
-    `dejitter` rounds of `stemd.dejitter` are applied to each normalised recording, as `Denoiser` does.
-
-    Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
-    `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
-    whole (`stemd.denoiser.normalize` at `reference`), its `bragg_filter` taken whole, and `per_dose`
-    patches cut at random places; along each axis a patch touches a scene edge with probability
-    `edge_fraction`, so the model also learns the guide's fade at frame borders. The target is the
-    clean scene mapped by the same lo/hi.
-    """
-    from stemd import scenes
-    from stemd.denoiser import normalize
-
-    out = [np.empty((n, 1, patch, patch), np.float32) for _ in range(3 if guide else 2)]
-    levels = np.empty(n, np.float32)
-
-    def result() -> tuple[np.ndarray, ...]:
-        return (*out[:-1], levels, out[-1]) if level else tuple(out)
-
-    done = 0
-    while done < n:
-        s = scenes.random_scene((scene_size, scene_size), rng, period_px=period)
-        params = scenes.draw_noise(rng, dose=dose)
-        for _ in range(doses_per_scene):
-            d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
-            x, lo, hi = normalize(scenes.apply_instrument(s.clean, rng, params, dose=d)[None], reference=reference)
-            frame = torch.from_numpy(x)[None]  # (1, 1, H, W), as Denoiser hands a frame to the model
-            if dejitter:
-                from stemd.dejitter import dejitter as undo_jitter
-
-                frame = undo_jitter(frame, dejitter)
-            c = (s.clean - np.float32(lo[0])) / np.float32(float(hi[0] - lo[0]) or 1.0)
-            whole = [frame[0, 0].numpy(), c]
-            if guide:
-                whole.insert(1, bragg_filter(frame)[0, 0].numpy())
-            frame_level = float(noise_level(frame)[0]) if level else 0.0
-            for _ in range(per_dose):
-                if done == n:
-                    return result()
-                top = rng.integers(0, scene_size - patch + 1, 2)
-                edge = rng.random(2) < edge_fraction
-                top[edge] = rng.integers(0, 2, int(edge.sum())) * (scene_size - patch)
-                r, q = top
-                for o, w in zip(out, whole):
-                    o[done, 0] = w[r:r + patch, q:q + patch]
-                levels[done] = frame_level
-                done += 1
-    return result()

@@ -6,7 +6,7 @@ regions, probe blur and scan drift; then the instrument: line jitter and flicker
 counting, detector gain noise and read noise. Pure numpy/scipy, seeded, no I/O. Every formula
 is in docs/noise.md, "Realistic scenes (issue 5)".
 
-Conventions are those of `stemd.synthetic`: pixel (r, c) has its centre at (y, x) = (r, c);
+Conventions are those of `stemd.sim.lattice`: pixel (r, c) has its centre at (y, x) = (r, c);
 a phase rotated by theta has unit vectors e1 = (sin t, cos t), e2 = (cos t, -sin t) in (y, x).
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial import cKDTree
 
-from stemd.synthetic import PAPER_INTENSITIES, RP_GAP, NoiseSpec, _basis, _lattice_columns, corrupt
+from stemd.sim.lattice import PAPER_INTENSITIES, RP_GAP, NoiseSpec, _basis, _lattice_columns, corrupt
 
 STRUCTURES = ("perovskite", "dumbbell", "hexagonal")
 PHASE_KINDS = STRUCTURES + ("amorphous", "vacuum")
@@ -79,7 +79,7 @@ class Phase:
 
     `second` is the peak of the second column type (perovskite B site, the dumbbell's lighter
     column, the hexagonal B sublattice), default `SECOND_DEFAULTS`. `rp_fault_at`
-    (perovskite only) puts `stemd.synthetic`'s Ruddlesden-Popper fault through the A-site plane
+    (perovskite only) puts `stemd.sim.lattice`'s Ruddlesden-Popper fault through the A-site plane
     nearest that (y, x). For amorphous, `period_px` sets the blob spacing (x AMORPHOUS_SPACING).
     """
 

@@ -1,11 +1,11 @@
 """`stemd train`: fit the window auto-encoder on synthetic lattice windows generated on the fly.
 
-With `model: conv_unet` it fits `stemd.convnet.ConvDenoiser` instead, on patches of realistic
-scenes (`stemd.convnet.scene_patches`), validated on whole scenes; the loop, checkpoints and
+With `model: conv_unet` it fits `stemd.models.conv_unet.ConvDenoiser` instead, on patches of realistic
+scenes (`stemd.models.conv_unet.scene_patches`), validated on whole scenes; the loop, checkpoints and
 resume are the same.
 
 `train()` is the pure entry point (settings in, checkpoints and a `TrainResult` out); the CLI wraps it.
-A run writes `best.pt` (lowest validation loss) and `last.pt` with `stemd.model.save_checkpoint`, plus
+A run writes `best.pt` (lowest validation loss) and `last.pt` with `stemd.models.checkpoint.save_checkpoint`, plus
 `last.state.pt` beside `last.pt`: optimizer state, samples seen and history, so `--resume` can continue.
 The training data stream is keyed by (seed, position), so a run resumed from a validation point
 sees exactly the windows an uninterrupted run would have seen.
@@ -14,6 +14,7 @@ sees exactly the windows an uninterrupted run would have seen.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -30,6 +31,18 @@ from torch.nn import functional as F
 from stemd import __version__
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
+from stemd.compute import metrics
+from stemd.compute.dejitter import dejitter as undo_jitter
+from stemd.compute.fourier import bragg_filter, noise_level
+from stemd.compute.normalize import mean_and_signal_std, normalize
+from stemd.compute.window import window_starts
+from stemd.models.checkpoint import load_checkpoint, save_checkpoint
+from stemd.models.conv_unet import MIN_SIZE, ConvDenoiser
+from stemd.models.window_ae import WindowAE
+from stemd.pipeline import Denoiser, resolve_device
+from stemd.sim import lattice as synthetic
+from stemd.sim import scenes
+from stemd.sim.lattice import NoiseSpec, training_batches
 
 DEFAULT_STEP = 2  # the floating-window step in the paper's text; stored in every checkpoint
 STATE_FORMAT = "stemd-train-state"
@@ -68,14 +81,13 @@ def stream_seed(seed: int, *key: int) -> int:
 
 
 def noise_specs(settings: TrainSettings) -> list:
-    """The run's `stemd.synthetic.NoiseSpec`s: `noise` first, then each of `noise_mix`."""
-    from stemd.synthetic import NoiseSpec
+    """The run's `stemd.sim.lattice.NoiseSpec`s: `noise` first, then each of `noise_mix`."""
 
     return [NoiseSpec.from_settings(n) for n in (settings.noise, *settings.noise_mix)]
 
 
 def lattice_kwargs(settings: TrainSettings) -> dict[str, float]:
-    """Keyword arguments for `stemd.synthetic.training_batches` describing the lattice."""
+    """Keyword arguments for `stemd.sim.lattice.training_batches` describing the lattice."""
     return settings.lattice.model_dump()
 
 
@@ -97,7 +109,6 @@ def _shares(n: int, k: int) -> list[int]:
 
 def _streams(settings: TrainSettings, n: int, batch: int, *key: int) -> list[Iterator[tuple[np.ndarray, np.ndarray]]]:
     """One `training_batches` stream per noise model, sharing `n` windows; model j > 0 adds j to the seed key."""
-    from stemd.synthetic import training_batches
 
     specs = noise_specs(settings)
     return [
@@ -109,7 +120,7 @@ def _streams(settings: TrainSettings, n: int, batch: int, *key: int) -> list[Ite
 def mirror_edges(noisy: np.ndarray, clean: np.ndarray, fraction: float, rng: np.random.Generator) -> None:
     """Reflect a random `fraction` of the (n, w, w) windows in place about a frame edge inside them.
 
-    Such windows are what `stemd.window`'s reflect padding feeds the model along a frame's border:
+    Such windows are what `stemd.compute.window`'s reflect padding feeds the model along a frame's border:
     the first m columns (or rows, or both at a corner) mirror the content beyond pixel m,
     out[j] = win[|j - m|], m uniform in 1..w-2, on any of the four sides. Noisy and clean windows
     get the same map, so the target is the mirrored clean window.
@@ -153,10 +164,71 @@ def training_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[
             yield batch
 
 
+@functools.lru_cache(maxsize=8)
+def reference_levels(period_px: tuple[float, float] = (6.0, 20.0), n: int = 200, size: int = 256,
+                     seed: int = 7) -> tuple[float, float]:
+    """Median (mean, signal std) of clean random scenes: the `normalize` reference a conv model is trained at."""
+
+    rng = np.random.default_rng(seed)
+    clean = np.stack([scenes.random_scene((size, size), rng, period_px=period_px).clean for _ in range(n)])
+    mean, signal, _ = mean_and_signal_std(clean)
+    return float(np.median(mean)), float(np.median(signal))
+
+
+def scene_patches(n: int, patch: int, rng: np.random.Generator, reference: tuple[float, float], *,
+                  guide: bool = True, scene_size: int = 256, doses_per_scene: int = 4, per_dose: int = 4,
+                  dose: tuple[float, float] = (2.0, 200.0), period: tuple[float, float] = (6.0, 20.0),
+                  edge_fraction: float = 0.25, level: bool = False, dejitter: int = 0) -> tuple[np.ndarray, ...]:
+    """(noisy, [bragg guide,] clean) float32 (n, 1, patch, patch), as `Denoiser` feeds a model; with
+    `level`, (noisy, [guide,] level, clean), `level` (n,) the `noise_level` of the scene a patch is cut from.
+    `dejitter` rounds of `stemd.dejitter` are applied to each normalised recording, as `Denoiser` does.
+
+    Each random scene (`stemd.scenes.random_scene`, every layout and structure) is recorded whole by
+    `scenes.apply_instrument` at `doses_per_scene` log-uniform doses; each recording is normalised
+    whole (`stemd.compute.normalize.normalize` at `reference`), its `bragg_filter` taken whole, and `per_dose`
+    patches cut at random places; along each axis a patch touches a scene edge with probability
+    `edge_fraction`, so the model also learns the guide's fade at frame borders. The target is the
+    clean scene mapped by the same lo/hi.
+    """
+
+    out = [np.empty((n, 1, patch, patch), np.float32) for _ in range(3 if guide else 2)]
+    levels = np.empty(n, np.float32)
+
+    def result() -> tuple[np.ndarray, ...]:
+        return (*out[:-1], levels, out[-1]) if level else tuple(out)
+
+    done = 0
+    while done < n:
+        s = scenes.random_scene((scene_size, scene_size), rng, period_px=period)
+        params = scenes.draw_noise(rng, dose=dose)
+        for _ in range(doses_per_scene):
+            d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
+            x, lo, hi = normalize(scenes.apply_instrument(s.clean, rng, params, dose=d)[None], reference=reference)
+            frame = torch.from_numpy(x)[None]  # (1, 1, H, W), as Denoiser hands a frame to the model
+            if dejitter:
+                frame = undo_jitter(frame, dejitter)
+            c = (s.clean - np.float32(lo[0])) / np.float32(float(hi[0] - lo[0]) or 1.0)
+            whole = [frame[0, 0].numpy(), c]
+            if guide:
+                whole.insert(1, bragg_filter(frame)[0, 0].numpy())
+            frame_level = float(noise_level(frame)[0]) if level else 0.0
+            for _ in range(per_dose):
+                if done == n:
+                    return result()
+                top = rng.integers(0, scene_size - patch + 1, 2)
+                edge = rng.random(2) < edge_fraction
+                top[edge] = rng.integers(0, 2, int(edge.sum())) * (scene_size - patch)
+                r, q = top
+                for o, w in zip(out, whole):
+                    o[done, 0] = w[r:r + patch, q:q + patch]
+                levels[done] = frame_level
+                done += 1
+    return result()
+
+
 def _conv_stream(settings: TrainSettings, start: int, stop: int) -> Iterator[tuple[np.ndarray, ...]]:
     """conv_unet patch batches (n, 1, p, p) for samples [start, stop). Patches come in pools of
     _CONV_POOL batches, each keyed by its first sample, so a resumed run sees what a whole one would."""
-    from stemd.convnet import reference_levels, scene_patches
 
     c, batch = settings.conv, settings.batch_size
     pool = batch * _CONV_POOL
@@ -185,7 +257,6 @@ class ValidationSet:
 
 def _conv_validation(settings: TrainSettings) -> ValidationSet:
     """Whole VAL_SCENE_PX scenes, one per dose spread log-evenly over conv.dose; parts: low, middle, high thirds."""
-    from stemd.convnet import reference_levels, scene_patches
 
     c = settings.conv
     reference = reference_levels(c.period_px)
@@ -266,11 +337,10 @@ def frame_quality(denoise: Callable[[np.ndarray], np.ndarray], doses: tuple[floa
 
     Three frames per dose, rotated -12, 8 and 61 degrees (inside and outside the paper's 0-45 degree
     training range), in detector counts, through `denoise` (e.g. a `Denoiser`). Each output is mapped
-    onto the clean scale by the least-squares gain and offset (`stemd.metrics.fit_scale`) and scored
+    onto the clean scale by the least-squares gain and offset (`stemd.compute.metrics.fit_scale`) and scored
     on the whole frame (`psnr_db`) and away from its border (`inner_psnr_db`, 28 px in). The noisy
     frames, scored the same way, are the baseline.
     """
-    from stemd import metrics, synthetic
 
     rng = np.random.default_rng(seed)
     sims = [synthetic.simulate_frame((size, size), rng, rotation_deg=r, offset_px=(3.3, 1.7), defect="rp") for r in FRAME_ROTATIONS]
@@ -294,8 +364,7 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def frame_flops(window: int, hidden: tuple[int, ...], shape: tuple[int, int] = (512, 512), step: int = DEFAULT_STEP) -> float:
-    """FLOPs to reconstruct one frame: the windows `stemd.window` evaluates x 2 x sum(layer in*out)."""
-    from stemd.window import window_starts
+    """FLOPs to reconstruct one frame: the windows `stemd.compute.window` evaluates x 2 x sum(layer in*out)."""
 
     widths = [window * window, *hidden, *reversed(hidden[:-1]), window * window]
     per_window = sum(a * b for a, b in zip(widths, widths[1:]))
@@ -392,7 +461,6 @@ def _metadata(settings: TrainSettings, command: str, run: _Run, q: dict[str, flo
         "train_settings": settings.model_dump(mode="json"),
     }
     if settings.model == "conv_unet":
-        from stemd.convnet import MIN_SIZE, reference_levels
 
         mean, std = reference_levels(settings.conv.period_px)
         for key in ("lattice", "noise", "noise_mix", "hidden"):
@@ -402,7 +470,7 @@ def _metadata(settings: TrainSettings, command: str, run: _Run, q: dict[str, flo
             normalization={"mean": mean, "signal_std": std},
             sampling={"period_px": list(settings.conv.period_px)},
             conv=settings.conv.model_dump(),
-            training_data="stemd.scenes.random_scene (every layout and structure) recorded whole by "
+            training_data="stemd.sim.scenes.random_scene (every layout and structure) recorded whole by "
                           "scenes.apply_instrument at log-uniform doses, normalised whole, cut into patches",
         )
     return meta
@@ -411,10 +479,8 @@ def _metadata(settings: TrainSettings, command: str, run: _Run, q: dict[str, flo
 def new_model(settings: TrainSettings) -> nn.Module:
     """The untrained model `settings.model` names (seed torch first for reproducible weights)."""
     if settings.model == "conv_unet":
-        from stemd.convnet import ConvDenoiser
 
         return ConvDenoiser(settings.conv.channels, guide=settings.conv.guide, noise_level=settings.conv.noise_level)
-    from stemd.model import WindowAE
 
     return WindowAE(settings.window, settings.hidden)
 
@@ -424,7 +490,6 @@ def load_init(model: nn.Module, path: Path) -> None:
 
     A conv_unet without the noise-level input may start one with it: the new input's first-layer weights
     are zero, so the model starts out computing exactly what the checkpoint did."""
-    from stemd.model import load_checkpoint
 
     source, _ = load_checkpoint(path)
     arch, target = source.arch(), model.arch()
@@ -456,7 +521,6 @@ def _state(settings: TrainSettings, run: _Run, optimizer: torch.optim.Optimizer)
 
 def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, has_best: bool) -> tuple[_Run, dict[str, Any]]:
     """Load a last.pt and its state into `model` and `optimizer`; (progress so far, the checkpoint's metadata)."""
-    from stemd.model import load_checkpoint
 
     state = read_state(checkpoint)
     loaded, meta = load_checkpoint(checkpoint)
@@ -490,20 +554,18 @@ def train(
 
     With `frame_check`, best.pt is finally scored on simulated frames (`frame_quality`, ~1 s).
     """
-    from stemd.denoiser import resolve_device
 
     device = resolve_device(settings.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads or _cpu_threads())
     try:
-        return _train(settings, device, resume, progress, log, command or "stemd.training.train(...)", frame_check)
+        return _train(settings, device, resume, progress, log, command or "stemd.apps.training.train(...)", frame_check)
     finally:
         torch.set_num_threads(threads)  # the setting is process-wide: leave it as found
 
 
 def _train(settings: TrainSettings, device: torch.device, resume: Path | None, progress: bool,
            log: Callable[[str], None], command: str, frame_check: bool) -> TrainResult:
-    from stemd.model import save_checkpoint
 
     t0 = time.perf_counter()
     out = Path(settings.out)
@@ -573,8 +635,6 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
 
 def _record_frame_quality(best_path: Path, device: torch.device) -> list[dict[str, float]]:
     """Score best.pt with `frame_quality` through `Denoiser` and store the figures in its metadata."""
-    from stemd.denoiser import Denoiser
-    from stemd.model import load_checkpoint, save_checkpoint
 
     model, meta = load_checkpoint(best_path)
     size = max(192, 4 * int(meta["window"]))

@@ -17,12 +17,12 @@ from stemd.errors import StemdError
 
 # name -> (module implementing add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("stemd.demo", "simulator + daemon + shipped model for a while; stats and a PNG"),
-    "run": ("stemd.daemon", "the live denoising daemon (ZeroMQ in, ZeroMQ out)"),
-    "simulate": ("stemd.simulator", "publish simulated fast-scan frames like a microscope"),
-    "view": ("stemd.viewer", "show raw and denoised frames from a running daemon"),
-    "denoise": ("stemd.offline", "denoise a TIFF file (frame or stack) offline"),
-    "train": ("stemd.training", "train a model on synthetic lattice windows"),
+    "demo": ("stemd.apps.demo", "simulator + daemon + shipped model for a while; stats and a PNG"),
+    "run": ("stemd.live.daemon", "the live denoising daemon (ZeroMQ in, ZeroMQ out)"),
+    "simulate": ("stemd.apps.simulate", "publish simulated fast-scan frames like a microscope"),
+    "view": ("stemd.apps.viewer", "show raw and denoised frames from a running daemon"),
+    "denoise": ("stemd.apps.offline", "denoise a TIFF file (frame or stack) offline"),
+    "train": ("stemd.apps.training", "train a model on synthetic lattice windows"),
 }
 
 

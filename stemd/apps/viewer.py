@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import zmq
 
-from stemd import protocol
+from stemd.live import protocol
 from stemd.config import OutputSettings
 from stemd.errors import ConfigError, StemdError
 

@@ -23,14 +23,14 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from stemd import protocol
+from stemd.live import protocol
 from stemd.config import Settings, is_local_endpoint, load_settings
-from stemd.denoiser import Denoiser
-from stemd.engine import Engine, Pending
+from stemd.pipeline import Denoiser
+from stemd.live.engine import Engine, Pending
 from stemd.errors import ConfigError, StemdError
-from stemd.notify import Notifier
-from stemd.recorder import Recorder
-from stemd.sampling import SamplingError
+from stemd.live.notify import Notifier
+from stemd.live.recorder import Recorder
+from stemd.compute.sampling import SamplingError
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ frames by (series_id, frame_id), and at the end prints a stats table and writes 
 (raw | denoised | clean of the last matched frame).
 
 PSNR: raw counts and the float denoised frame are each mapped onto the clean frame's scale
-by the least-squares gain and offset (`stemd.metrics.fit_scale`, the same oracle fit for
-both), then `stemd.metrics.psnr` against the clean frame with its own range as the peak;
+by the least-squares gain and offset (`stemd.compute.metrics.fit_scale`, the same oracle fit for
+both), then `stemd.compute.metrics.psnr` against the clean frame with its own range as the peak;
 the table gives the mean over matched frames.
 """
 
@@ -29,13 +29,14 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from stemd import protocol
+from stemd.live import protocol
 from stemd.config import load_settings
-from stemd.daemon import Daemon
+from stemd.live.daemon import Daemon
 from stemd.errors import ConfigError
-from stemd.metrics import fit_scale, psnr
-from stemd.simulator import SimSpec, Simulator
-from stemd.viewer import KINDS, NoFramesError, PairMatcher, check_png_path, write_png
+from stemd.compute.metrics import fit_scale, psnr
+from stemd.sim.microscope import SimSpec
+from stemd.apps.simulate import Simulator
+from stemd.apps.viewer import KINDS, NoFramesError, PairMatcher, check_png_path, write_png
 
 log = logging.getLogger(__name__)
 
