@@ -7,8 +7,9 @@ type or one outside its range raises `ConfigError` naming the dotted key and wha
 
 from __future__ import annotations
 
+from argparse import BooleanOptionalAction
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Collection, Literal, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -16,11 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stemd.errors import ConfigError
 
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["float32", "tf32", "bf16"]
+SamplingPolicy = Literal["resample", "refuse", "off"]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+SRTIO3_A_M = 3.905e-10  # SrTiO3's lattice constant a (m): the training scenes' perovskite, the simulator's specimen
+MIN_SIDE = 28  # the smallest frame side any model takes (the paper AE's window)
+MAX_SIDE = 8192  # the largest frame side accepted by default
+DEJITTER_DEFAULT, DEJITTER_MAX = 2, 10  # rounds of line-jitter correction
+ENV_PREFIX = "STEMD_"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+S = TypeVar("S", bound=_Section)
 
 
 def _check_endpoint(value: str) -> str:
@@ -29,79 +40,79 @@ def _check_endpoint(value: str) -> str:
     return value
 
 
-DEJITTER_DEFAULT, DEJITTER_MAX = 2, 10  # rounds of stemd.compute.dejitter; 2 take ~0.08 s per 512² frame on one CPU thread
-
-
-def check_dejitter(rounds: Any, key: str = "model.dejitter") -> int:
-    """The line-jitter rounds setting, or ConfigError naming `key` (an integer from 0, off, to DEJITTER_MAX)."""
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 <= rounds <= DEJITTER_MAX:
-        raise ConfigError(f"{key}: must be an integer from 0 (off) to {DEJITTER_MAX}, got {rounds!r}")
-    return rounds
-
-
 class ModelSettings(_Section):
-    """The resident denoiser."""
+    """The resident denoiser: which model, where, and the steps around it."""
 
-    path: Path | None = None  # None: the model shipped inside the package
-    device: Device = "auto"
-    step: int | None = Field(default=None, ge=1, le=28)  # None: the checkpoint's default
-    precision: Literal["float32", "tf32", "bf16"] = "float32"  # bf16: CPU and CUDA autocast; tf32: CUDA only
-    # a frame whose lattice period (lattice_period_m / its header's pixel_size_m) lies outside the
-    # model's trained range is resampled into it, refused, or (off) run as is; stemd.compute.sampling
-    sampling: Literal["resample", "refuse", "off"] = "resample"
-    lattice_period_m: float = Field(default=3.905e-10, gt=1e-11, lt=1e-8, allow_inf_nan=False)  # SrTiO3 a
-    flips: bool = False  # average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB (docs/benchmarks.md)
-    # rounds of line-jitter correction before the model (stemd.compute.dejitter; 0: off): +3 dB at dose 200, ±0.05 dB at dose 2
-    dejitter: int = Field(default=DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX)
-    # conv models: across a planar fault (an RP fault), guide with the frame averaged along it (stemd.compute.planar)
-    planar: bool = True
+    path: Path | None = Field(None, description="checkpoint file; null = the model shipped in the package")
+    device: Device = Field("auto", description="auto (cuda if available) | cpu | cuda")
+    step: int | None = Field(None, ge=1, le=MIN_SIDE,
+                             description="window models' floating-window step in pixels; null = the checkpoint's")
+    precision: Precision = Field("float32", description="float32 | tf32 (CUDA only) | bf16 (CPU and CUDA autocast; "
+                                 "~2x faster for the conv model on CPUs with AMX or AVX512-BF16)")
+    sampling: SamplingPolicy = Field("resample", description="a frame whose lattice period in px (lattice_period_m / "
+                                     "its pixel size) is outside the model's trained range is resampled into it and "
+                                     "back, refused (counted as sampling), or run as is (off); no pixel size: as is")
+    lattice_period_m: float = Field(SRTIO3_A_M, gt=1e-11, lt=1e-8, allow_inf_nan=False,
+                                    description="the specimen's projected lattice period, metres (SrTiO3 a)")
+    flips: bool = Field(False, strict=True, description="average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB")
+    dejitter: int = Field(DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX,
+                          description="rounds of line-jitter correction before the model (stemd.compute.dejitter); "
+                                      "0: off (saves ~40 ms per 512² frame, 2 CPU threads)")
+    planar: bool = Field(True, strict=True, description="conv models: across a planar fault the guide is the frame averaged along "
+                                           "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60 ms "
+                                           "per 512² frame, 2 CPU threads)")
 
 
 class InputSettings(_Section):
     """Where raw frames come from (the microscope, or `stemd simulate`)."""
 
-    endpoint: str = "tcp://127.0.0.1:5555"
-    mode: Literal["connect", "bind"] = "connect"
-    hwm: int = Field(default=16, ge=1)
+    endpoint: str = Field("tcp://127.0.0.1:5555", description="tcp://, ipc:// or inproc://")
+    mode: Literal["connect", "bind"] = Field("connect", description="connect (the microscope binds) | bind "
+                                                                    "(the microscope connects)")
+    hwm: int = Field(16, ge=1, description="receive high-water mark, messages buffered by ZeroMQ")
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
 
 class OutputSettings(_Section):
     """Where cleaned frames go (live viewers, recorders)."""
 
-    endpoint: str = "tcp://127.0.0.1:5556"
-    hwm: int = Field(default=16, ge=1)
-    publish_raw: bool = True  # republish raw frames on the `raw` topic beside `denoised`
+    endpoint: str = Field("tcp://127.0.0.1:5556", description="always bound; a non-loopback address logs a warning")
+    hwm: int = Field(16, ge=1, description="send high-water mark per subscriber; a slower subscriber loses frames")
+    publish_raw: bool = Field(True, description="also republish each raw frame on the `raw` topic")
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
 
 class QueueSettings(_Section):
     """Backpressure between the socket and the model."""
 
-    mode: Literal["live", "lossless"] = "live"  # live: drop oldest when behind
-    maxsize: int = Field(default=4, ge=1)  # live mode: the worst wait is about one batch
-    max_batch: int = Field(default=4, ge=1)  # frames of one shape denoised together
+    mode: Literal["live", "lossless"] = Field("live", description="live: drop the oldest frame when full | "
+                                                                  "lossless: stop reading instead")
+    maxsize: int = Field(4, ge=1, description="frames waiting for the model (live: more only adds latency)")
+    max_batch: int = Field(4, ge=1, description="frames of one shape denoised together")
 
 
 class LimitsSettings(_Section):
-    """What a frame may be before it is rejected."""
+    """What a frame may be before it is rejected (counted by reason)."""
 
-    min_side: int = Field(default=28, ge=1)
-    max_side: int = Field(default=8192, ge=28)
-    max_pixels: int = Field(default=8192 * 8192, ge=28 * 28)
+    min_side: int = Field(MIN_SIDE, ge=1, description="smallest side in pixels (never below the model's window)")
+    max_side: int = Field(MAX_SIDE, ge=MIN_SIDE, description="largest side in pixels")
+    max_pixels: int = Field(MAX_SIDE * MAX_SIDE, ge=MIN_SIDE * MIN_SIDE, description="H * W")
 
 
 class RecordingSettings(_Section):
     """Optional TIFF recording, one file per series and kind."""
 
-    enabled: bool = False
-    directory: Path = Path("recordings")
-    raw: bool = True
-    denoised: bool = True
+    enabled: bool = Field(False, description="record the frames that pass through")
+    directory: Path = Field(Path("recordings"), description="created if missing; files are <series>_<kind>.tif")
+    raw: bool = Field(True, description="record raw frames")
+    denoised: bool = Field(True, description="record denoised frames (float32)")
 
 
 class StatsSettings(_Section):
-    interval_s: float = Field(default=5.0, gt=0)
+    """Counters and latencies, published and logged."""
+
+    interval_s: float = Field(5.0, gt=0, description="seconds between stats on the `stats` topic, in the log "
+                                                     "and in STATUS=")
 
 
 class Settings(_Section):
@@ -114,7 +125,7 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     recording: RecordingSettings = RecordingSettings()
     stats: StatsSettings = StatsSettings()
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
 
 class NoiseSettings(_Section):
@@ -217,22 +228,26 @@ class TrainSettings(_Section):
         return v
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
+def _format_error(exc: ValidationError, source: str, prefix: str = "", given: Collection[str] = ()) -> str:
+    """One line per problem, naming the dotted key (and the command-line option, for keys in `given`)."""
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = prefix + ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key += f" ({option_name(key)})" if key in given else ""
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
-    return "\n".join(lines)
+    return lines[0] + lines[1][1:] if len(lines) == 2 else "\n".join(lines)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -260,18 +275,23 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
-def _load(cls: type[_Section], path: Path | None, overrides: Mapping[str, Any] | None):
+def _load(cls: type[S], path: Path | None, overrides: Mapping[str, Any] | None,
+          environ: Mapping[str, str] | None = None) -> S:
     data = _read_yaml(Path(path)) if path is not None else {}
+    data = _merge(data, env_overrides(environ, cls) if environ is not None else {})
     data = _merge(data, overrides or {})
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, str(path) if path else "defaults")) from None
+        where = " and ".join(filter(None, [str(path) if path else "", "the command line" if overrides else ""]))
+        raise ConfigError(_format_error(exc, where or "defaults", given=set(overrides or {}))) from None
 
 
-def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Daemon settings from a YAML file (or defaults) plus dotted-key CLI overrides."""
-    return _load(Settings, path, overrides)
+def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Daemon settings: defaults < the YAML file < `STEMD_SECTION__KEY` variables in `environ` < dotted-key
+    overrides (the command line). `environ` None reads no variables (tests); the commands pass os.environ."""
+    return _load(Settings, path, overrides, environ)
 
 
 def load_train_settings(
@@ -281,9 +301,141 @@ def load_train_settings(
     return _load(TrainSettings, path, overrides)
 
 
+def model_settings(base: ModelSettings | None = None, **fields: Any) -> ModelSettings:
+    """`base` (default: the defaults) with `fields` replaced, validated; ConfigError names `model.<key>`."""
+    data = (base or ModelSettings()).model_dump()
+    data.update(fields)
+    try:
+        return ModelSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, "model settings", prefix="model.", given={f"model.{k}" for k in fields})) from None
+
+
+def env_overrides(environ: Mapping[str, str], cls: type[_Section] = Settings) -> dict[str, Any]:
+    """Dotted-key overrides from `STEMD_<SECTION>__<KEY>` variables (`STEMD_MODEL__PRECISION=bf16`,
+    `STEMD_LOG_LEVEL=DEBUG`), values read as YAML scalars; an unknown name is refused, not ignored."""
+    out: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "STEMD_CONFIG":
+            continue
+        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        if _field(cls, dotted) is None:
+            raise ConfigError(f"environment variable {name}: no setting {dotted} (e.g. STEMD_MODEL__PRECISION)")
+        try:
+            out[dotted] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            out[dotted] = text
+    return out
+
+
+def _field(cls: type[BaseModel], dotted: str) -> Any:
+    """The pydantic FieldInfo of a dotted key in `cls`, or None."""
+    head, _, rest = dotted.partition(".")
+    info = cls.model_fields.get(head)
+    if info is None or not rest:
+        return info
+    sub = info.annotation
+    return _field(sub, rest) if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+
+
 def is_local_endpoint(endpoint: str) -> bool:
     """True when a tcp endpoint names a loopback host (ipc/inproc are always local)."""
     if not endpoint.startswith("tcp://"):
         return True
     host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
     return host in LOCAL_HOSTS
+
+
+# ---- one source for config/stemd.yaml and the command line ---------------------------------------
+
+YAML_HEADER = """\
+# Daemon settings for `stemd run --config config/stemd.yaml` (and `stemd denoise --config`).
+# Written by `python -m stemd.config` from the defaults and descriptions in stemd/config.py;
+# edit a copy for a deployment. Every key is optional; an unknown key or a bad value stops
+# start-up with an error naming the key. Precedence: defaults < this file < environment
+# variables STEMD_<SECTION>__<KEY> (e.g. STEMD_MODEL__PRECISION=bf16) < command-line options.
+# SIGHUP re-reads this file and the model; a bad file is rejected and the running settings kept.
+"""
+
+
+def _yaml_value(value: Any) -> str:
+    plain = str(value) if isinstance(value, Path) else value
+    return yaml.safe_dump(plain, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _comment_lines(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
+def render_yaml(settings: Settings | None = None, width: int = 110) -> str:
+    """`settings` (default: the defaults) as commented YAML: each key with its value and its description."""
+    settings = settings or Settings()
+    out = [YAML_HEADER]
+    for name, info in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if isinstance(value, BaseModel):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+            out.append(f"{name}:".ljust(24) + f"# {doc}")
+            for key, sub in type(value).model_fields.items():
+                out += _keyed(f"  {key}: {_yaml_value(getattr(value, key))}", sub.description or "", width)
+            out.append("")
+        else:
+            out += _keyed(f"{name}: {_yaml_value(value)}", info.description or "", width)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _keyed(line: str, description: str, width: int) -> list[str]:
+    column = max(24, len(line) + 2)
+    comments = _comment_lines(description, width - column - 2)
+    if not comments:
+        return [line]
+    return [line.ljust(column) + f"# {comments[0]}"] + [" " * column + f"# {c}" for c in comments[1:]]
+
+
+OPTION_NAMES = {"model.path": "--model", "model.lattice_period_m": "--lattice-period", "input.endpoint": "--input",
+                "output.endpoint": "--output", "queue.mode": "--mode"}
+MODEL_KEYS = tuple(f"model.{key}" for key in ModelSettings.model_fields)  # the options of every denoising command
+
+
+def option_name(key: str) -> str:
+    """The command-line option of a dotted settings key: `model.step` -> `--step`."""
+    return OPTION_NAMES.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-"))
+
+
+def add_setting_options(parser: Any, keys: tuple[str, ...]) -> None:
+    """argparse options for dotted `Settings` keys, derived from their types and descriptions: a Literal gives
+    the choices, a bool --x/--no-x; every option defaults to None (not given), so the file's value stands."""
+    for key in keys:
+        info = _field(Settings, key)
+        if info is None:
+            raise KeyError(key)
+        option = option_name(key)
+        kwargs: dict[str, Any] = {"dest": "setting:" + key, "default": None, "help": f"{info.description} ({key})"}
+        kind = info.annotation
+        args = getattr(kind, "__args__", ())
+        if kind is bool:
+            kwargs["action"] = BooleanOptionalAction
+        elif getattr(kind, "__origin__", None) is Literal:
+            kwargs["choices"] = list(args)
+        else:
+            base = next((a for a in args if a is not type(None)), kind)
+            kwargs["type"] = base if base in (int, float, Path) else str
+            kwargs["metavar"] = {int: "N", float: "X", Path: "PATH"}.get(base, "VALUE")
+        parser.add_argument(option, **kwargs)
+
+
+def setting_overrides(args: Any) -> dict[str, Any]:
+    """The dotted-key overrides the options of `add_setting_options` were given (None: not given)."""
+    return {dest.split(":", 1)[1]: value for dest, value in vars(args).items()
+            if dest.startswith("setting:") and value is not None}
+
+
+if __name__ == "__main__":
+    print(render_yaml(), end="")

@@ -15,3 +15,7 @@ class CheckpointError(StemdError):
 
 class InputError(StemdError):
     """An image or frame cannot be denoised (wrong shape, NaN/inf, too small, unreadable)."""
+
+
+class ModelOutputError(StemdError):
+    """A model produced non-finite pixels (NaN or inf): never published, never written."""

@@ -1,13 +1,18 @@
-"""`Denoiser`: a checkpoint on a device that maps raw arrays to denoised arrays.
+"""`Denoiser`: a checkpoint on a device and the one denoising pipeline every caller runs.
 
-Raw frames come in arbitrary units; `stemd.compute.normalize` maps them to the model's scale and back.
+`Denoiser.run` takes raw frames (any units, any real dtype) as a tensor on the model's device and
+returns denoised frames in the same units, without leaving the device: normalise -> line-jitter
+correction -> resample into the model's period range (the `Plan`) -> the model's auxiliary inputs
+(`stemd.models.base`) -> the model under `precision` -> restore the shape -> denormalise. The engine
+(live), `stemd denoise` (offline) and the Python API (`Denoiser.__call__`) all call it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, get_args
 
 import numpy as np
 import torch
@@ -17,14 +22,14 @@ from stemd.compute.dejitter import dejitter as _dejitter
 from stemd.compute.fourier import bragg_filter, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
 from stemd.compute.planar import planar_guide
-from stemd.config import DEJITTER_DEFAULT, check_dejitter
-from stemd.errors import CheckpointError, ConfigError
+from stemd.config import Device, ModelSettings, Precision, model_settings
+from stemd.errors import CheckpointError, ConfigError, ModelOutputError
+from stemd.models.base import FrameModel
 from stemd.models.checkpoint import load_checkpoint
-from stemd.models.conv_unet import ConvDenoiser
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("float32", "tf32", "bf16")
-FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: each keeps scan lines rows  # tf32: CUDA matmuls/convolutions only; bf16: autocast on CPU and CUDA
+DEVICES: tuple[str, ...] = get_args(Device)
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # tf32: CUDA matmuls/convolutions only; bf16: CPU and CUDA autocast
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: each keeps scan lines rows
 DEFAULT_STEP = 2
 
 
@@ -41,7 +46,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _reference_from(metadata: dict[str, Any]) -> tuple[float, float]:
-    """metadata["normalization"] = {"mean": m, "signal_std": s} (from `lattice_reference`), else the paper's."""
+    """metadata["normalization"] = {"mean": m, "signal_std": s} (set by training), else the paper lattice's."""
     ref = metadata.get("normalization")
     if ref is None:
         return REFERENCE_LEVELS
@@ -54,61 +59,63 @@ def _reference_from(metadata: dict[str, Any]) -> tuple[float, float]:
     return mean, std
 
 
-class Denoiser:
-    """A loaded model on a device; call it with a 2D frame or a 3D batch."""
+@dataclass(frozen=True)
+class Plan:
+    """How frames of one shape and pixel size are run, computed once and carried with them."""
 
-    model: torch.nn.Module
+    shape: tuple[int, int]
+    pixel_size_m: float | None
+    factor: float  # resampling factor into the model's lattice-period range; 1.0: as is
+
+
+def check_finite(frames: np.ndarray) -> None:
+    """ModelOutputError if a denoised frame holds NaN or inf: such output is never published or written."""
+    if not np.isfinite(frames).all():
+        bad = int(np.count_nonzero(~np.isfinite(frames)))
+        raise ModelOutputError(f"the model produced {bad} non-finite pixel(s) (NaN or inf); output discarded")
+
+
+class Denoiser:
+    """A loaded model on a device with its `ModelSettings`; call it with a 2D frame or a 3D batch."""
+
+    model: FrameModel
     metadata: dict[str, Any]
+    settings: ModelSettings
     device: torch.device
     step: int
-    window: int
+    window: int  # the smallest frame side the model takes
     reference: tuple[float, float]  # what `normalize` matches a frame's statistics to
-    precision: str  # one of PRECISIONS; float32 is the reference the others are measured against
-    sampling: str  # one of sampling.POLICIES: what to do with a frame whose lattice period the model was not trained on
-    lattice_period_m: float  # the specimen's projected lattice period, metres
     period_range: tuple[float, float] | None  # lattice periods (px) the model was trained on; None: not recorded
 
-    def __init__(self, model: torch.nn.Module, metadata: dict[str, Any], device: str = "auto", step: int | None = None,
-                 precision: str = "float32", sampling: str = "resample",
-                 lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False,
-                 dejitter: int = DEJITTER_DEFAULT, planar: bool = True) -> None:
-        for key, value in (("flips", flips), ("planar", planar)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"model.{key}: must be true or false, got {value!r}")
-        self.flips, self.planar = flips, planar
-        self.dejitter = check_dejitter(dejitter)
-        if precision not in PRECISIONS:
-            raise ConfigError(f"model.precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
-        self.precision = precision
-        self.sampling = _sampling.check_policy(sampling)
-        self.lattice_period_m = _sampling.check_lattice_period(lattice_period_m)
-        self.device = resolve_device(device)
+    def __init__(self, model: FrameModel, metadata: dict[str, Any], settings: ModelSettings | None = None,
+                 **fields: Any) -> None:
+        """`fields` replace single settings (`Denoiser(model, {}, device="cpu", dejitter=0)`), validated."""
+        self.settings = model_settings(settings, **fields)
+        self.device = resolve_device(self.settings.device)
         self.model = model.to(self.device).eval()
         self.metadata = dict(metadata)
         self.window = int(model.arch()["window"])
+        step = self.settings.step
         source, error = ("model.step", ConfigError) if step is not None else ("checkpoint metadata step", CheckpointError)
         step = step if step is not None else self.metadata.get("step", DEFAULT_STEP)
         if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= self.window:
             raise error(f"{source}: must be an integer from 1 to the window ({self.window}), got {step!r}")
         self.step = step
+        self.precision, self.sampling = self.settings.precision, self.settings.sampling
+        self.lattice_period_m, self.flips = self.settings.lattice_period_m, self.settings.flips
+        self.dejitter, self.planar = self.settings.dejitter, self.settings.planar
         self.reference = _reference_from(self.metadata)
         self.period_range = _sampling.period_range(self.metadata)
         self._model_id: str | None = None
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str = "auto", step: int | None = None,
-             precision: str = "float32", sampling: str = "resample",
-             lattice_period_m: float = _sampling.DEFAULT_LATTICE_PERIOD_M, flips: bool = False,
-             dejitter: int = DEJITTER_DEFAULT, planar: bool = True) -> "Denoiser":
-        """From a checkpoint file; `None` is the shipped default model. The keywords are `ModelSettings`'
-        fields, so `Denoiser.load(**settings.model.model_dump())` loads what a config names."""
-        resolve_device(device)  # a bad device is reported before the file is read
-        _sampling.check_policy(sampling)
-        _sampling.check_lattice_period(lattice_period_m)
-        check_dejitter(dejitter)
-        model, metadata = load_checkpoint(None if path is None else Path(path))
-        return cls(model, metadata, device=device, step=step, precision=precision, sampling=sampling,
-                   lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter, planar=planar)
+    def load(cls, path: Path | str | None = None, settings: ModelSettings | None = None, **fields: Any) -> Denoiser:
+        """From a checkpoint file (None: `settings.path`, else the shipped default model) with `settings`
+        (`ModelSettings`; default: the defaults), single fields replaced by `fields`: `load(device="cuda")`."""
+        settings = model_settings(settings, **fields)
+        resolve_device(settings.device)  # a bad device is reported before the file is read
+        model, metadata = load_checkpoint(Path(path) if path is not None else settings.path)
+        return cls(model, metadata, settings)
 
     @property
     def model_id(self) -> str:
@@ -121,60 +128,77 @@ class Denoiser:
             self._model_id = f"{self.model.arch()['name']}-{digest.hexdigest()[:12]}"
         return self._model_id
 
-    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None) -> float:
-        """The resampling factor for frames of `shape` at this pixel size (1.0: as is), or SamplingError."""
-        return _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, (int(shape[0]), int(shape[1])),
-                              self.sampling, min_side=self.window)
+    def plan(self, shape: Sequence[int], pixel_size_m: float | None = None) -> Plan:
+        """How frames of `shape` (H, W) at this pixel size (metres; None: unknown) are run, or SamplingError."""
+        hw = (int(shape[-2]), int(shape[-1]))
+        factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
+                                min_side=self.window)
+        return Plan(hw, pixel_size_m, factor)
+
+    def stack(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """A 2D frame, a 3D stack or a list of same-shape 2D frames as one (B, H, W) array, checked
+        (`check_frames`: shape, size against the model's window, finite)."""
+        if not isinstance(frames, np.ndarray) and len({f.shape for f in frames}) > 1:
+            raise ValueError("a batch must hold frames of one shape")
+        stack = frames if isinstance(frames, np.ndarray) else np.stack(frames)
+        check_frames(stack, self.window)
+        stack = stack if stack.flags.writeable else stack.copy()  # torch wants writable memory (a memory map is not)
+        return stack if stack.ndim == 3 else stack[None]
 
     def __call__(self, image: np.ndarray, pixel_size_m: float | None = None) -> np.ndarray:
         """2D (H, W) or 3D (B, H, W) in any units -> float32 of the same shape and scale.
 
         With `pixel_size_m` (metres) the frame is resampled into the model's period range first (`plan`)."""
-        check_frames(image, self.window)
-        self.plan(image.shape[-2:], pixel_size_m)  # refused before any work
-        stack = image if image.ndim == 3 else image[None]
-        x, lo, hi = normalize(stack, reference=self.reference)
+        stack = self.stack(image)
+        plan = self.plan(stack.shape, pixel_size_m)  # refused before any work
         with torch.inference_mode():
-            y = self.denoise_tensor(torch.from_numpy(x).to(self.device)[:, None], pixel_size_m)
-            y = y[:, 0].float().cpu().numpy()
-        out = denormalize(y, lo, hi)
+            out = self.run(torch.from_numpy(stack).to(self.device), plan).cpu().numpy()
+        check_finite(out)
         return out if image.ndim == 3 else out[0]
 
-    def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None) -> torch.Tensor:
-        """(B, 1, H, W) normalised float tensor on self.device -> float32, same shape; no host copies (for the engine).
+    def run(self, raw: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """(B, H, W) raw frames of any real dtype on the model's device -> float32 denoised frames in the same
+        units, on the device: the whole pipeline, with no host copy or sync."""
+        x, lo, hi = normalize(raw, reference=self.reference)
+        return denormalize(self.denoise_tensor(x[:, None], plan=plan)[:, 0], lo, hi)
 
-        Frames are normalised at their own sampling, resampled by `plan`'s factor for the model and
-        back. With `flips` the output is the mean over the frame's FLIPS (4x the compute: a self-ensemble
-        that averages out part of the model's own error). With precision tf32 the CUDA backends may use
-        TF32 (a process-wide switch, set here each call)."""
-        factor = self.plan(frames.shape[-2:], pixel_size_m)
+    def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None, *,
+                       plan: Plan | None = None) -> torch.Tensor:
+        """(B, 1, H, W) normalised float tensor on self.device -> float32, same shape, on the device.
+
+        The line-jitter correction, then the model resampled by the plan's factor and back (`plan`, or
+        one made from `pixel_size_m`). With `flips` the output is the mean over the frame's FLIPS (4x the
+        compute: a self-ensemble that averages out part of the model's own error)."""
+        plan = plan or self.plan(frames.shape, pixel_size_m)
         if self.dejitter:
             with torch.autocast(frames.device.type, enabled=False):
                 frames = _dejitter(frames, self.dejitter)
         if not self.flips:
-            return self._denoise(frames, factor)
-        return sum(self._denoise(frames.flip(dims), factor).flip(dims) for dims in FLIPS) / len(FLIPS)
+            return self._denoise(frames, plan.factor)
+        return sum((self._denoise(frames.flip(dims), plan.factor).flip(dims) for dims in FLIPS),
+                   torch.zeros_like(frames, dtype=torch.float32)) / len(FLIPS)
 
     def _denoise(self, frames: torch.Tensor, factor: float) -> torch.Tensor:
-        """One pass of the model under `precision`, resampled by `factor` and back."""
+        """One pass of the model under `precision`, resampled by `factor` and back. With precision tf32 the
+        CUDA backends may use TF32 (a process-wide switch, set here each call)."""
         x = frames if factor == 1.0 else _sampling.resample(frames.float(), factor)
+        aux = self._aux_inputs(frames, factor)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            if isinstance(self.model, ConvDenoiser):
-                y = self.model(x, *self._conv_inputs(frames, factor)).float()
-            else:
-                y = self.model.denoise_frames(x, self.step).float()
+            y = self.model.denoise_frames(x, self.step, **aux).float()
         return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])
 
-    def _conv_inputs(self, frames: torch.Tensor, factor: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A conv model's guide (the planar-defect guide with `planar`, else the Bragg guide) and noise level,
-        taken at the frame's own sampling (the guide then resampled with it): interpolation correlates the
-        noise, so on an upsampled frame the guide's noise floor and the noise level would be underestimated
-        (4 px lattice: 23.1 -> see docs/benchmarks.md)."""
+    def _aux_inputs(self, frames: torch.Tensor, factor: float) -> dict[str, torch.Tensor]:
+        """The auxiliary inputs the model declares (`FrameModel.inputs`): the guide (the planar-defect guide
+        with `planar`, else the Bragg guide) and the noise level, taken at the frame's own sampling (the guide
+        then resampled with it): interpolation correlates the noise, so on an upsampled frame the guide's noise
+        floor and the noise level would be underestimated (docs/benchmarks.md, "Sampling")."""
+        aux: dict[str, torch.Tensor] = {}
         with torch.autocast(frames.device.type, enabled=False):
-            guide = None
-            if self.model.guide == "bragg":
+            if "guide" in self.model.inputs:
                 guide = planar_guide(frames.float()) if self.planar else bragg_filter(frames.float())
-                guide = _sampling.resample(guide, factor)
-            return guide, noise_level(frames) if self.model.noise_level else None
+                aux["guide"] = _sampling.resample(guide, factor)
+            if "level" in self.model.inputs:
+                aux["level"] = noise_level(frames)
+        return aux

@@ -31,6 +31,21 @@ def test_user_error_is_one_line_exit_2(tmp_path):
 
 
 def test_missing_command_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as info:
-        main([])
-    assert info.value.code == 2
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stemd: error:") and "COMMAND" in err and err.count("\n") == 1
+
+
+def test_bad_option_is_one_line_naming_it(capsys):
+    assert main(["denoise", "in.tif", "out.tif", "--precision", "half"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stemd: error:") and "--precision" in err and "'bf16'" in err and err.count("\n") == 1
+
+
+def test_help_and_version_import_no_sub_command():
+    """`stemd --help` and `--version` import none of the sub-command modules (torch, zmq): they start at once."""
+    code = ("import sys; from stemd.apps.cli import main\n"
+            "try: main(['--version'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'zmq', 'numpy') or m.startswith('stemd.live')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]"), out

@@ -100,3 +100,47 @@ def test_every_training_recipe_is_valid(path):
     if settings.init is not None:
         outs = {load_train_settings(p).out for p in (ROOT / "config").glob("train_*.yaml")}
         assert settings.init.parent in outs and settings.init.name == "best.pt"
+
+
+def test_shipped_stemd_yaml_is_rendered_from_the_field_descriptions():
+    """config/stemd.yaml is `python -m stemd.config`'s output: every key's comment is its Field description."""
+    from stemd.config import render_yaml
+
+    assert (ROOT / "config" / "stemd.yaml").read_text() == render_yaml()
+    for section in Settings.model_fields.values():
+        for info in getattr(section.annotation, "model_fields", {}).values():
+            assert info.description, "every setting has a description"
+
+
+def test_environment_overrides_the_file_and_the_command_line_overrides_both(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  precision: tf32\n  dejitter: 1\nqueue:\n  maxsize: 2\n")
+    env = {"STEMD_MODEL__PRECISION": "bf16", "STEMD_QUEUE__MAXSIZE": "8", "STEMD_LOG_LEVEL": "DEBUG", "HOME": "/x"}
+    s = load_settings(cfg, {"queue.maxsize": 3}, env)
+    assert (s.model.precision, s.model.dejitter, s.queue.maxsize, s.log_level) == ("bf16", 1, 3, "DEBUG")
+    with pytest.raises(ConfigError, match="STEMD_MODEL__PRECISON.*no setting model.precison"):
+        load_settings(None, None, {"STEMD_MODEL__PRECISON": "bf16"})
+    with pytest.raises(ConfigError, match="model.dejitter.*less than or equal to 10"):
+        load_settings(None, None, {"STEMD_MODEL__DEJITTER": "11"})
+
+
+def test_options_are_derived_from_the_settings_types():
+    import argparse
+
+    from stemd.config import MODEL_KEYS, add_setting_options, setting_overrides
+
+    parser = argparse.ArgumentParser()
+    add_setting_options(parser, MODEL_KEYS)
+    args = parser.parse_args(["--precision", "bf16", "--no-planar", "--lattice-period", "4.08e-10", "--dejitter", "0"])
+    assert setting_overrides(args) == {"model.precision": "bf16", "model.planar": False,
+                                       "model.lattice_period_m": 4.08e-10, "model.dejitter": 0}
+    assert setting_overrides(parser.parse_args([])) == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sampling", "sometimes"])
+
+
+def test_non_utf8_config_is_one_clear_error(tmp_path):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("model:\n  path: /daten/m\xfcller.pt\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(cfg)

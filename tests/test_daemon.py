@@ -102,7 +102,7 @@ def denoised(msgs: list) -> list:
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    eng = Engine.load(checkpoint, device="cpu")
+    eng = Engine.load(path=checkpoint, device="cpu")
     yield eng
     eng.close()
 
@@ -110,9 +110,9 @@ def engine(checkpoint):
 class SlowDenoiser(Denoiser):
     delay_s = 0.15
 
-    def denoise_tensor(self, frames, pixel_size_m=None):
+    def run(self, raw, plan):
         time.sleep(self.delay_s)
-        return super().denoise_tensor(frames, pixel_size_m)
+        return super().run(raw, plan)
 
 
 @pytest.fixture(scope="module")

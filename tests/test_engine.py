@@ -21,7 +21,7 @@ def _noisy(n: int, shape=(64, 72), seed: int = 0) -> tuple[list[np.ndarray], lis
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    eng = Engine.load(checkpoint, device="cpu")
+    eng = Engine.load(path=checkpoint, device="cpu")
     yield eng
     eng.close()
 
@@ -40,7 +40,7 @@ def test_mixed_shapes_refused_and_empty_batch(engine: Engine) -> None:
     a, _ = _noisy(1, (64, 64))
     b, _ = _noisy(1, (64, 80))
     with pytest.raises(ValueError, match="one shape"):
-        engine.submit(a + b)
+        engine.submit(a + b, engine.plan((64, 64)))
     assert engine.denoise([]) == []
 
 
@@ -59,7 +59,7 @@ def test_describe_and_memory(engine: Engine) -> None:
 def test_replace_swaps_the_model(checkpoint) -> None:
     from stemd.models.window_ae import WindowAE
 
-    eng = Engine.load(checkpoint, device="cpu")
+    eng = Engine.load(path=checkpoint, device="cpu")
     try:
         before = eng.model_id
         eng.replace(Denoiser(WindowAE(28, [8]), {}, device="cpu", step=7))
@@ -72,8 +72,8 @@ def test_replace_swaps_the_model(checkpoint) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_pipeline_matches_cpu(checkpoint) -> None:
     frames, _ = _noisy(6)
-    cpu = Engine.load(checkpoint, device="cpu")
-    gpu = Engine.load(checkpoint, device="cuda")
+    cpu = Engine.load(path=checkpoint, device="cpu")
+    gpu = Engine.load(path=checkpoint, device="cuda")
     try:
         assert "GPU" in gpu.describe()
         expected = cpu.denoise(frames)
@@ -114,10 +114,10 @@ def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(chec
     """Frames said to be at 14 px (the paper AE's range is about 10 px) are resampled alike in a batch and alone."""
     from stemd.compute.sampling import SamplingError
 
-    eng = Engine.load(checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10)  # so 3.905e-11 m px -> 14 px
+    eng = Engine.load(path=checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10)  # so 3.905e-11 m px -> 14 px
     try:
         frames, _ = _noisy(2)
-        assert eng.plan(frames[0].shape, 3.905e-11) == pytest.approx(eng.denoiser.period_range[1] / 14.0)
+        assert eng.plan(frames[0].shape, 3.905e-11).factor == pytest.approx(eng.denoiser.period_range[1] / 14.0)
         out = eng.denoise(frames, 3.905e-11)
         for f, o in zip(frames, out):
             assert o.shape == f.shape
@@ -125,7 +125,7 @@ def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(chec
             assert not np.allclose(o, eng.denoiser(f), atol=1e-2)  # the pixel size made a difference
         eng.replace(Denoiser.load(checkpoint, device="cpu", sampling="refuse"))
         with pytest.raises(SamplingError, match="sampling policy: refuse"):
-            eng.submit(frames, 2e-11)
+            eng.plan(frames[0].shape, 2e-11)
         assert "sampling refuse" in eng.describe()
     finally:
         eng.close()

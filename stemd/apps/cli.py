@@ -10,7 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from stemd import __version__
 from stemd.errors import StemdError
@@ -26,21 +26,43 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stemd", description=__doc__.splitlines()[0])
+class UsageError(StemdError):
+    """A command line argparse cannot parse: reported as one line, like every other user error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option raises UsageError (one line, exit 2) instead of printing the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that sub-command's module is imported (the others take no options),
+    so `stemd --help`, `--version` and each command start without importing the rest (torch, zmq, ...)."""
+    parser = Parser(prog="stemd", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--version", action="version", version=f"stemd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module_name).add_arguments(p)
+        if command in (None, name):
+            importlib.import_module(module_name).add_arguments(p)
         p.set_defaults(_module=module_name)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        parser = build_parser(command="")
+    else:
+        parser = build_parser(command=next((a for a in argv if not a.startswith("-")), ""))
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"stemd: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ import zmq
 import zmq.asyncio
 
 from stemd.live import protocol
-from stemd.config import load_settings
+from stemd.config import (MODEL_KEYS, InputSettings, OutputSettings, Settings, add_setting_options, load_settings,
+                          setting_overrides)
 from stemd.live.daemon import Daemon
 from stemd.errors import ConfigError
 from stemd.compute.metrics import fit_scale, psnr
@@ -152,9 +154,7 @@ async def run_demo(
     seconds: float = 20.0,
     spec: SimSpec | None = None,
     *,
-    model: Path | None = None,
-    device: str = "auto",
-    step: int | None = None,
+    settings: Settings | None = None,
     png: Path | None = Path("stemd-demo.png"),
 ) -> DemoReport:
     """Simulator + daemon + collector for `seconds`; returns the report (PNG written if `png`)."""
@@ -166,13 +166,11 @@ async def run_demo(
     ctx = zmq.asyncio.Context()
     sim = Simulator(spec, "tcp://127.0.0.1:*", publish_clean=True, run_id="demo", context=ctx)
     sim_endpoint = sim.open()
-    settings = load_settings(None, {
-        "input.endpoint": sim_endpoint, "input.mode": "connect",
-        "output.endpoint": "tcp://127.0.0.1:*", "output.publish_raw": True,
-        "output.hwm": OUTPUT_HWM,
-        "model.path": None if model is None else str(model), "model.device": device, "model.step": step,
-    })
-    daemon = Daemon(settings)
+    base = settings or Settings()
+    daemon = Daemon(base.model_copy(update={
+        "input": InputSettings(endpoint=sim_endpoint, mode="connect"),
+        "output": OutputSettings(endpoint="tcp://127.0.0.1:*", publish_raw=True, hwm=OUTPUT_HWM),
+    }))
     report = DemoReport(seconds, spec.shape, spec.dwell_us, spec.dose)
     collector = None
     try:
@@ -241,11 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expected counts per us at the brightest column (default %(default)s)")
     parser.add_argument("--defect", choices=["rp"], help="add a Ruddlesden-Popper defect to the sample")
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default %(default)s)")
-    parser.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default %(default)s)")
-    parser.add_argument("--step", type=int, default=3,
-                        help="floating-window step (default %(default)s: same quality as the checkpoint's 2 "
-                             "within 0.05 dB at less than half the cost, so a CPU keeps up with the scan)")
+    parser.add_argument("--config", type=Path, help="YAML settings; its model section is used")
+    add_setting_options(parser, MODEL_KEYS)
     parser.add_argument("--png", type=Path, default=Path("stemd-demo.png"),
                         help="side-by-side raw | denoised | clean (default %(default)s)")
 
@@ -253,7 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = SimSpec(shape=(args.size, args.size), dwell_us=args.dwell_us, dose_per_us=args.dose_per_us,
                    defect=args.defect, seed=args.seed)
-    report = asyncio.run(run_demo(args.seconds, spec, model=args.model, device=args.device,
-                                  step=args.step, png=args.png))
+    settings = load_settings(args.config, setting_overrides(args), os.environ)
+    report = asyncio.run(run_demo(args.seconds, spec, settings=settings, png=args.png))
     print(report.table())
     return 0

@@ -21,20 +21,20 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+import tifffile
+from tqdm import tqdm
+
 from stemd import __version__
-from stemd.config import DEJITTER_DEFAULT, DEJITTER_MAX, check_dejitter
-from stemd.errors import ConfigError, InputError, StemdError
 from stemd.compute.normalize import check_frames
-from stemd.compute.sampling import DEFAULT_LATTICE_PERIOD_M, POLICIES, check_lattice_period, check_policy
+from stemd.config import MODEL_KEYS, ModelSettings, add_setting_options, load_settings, setting_overrides
+from stemd.errors import ConfigError, InputError, ModelOutputError, StemdError
 from stemd.pipeline import Denoiser
 
-MAX_STEP = 28
 # ImageJ keys that describe the old pixel values or file layout; tifffile rewrites the layout ones
 _IMAGEJ_DROP = {"ImageJ", "images", "frames", "slices", "channels", "hyperstack", "mode",
                 "min", "max", "Ranges", "LUTs", "ROI", "Overlays", "Plot", "axes"}
 _IMAGEJ_STACK_AXES = ("TYX", "ZYX", "CYX")
 _BIGTIFF_BYTES = 2**32 - 2**25  # leave room for tags below the classic TIFF 4 GiB limit
-PRECISIONS = ("float32", "tf32", "bf16")
 # metres per resolution unit: TIFF ResolutionUnit codes (4, 5: tifffile's extensions) and ImageJ "unit" names
 _RESUNIT_M = {2: 0.0254, 3: 1e-2, 4: 1e-3, 5: 1e-6}
 _IMAGEJ_UNIT_M = {"m": 1.0, "cm": 1e-2, "mm": 1e-3, "micron": 1e-6, "microns": 1e-6, "um": 1e-6, "\\u00b5m": 1e-6,
@@ -65,8 +65,6 @@ class TiffImage:
     def frames(self) -> Iterator[np.ndarray]:
         """Each (H, W) frame in turn, read when reached: from a memory map when the pixels lie
         uncompressed in one block, else one TIFF page at a time; a 2D image is one frame."""
-        import tifffile
-
         try:
             with tifffile.TiffFile(self.path) as tif:
                 series = tif.series[0]
@@ -120,8 +118,6 @@ def _stack_of_planes(page: Any, series: Any, shaped: dict[str, Any] | None) -> b
     samples (axes "YXS"), 8 bits each. So: separate planes, and either wider than 8 bits (detector
     data) or tifffile's own shape record saying an (S, H, W) array was written.
     """
-    import tifffile
-
     if page.photometric != tifffile.PHOTOMETRIC.RGB or page.planarconfig != tifffile.PLANARCONFIG.SEPARATE:
         return False
     if series.axes != "SYX":
@@ -143,8 +139,6 @@ def _plain_description(text: str) -> bool:
 
 def read_tiff(path: Path) -> TiffImage:
     """The first image series of a TIFF and its metadata; InputError for anything unusable."""
-    import tifffile
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {path} does not exist")
@@ -243,8 +237,6 @@ def _write_kwargs(image: TiffImage, note: dict[str, Any]) -> tuple[bool, dict[st
 
 def write_tiff_atomic(out: Path, image: TiffImage, frames: Iterator[np.ndarray], note: dict[str, Any]) -> None:
     """Stream float32 `frames` (one per input frame) into OUT via a temporary file; OUT appears only on success."""
-    import tifffile
-
     out = Path(out)
     shape = image.shape
     imagej, kwargs = _write_kwargs(image, note)
@@ -271,64 +263,39 @@ def denoise_frames(image: TiffImage, denoise: Callable[..., np.ndarray], pixel_s
     n = image.shape[0] if image.ndim == 3 else 1
     frames: Any = image.frames()
     if progress and n > 1:
-        from tqdm import tqdm
-
         frames = tqdm(frames, total=n, unit="frame", desc="denoise", dynamic_ncols=True)
     for i, frame in enumerate(frames):
         try:
             yield np.ascontiguousarray(denoise(frame, pixel_size_m=pixel_size_m), dtype=np.float32)
-        except InputError as exc:
-            raise InputError(f"{image.path}: frame {i + 1} of {n}: {exc}" if n > 1 else f"{image.path}: {exc}") from None
+        except (InputError, ModelOutputError) as exc:
+            raise type(exc)(f"{image.path}: frame {i + 1} of {n}: {exc}" if n > 1 else f"{image.path}: {exc}") from None
 
 
-def denoise_file(
-    inp: Path,
-    out: Path,
-    *,
-    model: Path | None = None,
-    step: int | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    progress: bool = True,
-    pixel_size_m: float | None = None,
-    lattice_period_m: float = DEFAULT_LATTICE_PERIOD_M,
-    sampling: str = "resample",
-    precision: str = "float32",
-    flips: bool = False,
-    dejitter: int = DEJITTER_DEFAULT,
-    planar: bool = True,
-) -> tuple[TiffImage, dict[str, Any]]:
-    """Denoise the TIFF `inp` into `out` (float32, same shape, metadata carried); returns (input, note).
-
-    `pixel_size_m` None: the one the resolution tags give, if any (see `pixel_size_from_tags`)."""
-
-    if step is not None and not 1 <= step <= MAX_STEP:
-        raise ConfigError(f"--step must be from 1 to {MAX_STEP}, got {step}")
-    check_policy(sampling, "--sampling")
-    check_lattice_period(lattice_period_m, "--lattice-period")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision: unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
-    check_dejitter(dejitter, "--dejitter")
+def denoise_file(inp: Path, out: Path, settings: ModelSettings | None = None, *, overwrite: bool = False,
+                 progress: bool = True, pixel_size_m: float | None = None) -> tuple[TiffImage, dict[str, Any]]:
+    """Denoise the TIFF `inp` into `out` with the model `settings` name (float32, same shape, metadata carried);
+    returns (input, note). `pixel_size_m` None: the one the resolution tags give, if any (`pixel_size_from_tags`)."""
+    settings = settings or ModelSettings()
     if pixel_size_m is not None and not (math.isfinite(pixel_size_m) and pixel_size_m > 0):
         raise ConfigError(f"--pixel-size must be a positive number of metres, got {pixel_size_m!r}")
     check_output(out, overwrite)
     image = read_tiff(inp)
     source = "--pixel-size"
-    if pixel_size_m is None and sampling != "off":
+    if pixel_size_m is None and settings.sampling != "off":
         pixel_size_m, source = pixel_size_from_tags(image), "resolution tags"
-    denoiser = Denoiser.load(model, device=device, step=step, precision=precision, sampling=sampling,
-                             lattice_period_m=lattice_period_m, flips=flips, dejitter=dejitter, planar=planar)
+    denoiser = Denoiser.load(None, settings)
     try:
         frames = image.frames()
         check_frames(next(frames), denoiser.window)
         frames.close()
-        factor = denoiser.plan(image.shape[-2:], pixel_size_m)
+        plan = denoiser.plan(image.shape[-2:], pixel_size_m)
     except InputError as exc:
         raise InputError(f"{inp}: {exc}") from None
-    used = None if pixel_size_m is None or sampling == "off" else {
-        "pixel_size_m": pixel_size_m, "source": source, "lattice_period_m": lattice_period_m, "factor": factor}
+    used = None if pixel_size_m is None or settings.sampling == "off" else {
+        "pixel_size_m": pixel_size_m, "source": source, "lattice_period_m": settings.lattice_period_m,
+        "factor": plan.factor}
     note = stemd_note(denoiser.model_id, denoiser.step, used)
-    note.update(precision=precision, flips=flips, dejitter=dejitter, planar=planar)
+    note.update(precision=settings.precision, flips=settings.flips, dejitter=settings.dejitter, planar=settings.planar)
     write_tiff_atomic(out, image, denoise_frames(image, denoiser, pixel_size_m, progress), note)
     return image, note
 
@@ -336,43 +303,13 @@ def denoise_file(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, metavar="IN", help="TIFF file: a 2D frame or a 3D stack (N, H, W)")
     parser.add_argument("output", type=Path, metavar="OUT", help="float32 TIFF to write (same shape and metadata)")
-    parser.add_argument("--model", type=Path, metavar="PATH", help="checkpoint (default: the shipped model)")
-    parser.add_argument("--step", metavar="N", help=f"floating-window step 1..{MAX_STEP} (default: the model's, 2)")
-    parser.add_argument("--device", default="auto", metavar="cpu|cuda|auto", help="where to run the model (default auto)")
-    parser.add_argument("--precision", default="float32", metavar="float32|tf32|bf16",
-                        help="model arithmetic (default float32; bf16 is about 2x faster for the conv model on the CPU)")
+    parser.add_argument("--config", type=Path,
+                        help="YAML settings; its model section is used (config/stemd.yaml documents every key)")
+    add_setting_options(parser, MODEL_KEYS)
     parser.add_argument("--pixel-size", metavar="METRES",
                         help="pixel size, e.g. 3.9e-11 (default: from the TIFF's resolution tags, if they give one)")
-    parser.add_argument("--lattice-period", metavar="METRES", default=str(DEFAULT_LATTICE_PERIOD_M),
-                        help=f"the specimen's projected lattice period (default {DEFAULT_LATTICE_PERIOD_M:g}, SrTiO3)")
-    parser.add_argument("--sampling", default="resample", metavar="|".join(POLICIES),
-                        help="a frame outside the model's lattice-period range: resample it (default), refuse, or "
-                             "run it as is (off)")
-    parser.add_argument("--flips", action="store_true",
-                        help="average the model over the frame's 4 flips: 4x the time, +0.1-0.4 dB")
-    parser.add_argument("--dejitter", type=_parse_dejitter, default=DEJITTER_DEFAULT, metavar="N",
-                        help=f"rounds of line-jitter correction before the model, 0 (off) to {DEJITTER_MAX} "
-                             f"(default {DEJITTER_DEFAULT})")
-    parser.add_argument("--no-planar", dest="planar", action="store_false",
-                        help="conv models: the Bragg guide everywhere, also across planar faults (stemd.compute.planar)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _parse_dejitter(text: str) -> int:
-    try:
-        return check_dejitter(int(text), "--dejitter")
-    except (ValueError, ConfigError):
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 (off) to {DEJITTER_MAX}, got {text!r}") from None
-
-
-def _parse_step(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"--step must be an integer from 1 to {MAX_STEP}, got {text!r}") from None
 
 
 def _parse_metres(text: str | None, option: str) -> float | None:
@@ -386,25 +323,12 @@ def _parse_metres(text: str | None, option: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    image, note = denoise_file(
-        args.input,
-        args.output,
-        model=args.model,
-        step=_parse_step(args.step),
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"),
-        lattice_period_m=_parse_metres(args.lattice_period, "--lattice-period"),
-        sampling=args.sampling,
-        precision=args.precision,
-        flips=args.flips,
-        dejitter=args.dejitter,
-        planar=args.planar,
-    )
+    settings = load_settings(args.config, setting_overrides(args), os.environ).model
+    image, note = denoise_file(args.input, args.output, settings, overwrite=args.overwrite,
+                               progress=not args.no_progress, pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"))
     frames = 1 if image.ndim == 2 else image.shape[0]
     used = note.get("sampling")
-    sampled = f"sampling {args.sampling}: run as is" if args.sampling == "off" else "pixel size unknown: run as is"
+    sampled = f"sampling {settings.sampling}: run as is" if settings.sampling == "off" else "pixel size unknown: run as is"
     sampled = sampled if used is None else (
         f"pixel size {used['pixel_size_m']:.4g} m ({used['source']}), "
         + ("in the model's range" if used["factor"] == 1.0 else f"resampled x{used['factor']:.4g} and back"))

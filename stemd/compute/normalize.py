@@ -7,9 +7,14 @@ each frame to that scale from two statistics the noise leaves unbiased; `denorma
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
+import torch
 
 from stemd.errors import InputError
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 # Mean and signal std (see `normalize`) of the training lattice in clean units: the paper's
 # SrTiO3-like lattice, period 10 px, column sigma 1.5 px, peaks 1.0 / 0.7 (measured on
@@ -38,20 +43,26 @@ def check_frames(image: np.ndarray, window: int = 28) -> None:
         raise InputError(f"frame contains {n_nan} NaN and {n_inf} inf pixel(s)")
 
 
-def mean_and_signal_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per frame of (B, H, W) float32: mean, sqrt(covariance of vertically adjacent pixels), total std."""
-    mean = x.mean(axis=(1, 2), dtype=np.float64)
-    d = x - mean[:, None, None].astype(np.float32)
-    h, w = x.shape[1:]
-    cov = np.einsum("bij,bij->b", d[:, 1:], d[:, :-1]).astype(np.float64) / max((h - 1) * w, 1)
-    var = np.einsum("bij,bij->b", d, d).astype(np.float64) / (h * w)
-    return mean, np.sqrt(np.maximum(cov, 0.0)), np.sqrt(var)
+def _tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
 
 
-def normalize(
-    frames: np.ndarray, *, reference: tuple[float, float] = REFERENCE_LEVELS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B, H, W) any dtype -> (float32 normalised, lo (B,), hi (B,)); robust to gain, offset and noise.
+def mean_and_signal_std(frames: Array) -> tuple[Array, Array, Array]:
+    """Per frame of (B, H, W): mean, sqrt(covariance of vertically adjacent pixels), total std; float64 (the
+    statistics of frames of any range, e.g. 1e18 counts, stay finite), the same kind (numpy or torch) as given."""
+    x = _tensor(frames).to(torch.float64)
+    h, w = x.shape[-2:]
+    mean = x.mean((-2, -1))
+    d = x - mean[:, None, None]
+    cov = (d[:, 1:] * d[:, :-1]).sum((-2, -1)) / max((h - 1) * w, 1)
+    var = d.square().mean((-2, -1))
+    stats = mean, cov.clamp_min(0.0).sqrt(), var.sqrt()
+    return stats if isinstance(frames, torch.Tensor) else tuple(t.numpy() for t in stats)  # type: ignore[return-value]
+
+
+def normalize(frames: Array, *, reference: tuple[float, float] = REFERENCE_LEVELS) -> tuple[Array, Array, Array]:
+    """(B, H, W) any real dtype -> (float32 normalised, lo (B,), hi (B,) float64), robust to gain, offset and
+    noise; torch tensors stay on their device, numpy arrays give numpy arrays.
 
     A frame is taken to be `gain * (clean + noise) + offset`, with pixel noise independent from
     pixel to pixel and `clean` statistically like the training lattice. Two statistics that the
@@ -62,25 +73,28 @@ def normalize(
     (background) and 1 (column peak); the result is (x - lo) / (hi - lo), so `a * x + b`
     normalises to the same array as `x` for any a > 0. The signal std is floored at
     MIN_SIGNAL_FRACTION of the frame's std (a frame of pure noise is not blown up); a flat frame
-    gets lo = hi = its level and normalises to zeros.
+    gets lo = hi = its level and normalises to zeros. Arithmetic is float64 until the result.
     """
-    x = np.asarray(frames, dtype=np.float32)
-    if x.ndim != 3:
-        raise ValueError(f"normalize expects (B, H, W), got shape {x.shape}")
+    if frames.ndim != 3:
+        raise ValueError(f"normalize expects (B, H, W), got shape {tuple(frames.shape)}")
+    x = _tensor(frames).to(torch.float64)
     mean, signal, total = mean_and_signal_std(x)
     ref_mean, ref_std = reference
-    gain = np.maximum(signal, MIN_SIGNAL_FRACTION * total) / ref_std
-    flat = gain <= 8 * np.finfo(np.float32).eps * np.maximum(np.abs(mean), 1e-30)
-    gain = np.where(flat, 0.0, gain)
+    gain = torch.maximum(signal, MIN_SIGNAL_FRACTION * total) / ref_std
+    flat = gain <= 8 * torch.finfo(torch.float32).eps * mean.abs().clamp_min(1e-30)
+    gain = torch.where(flat, 0.0, gain)
     lo = mean - gain * ref_mean
     hi = lo + gain
-    scale = np.where(flat, 0.0, 1.0 / np.where(flat, 1.0, gain))
-    out = (x - lo[:, None, None].astype(np.float32)) * scale[:, None, None].astype(np.float32)
-    return out, lo, hi
+    scale = torch.where(flat, 0.0, 1.0 / torch.where(flat, 1.0, gain))
+    out = ((x - lo[:, None, None]) * scale[:, None, None]).to(torch.float32)
+    if isinstance(frames, torch.Tensor):
+        return out, lo, hi
+    return out.numpy(), lo.numpy(), hi.numpy()  # type: ignore[return-value]
 
 
-def denormalize(frames: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Inverse of `normalize`, back to the input's scale, float32: y * (hi - lo) + lo per frame."""
-    lo = np.asarray(lo, dtype=np.float64)[:, None, None]
-    hi = np.asarray(hi, dtype=np.float64)[:, None, None]
-    return (frames * (hi - lo) + lo).astype(np.float32)
+def denormalize(frames: Array, lo: Array, hi: Array) -> Array:
+    """Inverse of `normalize`, back to the input's scale, float32: y * (hi - lo) + lo per frame (in float64)."""
+    y = _tensor(frames).to(torch.float64)
+    lo_t, hi_t = _tensor(lo).to(y), _tensor(hi).to(y)
+    out = (y * (hi_t - lo_t)[:, None, None] + lo_t[:, None, None]).to(torch.float32)
+    return out if isinstance(frames, torch.Tensor) else out.numpy()  # type: ignore[return-value]

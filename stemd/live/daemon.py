@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -24,10 +25,10 @@ import zmq
 import zmq.asyncio
 
 from stemd.live import protocol
-from stemd.config import Settings, is_local_endpoint, load_settings
-from stemd.pipeline import Denoiser
+from stemd.config import MODEL_KEYS, Settings, add_setting_options, is_local_endpoint, load_settings, setting_overrides
+from stemd.pipeline import Denoiser, Plan, check_finite
 from stemd.live.engine import Engine, Pending
-from stemd.errors import ConfigError, StemdError
+from stemd.errors import ConfigError, ModelOutputError, StemdError
 from stemd.live.notify import Notifier
 from stemd.live.recorder import Recorder
 from stemd.compute.sampling import SamplingError
@@ -47,6 +48,8 @@ class Item:
     header: dict[str, Any]
     data: np.ndarray | None = None
     received_at: float = 0.0
+    plan: Plan | None = None  # how the model runs this frame, made on arrival
+    generation: int = 0  # the engine's model the plan was made for
 
 
 def _batch_key(item: Item) -> tuple[Any, ...]:
@@ -131,6 +134,7 @@ class Daemon:
         *,
         config_path: Path | None = None,
         overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
         engine: Engine | None = None,
         notifier: Notifier | None = None,
         manage_log_level: bool = False,
@@ -139,6 +143,7 @@ class Daemon:
         self.manage_log_level = manage_log_level
         self.config_path = config_path
         self.overrides = dict(overrides or {})
+        self.environ = None if environ is None else dict(environ)  # STEMD_* variables, re-read on reload
         self.engine = engine
         self._owns_engine = engine is None
         self.notifier = notifier if notifier is not None else Notifier()
@@ -174,7 +179,7 @@ class Daemon:
         s = self.settings
         self._apply_log_level(s)
         if self.engine is None:
-            self.engine = await asyncio.to_thread(lambda: Engine.load(**s.model.model_dump()))
+            self.engine = await asyncio.to_thread(Engine.load, s.model)
         self.pub = self._open_output(s)
         self.sub = self._open_input(s)
         self.recorder = self._make_recorder(s)
@@ -336,13 +341,12 @@ class Daemon:
                 self._reject(exc.reason, exc.detail)
                 return
             self._track_series(frame.header)
-            item = Item("frame", frame.header, frame.data, now)
             try:
-                self.engine.plan(frame.data.shape, frame.header.get("pixel_size_m"))
+                plan = self.engine.plan(frame.data.shape, frame.header.get("pixel_size_m"))
             except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
-                self._refuse([item], exc)
+                self._refuse([Item("frame", frame.header, frame.data, now)], exc)
                 return
-            dropped = self.queue.put_frame(item)
+            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self.engine.generation))
             if dropped is not None:
                 self._drop(dropped, "queue_full")
         elif topic == protocol.SERIES:
@@ -413,9 +417,11 @@ class Daemon:
             batch = self.queue.pop_batch(self.settings.queue.max_batch)
             self._inflight.extend(batch)
             try:
-                handle = await self.engine.run(self.engine.submit, [it.data for it in batch],
-                                               batch[0].header.get("pixel_size_m"))
-            except SamplingError as exc:  # the model was replaced (reload) after these frames were queued
+                plan = batch[0].plan
+                if plan is None or batch[0].generation != self.engine.generation:  # the model was reloaded
+                    plan = self.engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
+                handle = await self.engine.run(self.engine.submit, [it.data for it in batch], plan)
+            except SamplingError as exc:  # the reloaded model refuses frames queued for the old one
                 for item in batch:
                     self._inflight.remove(item)
                 self._refuse(batch, exc)
@@ -445,6 +451,12 @@ class Daemon:
             return
         for item, denoised in zip(batch, results):
             self._inflight.remove(item)
+            try:
+                check_finite(denoised)
+            except ModelOutputError as exc:
+                log.error("frame %s of series %s: %s", item.header.get("frame_id"), item.header.get("series_id"), exc)
+                self._drop(item, "nonfinite")
+                continue
             await self._publish(item, denoised)
 
     async def _publish(self, item: Item, denoised: np.ndarray) -> None:
@@ -544,8 +556,8 @@ class Daemon:
             if self._stopping:
                 return False
             try:
-                new = await asyncio.to_thread(load_settings, self.config_path, self.overrides)
-                denoiser = await asyncio.to_thread(lambda: Denoiser.load(**new.model.model_dump()))
+                new = await asyncio.to_thread(load_settings, self.config_path, self.overrides, self.environ)
+                denoiser = await asyncio.to_thread(Denoiser.load, None, new.model)
                 old = self.settings
                 pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
                 try:
@@ -591,40 +603,26 @@ def _described(header: dict[str, Any], data: np.ndarray) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings (config/stemd.yaml documents every key)")
-    parser.add_argument("--input", metavar="EP", help="input endpoint (overrides input.endpoint)")
-    parser.add_argument("--output", metavar="EP", help="output endpoint (overrides output.endpoint)")
+    add_setting_options(parser, ("input.endpoint", "output.endpoint", "queue.mode", *MODEL_KEYS))
     parser.add_argument("--bind-input", action="store_true", help="bind the input endpoint instead of connecting")
-    parser.add_argument("--model", type=Path, help="checkpoint file (overrides model.path)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
-    parser.add_argument("--step", type=int, help="floating-window step in pixels (overrides model.step)")
-    parser.add_argument("--precision", choices=["float32", "tf32", "bf16"], help="model arithmetic (overrides model.precision)")
-    parser.add_argument("--sampling", choices=["resample", "refuse", "off"],
-                        help="frames outside the model's lattice-period range (overrides model.sampling)")
-    parser.add_argument("--mode", choices=["live", "lossless"], help="backpressure (overrides queue.mode)")
     parser.add_argument("--record", type=Path, metavar="DIR", help="record TIFFs into DIR (enables recording)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Dotted-key overrides for `load_settings`; None values are ignored there."""
-    return {
-        "input.endpoint": args.input,
-        "output.endpoint": args.output,
-        "input.mode": "bind" if args.bind_input else None,
-        "model.path": str(args.model) if args.model else None,
-        "model.device": args.device,
-        "model.step": args.step,
-        "model.precision": args.precision,
-        "model.sampling": args.sampling,
-        "queue.mode": args.mode,
-        "recording.enabled": True if args.record else None,
-        "recording.directory": str(args.record) if args.record else None,
-    }
+    """Dotted-key overrides for `load_settings` from the command line (options not given are left out)."""
+    overrides = setting_overrides(args)
+    if args.bind_input:
+        overrides["input.mode"] = "bind"
+    if args.record:
+        overrides.update({"recording.enabled": True, "recording.directory": str(args.record)})
+    return overrides
 
 
 async def serve(settings: Settings, config_path: Path | None = None, overrides: Mapping[str, Any] | None = None,
-                manage_log_level: bool = True) -> int:
+                manage_log_level: bool = True, environ: Mapping[str, str] | None = None) -> int:
     """Run a daemon until SIGTERM/SIGINT; SIGHUP reloads config and model."""
-    daemon = Daemon(settings, config_path=config_path, overrides=overrides, manage_log_level=manage_log_level)
+    daemon = Daemon(settings, config_path=config_path, overrides=overrides, environ=environ,
+                    manage_log_level=manage_log_level)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
@@ -638,5 +636,6 @@ async def serve(settings: Settings, config_path: Path | None = None, overrides: 
 
 def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
-    settings = load_settings(args.config, overrides)
-    return asyncio.run(serve(settings, args.config, overrides, manage_log_level=not getattr(args, "verbose", False)))
+    settings = load_settings(args.config, overrides, os.environ)
+    return asyncio.run(serve(settings, args.config, overrides, manage_log_level=not getattr(args, "verbose", False),
+                             environ=os.environ))

@@ -16,14 +16,13 @@ import os
 import resource
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from stemd.pipeline import Denoiser
-from stemd.compute.normalize import denormalize, normalize
+from stemd.config import ModelSettings, model_settings
+from stemd.pipeline import Denoiser, Plan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,8 +36,6 @@ class Pending:
 
     n: int
     result: list[np.ndarray] | None = None
-    lo: np.ndarray | None = None
-    hi: np.ndarray | None = None
     done: Any = None  # torch.cuda.Event recorded after copy-out
     host_out: torch.Tensor | None = None
     keep: list[Any] = field(default_factory=list)  # device tensors alive until collected
@@ -49,7 +46,7 @@ class _Slot:
     host_in: torch.Tensor
     host_out: torch.Tensor
     dev_in: torch.Tensor
-    done: Any = None  # the event of the last batch that used this slot
+    pending: Pending | None = None  # the last batch that used this slot
 
 
 class Engine:
@@ -61,13 +58,13 @@ class Engine:
         log.info("engine: %s", self.describe())
 
     @classmethod
-    def load(cls, path: Path | str | None = None, **options: Any) -> "Engine":
-        """Load a checkpoint (None: the shipped model) onto a device and start the worker; `options` are
-        `Denoiser.load`'s (device, step, precision, sampling, lattice_period_m, flips)."""
-        return cls(Denoiser.load(path, **options))
+    def load(cls, settings: ModelSettings | None = None, **fields: Any) -> Engine:
+        """Load the model `settings` name onto its device and start the worker (`Denoiser.load`'s arguments)."""
+        return cls(Denoiser.load(settings=model_settings(settings, **fields)))
 
     def _set(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
+        self.generation = getattr(self, "generation", -1) + 1  # plans made by an earlier model are stale
         self.cuda = denoiser.device.type == "cuda"
         self._slots: dict[tuple[int, int, int], list[_Slot]] = {}
         self._turn = 0
@@ -135,32 +132,30 @@ class Engine:
         """Run `fn(*args)` on the engine's worker thread without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None) -> float:
-        """The resident model's resampling factor for such frames (`Denoiser.plan`), or SamplingError."""
+    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None) -> Plan:
+        """How the resident model runs such frames (`Denoiser.plan`), or SamplingError."""
         return self.denoiser.plan(shape, pixel_size_m)
 
     def denoise(self, frames: Sequence[np.ndarray], pixel_size_m: float | None = None) -> list[np.ndarray]:
         """Synchronous submit + collect (tests, offline use). Frames must share one shape."""
-        return self.collect(self.submit(frames, pixel_size_m))
+        if not frames:
+            return []
+        return self.collect(self.submit(frames, self.plan(frames[0].shape, pixel_size_m)))
 
-    def submit(self, frames: Sequence[np.ndarray], pixel_size_m: float | None = None) -> Pending:
-        """Start denoising a batch of same-shape 2D frames of one pixel size (metres; None: unknown).
+    def submit(self, frames: Sequence[np.ndarray], plan: Plan) -> Pending:
+        """Start denoising a batch of same-shape 2D frames run by `plan` (`Engine.plan`, made when they arrived).
 
-        Worker thread only. A frame the sampling plan refuses raises SamplingError before any work.
-        Collect batches in the order submitted; on CUDA, submit k+1 before collecting k to overlap them.
+        Worker thread only. The frames are checked and stacked on the host, everything else is `Denoiser.run`
+        on the device. Collect batches in the order submitted; on CUDA, submit k+1 before collecting k.
         """
         if not frames:
             return Pending(n=0, result=[])
-        shape = frames[0].shape
-        if any(f.shape != shape for f in frames):
-            raise ValueError("a batch must hold frames of one shape")
-        self.denoiser.plan(shape, pixel_size_m)
-        x, lo, hi = normalize(np.stack(frames), reference=self.denoiser.reference)
+        stack = self.denoiser.stack(frames)
         if not self.cuda:
             with torch.inference_mode():
-                y = self.denoiser.denoise_tensor(torch.from_numpy(x).unsqueeze(1), pixel_size_m)
-            return Pending(n=len(frames), result=list(denormalize(y[:, 0].numpy(), lo, hi)))
-        return self._submit_cuda(x, lo, hi, pixel_size_m)
+                y = self.denoiser.run(torch.from_numpy(stack), plan)
+            return Pending(n=len(frames), result=list(y.numpy()))
+        return self._submit_cuda(stack, plan)
 
     def _slot(self, shape: tuple[int, int, int]) -> _Slot:
         slots = self._slots.get(shape)
@@ -176,39 +171,46 @@ class Engine:
                 for _ in range(SLOTS)
             ]
         self._turn = (self._turn + 1) % SLOTS
-        return slots[self._turn]
+        slot = slots[self._turn]
+        if slot.pending is not None and slot.pending.result is None:
+            slot.pending.result = self._read(slot.pending)  # still uncollected: read it before its buffer is reused
+        return slot
 
-    def _submit_cuda(self, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, pixel_size_m: float | None) -> Pending:
+    def _submit_cuda(self, stack: np.ndarray, plan: Plan) -> Pending:
         copy_in, compute, copy_out = self._streams
-        slot = self._slot(x.shape)
-        if slot.done is not None:
-            slot.done.synchronize()  # normally long finished: its batch was collected
-        slot.host_in.numpy()[...] = x
+        slot = self._slot(stack.shape)
+        slot.host_in.numpy()[...] = stack
         with torch.cuda.stream(copy_in):
             slot.dev_in.copy_(slot.host_in, non_blocking=True)
             uploaded = torch.cuda.Event()
             uploaded.record(copy_in)
         with torch.cuda.stream(compute), torch.inference_mode():
             compute.wait_event(uploaded)
-            y = self.denoiser.denoise_tensor(slot.dev_in.unsqueeze(1), pixel_size_m)
+            y = self.denoiser.run(slot.dev_in, plan)
             computed = torch.cuda.Event()
             computed.record(compute)
         with torch.cuda.stream(copy_out):
             copy_out.wait_event(computed)
             y.record_stream(copy_out)
-            slot.host_out.copy_(y[:, 0], non_blocking=True)
-            done = slot.done = torch.cuda.Event()
+            slot.host_out.copy_(y, non_blocking=True)
+            done = torch.cuda.Event()
             done.record(copy_out)
-        return Pending(n=len(x), lo=lo, hi=hi, done=done, host_out=slot.host_out, keep=[y, slot.dev_in])
+        slot.pending = Pending(n=len(stack), done=done, host_out=slot.host_out, keep=[y, slot.dev_in])
+        return slot.pending
 
-    def collect(self, pending: Pending) -> list[np.ndarray]:
-        """Wait for a submitted batch and return its denoised frames (float32, input scale)."""
-        if pending.result is not None:
-            return pending.result
+    @staticmethod
+    def _read(pending: Pending) -> list[np.ndarray]:
         pending.done.synchronize()
-        out = denormalize(pending.host_out.numpy(), pending.lo, pending.hi)  # a new array
+        out = pending.host_out.numpy().copy()  # the pinned buffer is reused by a later batch
         pending.keep.clear()
         return list(out)
+
+    def collect(self, pending: Pending) -> list[np.ndarray]:
+        """Wait for a submitted batch and return its denoised frames (float32, input scale). A frame may hold
+        NaN or inf if the model failed on it: check it (`pipeline.check_finite`) before publishing."""
+        if pending.result is None:
+            pending.result = self._read(pending)
+        return pending.result
 
     def close(self) -> None:
         """Finish queued work and stop the worker thread."""

@@ -151,9 +151,15 @@ class ConvDenoiser(nn.Module):
         y = self.head(y)
         return F.pixel_shuffle(y, self.unshuffle) if self.unshuffle > 1 else y
 
-    def denoise_frames(self, frames: torch.Tensor, step: int = 0) -> torch.Tensor:
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The auxiliary inputs it takes (`stemd.models.base`): the guide with guide "bragg", the noise level."""
+        return (("guide",) if self.guide == "bragg" else ()) + (("level",) if self.noise_level else ())
+
+    def denoise_frames(self, frames: torch.Tensor, step: int = 0, guide: torch.Tensor | None = None,
+                       level: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, H, W) normalised frames -> same shape; `step` is the window models' and is ignored."""
-        return self(frames)
+        return self(frames, guide, level)
 
     def arch(self) -> dict[str, Any]:
         """{"name": "conv_unet", "channels": [...], "unshuffle": s, "guide": g, "window": MIN_SIZE}, plus

@@ -18,7 +18,7 @@ class WindowAE(nn.Module):
     code (last of `hidden`) smaller than window*window; that is a training choice, not enforced.
     """
 
-    def __init__(self, window: int = 28, hidden: Sequence[int] = (256, 64)) -> None:
+    def __init__(self, window: int, hidden: Sequence[int]) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden]
         if int(window) < 1 or not hidden or min(hidden) < 1:
@@ -43,6 +43,11 @@ class WindowAE(nn.Module):
         """The Linear layers in order; a ReLU sits between consecutive ones (stemd.compute.window uses this)."""
         return [m for m in self.net if isinstance(m, nn.Linear)]
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """No auxiliary inputs: each window is cleaned from its own pixels."""
+        return ()
+
     def denoise_frames(self, frames: torch.Tensor, step: int) -> torch.Tensor:
         """(B, 1, H, W) normalised frames -> same shape, by the floating window (stemd.compute.window)."""
         return reconstruct(self, frames, step)
@@ -53,7 +58,8 @@ class WindowAE(nn.Module):
 
 
 def window_ae_from_arch(arch: dict[str, Any]) -> nn.Module:
-    window, hidden = arch.get("window", 28), arch.get("hidden", [256, 64])
+    """The registry factory: validate the plain-data arch (its window and hidden widths) and build the model."""
+    window, hidden = arch.get("window"), arch.get("hidden")
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise CheckpointError(f"arch.window must be a positive integer, got {window!r}")
     if not isinstance(hidden, (list, tuple)) or not hidden or not all(
