@@ -209,7 +209,6 @@ class TrainSettings(_Section):
         NoiseSettings(kind="poisson", dose=120.0, background=0.1),
     )
     lattice: LatticeSettings = LatticeSettings()
-    edge_fraction: float = Field(default=0.4, ge=0, le=1)  # windows mirrored at a frame edge, as padding makes them
     model: Literal["window_ae", "conv_unet"] = "window_ae"  # conv_unet: set in `conv`; samples count patches
     warmup: int = Field(default=0, ge=0)  # samples of linear learning-rate warm-up
     grad_clip: float = Field(default=0.0, ge=0)  # gradient norm clipped to this; 0: off

@@ -208,30 +208,6 @@ def test_a_few_seconds_of_training_reduce_the_error():
     assert float(np.mean((out - test_clean) ** 2)) < 0.6 * raw_mse  # measured 0.39
 
 
-def test_scene_patches_are_normalised_whole_and_reproducible():
-    from stemd.apps.training import scene_patches
-
-    ref = (0.16, 0.16)
-    noisy, guide, clean = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2, per_dose=3)
-    again = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2, per_dose=3, guide=False)
-    assert noisy.shape == guide.shape == clean.shape == (6, 1, 48, 48)
-    np.testing.assert_array_equal(again[0], noisy)
-    np.testing.assert_array_equal(again[1], clean)
-    assert abs(float((noisy - clean).mean())) < 0.05  # same lo/hi: the noise is centred on the target
-    assert np.mean((guide - clean) ** 2) < np.mean((noisy - clean) ** 2)
-    *first, level, clean2 = scene_patches(6, 48, np.random.default_rng(3), ref, scene_size=96, doses_per_scene=2,
-                                          per_dose=3, level=True)
-    np.testing.assert_array_equal(first[0], noisy)
-    np.testing.assert_array_equal(clean2, clean)
-    assert level.shape == (6,) and level[0] == level[2] != level[3]  # one level per recording (3 patches each)
-    assert (level > 0).all()
-    kw = {"scene_size": 256, "doses_per_scene": 1, "per_dose": 2, "dose": (100.0, 100.0)}
-    plain, _, clean3 = scene_patches(2, 48, np.random.default_rng(5), ref, **kw)  # (seed 4: nothing to undo)
-    fixed, _, clean4 = scene_patches(2, 48, np.random.default_rng(5), ref, dejitter=2, **kw)
-    np.testing.assert_array_equal(clean3, clean4)
-    assert np.abs(fixed - plain).max() > 0.05  # the recording was de-jittered (rows moved) before the cut
-
-
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
     from stemd.config import load_train_settings
     from stemd.apps.training import train

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from stemd.sim import scenes
-from stemd.sim.scenes import Cut, Phase, build_scene, corrupt_scene, named_frame, random_scene, training_patches
+from stemd.sim.scenes import Cut, Phase, build_scene, corrupt_scene, named_frame, random_scene
 from stemd.sim.lattice import _basis
 
 
@@ -236,21 +236,7 @@ def test_line_artefacts_are_not_in_the_target():
     assert np.abs(jit - s.clean).max() > 0.1
 
 
-# ---------------------------------------------------------------- training and benchmark frames
-
-
-def test_training_patches_shapes_reproducible_and_unbiased():
-    noisy, clean = training_patches(80, 48, np.random.default_rng(2), scene_size=128)
-    assert noisy.shape == clean.shape == (80, 1, 48, 48)
-    assert noisy.dtype == clean.dtype == np.float32
-    again, clean2 = training_patches(80, 48, np.random.default_rng(2), scene_size=128)
-    np.testing.assert_array_equal(noisy, again)
-    np.testing.assert_array_equal(clean, clean2)
-    assert not np.array_equal(training_patches(80, 48, np.random.default_rng(3), scene_size=128)[0], noisy)
-    assert abs(float((noisy - clean).mean())) < 0.02 * float(clean.mean()) + 0.005
-    assert len({float(c.std()) for c in clean}) > 70  # patches differ
-    with pytest.raises(ValueError, match="scene_size"):
-        training_patches(4, 64, np.random.default_rng(0), scene_size=64)
+# ---------------------------------------------------------------- benchmark frames
 
 
 def test_named_frames_are_deterministic_with_ground_truth():

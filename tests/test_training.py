@@ -7,7 +7,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,7 +16,7 @@ from stemd.apps.cli import main
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
 from stemd.models.checkpoint import load_checkpoint
-from stemd.apps.training import evaluate, frame_flops, lr_at, mirror_edges, quality, read_state, sample_log_mse, train, training_stream, validation_set
+from stemd.apps.training import evaluate, lr_at, quality, read_state, sample_log_mse, train, training_stream, validation_set
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,23 +119,6 @@ def test_noise_mix_shares_data_and_reports_each_model(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_mirror_edges_reflects_like_padding():
-    rng = np.random.default_rng(0)
-    clean = rng.random((200, 28, 28)).astype(np.float32)
-    noisy = clean + 1000.0
-    before = clean.copy()
-    mirror_edges(noisy, clean, 0.5, rng)
-    np.testing.assert_array_equal(noisy - clean, 1000.0)  # the same map for input and target
-    changed = [k for k in range(len(clean)) if not np.array_equal(clean[k], before[k])]
-    assert 60 < len(changed) < 140
-    for k in changed:
-        w = clean[k]
-        assert np.isin(w, before[k]).all()  # only pixels of the window itself, moved
-        mirrored_cols = any(np.array_equal(w[:, j - 1], w[:, j + 1]) for j in range(1, 27))
-        mirrored_rows = any(np.array_equal(w[j - 1], w[j + 1]) for j in range(1, 27))
-        assert mirrored_cols or mirrored_rows  # a reflection line: equal neighbours on both sides
-
-
 def test_resume_finished_run_says_so(run_a, capsys):
     _, result = run_a
     before = result.last_path.stat().st_mtime_ns
@@ -167,6 +149,7 @@ def test_resume_refuses_what_it_cannot_continue(run_a, tmp_path):
         ("", ["--lr", "fast"], "lr"),
         ("", ["--hidden", "64,x"], "hidden"),
         ("", ["--device", "tpu"], "device"),
+        ("edge_fraction: 0.4\n", [], "edge_fraction"),
     ],
 )
 def test_bad_setting_names_the_key(tmp_path, capsys, yaml_text, argv, key):
@@ -204,15 +187,6 @@ def test_lr_schedules():
     step = TrainSettings(samples=1000, lr=1.0, lr_decay="step")
     assert [lr_at(step, n) for n in (0, 249, 250, 500, 750, 1000)] == [1.0, 1.0, 0.5, 0.25, 0.125, 0.125]
     assert lr_at(TrainSettings(samples=1000, lr=1.0, lr_decay="none"), 900) == 1.0
-
-
-def test_frame_flops_count_every_window_and_layer():
-    small = frame_flops(28, (64, 16))
-    assert frame_flops(28, (64, 16), step=1) > 3.9 * small
-    assert frame_flops(28, (128, 32)) > 1.9 * small
-    windows = torch.zeros(1, 1, 512, 512).unfold(2, 28, 2).unfold(3, 28, 2).shape[2:4].numel()  # (512-28) % 2 == 0
-    assert small == 2 * windows * (784 * 64 + 64 * 16 + 16 * 64 + 64 * 784)
-    assert frame_flops(28, (64, 16), (29, 512)) == pytest.approx(small * 2 / 243)  # 29 rows: windows at 0 and 1
 
 
 def test_init_starts_from_a_checkpoints_weights(run_a, tmp_path):

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial import cKDTree
 
 from stemd.sim.lattice import PAPER_INTENSITIES, RP_GAP, NoiseSpec, _basis, _lattice_columns, corrupt
@@ -546,49 +545,6 @@ def corrupt_scene(scene: Scene, rng: np.random.Generator, dose: float | None = N
         noise["dose"] = dose
     params = draw_noise(rng, **noise)
     return apply_instrument(scene.clean, rng, params), params
-
-
-def training_patches(
-    n: int,
-    patch: int,
-    rng: np.random.Generator,
-    *,
-    scene_size: int = 256,
-    per_scene: int | None = None,
-    scene: Mapping[str, Any] | None = None,
-    noise: Mapping[str, Any] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(noisy, clean) float32 batches (n, 1, patch, patch) cut from random scenes.
-
-    Each scene (scene_size^2, `random_scene(**scene)`) is rendered and scanned once (its line
-    jitter and flicker) and `per_scene` patches (default: four times its area) are cut at random
-    places; every patch gets its own dose and counting noise (`noise` overrides NOISE_RANGES).
-    """
-    scene, noise = dict(scene or {}), dict(noise or {})
-    if n < 0 or patch < 4:
-        raise ValueError(f"need n >= 0 and patch >= 4, got n={n}, patch={patch}")
-    jitter_max = float(np.max(noise.get("line_jitter_px", NOISE_RANGES["line_jitter_px"])))
-    m = math.ceil(4 * jitter_max) + 1  # keeps patches off the edges where jittered rows repeat values
-    if scene_size < patch + 2 * m:
-        raise ValueError(f"scene_size: must be >= patch + {2 * m}, got {scene_size}")
-    if per_scene is None:
-        per_scene = max(1, round(4 * scene_size**2 / patch**2))
-    noisy = np.empty((n, 1, patch, patch), dtype=np.float32)
-    clean = np.empty((n, 1, patch, patch), dtype=np.float32)
-    dose_spec = noise.get("dose", NOISE_RANGES["dose"])
-    done = 0
-    while done < n:
-        s = random_scene((scene_size, scene_size), rng, **scene)
-        params = draw_noise(rng, **noise)
-        scanned = scan_artefacts(s.clean, rng, params)
-        k = min(per_scene, n - done)
-        doses = np.array([_draw("dose", dose_spec, rng) for _ in range(k)])
-        top = rng.integers(m, scene_size - patch - m + 1, (k, 2))
-        clean[done:done + k, 0] = sliding_window_view(s.clean, (patch, patch))[top[:, 0], top[:, 1]]
-        windows = sliding_window_view(scanned, (patch, patch))[top[:, 0], top[:, 1]]
-        noisy[done:done + k, 0] = detect(windows, rng, params, doses[:, None, None])
-        done += k
-    return noisy, clean
 
 
 # ---------------------------------------------------------------- benchmark frames

@@ -1,0 +1,120 @@
+"""Training and validation data, keyed by (seed, stream, position) so a resumed run sees what a whole one would.
+
+Window AE: synthetic lattice windows (`stemd.sim.lattice.training_batches`), one stream per noise model.
+Conv U-Net: patches of realistic scenes (`scene_patches`), recorded and normalised whole as `Denoiser` sees frames.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from stemd.compute.dejitter import dejitter as undo_jitter
+from stemd.compute.fourier import bragg_filter, noise_level
+from stemd.compute.normalize import mean_and_signal_std, normalize
+from stemd.config import ConvSettings, TrainSettings
+from stemd.sim import scenes
+from stemd.sim.lattice import NoiseSpec, training_batches
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+DOSES_PER_SCENE = 4  # training recordings of each random scene
+PATCHES_PER_DOSE = 4  # patches cut from each recording
+EDGE_FRACTION = 0.25  # along each axis, the chance that a patch touches its scene's edge
+
+
+@dataclass
+class ValidationSet:
+    """Fixed validation samples (windows flattened, or scenes (n, 1, H, W)) evaluated `batch` at a time;
+    `parts[j]` are those `labels[j]` describes (a noise model, or a dose range)."""
+
+    noisy: torch.Tensor
+    clean: torch.Tensor
+    parts: list[slice]
+    labels: list[dict[str, Any]] = field(default_factory=list)
+    batch: int = 4096
+
+
+def stream_seed(seed: int, *key: int) -> int:
+    """An independent data seed for (run seed, stream, sample position[, noise model])."""
+    return int(np.random.SeedSequence([seed, *key]).generate_state(1)[0])
+
+
+def noise_specs(settings: TrainSettings) -> list[NoiseSpec]:
+    """The run's `stemd.sim.lattice.NoiseSpec`s: `noise` first, then each of `noise_mix`."""
+    return [NoiseSpec.from_settings(n) for n in (settings.noise, *settings.noise_mix)]
+
+
+def _shares(n: int, k: int) -> list[int]:
+    return [n // k + (j < n % k) for j in range(k)]
+
+
+def window_streams(settings: TrainSettings, n: int, batch: int, *key: int) -> list[Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """One `training_batches` stream per noise model, sharing `n` windows; model j > 0 adds j to the seed key."""
+    specs = noise_specs(settings)
+    return [
+        training_batches(share, batch, spec, stream_seed(settings.seed, *key, *((j,) if j else ())),
+                         **settings.lattice.model_dump())
+        for j, (spec, share) in enumerate(zip(specs, _shares(n, len(specs))))
+    ]
+
+
+@functools.lru_cache(maxsize=8)
+def reference_levels(period_px: tuple[float, float], n: int = 200, size: int = 256, seed: int = 7) -> tuple[float, float]:
+    """Median (mean, signal std) of clean random scenes: the `normalize` reference a conv model is trained at."""
+    rng = np.random.default_rng(seed)
+    clean = np.stack([scenes.random_scene((size, size), rng, period_px=period_px).clean for _ in range(n)])
+    mean, signal, _ = mean_and_signal_std(clean)
+    return float(np.median(mean)), float(np.median(signal))
+
+
+def scene_patches(n: int, rng: np.random.Generator, reference: tuple[float, float], conv: ConvSettings, *,
+                  doses_per_scene: int = DOSES_PER_SCENE, per_dose: int = PATCHES_PER_DOSE) -> tuple[np.ndarray, ...]:
+    """(noisy, [bragg guide,] [level,] clean) for `n` patches of side `conv.patch`, as `Denoiser` feeds a model.
+
+    Arrays are float32 (n, 1, patch, patch); `level` (with `conv.noise_level`) is (n,), the `noise_level` of the
+    recording a patch is cut from. Each random scene (`conv.scene_size`, periods `conv.period_px`) is recorded
+    whole by `scenes.apply_instrument` at `doses_per_scene` log-uniform doses in `conv.dose`; each recording is
+    normalised whole at `reference`, de-jittered `conv.dejitter` rounds, its `bragg_filter` taken whole, and
+    `per_dose` patches cut at random places, touching a scene edge with probability EDGE_FRACTION per axis so
+    the model learns the guide's fade at frame borders. The target is the clean scene mapped by the same lo/hi.
+    """
+    patch, size, dose = conv.patch, conv.scene_size, conv.dose
+    guide = conv.guide == "bragg"
+    out = [np.empty((n, 1, patch, patch), np.float32) for _ in range(3 if guide else 2)]
+    levels = np.empty(n, np.float32)
+
+    def result() -> tuple[np.ndarray, ...]:
+        return (*out[:-1], levels, out[-1]) if conv.noise_level else tuple(out)
+
+    done = 0
+    while done < n:
+        s = scenes.random_scene((size, size), rng, period_px=conv.period_px)
+        params = scenes.draw_noise(rng, dose=dose)
+        for _ in range(doses_per_scene):
+            d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
+            x, lo, hi = normalize(scenes.apply_instrument(s.clean, rng, params, dose=d)[None], reference=reference)
+            frame = torch.from_numpy(x)[None]  # (1, 1, H, W), as Denoiser hands a frame to the model
+            if conv.dejitter:
+                frame = undo_jitter(frame, conv.dejitter)
+            c = (s.clean - np.float32(lo[0])) / np.float32(float(hi[0] - lo[0]) or 1.0)
+            whole = [frame[0, 0].numpy(), c]
+            if guide:
+                whole.insert(1, bragg_filter(frame)[0, 0].numpy())
+            frame_level = float(noise_level(frame)[0]) if conv.noise_level else 0.0
+            for _ in range(per_dose):
+                if done == n:
+                    return result()
+                top = rng.integers(0, size - patch + 1, 2)
+                edge = rng.random(2) < EDGE_FRACTION
+                top[edge] = rng.integers(0, 2, int(edge.sum())) * (size - patch)
+                r, q = top
+                for o, w in zip(out, whole):
+                    o[done, 0] = w[r:r + patch, q:q + patch]
+                levels[done] = frame_level
+                done += 1
+    return result()
