@@ -29,14 +29,14 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from stemd.live import protocol
-from stemd.config import load_settings
-from stemd.live.daemon import Daemon
-from stemd.errors import ConfigError
-from stemd.compute.metrics import fit_scale, psnr
-from stemd.sim.microscope import SimSpec
 from stemd.apps.simulate import Simulator
 from stemd.apps.viewer import KINDS, NoFramesError, PairMatcher, check_png_path, write_png
+from stemd.compute.metrics import fit_scale, psnr
+from stemd.config import load_settings
+from stemd.errors import ConfigError
+from stemd.live import protocol
+from stemd.live.daemon import Daemon
+from stemd.sim.microscope import SimSpec
 
 log = logging.getLogger(__name__)
 

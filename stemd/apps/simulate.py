@@ -25,9 +25,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from stemd.live import protocol
 from stemd.config import InputSettings, is_local_endpoint
 from stemd.errors import ConfigError
+from stemd.live import protocol
 from stemd.sim.microscope import SimSpec, SimulatedFrame, Specimen, build_specimen, make_frame, require
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Simulator:
         """Ask a running `run` to finish after the current frame (closing its series)."""
         self._stop.set()
 
-    async def __aenter__(self) -> "Simulator":
+    async def __aenter__(self) -> Simulator:
         self.open()
         return self
 

@@ -15,16 +15,17 @@ import math
 import os
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import zmq
 
-from stemd.live import protocol
 from stemd.config import OutputSettings
 from stemd.errors import ConfigError, StemdError
+from stemd.live import protocol
 
 log = logging.getLogger(__name__)
 

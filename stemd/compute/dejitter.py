@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from stemd.config import DEJITTER_DEFAULT
 from stemd.compute.fourier import bragg_filter
+from stemd.config import DEJITTER_DEFAULT
 
 DYNAMIC_RANGE = 1e-3  # the reference keeps Fourier bins above this fraction of the strongest: peaks, not jitter streaks
 MAX_SHIFT = 2.0  # px: no shift beyond this is applied (the training data's jitter is at most 0.5 px rms)

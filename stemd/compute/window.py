@@ -137,7 +137,8 @@ def reconstruct(
             top = r0 + k0 * step
             x = frames[:, :, top : top + (k1 - k0 - 1) * step + window, c0:c1]
             # a strip one window wide or high: oneDNN's bf16 kernels on AMX return garbage for it, so float32
-            with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=autocast and min(k1 - k0, n_c) > 1):
+            mixed = autocast and min(k1 - k0, n_c) > 1
+            with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=mixed):
                 act = F.conv2d(x, w_in, first.bias, stride=step).relu_()
                 flat = act.flatten(2)  # (B, h1, window rows * window columns): inner layers act on channels
                 for lin in linears[1:-1]:

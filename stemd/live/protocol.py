@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -208,7 +209,9 @@ def _check_frame_header(header: dict[str, Any]) -> tuple[int, int, np.dtype]:
     return shape[0], shape[1], np.dtype(header["dtype"]).newbyteorder(header["byte_order"])
 
 
-def decode_frame(parts: Sequence[Any], *, max_side: int = 8192, max_pixels: int = 8192 * 8192, min_side: int = 28) -> Frame:
+def decode_frame(
+    parts: Sequence[Any], *, max_side: int = 8192, max_pixels: int = 8192 * 8192, min_side: int = 28
+) -> Frame:
     """Validate and decode a frame message; raises ProtocolError with a reason key."""
     if len(parts) != 3:
         raise ProtocolError("parts", f"a frame has 3 parts (topic, header, pixels), got {len(parts)}")

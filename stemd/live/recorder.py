@@ -42,7 +42,9 @@ def describe(header: dict[str, Any]) -> str:
 class Recorder:
     """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
 
-    def __init__(self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64) -> None:
+    def __init__(
+        self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64
+    ) -> None:
         self.directory = Path(directory)
         self.kinds = {k for k, on in zip(KINDS, (raw, denoised)) if on}
         self.max_backlog = max_backlog

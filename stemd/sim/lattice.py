@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class NoiseSpec:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "NoiseSpec":
+    def from_settings(cls, settings: Any) -> NoiseSpec:
         """The spec for a `stemd.config.NoiseSettings` (or any object with these attributes)."""
         names = [f.name for f in fields(cls)]
         return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})

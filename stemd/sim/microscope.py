@@ -71,7 +71,8 @@ class SimSpec:
             object.__setattr__(self, "pixel_size_m", SRTIO3_A_M / self.period_px)
         require(28 <= min(h, w) and max(h, w) <= 8192, "--size", "must be between 28 and 8192", self.shape)
         require(self.dwell_us > 0 and math.isfinite(self.dwell_us), "--dwell-us", "must be > 0", self.dwell_us)
-        require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0", self.dose_per_us)
+        require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0",
+                self.dose_per_us)
         require(self.dose <= MAX_COUNTS, "--dose-per-us", f"x --dwell-us must be <= {MAX_COUNTS} counts", self.dose)
         require(self.pixel_size_m > 0 and math.isfinite(self.pixel_size_m), "--pixel-size-m", "must be > 0",
                  self.pixel_size_m)
@@ -79,7 +80,8 @@ class SimSpec:
             require(math.isfinite(value), option, "must be a finite angle", value)
         require(self.sigma_px > 0, "--sigma-px", "must be > 0", self.sigma_px)
         require(self.defect in (None, "rp"), "--defect", "must be 'rp' or absent", self.defect)
-        require(0 <= self.drift_px <= self.margin_px, "--drift-px", f"must be between 0 and {self.margin_px}", self.drift_px)
+        require(0 <= self.drift_px <= self.margin_px, "--drift-px", f"must be between 0 and {self.margin_px}",
+                self.drift_px)
         require(self.margin_px >= 1, "--margin-px", "must be >= 1", self.margin_px)
         for option, value in (("--line-jitter-px", self.line_jitter_px), ("--line-gain", self.line_gain),
                               ("--flicker", self.flicker)):
@@ -105,7 +107,7 @@ class Specimen:
     field: np.ndarray  # (oversample*(H+2m), oversample*(W+2m)) float32, brightest column = 1.0
     oversample: int
     direction: tuple[float, float]  # unit vector of the drift, (dy, dx)
-    poisson: "PoissonTable | None"  # fast counting noise; None: numpy's sampler (high doses)
+    poisson: PoissonTable | None  # fast counting noise; None: numpy's sampler (high doses)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ a phase rotated by theta has unit vectors e1 = (sin t, cos t), e2 = (cos t, -sin
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
