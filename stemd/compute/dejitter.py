@@ -37,7 +37,8 @@ def shift_rows(frames: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     k = torch.fft.rfftfreq(n, device=frames.device)
     phase = torch.exp(2j * torch.pi * k * shifts[..., None].float())
-    return torch.fft.irfft(torch.fft.rfft(x, dim=-1) * phase, n=n, dim=-1)[..., pad : pad + w]
+    shifted: torch.Tensor = torch.fft.irfft(torch.fft.rfft(x, dim=-1) * phase, n=n, dim=-1)
+    return shifted[..., pad : pad + w]
 
 
 def row_shifts(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torch.Tensor:

@@ -69,7 +69,7 @@ def lattice_vectors(guide: torch.Tensor) -> list[Vectors | None]:
         u = cands[0] if zero > 0 and cands else None
         v = next((c for c in cands[1:] if abs(u[0] * c[1] - u[1] * c[0]) > 0.5 * math.hypot(*u) * math.hypot(*c)),
                  None) if u else None
-        found.append(None if v is None else (_refine(acf[b], u, reach), _refine(acf[b], v, reach)))
+        found.append(None if u is None or v is None else (_refine(acf[b], u, reach), _refine(acf[b], v, reach)))
     return found
 
 
@@ -107,7 +107,7 @@ def plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float = REACH_P
         inside_x = ((cols + k * tx >= 0) & (cols + k * tx <= w - 1)).float()
         counts.append((inside_y.T @ inside_x).clamp_min(1.0) / n)  # shifts inside, as a fraction of n
     # (complex x complex: faster)
-    total = torch.fft.irfft2(spectrum * torch.stack(kernels).to(spectrum.dtype), s=size)[:, :h, :w]
+    total: torch.Tensor = torch.fft.irfft2(spectrum * torch.stack(kernels).to(spectrum.dtype), s=size)[:, :h, :w]
     return total / torch.stack(counts) + mean
 
 
@@ -159,7 +159,10 @@ def _robust_z(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Per bin: the smoothed mean gain as a robust z-score over the bins with enough pixels; -inf elsewhere."""
     radius = int(3 * PROFILE_SIGMA_PX)
     taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=total.device) / PROFILE_SIGMA_PX) ** 2)
-    smooth = lambda v: F.conv1d(v.float()[None, None], taps[None, None], padding=radius)[0, 0]  # noqa: E731
+
+    def smooth(v: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(v.float()[None, None], taps[None, None], padding=radius)[0, 0]
+
     profile = smooth(total) / smooth(count).clamp_min(1.0)
     enough = (count > 0.25 * count.max()).float()
     valid = F.max_pool1d(F.pad(1 - enough, (TRIM_PX, TRIM_PX), value=1.0)[None], 2 * TRIM_PX + 1, stride=1)[0] == 0

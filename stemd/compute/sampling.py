@@ -132,7 +132,7 @@ def plan(pixel_size_m: float | None, lattice_period_m: float, period_range: tupl
 
 def resample(frames: torch.Tensor, factor: float) -> torch.Tensor:
     """(B, C, H, W) float -> (B, C, round(H·factor), round(W·factor)), bicubic, antialiased when shrinking."""
-    size = resampled_shape(tuple(frames.shape[-2:]), factor)
+    size = resampled_shape((frames.shape[-2], frames.shape[-1]), factor)
     if size == tuple(frames.shape[-2:]):
         return frames
     return F.interpolate(frames, size=size, mode="bicubic", align_corners=False, antialias=factor < 1)
