@@ -120,7 +120,7 @@ class Collector:
         self.matcher = PairMatcher(kinds=("raw", "denoised", "clean"), keep=256)
         self.latencies: list[float] = []
         self.psnr: list[tuple[float, float]] = []
-        self.skipped = Counter()
+        self.skipped: Counter[str] = Counter()  # ProtocolError reasons
 
     def handle(self, parts: list[Any]) -> None:
         topic = bytes(parts[0].buffer)
@@ -177,7 +177,9 @@ async def run_demo(
     collector = None
     try:
         await daemon.start()
-        report.model_id, report.device = daemon.engine.model_id, daemon.engine.device_name
+        engine = daemon.engine
+        assert engine is not None  # Daemon.start loads the model into its engine
+        report.model_id, report.device = engine.model_id, engine.device_name
         collector = Collector(ctx, [daemon.output_endpoint, sim_endpoint])
         collecting = asyncio.create_task(collector.run())
         publishing = asyncio.create_task(sim.run())
