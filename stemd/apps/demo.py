@@ -30,15 +30,22 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from stemd.live import protocol
-from stemd.config import (MODEL_KEYS, InputSettings, OutputSettings, Settings, add_setting_options, load_settings,
-                          setting_overrides)
-from stemd.live.daemon import Daemon
-from stemd.errors import ConfigError
-from stemd.compute.metrics import fit_scale, psnr
-from stemd.sim.microscope import SimSpec
 from stemd.apps.simulate import Simulator
 from stemd.apps.viewer import KINDS, NoFramesError, PairMatcher, check_png_path, write_png
+from stemd.compute.metrics import fit_scale, psnr
+from stemd.config import (
+    MODEL_KEYS,
+    InputSettings,
+    OutputSettings,
+    Settings,
+    add_setting_options,
+    load_settings,
+    setting_overrides,
+)
+from stemd.errors import ConfigError
+from stemd.live import protocol
+from stemd.live.daemon import Daemon
+from stemd.sim.microscope import SimSpec
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +129,7 @@ class Collector:
         self.matcher = PairMatcher(kinds=("raw", "denoised", "clean"), keep=256)
         self.latencies: list[float] = []
         self.psnr: list[tuple[float, float]] = []
-        self.skipped = Counter()
+        self.skipped: Counter[str] = Counter()  # ProtocolError reasons
 
     def handle(self, parts: list[Any]) -> None:
         topic = bytes(parts[0].buffer)
@@ -175,7 +182,9 @@ async def run_demo(
     collector = None
     try:
         await daemon.start()
-        report.model_id, report.device = daemon.engine.model_id, daemon.engine.device_name
+        engine = daemon.engine
+        assert engine is not None  # Daemon.start loads the model into its engine
+        report.model_id, report.device = engine.model_id, engine.device_name
         collector = Collector(ctx, [daemon.output_endpoint, sim_endpoint])
         collecting = asyncio.create_task(collector.run())
         publishing = asyncio.create_task(sim.run())

@@ -25,9 +25,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from stemd.live import protocol
 from stemd.config import InputSettings, is_local_endpoint
 from stemd.errors import ConfigError
+from stemd.live import protocol
 from stemd.sim.microscope import SimSpec, SimulatedFrame, Specimen, build_specimen, make_frame, require
 
 log = logging.getLogger(__name__)
@@ -158,18 +158,25 @@ class Simulator:
         """Ask a running `run` to finish after the current frame (closing its series)."""
         self._stop.set()
 
-    async def __aenter__(self) -> "Simulator":
+    async def __aenter__(self) -> Simulator:
         self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    async def _send(self, parts: list) -> None:
+    def _open_sock(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            raise RuntimeError("the simulator's socket is not open: call open() (or use `async with`) first")
+        return self._sock
+
+    async def _send(self, parts: list[Any]) -> None:
         """Send; a lossless socket answers EAGAIN while a subscriber is full: wait and retry."""
+        sock = self._open_sock()
         while True:
             try:
-                return await self._sock.send_multipart(parts, copy=False)
+                await sock.send_multipart(parts, copy=False)
+                return
             except zmq.Again:
                 await asyncio.sleep(0.002)
 
@@ -179,8 +186,10 @@ class Simulator:
 
     async def _wait_for_subscriber(self, topic: bytes = protocol.FRAME) -> None:
         """Lossless: frame 0 waits until someone subscribes to frames (or `stop()`)."""
+        sock = self._open_sock()
+
         async def subscribed() -> None:
-            while (await self._sock.recv())[:1 + len(topic)] != b"\x01" + topic:
+            while (await sock.recv())[:1 + len(topic)] != b"\x01" + topic:
                 pass
 
         waiter = asyncio.ensure_future(subscribed())

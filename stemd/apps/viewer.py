@@ -15,16 +15,20 @@ import math
 import os
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
-from stemd.live import protocol
 from stemd.config import OutputSettings
 from stemd.errors import ConfigError, StemdError
+from stemd.live import protocol
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # imported on first use at run time (start-up cost)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,8 @@ class LiveStats:
 
     window_s: float = 5.0
     daemon: dict[str, Any] | None = None
-    _arrivals: deque = field(default_factory=lambda: deque(maxlen=256))
-    _latencies: deque = field(default_factory=lambda: deque(maxlen=256))
+    _arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    _latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
 
     def frame(self, header: dict[str, Any], now: float) -> None:
         self._arrivals.append(now)
@@ -113,7 +117,7 @@ def _limits(image: np.ndarray) -> tuple[float, float]:
     return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
 
 
-def render_panels(panels: Sequence[tuple[str, np.ndarray]], title: str = ""):
+def render_panels(panels: Sequence[tuple[str, np.ndarray]], title: str = "") -> Figure:
     """A matplotlib Figure (no pyplot, any backend) with the images side by side, grey scale."""
     from matplotlib.figure import Figure
 
@@ -168,7 +172,7 @@ def pair_metadata(pair: dict[str, protocol.Frame]) -> dict[str, str]:
 class Subscription:
     """A SUB socket on a daemon's output that decodes what it receives; bad messages are skipped."""
 
-    def __init__(self, endpoint: str, topics: Iterable[bytes], context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, topics: Iterable[bytes], context: zmq.SyncContext | None = None) -> None:
         if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"--endpoint must start with tcp://, ipc:// or inproc:// (got {endpoint!r})")
         self.endpoint = endpoint
@@ -220,7 +224,7 @@ def _feed(messages: list[tuple[bytes, Any]], matcher: PairMatcher, stats: LiveSt
 
 
 def snapshot(endpoint: str, png: Path | str, timeout_s: float = 10.0,
-             context: zmq.Context | None = None) -> dict[str, protocol.Frame]:
+             context: zmq.SyncContext | None = None) -> dict[str, protocol.Frame]:
     """Wait for the first matched raw/denoised pair, write it to `png`, return it."""
     if not timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0 (got {timeout_s!r})")
@@ -284,6 +288,7 @@ def show(endpoint: str, timeout_s: float = 10.0, duration_s: float | None = None
             if _feed(sub.receive(0.02), matcher, stats, time.time()):
                 shown += 1
                 pair = matcher.latest
+                assert pair is not None  # _feed said a pair completed
                 if images is None:
                     images = [ax.imshow(pair[k].data, cmap="gray") for ax, k in zip(axes, ("raw", "denoised"))]
                     for ax, k in zip(axes, ("raw", "denoised")):

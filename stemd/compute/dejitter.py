@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from stemd.config import DEJITTER_DEFAULT
 from stemd.compute.fourier import bragg_filter
+from stemd.config import DEJITTER_DEFAULT
 
 DYNAMIC_RANGE = 1e-3  # the reference keeps Fourier bins above this fraction of the strongest: peaks, not jitter streaks
 MAX_SHIFT = 2.0  # px: no shift beyond this is applied (the training data's jitter is at most 0.5 px rms)
@@ -37,7 +37,8 @@ def shift_rows(frames: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     k = torch.fft.rfftfreq(n, device=frames.device)
     phase = torch.exp(2j * torch.pi * k * shifts[..., None].float())
-    return torch.fft.irfft(torch.fft.rfft(x, dim=-1) * phase, n=n, dim=-1)[..., pad : pad + w]
+    shifted: torch.Tensor = torch.fft.irfft(torch.fft.rfft(x, dim=-1) * phase, n=n, dim=-1)
+    return shifted[..., pad : pad + w]
 
 
 def row_shifts(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torch.Tensor:

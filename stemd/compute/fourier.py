@@ -30,7 +30,7 @@ def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic
     if dynamic_range > 0:
         floor = torch.maximum(floor, dynamic_range * power.flatten(-2).amax(-1)[..., None, None])
     gain = (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
-    out = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
+    out: torch.Tensor = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
     return out.to(frames.dtype)
 
 

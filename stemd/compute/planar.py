@@ -47,7 +47,8 @@ def lattice_vectors(guide: torch.Tensor) -> list[Vectors | None]:
     r = int(LAGS_PX[1]) + 1
     reach = min(REACH_PX, min(h, w) / 2)  # lags past half the frame overlap too little of it
     pad = max(r, int(reach) + 3)
-    size = (next_fast_len(h + pad + 1, real=True), next_fast_len(w + pad + 1, real=True))  # padding past the longest lag
+    # padding past the longest lag
+    size = (next_fast_len(h + pad + 1, real=True), next_fast_len(w + pad + 1, real=True))
     g = guide.float() - guide.float().mean((-2, -1), keepdim=True)
     acf = torch.fft.irfft2(torch.fft.rfft2(g, s=size).abs().square(), s=size)[:, 0]
     lag = torch.arange(-r, r + 1, device=guide.device)
@@ -68,7 +69,7 @@ def lattice_vectors(guide: torch.Tensor) -> list[Vectors | None]:
         u = cands[0] if zero > 0 and cands else None
         v = next((c for c in cands[1:] if abs(u[0] * c[1] - u[1] * c[0]) > 0.5 * math.hypot(*u) * math.hypot(*c)),
                  None) if u else None
-        found.append(None if v is None else (_refine(acf[b], u, reach), _refine(acf[b], v, reach)))
+        found.append(None if u is None or v is None else (_refine(acf[b], u, reach), _refine(acf[b], v, reach)))
     return found
 
 
@@ -105,7 +106,8 @@ def plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float = REACH_P
         inside_y = ((rows + k * ty >= 0) & (rows + k * ty <= h - 1)).float()  # (n, H): shift k keeps row y inside
         inside_x = ((cols + k * tx >= 0) & (cols + k * tx <= w - 1)).float()
         counts.append((inside_y.T @ inside_x).clamp_min(1.0) / n)  # shifts inside, as a fraction of n
-    total = torch.fft.irfft2(spectrum * torch.stack(kernels).to(spectrum.dtype), s=size)[:, :h, :w]  # (complex x complex: faster)
+    # (complex x complex: faster)
+    total: torch.Tensor = torch.fft.irfft2(spectrum * torch.stack(kernels).to(spectrum.dtype), s=size)[:, :h, :w]
     return total / torch.stack(counts) + mean
 
 
@@ -140,7 +142,9 @@ def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tor
             across = (xx * ty - yy * tx) / math.hypot(ty, tx)  # distance along the normal to t
             bins = (across - across.min()).round().long()
             flat, length = bins.flatten(), int(bins.max()) + 1
-            z = _robust_z(torch.bincount(flat, gain, minlength=length), torch.bincount(flat, weight_inner, minlength=length))
+            z = _robust_z(
+                torch.bincount(flat, gain, minlength=length), torch.bincount(flat, weight_inner, minlength=length)
+            )
             k = round(WIDEN * math.hypot(ty, tx))
             z = F.max_pool1d(z[None, None], 2 * k + 1, stride=1, padding=k)[0, 0][bins] if k else z[bins]
             better = z > best_z
@@ -155,7 +159,10 @@ def _robust_z(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Per bin: the smoothed mean gain as a robust z-score over the bins with enough pixels; -inf elsewhere."""
     radius = int(3 * PROFILE_SIGMA_PX)
     taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=total.device) / PROFILE_SIGMA_PX) ** 2)
-    smooth = lambda v: F.conv1d(v.float()[None, None], taps[None, None], padding=radius)[0, 0]  # noqa: E731
+
+    def smooth(v: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(v.float()[None, None], taps[None, None], padding=radius)[0, 0]
+
     profile = smooth(total) / smooth(count).clamp_min(1.0)
     enough = (count > 0.25 * count.max()).float()
     valid = F.max_pool1d(F.pad(1 - enough, (TRIM_PX, TRIM_PX), value=1.0)[None], 2 * TRIM_PX + 1, stride=1)[0] == 0
@@ -182,7 +189,8 @@ def _refine(acf: torch.Tensor, t: tuple[float, float], reach: float) -> tuple[fl
     cy, cx = round(m * t[0]), round(m * t[1])
     if m < 2:
         return t
-    win = acf[torch.arange(cy - 3, cy + 4, device=acf.device) % h][:, torch.arange(cx - 3, cx + 4, device=acf.device) % w]
+    rows = torch.arange(cy - 3, cy + 4, device=acf.device) % h
+    win = acf[rows][:, torch.arange(cx - 3, cx + 4, device=acf.device) % w]
     i, j = divmod(int(win[1:-1, 1:-1].argmax()), 5)
     i, j = i + 1, j + 1
     return ((cy - 3 + i + _vertex(*win[i - 1:i + 2, j].tolist())) / m,

@@ -9,7 +9,8 @@ refused, by `plan`. Pure compute: no I/O.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -116,7 +117,9 @@ def plan(pixel_size_m: float | None, lattice_period_m: float, period_range: tupl
                             f"resampling cannot help; {OVERRIDE_HINT}")
     factor = target_period(period, period_range) / period
     if factor > MAX_UPSAMPLE:
-        raise SamplingError(f"{where}: that needs {factor:.2f}x upsampling, more than {MAX_UPSAMPLE:g}x; {OVERRIDE_HINT}")
+        raise SamplingError(
+            f"{where}: that needs {factor:.2f}x upsampling, more than {MAX_UPSAMPLE:g}x; {OVERRIDE_HINT}"
+        )
     h, w = resampled_shape(shape, factor)
     if min(h, w) < min_side:
         raise SamplingError(f"{where}: resampled by {factor:.3g} the {shape[0]}x{shape[1]} frame becomes {h}x{w}, "
@@ -129,7 +132,7 @@ def plan(pixel_size_m: float | None, lattice_period_m: float, period_range: tupl
 
 def resample(frames: torch.Tensor, factor: float) -> torch.Tensor:
     """(B, C, H, W) float -> (B, C, round(H·factor), round(W·factor)), bicubic, antialiased when shrinking."""
-    size = resampled_shape(tuple(frames.shape[-2:]), factor)
+    size = resampled_shape((frames.shape[-2], frames.shape[-1]), factor)
     if size == tuple(frames.shape[-2:]):
         return frames
     return F.interpolate(frames, size=size, mode="bicubic", align_corners=False, antialias=factor < 1)

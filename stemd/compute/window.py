@@ -20,11 +20,30 @@ and so does a strip one window wide or high (oneDNN's bf16 kernels on AMX CPUs r
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
 DEFAULT_BAND_BYTES = 64 * 2**20  # working memory per band of window rows
 _CACHE_SIZE = 4  # frame shapes whose count/bias maps are kept per model
+
+# (h, w, step, device, dtype, bias storage, bias version) -> (1/count, offset) maps
+_MapsKey = tuple[int, int, int, torch.device, torch.dtype, int, int]
+_MapsCache = dict[_MapsKey, tuple[torch.Tensor, torch.Tensor]]
+
+
+class WindowModel(Protocol):
+    """What `reconstruct` needs of a model (`stemd.models.window_ae.WindowAE` has it): the window side and
+    its Linear layers in order, a ReLU between consecutive ones; `reconstruct_naive` calls it on
+    (windows, window*window) batches. A `_window_cache` dict attribute, if present, keeps the count/bias maps
+    of the last frame shapes."""
+
+    window: int
+
+    def linear_layers(self) -> list[torch.nn.Linear]: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def window_starts(size: int, window: int, step: int) -> list[int]:
@@ -70,7 +89,7 @@ def pad_frames(frames: torch.Tensor, window: int, step: int) -> tuple[torch.Tens
     return F.pad(frames, (left, right, top, bottom), mode=mode), (top, left)
 
 
-def _check(model: torch.nn.Module, step: int, shape: tuple[int, ...]) -> tuple[int, list[torch.nn.Linear]]:
+def _check(model: WindowModel, step: int, shape: tuple[int, ...]) -> tuple[int, list[torch.nn.Linear]]:
     window = int(model.window)
     if not 1 <= step <= window:
         raise ValueError(f"step must be between 1 and the window ({window}), got {step}")
@@ -79,15 +98,16 @@ def _check(model: torch.nn.Module, step: int, shape: tuple[int, ...]) -> tuple[i
     return window, model.linear_layers()
 
 
-def _maps(model: torch.nn.Module, bias: torch.Tensor, shape: tuple[int, int], step: int, window: int):
+def _maps(
+    model: WindowModel, bias: torch.Tensor, shape: tuple[int, int], step: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(1/count, overlap-added output bias / count) for a frame shape; cached on the model when no grad."""
     h, w = shape
-    cache = getattr(model, "_window_cache", None)
+    cache: _MapsCache | None = None if torch.is_grad_enabled() else getattr(model, "_window_cache", None)
     # an inference tensor cannot change after creation, so it needs no version counter in the key
     version = -1 if bias.is_inference() else bias._version
-    key = (h, w, step, bias.device, bias.dtype, bias.data_ptr(), version)
-    use_cache = cache is not None and not torch.is_grad_enabled()
-    if use_cache and key in cache:
+    key: _MapsKey = (h, w, step, bias.device, bias.dtype, bias.data_ptr(), version)
+    if cache is not None and key in cache:
         return cache[key]
     with torch.autocast(bias.device.type, enabled=False):  # maps stay float32 under bf16 autocast
         kernel = torch.stack([torch.ones_like(bias), bias]).view(1, 2, window, window)
@@ -98,7 +118,7 @@ def _maps(model: torch.nn.Module, bias: torch.Tensor, shape: tuple[int, int], st
             sums[:, :, r0 : r0 + part.shape[-2], c0 : c0 + part.shape[-1]] += part
         inv_count = sums[:, :1].reciprocal()
         offset = sums[:, 1:] * inv_count
-    if use_cache:
+    if cache is not None:
         while len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))
         cache[key] = (inv_count, offset)
@@ -106,7 +126,7 @@ def _maps(model: torch.nn.Module, bias: torch.Tensor, shape: tuple[int, int], st
 
 
 def reconstruct(
-    model: torch.nn.Module, frames: torch.Tensor, step: int, *, band_bytes: int = DEFAULT_BAND_BYTES
+    model: WindowModel, frames: torch.Tensor, step: int, *, band_bytes: int = DEFAULT_BAND_BYTES
 ) -> torch.Tensor:
     """(B, 1, H, W) -> (B, 1, H, W): the exact strided-conv / transposed-conv form; H, W >= the window.
 
@@ -137,7 +157,8 @@ def reconstruct(
             top = r0 + k0 * step
             x = frames[:, :, top : top + (k1 - k0 - 1) * step + window, c0:c1]
             # a strip one window wide or high: oneDNN's bf16 kernels on AMX return garbage for it, so float32
-            with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=autocast and min(k1 - k0, n_c) > 1):
+            mixed = autocast and min(k1 - k0, n_c) > 1
+            with torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=mixed):
                 act = F.conv2d(x, w_in, first.bias, stride=step).relu_()
                 flat = act.flatten(2)  # (B, h1, window rows * window columns): inner layers act on channels
                 for lin in linears[1:-1]:
@@ -150,7 +171,7 @@ def reconstruct(
 
 
 @torch.no_grad()
-def reconstruct_naive(model: torch.nn.Module, frame: torch.Tensor, step: int) -> torch.Tensor:
+def reconstruct_naive(model: WindowModel, frame: torch.Tensor, step: int) -> torch.Tensor:
     """(H, W) -> (H, W) by an explicit loop over windows; the reference the fast form is tested against."""
     window, _ = _check(model, step, tuple(frame.shape))
     h, w = frame.shape

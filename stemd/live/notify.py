@@ -37,7 +37,7 @@ class Notifier:
 
     def notify(self, *fields: str) -> bool:
         """Send "KEY=value" lines in one datagram; False (logged once) if it could not be sent."""
-        if self._sock is None:
+        if self._sock is None or not self.address:  # the socket exists only for an address
             return False
         try:
             self._sock.sendto("\n".join(fields).encode(), self.address)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, TypedDict
 
 import msgpack
 import numpy as np
@@ -50,7 +51,17 @@ REASONS = (
 )
 
 MAX_HEADER_BYTES = 64 * 1024
-_UNPACK_LIMITS = dict(
+
+
+class _UnpackLimits(TypedDict):
+    max_str_len: int
+    max_bin_len: int
+    max_array_len: int
+    max_map_len: int
+    max_ext_len: int
+
+
+_UNPACK_LIMITS = _UnpackLimits(
     max_str_len=16 * 1024,
     max_bin_len=16 * 1024,
     max_array_len=1024,
@@ -142,7 +153,7 @@ def encode_frame(topic: bytes, header: dict[str, Any], data: np.ndarray) -> list
     header["dtype"] = data.dtype.name
     header["byte_order"] = order if order in BYTE_ORDERS else NATIVE_BYTE_ORDER
     header.setdefault("v", PROTOCOL_VERSION)
-    return [bytes(topic), _pack(header), memoryview(data).cast("B")]
+    return [bytes(topic), _pack(header), data.data.cast("B")]
 
 
 def _buffer(part: Any) -> memoryview:
@@ -208,7 +219,9 @@ def _check_frame_header(header: dict[str, Any]) -> tuple[int, int, np.dtype]:
     return shape[0], shape[1], np.dtype(header["dtype"]).newbyteorder(header["byte_order"])
 
 
-def decode_frame(parts: Sequence[Any], *, max_side: int = 8192, max_pixels: int = 8192 * 8192, min_side: int = 28) -> Frame:
+def decode_frame(
+    parts: Sequence[Any], *, max_side: int = 8192, max_pixels: int = 8192 * 8192, min_side: int = 28
+) -> Frame:
     """Validate and decode a frame message; raises ProtocolError with a reason key."""
     if len(parts) != 3:
         raise ProtocolError("parts", f"a frame has 3 parts (topic, header, pixels), got {len(parts)}")

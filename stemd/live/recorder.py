@@ -13,6 +13,7 @@ import collections
 import json
 import logging
 import re
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -42,7 +43,9 @@ def describe(header: dict[str, Any]) -> str:
 class Recorder:
     """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
 
-    def __init__(self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64) -> None:
+    def __init__(
+        self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64
+    ) -> None:
         self.directory = Path(directory)
         self.kinds = {k for k, on in zip(KINDS, (raw, denoised)) if on}
         self.max_backlog = max_backlog
@@ -52,7 +55,7 @@ class Recorder:
         self._writers: dict[tuple[str, str], tuple[tifffile.TiffWriter, IO[bytes]]] = {}
         self._failed: set[tuple[str, str]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-recorder")
-        self._inflight: collections.deque[Future] = collections.deque()
+        self._inflight: collections.deque[Future[None]] = collections.deque()
 
     async def write(self, kind: str, header: dict[str, Any], data: np.ndarray) -> None:
         """Queue one page; waits only when more than `max_backlog` writes are pending."""
@@ -72,7 +75,7 @@ class Recorder:
         await asyncio.wrap_future(self._schedule(self._close_all))
         self._executor.shutdown(wait=True)
 
-    def _schedule(self, fn: Any, *args: Any) -> Future:
+    def _schedule(self, fn: Callable[..., None], *args: Any) -> Future[None]:
         fut = self._executor.submit(fn, *args)
         self._inflight.append(fut)
         self._prune()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class NoiseSpec:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "NoiseSpec":
+    def from_settings(cls, settings: Any) -> NoiseSpec:
         """The spec for a `stemd.config.NoiseSettings` (or any object with these attributes)."""
         names = [f.name for f in fields(cls)]
         return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
@@ -97,7 +98,7 @@ def _comb(u: np.ndarray, period_px: float, sigma_px: float) -> np.ndarray:
     """Periodic 1D Gaussian comb sum_k exp(-(a (u - k))^2 / 2 s^2), u in lattice units."""
     f = u - np.floor(u)
     c = np.asarray(-0.5 * (period_px / sigma_px) ** 2, dtype=u.dtype)
-    out = np.zeros_like(f)
+    out: np.ndarray = np.zeros_like(f)
     for k in _comb_terms(period_px, sigma_px):
         d = f - np.asarray(k, dtype=u.dtype)
         out += np.exp(c * d * d)
@@ -173,7 +174,7 @@ def clean_windows(
     i2 &= mask
     table = _comb_table(float(period_px), float(sigma_px))
     a_sr, a_ti = _amplitudes(float(period_px), float(sigma_px))
-    out = table.take(i1)
+    out: np.ndarray = table.take(i1)
     out *= table.take(i2)
     out *= np.float32(a_sr)
     half = np.int32(one // 2)
@@ -202,7 +203,8 @@ def _jitter_rows(x: np.ndarray, rms_px: float, rng: np.random.Generator) -> np.n
     left = left.astype(np.intp)
     i0 = np.clip(left, 0, w - 1)
     i1 = np.clip(left + 1, 0, w - 1)
-    return (1 - t) * np.take_along_axis(x, i0, axis=-1) + t * np.take_along_axis(x, i1, axis=-1)
+    out: np.ndarray = (1 - t) * np.take_along_axis(x, i0, axis=-1) + t * np.take_along_axis(x, i1, axis=-1)
+    return out
 
 
 def corrupt(

@@ -67,19 +67,20 @@ class SimSpec:
     def __post_init__(self) -> None:
         h, w = self.shape
         require(self.period_px > 2, "--period-px", "must be > 2", self.period_px)
-        if self.pixel_size_m is None:
-            object.__setattr__(self, "pixel_size_m", SRTIO3_A_M / self.period_px)
+        pixel_size_m = SRTIO3_A_M / self.period_px if self.pixel_size_m is None else self.pixel_size_m
+        object.__setattr__(self, "pixel_size_m", pixel_size_m)
         require(28 <= min(h, w) and max(h, w) <= 8192, "--size", "must be between 28 and 8192", self.shape)
         require(self.dwell_us > 0 and math.isfinite(self.dwell_us), "--dwell-us", "must be > 0", self.dwell_us)
-        require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0", self.dose_per_us)
+        require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0",
+                self.dose_per_us)
         require(self.dose <= MAX_COUNTS, "--dose-per-us", f"x --dwell-us must be <= {MAX_COUNTS} counts", self.dose)
-        require(self.pixel_size_m > 0 and math.isfinite(self.pixel_size_m), "--pixel-size-m", "must be > 0",
-                 self.pixel_size_m)
+        require(pixel_size_m > 0 and math.isfinite(pixel_size_m), "--pixel-size-m", "must be > 0", pixel_size_m)
         for option, value in (("--rotation-deg", self.rotation_deg), ("--scan-rotation-deg", self.scan_rotation_deg)):
             require(math.isfinite(value), option, "must be a finite angle", value)
         require(self.sigma_px > 0, "--sigma-px", "must be > 0", self.sigma_px)
         require(self.defect in (None, "rp"), "--defect", "must be 'rp' or absent", self.defect)
-        require(0 <= self.drift_px <= self.margin_px, "--drift-px", f"must be between 0 and {self.margin_px}", self.drift_px)
+        require(0 <= self.drift_px <= self.margin_px, "--drift-px", f"must be between 0 and {self.margin_px}",
+                self.drift_px)
         require(self.margin_px >= 1, "--margin-px", "must be >= 1", self.margin_px)
         for option, value in (("--line-jitter-px", self.line_jitter_px), ("--line-gain", self.line_gain),
                               ("--flicker", self.flicker)):
@@ -105,7 +106,7 @@ class Specimen:
     field: np.ndarray  # (oversample*(H+2m), oversample*(W+2m)) float32, brightest column = 1.0
     oversample: int
     direction: tuple[float, float]  # unit vector of the drift, (dy, dx)
-    poisson: "PoissonTable | None"  # fast counting noise; None: numpy's sampler (high doses)
+    poisson: PoissonTable | None  # fast counting noise; None: numpy's sampler (high doses)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def build_specimen(spec: SimSpec) -> Specimen:
     m = spec.margin_px
     oversample = 2 if (h + 2 * m) * (w + 2 * m) <= OVERSAMPLE_MAX_PIXELS else 1
     rng = np.random.default_rng((spec.seed, 0))
-    offset = tuple(float(v) for v in rng.uniform(0, spec.period_px * oversample, size=2))
+    oy, ox = rng.uniform(0, spec.period_px * oversample, size=2)
+    offset = (float(oy), float(ox))
     sim = simulate_frame(
         ((h + 2 * m) * oversample, (w + 2 * m) * oversample),
         rng,

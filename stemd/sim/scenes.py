@@ -13,8 +13,9 @@ a phase rotated by theta has unit vectors e1 = (sin t, cos t), e2 = (cos t, -sin
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -458,6 +459,7 @@ def random_scene(shape: tuple[int, int], rng: np.random.Generator, **ranges: Any
     def cut() -> Cut:
         return Cut((rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w), rng.uniform(0.0, 360.0))
 
+    cuts: list[Cut]
     if layout == "rp":
         fault = (rng.uniform(0.25, 0.75) * h, rng.uniform(0.25, 0.75) * w)
         phases, cuts = [crystal("perovskite", a, rotation, rp_fault_at=fault)], []
