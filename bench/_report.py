@@ -14,6 +14,8 @@ import torch
 from stemd.config import DEJITTER_MAX
 from stemd.denoiser import PRECISIONS
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"  # where the bench scripts write their sections
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to reproduce.\n"
 
 

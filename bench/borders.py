@@ -1,7 +1,8 @@
 """Frame borders: the shipped AE with reflect padding (the former geometry) against windows inside the frame only.
 
-    python bench/borders.py                  # the shipped paper AE; ~1 min on one thread
-    python bench/borders.py --model PATH     # any window_ae checkpoint
+    python -m bench.borders                  # the shipped paper AE; ~1 min on one thread
+    python -m bench.borders --model PATH     # any window_ae checkpoint
+    python -m bench.borders --quick          # smoke run: 128² frames, dose 20, step 3, one timing run
 
 Prints the tables of docs/training.md, "Frame borders".
 
@@ -29,6 +30,8 @@ from stemd import metrics, synthetic
 from stemd.denoiser import Denoiser, denormalize, normalize
 from stemd.window import pad_frames, reconstruct
 
+from bench._report import ROOT
+
 SIZE = 512
 BAND = 28  # px: the outer band scored apart from the interior
 DOSES = (5.0, 20.0, 80.0)
@@ -36,7 +39,6 @@ STEPS = (2, 3)
 ROTATIONS = (-12.0, 8.0, 61.0)
 BACKGROUND = 0.1
 SEED = 20_261_125  # not a training or validation stream
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def padded(model: torch.nn.Module, frames: torch.Tensor, step: int) -> torch.Tensor:
@@ -67,7 +69,9 @@ def psnr_where(errors: list[np.ndarray], *masks: np.ndarray) -> tuple[float, ...
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=ROOT / "stemd/models/paper_ae.pt", help="a window_ae checkpoint")
+    p.add_argument("--quick", action="store_true", help="smoke run: 128² frames, dose 20, step 3, one timing run")
     args = p.parse_args(argv)
+    size, doses, steps, repeats = (128, (20.0,), (3,), 1) if args.quick else (SIZE, DOSES, STEPS, 5)
     torch.set_num_threads(1)
     den = Denoiser.load(args.model, device="cpu")
     model = den.model
@@ -75,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model} is a {model.arch()['name']} model; the floating window needs a window_ae", file=sys.stderr)
         return 2
     rng = np.random.default_rng(SEED)
-    sims = [synthetic.simulate_frame((SIZE, SIZE), rng, rotation_deg=r, offset_px=(3.3, 1.7)).clean for r in ROTATIONS]
-    dist = edge_distance((SIZE, SIZE))
+    sims = [synthetic.simulate_frame((size, size), rng, rotation_deg=r, offset_px=(3.3, 1.7)).clean for r in ROTATIONS]
+    dist = edge_distance((size, size))
     regions = (dist < BAND, dist >= BAND, *((dist >= a) & (dist < b) for a, b in RINGS))
     rows = []
     with torch.inference_mode():
-        for dose in DOSES:
+        for dose in doses:
             noise = synthetic.NoiseSpec(kind="poisson", dose=dose, background=BACKGROUND)
             counts = np.stack([
                 (synthetic.corrupt(clean, noise, np.random.default_rng([SEED, i, int(dose)])) + BACKGROUND) * dose
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             x, lo, hi = normalize(counts, reference=den.reference)
             frames = torch.from_numpy(x)[:, None]
             noisy = psnr_where([(metrics.fit_scale(c, s) - s) ** 2 for c, s in zip(counts, sims)], *regions)
-            for step in STEPS:
+            for step in steps:
                 row = {"dose": dose, "step": step, "noisy": noisy}
                 for name, geometry in GEOMETRIES.items():
                     out = denormalize(geometry(model, frames, step)[:, 0].numpy(), lo, hi)
@@ -97,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
         times = {}
         one = frames[:1]
-        for step in STEPS:
+        for step in steps:
             for name, geometry in GEOMETRIES.items():
                 geometry(model, one, step)  # warm-up: count/bias maps cached
                 runs = []
-                for _ in range(5):
+                for _ in range(repeats):
                     t0 = time.perf_counter()
                     geometry(model, one, step)
                     runs.append(time.perf_counter() - t0)
@@ -115,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| dose | " + " | ".join(f"{a}-{b} px" for a, b in RINGS) + f" | interior (>= {BAND} px) |")
     print("|---:|" + "---|" * (len(RINGS) + 1))
-    for r in (r for r in rows if r["step"] == 2):
+    for r in (r for r in rows if r["step"] == steps[0]):
         cells = [f"{r['before'][i]:.1f} → {r['after'][i]:.1f}" for i in (*range(2, 2 + len(RINGS)), 1)]
         print(f"| {r['dose']:g} | " + " | ".join(cells) + " |")
     print()
     print("| step | before s/frame | after s/frame |")
     print("|---:|---:|---:|")
-    for step in STEPS:
+    for step in steps:
         print(f"| {step} | {times['before', step]:.3f} | {times['after', step]:.3f} |")
     return 0
 

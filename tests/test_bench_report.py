@@ -2,17 +2,13 @@
 --model NAME=PATH[@OPTIONS] parser, and the bench scripts that use it."""
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from _report import HEADER, machine_line, model_option, write_section  # noqa: E402
-
-import latency  # noqa: E402
-import speed  # noqa: E402
+from bench import latency, speed
+from bench._report import HEADER, machine_line, model_option, write_section
 
 
 def test_sections_are_replaced_in_place_and_others_kept(tmp_path):
