@@ -14,6 +14,8 @@ import torch
 from stemd.config import DEJITTER_MAX
 from stemd.pipeline import PRECISIONS
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"  # where the bench scripts write their sections
 HEADER = "# Benchmarks\n\nEvery figure here is written by a script in `bench/`; rerun it to reproduce.\n"
 
 
@@ -35,8 +37,16 @@ def machine_line() -> str:
     return text
 
 
+SUMMARY = "Summary"  # docs/benchmarks.md's first section, written by hand from the sections after it
+
+
 def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the `## title` section of a markdown file, keeping the other sections."""
+    """Replace (or append) the `## title` section of a markdown file, keeping the other sections.
+
+    A section is replaced where it stands and a new one goes at the end, so the order is kept and the
+    hand-written `## Summary` at the top stays first; no script may write the summary itself."""
+    if title == SUMMARY:
+        raise ValueError(f"the {SUMMARY} section of {path.name} is written by hand, not by a bench script")
     text = path.read_text() if path.exists() else HEADER
     block = f"## {title}\n\n{body.strip()}\n\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)

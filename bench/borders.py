@@ -1,7 +1,8 @@
 """Frame borders: the shipped AE with reflect padding (the former geometry) against windows inside the frame only.
 
-    python bench/borders.py                  # the shipped paper AE; ~1 min on one thread
-    python bench/borders.py --model PATH     # any window_ae checkpoint
+    python -m bench.borders                  # the shipped paper AE; ~1 min on one thread
+    python -m bench.borders --model PATH     # any window_ae checkpoint
+    python -m bench.borders --quick          # smoke run: 128² frames, dose 20, step 3, one timing run
 
 Prints the tables of docs/training.md, "Frame borders".
 
@@ -9,7 +10,7 @@ Simulated 512×512 lattice frames (three rotations, no defect) under Poisson cou
 and 80 over a 0.1 background, in detector counts, normalised as `Denoiser` does. Each output is
 mapped onto the clean frame's scale by `metrics.fit_scale` (one fit per whole frame) and scored by
 PSNR (data range 1) over the outer 28 px band and over the interior, the squared error pooled over
-the three frames. "before" reconstructs the reflect-padded frame (`stemd.compute.window.pad_frames`) and
+the three frames. "before" reconstructs the reflect-padded frame (`pad_frames`) and
 crops it, which is exactly what `reconstruct` did before it kept to windows inside the frame.
 Times: `reconstruct` of one frame, median of 5, torch on one thread.
 """
@@ -24,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stemd.compute import metrics
 from stemd.sim import lattice as synthetic
 from stemd.pipeline import Denoiser
 from stemd.compute.normalize import denormalize, normalize
-from stemd.compute.window import pad_frames, reconstruct
+from stemd.compute.window import reconstruct
+
+from bench._report import ROOT
 
 SIZE = 512
 BAND = 28  # px: the outer band scored apart from the interior
@@ -38,7 +42,26 @@ STEPS = (2, 3)
 ROTATIONS = (-12.0, 8.0, 61.0)
 BACKGROUND = 0.1
 SEED = 20_261_125  # not a training or validation stream
-ROOT = Path(__file__).resolve().parents[1]
+
+
+def pad_amounts(size: int, window: int, step: int) -> tuple[int, int]:
+    """(before, after) reflect padding of one axis in the former geometry (see `pad_frames`)."""
+    before = window - step
+    padded = size + 2 * before
+    return before, before + (window - padded) % step
+
+
+def pad_frames(frames: torch.Tensor, window: int, step: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, 1, H, W) -> (padded frames, (top, left) offset of the input inside them): the former geometry.
+
+    `stemd.compute.window.reconstruct` no longer pads; reconstructing the padded frame and cropping it reproduces the
+    former reflect-padded result (bench/borders.py compares the two).
+    """
+    h, w = frames.shape[-2:]
+    top, bottom = pad_amounts(h, window, step)
+    left, right = pad_amounts(w, window, step)
+    mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
+    return F.pad(frames, (left, right, top, bottom), mode=mode), (top, left)
 
 
 def padded(model: torch.nn.Module, frames: torch.Tensor, step: int) -> torch.Tensor:
@@ -69,7 +92,9 @@ def psnr_where(errors: list[np.ndarray], *masks: np.ndarray) -> tuple[float, ...
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=ROOT / "stemd/models/paper_ae.pt", help="a window_ae checkpoint")
+    p.add_argument("--quick", action="store_true", help="smoke run: 128² frames, dose 20, step 3, one timing run")
     args = p.parse_args(argv)
+    size, doses, steps, repeats = (128, (20.0,), (3,), 1) if args.quick else (SIZE, DOSES, STEPS, 5)
     torch.set_num_threads(1)
     den = Denoiser.load(args.model, device="cpu")
     model = den.model
@@ -77,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model} is a {model.arch()['name']} model; the floating window needs a window_ae", file=sys.stderr)
         return 2
     rng = np.random.default_rng(SEED)
-    sims = [synthetic.simulate_frame((SIZE, SIZE), rng, rotation_deg=r, offset_px=(3.3, 1.7)).clean for r in ROTATIONS]
-    dist = edge_distance((SIZE, SIZE))
+    sims = [synthetic.simulate_frame((size, size), rng, rotation_deg=r, offset_px=(3.3, 1.7)).clean for r in ROTATIONS]
+    dist = edge_distance((size, size))
     regions = (dist < BAND, dist >= BAND, *((dist >= a) & (dist < b) for a, b in RINGS))
     rows = []
     with torch.inference_mode():
-        for dose in DOSES:
+        for dose in doses:
             noise = synthetic.NoiseSpec(kind="poisson", dose=dose, background=BACKGROUND)
             counts = np.stack([
                 (synthetic.corrupt(clean, noise, np.random.default_rng([SEED, i, int(dose)])) + BACKGROUND) * dose
@@ -91,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             x, lo, hi = normalize(counts, reference=den.reference)
             frames = torch.from_numpy(x)[:, None]
             noisy = psnr_where([(metrics.fit_scale(c, s) - s) ** 2 for c, s in zip(counts, sims)], *regions)
-            for step in STEPS:
+            for step in steps:
                 row = {"dose": dose, "step": step, "noisy": noisy}
                 for name, geometry in GEOMETRIES.items():
                     out = denormalize(geometry(model, frames, step)[:, 0].numpy(), lo, hi)
@@ -99,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
         times = {}
         one = frames[:1]
-        for step in STEPS:
+        for step in steps:
             for name, geometry in GEOMETRIES.items():
                 geometry(model, one, step)  # warm-up: count/bias maps cached
                 runs = []
-                for _ in range(5):
+                for _ in range(repeats):
                     t0 = time.perf_counter()
                     geometry(model, one, step)
                     runs.append(time.perf_counter() - t0)
@@ -117,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| dose | " + " | ".join(f"{a}-{b} px" for a, b in RINGS) + f" | interior (>= {BAND} px) |")
     print("|---:|" + "---|" * (len(RINGS) + 1))
-    for r in (r for r in rows if r["step"] == 2):
+    for r in (r for r in rows if r["step"] == steps[0]):
         cells = [f"{r['before'][i]:.1f} → {r['after'][i]:.1f}" for i in (*range(2, 2 + len(RINGS)), 1)]
         print(f"| {r['dose']:g} | " + " | ".join(cells) + " |")
     print()
     print("| step | before s/frame | after s/frame |")
     print("|---:|---:|---:|")
-    for step in STEPS:
+    for step in steps:
         print(f"| {step} | {times['before', step]:.3f} | {times['after', step]:.3f} |")
     return 0
 

@@ -1,8 +1,8 @@
 """Faithfulness, measured (issue 5): column fidelity, no invented lattice, and peers side by side.
 
-    python bench/faithfulness.py                        # full run (~10-15 min on 2 cores)
-    python bench/faithfulness.py --quick --no-tkrem     # smoke run (< 1 min): one dose, 256² / 128² frames
-    python bench/faithfulness.py --model ae=stemd/models/paper_ae.pt --model conv=stemd/models/conv.pt
+    python -m bench.faithfulness                        # full run (~10-15 min on 2 cores)
+    python -m bench.faithfulness --quick --no-tkrem     # smoke run (< 1 min): one dose, 256² / 128² frames
+    python -m bench.faithfulness --model ae=stemd/models/paper_ae.pt --model conv=stemd/models/conv.pt
 
 Writes the "## Faithfulness" section of OUT/benchmarks.md (other sections kept) and OUT/defect.png.
 Every frame is a `stemd.sim.scenes.named_frame` (seeded), in clean units (a clean value of 1 is the
@@ -29,15 +29,14 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, model_option, write_section  # noqa: E402
-from classical import bm3d_denoise, gaussian_best  # noqa: E402
+from stemd.compute import metrics
+from stemd.sim import scenes
+from stemd.pipeline import Denoiser
+from stemd.errors import StemdError
 
-from stemd.compute import metrics  # noqa: E402
-from stemd.sim import scenes  # noqa: E402
-from stemd.pipeline import Denoiser  # noqa: E402
-from stemd.errors import StemdError  # noqa: E402
+from bench._report import ROOT, machine_line, model_option, write_section
+from bench.classical import bm3d_denoise, gaussian_best
+from bench.peers import tk_r_em_bridge
 
 DOSES = (2.0, 5.0, 20.0, 80.0, 200.0)
 QUICK_DOSE = 20.0
@@ -331,9 +330,6 @@ def model_method(name: str, path: Path, options: dict | None = None) -> Method:
 
 def tkrem_method() -> Method | None:
     """tk_r_em sfr_hrstem through its own venv (bench/peers), or None with a note when unavailable."""
-    sys.path.insert(0, str(ROOT / "bench" / "peers"))
-    import tk_r_em_bridge
-
     if not tk_r_em_bridge.available():
         print("tk_r_em: not available (no venv with tk_r_em; see bench/peers/README.md): skipped", flush=True)
         return None
@@ -835,7 +831,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    args.command = " ".join(["python bench/faithfulness.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join(["python -m bench.faithfulness", *(sys.argv[1:] if argv is None else argv)])
     try:
         methods = build_methods(args)
     except StemdError as exc:

@@ -1,8 +1,8 @@
 """End-to-end latency through the real daemon over loopback ZeroMQ.
 
-    python bench/latency.py                    # 512² at the 2 µs-dwell rate and at full speed
-    python bench/latency.py --quick --no-write
-    python bench/latency.py --model ae=stemd/models/paper_ae.pt --steps 2,3 --mode lossless
+    python -m bench.latency                    # 512² at the 2 µs-dwell rate and at full speed
+    python -m bench.latency --quick --no-write
+    python -m bench.latency --model ae=stemd/models/paper_ae.pt --steps 2,3 --mode lossless
 
 Each model (default: the shipped conv model at float32 and at bf16, and the paper AE at step 3)
 runs in its own daemon; `--mode lossless` pairs the daemon's lossless queue with a lossless
@@ -40,9 +40,8 @@ from stemd.models.checkpoint import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_chec
 from stemd.sim.microscope import SimSpec
 from stemd.apps.simulate import Simulator
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, model_option, publish  # noqa: E402
+
+from bench._report import BENCHMARKS, machine_line, model_option, publish
 
 
 def free_port() -> int:
@@ -157,7 +156,7 @@ async def measure(name: str, spec: SimSpec, seconds: float, *, max_rate: bool, d
 def to_markdown(rows: list[dict], args) -> str:
     lines = [
         f"Machine: {machine_line()}. Measured {datetime.date.today()}; daemon device: {rows[0]['device']}.",
-        f"Command: `python bench/latency.py{' --quick' if args.quick else ''}` "
+        f"Command: `python -m bench.latency{' --quick' if args.quick else ''}` "
         f"({args.seconds:g} s per row; the daemon is a separate `stemd run` process, "
         f"queue {args.mode}, max_batch {args.max_batch}, maxsize {args.maxsize}).",
         "",
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--out", type=Path, default=BENCHMARKS)
     args = p.parse_args(argv)
     args.models = args.model or [("conv", DEFAULT_MODEL_PATH, {}), ("conv", DEFAULT_MODEL_PATH, {"precision": "bf16"}),
                                  ("paper AE", PAPER_AE_PATH, {})]

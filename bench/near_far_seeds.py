@@ -1,12 +1,13 @@
 """Near/far column error at the RP fault over several seeds: how much the faithfulness bench's one frame says.
 
-    python bench/near_far_seeds.py                  # seeds 0-3, doses 2, 5, 20 (~3 min on 2 cores)
-    python bench/near_far_seeds.py --seeds 8 --doses 2,5
+    python -m bench.near_far_seeds                  # seeds 0-3, doses 2, 5, 20 (~3 min on 2 cores)
+    python -m bench.near_far_seeds --seeds 8 --doses 2,5
+    python -m bench.near_far_seeds --seeds 1 --doses 20 --size 256   # smoke run (seconds)
 
 The faithfulness bench scores one seeded RP frame per dose. By the fault only four column planes count as
 "near", and with the planar-defect guide each plane's error is mostly one offset shared along it, so the
 near RMS of one frame is a small sample. This prints, for the shipped conv model with and without the
-planar guide, the near / far RMS (pm) of each seed's perovskite_rp frame (512²) and of all seeds' columns
+planar guide, the near / far RMS (pm) of each seed's perovskite_rp frame (512², or --size) and of all seeds' columns
 pooled. Prints only; nothing is written.
 """
 
@@ -14,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import faithfulness as fb  # noqa: E402
+from stemd.sim import scenes
+from stemd.pipeline import Denoiser
 
-from stemd.sim import scenes  # noqa: E402
-from stemd.pipeline import Denoiser  # noqa: E402
+from bench import faithfulness as fb
 
 
 def errors(out: np.ndarray, scene: scenes.Scene) -> tuple[np.ndarray, np.ndarray]:
@@ -41,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 (0 is the faithfulness bench's frame)")
     p.add_argument("--doses", type=lambda s: [float(v) for v in s.split(",")], default=[2.0, 5.0, 20.0])
+    p.add_argument("--size", type=int, default=512, help="frame side in px (default 512, the faithfulness bench's)")
     args = p.parse_args(argv)
     models = {"conv": Denoiser.load(device="cpu"), "conv no planar guide": Denoiser.load(device="cpu", planar=False)}
     print("| dose | model | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | pooled |")
     print("|---:|---|" + "---:|" * (args.seeds + 1))
     for dose in args.doses:
-        frames = [scenes.named_frame("perovskite_rp", (512, 512), seed=fb.FRAME_SEED + s, dose=dose)
+        frames = [scenes.named_frame("perovskite_rp", (args.size, args.size), seed=fb.FRAME_SEED + s, dose=dose)
                   for s in range(args.seeds)]
         for name, den in models.items():
             cells, near_all, far_all = [], [], []

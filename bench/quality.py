@@ -1,7 +1,7 @@
 """Measured quality: the paper's Figure 2 protocol, and stemd against classical denoisers on frames.
 
-    python bench/quality.py                             # full run (~10 min on 2 cores)
-    python bench/quality.py --quick --out /tmp/quality  # smoke run: fewer windows, one dose, 128² frames
+    python -m bench.quality                             # full run (~10 min on 2 cores)
+    python -m bench.quality --quick --out /tmp/quality  # smoke run: fewer windows, one dose, 128² frames
 
 Writes the "## Quality" section of OUT/benchmarks.md (other sections kept), OUT/figure2.png and
 OUT/frames.png. Everything is seeded; the test data never share a seed stream with training.
@@ -28,16 +28,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, write_section  # noqa: E402
-from classical import GAUSS_SIGMAS, bm3d_denoise, gaussian_best, nlm  # noqa: E402
+from stemd.compute import metrics
+from stemd.sim import lattice as synthetic
+from stemd.pipeline import Denoiser
+from stemd.errors import StemdError
+from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
 
-from stemd.compute import metrics  # noqa: E402
-from stemd.sim import lattice as synthetic  # noqa: E402
-from stemd.pipeline import Denoiser  # noqa: E402
-from stemd.errors import StemdError  # noqa: E402
-from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint  # noqa: E402
+from bench._report import ROOT, machine_line, write_section
+from bench.classical import GAUSS_SIGMAS, bm3d_denoise, gaussian_best, nlm
 
 WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.apps.training)
 FRAME_SEED = 20_240_002
@@ -443,11 +441,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    args.command = " ".join(["python bench/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join(["python -m bench.quality", *(sys.argv[1:] if argv is None else argv)])
     args.out.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(args.model)
     if model.arch().get("name") != "window_ae":
-        raise SystemExit(f"bench/quality.py: the Figure 2 protocol needs a window_ae model, got {model.arch().get('name')!r}")
+        raise SystemExit(f"bench.quality: the Figure 2 protocol needs a window_ae model, got {model.arch().get('name')!r}")
     denoiser = Denoiser(model, meta, device=args.device)
 
     t0 = time.perf_counter()
@@ -490,5 +488,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except StemdError as exc:
-        print(f"bench/quality.py: {exc}", file=sys.stderr)
+        print(f"bench.quality: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,8 @@
 """Sampling, measured: the same specimen imaged at other pixel sizes, denoised as is and resampled.
 
-    python bench/sampling.py                 # both tables (~1-2 min on 1 thread), prints them
-    python bench/sampling.py --write         # ... and writes the "## Sampling" section of docs/benchmarks.md
+    python -m bench.sampling                 # both tables (~1-2 min on 1 thread), prints them
+    python -m bench.sampling --write         # ... and writes the "## Sampling" section of docs/benchmarks.md
+    python -m bench.sampling --quick         # smoke run: conv model, two periods, 128² frames (seconds)
 
 Each frame is `stemd.sim.scenes.named_frame("perovskite_rp", (512, 512), dose=20)` re-rendered with
 every length in the specimen scaled to a lattice period of P px (column width 0.13 P, probe blur
@@ -21,18 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from _report import machine_line, write_section  # noqa: E402
+from stemd.compute import metrics
+from stemd.sim import scenes
+from stemd.pipeline import Denoiser
+from stemd.compute.sampling import SamplingError
+from stemd.config import SRTIO3_A_M
 
-from stemd.compute import metrics  # noqa: E402
-from stemd.sim import scenes  # noqa: E402
-from stemd.pipeline import Denoiser  # noqa: E402
-from stemd.compute.sampling import DEFAULT_LATTICE_PERIOD_M, SamplingError  # noqa: E402
+from bench._report import BENCHMARKS, ROOT, machine_line, write_section
 
 KIND = "perovskite_rp"
 NAMED_PERIOD = 10.0  # the named frame's perovskite period, px
 CONV_PERIODS = (4.0, 6.0, 10.0, 20.0, 30.0, 40.0)
+QUICK_PERIODS = (4.0, 10.0)  # --quick: one resampled period and one in range, conv model only
 AE_PERIODS = (7.0, 8.0, 9.0, 9.5, 10.0, 10.5, 11.0, 12.0, 14.0, 20.0)
 
 
@@ -60,10 +61,10 @@ def measure(path: Path, periods: tuple[float, ...], args: argparse.Namespace) ->
     rows = []
     for period in periods:
         noisy, clean = frame_at(period, (args.size, args.size), args.dose, args.seed)
-        pixel = DEFAULT_LATTICE_PERIOD_M / period
+        pixel = SRTIO3_A_M / period
         row = {"period": period, "pixel_pm": pixel * 1e12, "noisy": score(noisy, clean), "as_is": score(den(noisy), clean)}
         try:
-            row["factor"] = den.plan(noisy.shape, pixel)
+            row["factor"] = den.plan(noisy.shape, pixel).factor
             row["resampled"] = row["as_is"] if row["factor"] == 1.0 else score(den(noisy, pixel_size_m=pixel), clean)
         except SamplingError as exc:
             row["refused"] = str(exc).split(";")[0]
@@ -122,29 +123,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--conv", type=Path, default=ROOT / "stemd/models/conv.pt", help="the conv model")
     p.add_argument("--ae", type=Path, default=ROOT / "stemd/models/paper_ae.pt", help="the paper AE ('' to skip)")
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, default=None, help="frame side (default 512; quick 128)")
     p.add_argument("--dose", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write", action="store_true", help="write the Sampling section of docs/benchmarks.md")
-    return p.parse_args(argv)
+    p.add_argument("--write", action="store_true", help="write the Sampling section of --out")
+    p.add_argument("--out", type=Path, default=BENCHMARKS, help="the markdown file --write updates (default docs/benchmarks.md)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: the conv model only, periods {', '.join(f'{v:g}' for v in QUICK_PERIODS)} px, 128² frames")
+    args = p.parse_args(argv)
+    args.size = args.size or (128 if args.quick else 512)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = " ".join(["python bench/sampling.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = " ".join(["python -m bench.sampling", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(1)
     start = time.perf_counter()
     noisy, clean = frame_at(NAMED_PERIOD, (512, 512), 20.0, 0)
     named, named_scene, _ = scenes.named_frame(KIND, (512, 512), dose=20.0)
     assert np.array_equal(noisy, named) and np.array_equal(clean, named_scene.clean), "P = 10 must be the named frame"
-    tables = [table(*measure(args.conv, CONV_PERIODS, args))]
-    if str(args.ae) and args.ae.is_file():
+    tables = [table(*measure(args.conv, QUICK_PERIODS if args.quick else CONV_PERIODS, args))]
+    if not args.quick and str(args.ae) and args.ae.is_file():
         tables.append(table(*measure(args.ae, AE_PERIODS, args)))
     args.elapsed_s = time.perf_counter() - start
     print("\n" + "\n\n".join(tables))
     if args.write:
-        write_section(ROOT / "docs" / "benchmarks.md", "Sampling", report(args, tables))
-        print(f"wrote {ROOT / 'docs' / 'benchmarks.md'} (## Sampling)")
+        write_section(args.out, "Sampling", report(args, tables))
+        print(f"wrote {args.out} (## Sampling)")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Model speed against the compute floor: time per frame, batched fps, peak memory, FLOPs.
 
-    python bench/speed.py                      # CPU (and CUDA when present), writes docs/benchmarks.md
-    python bench/speed.py --quick --no-write   # a smoke run
+    python -m bench.speed                      # CPU (and CUDA when present), writes docs/benchmarks.md
+    python -m bench.speed --quick --no-write   # a smoke run
 
 For each model, precision, frame size (and step, for the window AE): median time per frame after
 warm-up (batch 1), frames/s with a batch, peak memory, the model's FLOPs per frame (counted by
@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from stemd.compute import metrics
+from stemd.sim import lattice as synthetic
 from stemd.config import DEJITTER_DEFAULT
 from stemd.compute.dejitter import dejitter
 from stemd.pipeline import Denoiser, resolve_device
 from stemd.models.checkpoint import MODELS_DIR
 from stemd.compute.planar import planar_guide
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import classical  # noqa: E402  (the classical peers, one definition for every bench)
-from _report import machine_line, model_option, publish  # noqa: E402
+from bench import classical  # the classical peers, one definition for every bench
+from bench._report import BENCHMARKS, machine_line, model_option, publish
 
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MODELS = {"conv": MODELS_DIR / "conv.pt", "paper AE": MODELS_DIR / "paper_ae.pt"}
@@ -153,8 +153,6 @@ def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list
 def bench_planar(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
     """The planar-defect guide (stemd.compute.planar, Bragg guide included) on a Poisson RP-fault frame per size (a frame
     with a lattice: the costly case)."""
-    from stemd.sim import lattice as synthetic
-
     def frame(size: int) -> torch.Tensor:
         rng = np.random.default_rng(size)
         clean = synthetic.simulate_frame((size, size), rng, defect="rp").clean
@@ -166,9 +164,6 @@ def bench_planar(device: torch.device, sizes: list[int], repeats: int) -> list[d
 def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, dose: float, seed: int,
                 repeats: int = 3) -> list[dict]:
     """Every model and precision vs NLM vs BM3D on the same Poisson frame: time and PSNR, side by side."""
-    from stemd.compute import metrics
-    from stemd.sim import lattice as synthetic
-
     rng = np.random.default_rng(seed)
     truth = synthetic.simulate_frame((size, size), rng, defect="rp")
     noisy = synthetic.corrupt(truth.clean, synthetic.NoiseSpec(kind="poisson", dose=dose), rng)
@@ -220,7 +215,7 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
     lines = [
         f"Machine: {machine_line()}. Measured {datetime.date.today()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads.",
-        f"Command: `python bench/speed.py{' --quick' if args.quick else ''}`.",
+        f"Command: `python -m bench.speed{' --quick' if args.quick else ''}`.",
         "",
         "Measured matmul rate (2048², same run): "
         + ", ".join(f"{d} {p}: {r / 1e9:.0f} GFLOP/s" for (d, p), r in rates.items())
@@ -282,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dose", type=float, default=20.0)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--out", type=Path, default=BENCHMARKS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

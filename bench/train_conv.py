@@ -1,8 +1,8 @@
 """The fully convolutional model (stemd.models.conv_unet): train it, time it, check it (issue 5).
 
-    python bench/train_conv.py train [stemd train options]   # = stemd train --config config/train_conv.yaml ...
-    python bench/train_conv.py speed [--threads N]           # seconds per 512^2 frame of candidate widths
-    python bench/train_conv.py check NAME=CKPT ... [--threads N]  # PSNR and time on RP-defect frames
+    python -m bench.train_conv train [stemd train options]   # = stemd train --config config/train_conv.yaml ...
+    python -m bench.train_conv speed [--threads N]           # seconds per 512^2 frame of candidate widths
+    python -m bench.train_conv check NAME=CKPT ... [--threads N]  # PSNR and time on RP-defect frames
 
 Training is `stemd train` (stemd.apps.training, `model: conv_unet`); this file only adds the two
 measurements recorded in docs/training.md, "Fully convolutional model".
@@ -18,11 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from stemd.apps.cli import main as stemd
 from stemd.models.conv_unet import ConvDenoiser
+from stemd.pipeline import Denoiser
 from stemd.compute.metrics import fit_scale
+from stemd.models.checkpoint import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
+from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench._report import ROOT
 CANDIDATES = [((16, 32, 48), 2, "none"), ((16, 32, 48, 64), 2, "none"), ((32, 48, 64, 96), 2, "none"),
               ((48, 64, 96, 128), 2, "none"), ((48, 64, 96, 128), 2, "bragg"), ((16, 24, 32, 48), 1, "none")]
 
@@ -42,9 +47,6 @@ def quick_check(models: dict[str, Path | None], doses=(5.0, 20.0, 80.0), threads
     """PSNR (dB, after metrics.fit_scale over the frame) on 512^2 simulate_frame RP-defect frames at
     Poisson doses: whole frame, its outer 32 px band, the interior, and the interior within 8 px of
     the fault's columns; and seconds per frame through `Denoiser`."""
-    from stemd.pipeline import Denoiser
-    from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
-
     torch.set_num_threads(threads)
     dens = {name: Denoiser.load(path, device="cpu") for name, path in models.items()}
     print("| dose | model | whole | outer 32 px | interior | interior near the fault |\n|---|---|---|---|---|---|")
@@ -71,17 +73,28 @@ def quick_check(models: dict[str, Path | None], doses=(5.0, 20.0, 80.0), threads
     print("seconds per 512^2 frame (%d threads): " % threads + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
 
 
-def speed_table(configs: list[tuple[tuple[int, ...], int, str]], threads: int, reps: int = 8) -> None:
+def shipped_label(model: torch.nn.Module, meta: dict) -> tuple[str, int]:
+    """(row label, step) of a shipped checkpoint, from its arch: the window AE has `window`, `hidden` and a
+    step; the conv model (the default since stemd/models/conv.pt) has channels, unshuffle and guide, no step."""
+    arch = model.arch()
+    if arch["name"] == "window_ae":
+        step = meta.get("step", 2)
+        return f"shipped AE {arch['window']} px {tuple(arch['hidden'])}, step {step}", step
+    return f"shipped conv_unet {list(arch['channels'])}, unshuffle {arch['unshuffle']}, guide {arch['guide']}", 0
+
+
+def speed_table(configs: list[tuple[tuple[int, ...], int, str]], threads: int, reps: int = 8,
+                shipped: tuple[Path, ...] = (PAPER_AE_PATH, DEFAULT_MODEL_PATH)) -> None:
     """Markdown rows: model, parameters, receptive field (px), GFLOP (convolutions and matmuls; the
-    Bragg guide's FFTs are not counted) and min seconds per 512^2 frame, all models interleaved."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from stemd.models.checkpoint import load_checkpoint
-
+    Bragg guide's FFTs are not counted) and min seconds per 512^2 frame, all models interleaved.
+    The shipped checkpoints (the paper AE and the default conv model) are the references to beat."""
     torch.set_num_threads(threads)
     x = torch.randn(1, 1, 512, 512)
-    ae, meta = load_checkpoint(None)  # the shipped default: the reference to beat
-    rows = {f"shipped AE {ae.arch()['window']} px {tuple(ae.arch()['hidden'])}, step {meta.get('step', 2)}": (ae, meta.get("step", 2))}
+    rows = {}
+    for path in shipped:
+        model, meta = load_checkpoint(path)
+        label, step = shipped_label(model, meta)
+        rows[label] = (model.eval(), step)
     for ch, u, guide in configs:
         rows[f"conv_unet {list(ch)}, unshuffle {u}, guide {guide}"] = (ConvDenoiser(ch, u, guide).eval(), 0)
     best = {k: math.inf for k in rows}
@@ -102,16 +115,15 @@ def speed_table(configs: list[tuple[tuple[int, ...], int, str]], threads: int, r
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from stemd.apps.cli import main as stemd
-
         return stemd(["train", "--config", str(ROOT / "config" / "train_conv.yaml"), *argv[1:]])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("speed", "check"))
     p.add_argument("models", nargs="*", metavar="NAME=CKPT", help="check: the checkpoints to compare")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="speed: one repetition of the first candidate (a smoke run)")
     a = p.parse_args(argv)
     if a.what == "speed":
-        speed_table(CANDIDATES, a.threads)
+        speed_table(CANDIDATES[:1], a.threads, reps=1) if a.quick else speed_table(CANDIDATES, a.threads)
     else:
         quick_check({k: Path(v) for k, v in (m.split("=", 1) for m in a.models)}, threads=a.threads)
     return 0

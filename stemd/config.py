@@ -232,7 +232,7 @@ def _format_error(exc: ValidationError, source: str, prefix: str = "", given: Co
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():
         key = prefix + ".".join(str(p) for p in err["loc"]) or "(top level)"
-        key += f" ({option_name(key)})" if key in given else ""
+        key += f" ({option_name(key)})" if key in given and (key in OPTION_NAMES or key in MODEL_KEYS) else ""
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -2,17 +2,13 @@
 --model NAME=PATH[@OPTIONS] parser, and the bench scripts that use it."""
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from _report import HEADER, machine_line, model_option, write_section  # noqa: E402
-
-import latency  # noqa: E402
-import speed  # noqa: E402
+from bench import latency, speed
+from bench._report import BENCHMARKS, HEADER, SUMMARY, machine_line, model_option, write_section
 
 
 def test_sections_are_replaced_in_place_and_others_kept(tmp_path):
@@ -25,6 +21,39 @@ def test_sections_are_replaced_in_place_and_others_kept(tmp_path):
     assert "q1" not in text and "q2" in text and "s1" in text
     assert text.index("## Quality") < text.index("## Speed (bench/speed.py)")
     assert text.count("## Quality") == 1
+
+
+def test_a_bench_rerun_keeps_the_summary_first(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(HEADER + "\n## Summary\n\n| a | b |\n\n## Quality\n\nq1\n\n## Notes by hand\n\nn\n")
+    write_section(doc, "Quality", "q2")  # replaced in place
+    write_section(doc, "Latency (bench/latency.py)", "l1")  # new: appended at the end
+    write_section(doc, "Speed (bench/speed.py)", "s1")
+    text = doc.read_text()
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == ["## Summary", "## Quality", "## Notes by hand", "## Latency (bench/latency.py)",
+                      "## Speed (bench/speed.py)"]
+    assert "| a | b |" in text and "q1" not in text and "q2" in text
+    with pytest.raises(ValueError, match="by hand"):
+        write_section(doc, SUMMARY, "pushed")
+    assert doc.read_text() == text
+
+
+def test_the_real_benchmarks_doc_opens_with_a_short_summary():
+    """docs/benchmarks.md: the Summary is its first section and fits a screen; every script's section is there
+    once, so a rerun replaces it in place rather than appending a second copy."""
+    text = BENCHMARKS.read_text()
+    assert text.startswith(HEADER)
+    titles = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert titles[0] == SUMMARY
+    summary = text.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
+    assert len(summary.strip().splitlines()) <= 55
+    for command in ("python -m bench.quality", "python -m bench.faithfulness", "python -m bench.speed",
+                    "python -m bench.latency", "conv.pt"):
+        assert command in summary
+    for title in ("Quality", "Faithfulness", "Speed (bench/speed.py)", "Latency (bench/latency.py)", "Sampling"):
+        assert titles.count(title) == 1, title
+    assert "python bench/" not in text
 
 
 def test_machine_line_names_cores_and_torch():

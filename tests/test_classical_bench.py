@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from stemd.compute import metrics
 from stemd.sim.lattice import simulate_frame
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import classical  # noqa: E402
+from bench import classical
 
 
 @pytest.mark.parametrize("lam", [2.0, 5.0, 30.0])

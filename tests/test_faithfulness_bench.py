@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,19 +10,8 @@ import pytest
 from stemd.compute import metrics
 from stemd.sim import scenes
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("faithfulness", BENCH / "faithfulness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["faithfulness"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-fb = _load()
+from bench import faithfulness as fb
+from bench import near_far_seeds
 
 
 @pytest.fixture(scope="module")
@@ -239,14 +225,11 @@ def test_near_far_seeds_errors_are_zero_on_the_clean_frame_and_grow_with_a_shift
     0.1 px (in pm) in both groups."""
     from scipy import ndimage
 
-    spec = importlib.util.spec_from_file_location("near_far_seeds", BENCH / "near_far_seeds.py")
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
     _, scene, _ = scenes.named_frame("perovskite_rp", (192, 192), seed=fb.FRAME_SEED, dose=20.0)
-    near, far = seeds.errors(scene.clean, scene)
+    near, far = near_far_seeds.errors(scene.clean, scene)
     assert len(near) > 10 and len(far) > 10 and near.max() < 1e-12 and far.max() < 1e-12
     moved = ndimage.shift(scene.clean.astype(np.float64), (0.0, 0.1), order=3, mode="nearest")
-    near, far = seeds.errors(moved, scene)
+    near, far = near_far_seeds.errors(moved, scene)
     expected = 0.1 * fb.pm_per_px(scene)
     assert np.sqrt(near.mean()) == pytest.approx(expected, rel=0.15)
     assert np.sqrt(far.mean()) == pytest.approx(expected, rel=0.15)

@@ -129,27 +129,3 @@ def test_column_rms_error_uses_only_ok_rows():
     assert metrics.column_rms_error(fitted, true, np.array([True, True, False])) == pytest.approx(np.sqrt(13))
     assert np.isnan(metrics.column_rms_error(fitted, true, np.zeros(3, bool)))
 
-
-def test_quality_bench_quick_runs_to_completion(tmp_path):
-    """bench/quality.py --quick end to end with a tiny untrained model, writing only into tmp_path."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import torch
-
-    from stemd.models.window_ae import WindowAE
-    from stemd.models.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model_path = tmp_path / "tiny.pt"
-    save_checkpoint(model_path, WindowAE(28, (16, 8)), {"step": 4})
-    (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\n## Speed\n\nkept\n")
-    script = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-    args = ["--quick", "--size", "64", "--windows", "64", "--model", str(model_path), "--out", str(tmp_path)]
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    text = (tmp_path / "benchmarks.md").read_text()
-    assert "## Speed\n\nkept" in text and "## Quality" in text
-    assert text.count("| dose 20") == 10  # 5 methods x (without, with artefacts)
-    assert (tmp_path / "figure2.png").stat().st_size > 0 and (tmp_path / "frames.png").stat().st_size > 0

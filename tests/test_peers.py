@@ -4,7 +4,6 @@ for the venv's python so the subprocess/file contract is exercised, never tk_r_e
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import sys
 import textwrap
@@ -13,18 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.peers import tk_r_em_bridge as bridge
+from bench.peers import tk_r_em_runner as runner
+
 PEERS = Path(__file__).resolve().parents[1] / "bench" / "peers"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, PEERS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bridge = _load("tk_r_em_bridge")
-runner = _load("tk_r_em_runner")
 
 
 def fake_python(tmp_path: Path, body: str) -> Path:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from stemd.compute import sampling as s
+from stemd.config import SRTIO3_A_M
 from stemd.errors import CheckpointError, ConfigError, InputError
 from stemd.compute.metrics import psnr
 from stemd.sim.lattice import simulate_frame
 
-A = s.DEFAULT_LATTICE_PERIOD_M
+A = SRTIO3_A_M
 CONV = (6.0, 20.0)
 
 

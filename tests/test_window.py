@@ -8,7 +8,8 @@ from stemd.sim import lattice as synthetic
 from stemd.compute.normalize import normalize
 from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
 from stemd.models.window_ae import WindowAE
-from stemd.compute.window import pad_amounts, pad_frames, reconstruct, reconstruct_naive, window_starts
+from bench.borders import pad_amounts, pad_frames
+from stemd.compute.window import reconstruct, reconstruct_naive, window_starts
 
 
 def _random_model(window: int = 28, hidden=(48, 12), seed: int = 0) -> WindowAE:

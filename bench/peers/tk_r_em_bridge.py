@@ -1,7 +1,6 @@
 """The stemd side of the tk_r_em benchmark peer: runs tk_r_em_runner.py in its own venv by subprocess.
 
-    sys.path.insert(0, str(ROOT / "bench" / "peers"))
-    import tk_r_em_bridge
+    from bench.peers import tk_r_em_bridge
     if tk_r_em_bridge.available():
         restored, seconds = tk_r_em_bridge.restore(frames)   # (N, H, W) -> (N, H, W), N times
 

@@ -1,6 +1,6 @@
 """tk_r_em on simulated Poisson frames: time per frame and PSNR/SSIM of raw vs restored.
 
-    python bench/peers/tk_r_em_measure.py [--size 512] [--dose 20] [--frames 3]
+    python -m bench.peers.tk_r_em_measure [--size 512] [--dose 20] [--frames 3]
 
 Runs in stemd's venv; tk_r_em runs in its own venv through tk_r_em_bridge (set it up first with
 bench/peers/tk_r_em_setup.sh). Each frame is an independent Poisson draw of one clean lattice;
@@ -15,24 +15,22 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from stemd.compute import metrics
 from stemd.sim import lattice as synthetic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tk_r_em_bridge  # noqa: E402
+from bench.peers import tk_r_em_bridge
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--dose", type=float, default=20.0)
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not tk_r_em_bridge.available():
         print("tk_r_em venv not found: run bench/peers/tk_r_em_setup.sh", file=sys.stderr)
         return 1

@@ -18,7 +18,6 @@ from torch.nn import functional as F
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 POLICIES = ("resample", "refuse", "off")  # off: the pixel size is ignored
-DEFAULT_LATTICE_PERIOD_M = 3.905e-10  # SrTiO3's a, the perovskite the training scenes are scaled to
 LATTICE_PERIOD_RANGE_M = (1e-11, 1e-8)  # 0.01-10 nm: outside it, a unit slip (Å or nm for metres) is likelier
 # A model trained on one period p (the paper's window AE: 10 px) runs frames as is only within
 # p ÷/× this factor ([9.9, 10.1] px). Measured (docs/benchmarks.md, "Sampling"): as is the AE loses

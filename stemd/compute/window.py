@@ -69,26 +69,6 @@ def _grids(h: int, w: int, window: int, step: int) -> list[tuple[int, int, int, 
     return [(r0, c0, n_r, n_c) for r0, n_r in _runs(h, window, step) for c0, n_c in _runs(w, window, step)]
 
 
-def pad_amounts(size: int, window: int, step: int) -> tuple[int, int]:
-    """(before, after) reflect padding of one axis in the former geometry (see `pad_frames`)."""
-    before = window - step
-    padded = size + 2 * before
-    return before, before + (window - padded) % step
-
-
-def pad_frames(frames: torch.Tensor, window: int, step: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, 1, H, W) -> (padded frames, (top, left) offset of the input inside them): the former geometry.
-
-    `reconstruct` no longer pads; reconstructing the padded frame and cropping it reproduces the
-    former reflect-padded result (bench/borders.py compares the two).
-    """
-    h, w = frames.shape[-2:]
-    top, bottom = pad_amounts(h, window, step)
-    left, right = pad_amounts(w, window, step)
-    mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
-    return F.pad(frames, (left, right, top, bottom), mode=mode), (top, left)
-
-
 def _check(model: WindowModel, step: int, shape: tuple[int, ...]) -> tuple[int, list[torch.nn.Linear]]:
     window = int(model.window)
     if not 1 <= step <= window:

@@ -17,6 +17,8 @@ from typing import Any, TypedDict
 import msgpack
 import numpy as np
 
+from stemd.config import MAX_SIDE, MIN_SIDE
+
 PROTOCOL_VERSION = 1
 
 # Topics (ZeroMQ SUB prefix filters).
@@ -220,7 +222,7 @@ def _check_frame_header(header: dict[str, Any]) -> tuple[int, int, np.dtype]:
 
 
 def decode_frame(
-    parts: Sequence[Any], *, max_side: int = 8192, max_pixels: int = 8192 * 8192, min_side: int = 28
+    parts: Sequence[Any], *, max_side: int = MAX_SIDE, max_pixels: int = MAX_SIDE * MAX_SIDE, min_side: int = MIN_SIDE
 ) -> Frame:
     """Validate and decode a frame message; raises ProtocolError with a reason key."""
     if len(parts) != 3:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stemd.config import MAX_SIDE, MIN_SIDE, SRTIO3_A_M
 from stemd.errors import ConfigError
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
@@ -35,7 +36,6 @@ MAX_COUNTS = 65535
 OVERSAMPLE_MAX_PIXELS = 1 << 22  # oversample the field 2x only up to ~2048^2 frame pixels
 POISSON_HEADROOM = 1.5  # table covers flicker and line gain above the brightest column
 POISSON_TABLE_MAX = 64.0  # larger expected counts use numpy's sampler (tables would be big)
-SRTIO3_A_M = 3.905e-10  # the simulated lattice's period in metres (SrTiO3 a): sets the pixel size
 
 
 def require(ok: bool, option: str, message: str, value: Any) -> None:
@@ -69,7 +69,7 @@ class SimSpec:
         require(self.period_px > 2, "--period-px", "must be > 2", self.period_px)
         pixel_size_m = SRTIO3_A_M / self.period_px if self.pixel_size_m is None else self.pixel_size_m
         object.__setattr__(self, "pixel_size_m", pixel_size_m)
-        require(28 <= min(h, w) and max(h, w) <= 8192, "--size", "must be between 28 and 8192", self.shape)
+        require(MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE, "--size", f"must be between {MIN_SIDE} and {MAX_SIDE}", self.shape)
         require(self.dwell_us > 0 and math.isfinite(self.dwell_us), "--dwell-us", "must be > 0", self.dwell_us)
         require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0",
                 self.dose_per_us)
