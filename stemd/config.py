@@ -52,8 +52,15 @@ class ModelSettings(_Section):
     sampling: SamplingPolicy = Field("resample", description="a frame whose lattice period in px (lattice_period_m / "
                                      "its pixel size) is outside the model's trained range is resampled into it and "
                                      "back, refused (counted as sampling), or run as is (off); no pixel size: as is")
+    calibrate: bool = Field(True, strict=True, description="measure the lattice from the frame itself (its "
+                            "shortest lattice translation) to choose the resampling, so no pixel size or lattice "
+                            "period is needed; a frame without a lattice falls back on pixel size x "
+                            "lattice_period_m. false: always pixel size x lattice_period_m")
+    calibrate_every: int = Field(64, ge=1, description="live: the lattice is measured on a series' first frame and "
+                                 "again every this many frames (it costs ~70 ms per 512² frame on one CPU thread)")
     lattice_period_m: float = Field(SRTIO3_A_M, gt=1e-11, lt=1e-8, allow_inf_nan=False,
-                                    description="the specimen's projected lattice period, metres (SrTiO3 a)")
+                                    description="the specimen's projected lattice period, metres (SrTiO3 a); "
+                                    "used with the pixel size when the frame's own lattice is not measured")
     flips: bool = Field(False, strict=True, description="average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB")
     dejitter: int = Field(DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX,
                           description="rounds of line-jitter correction before the model (stemd.compute.dejitter); "

@@ -65,7 +65,18 @@ class Plan:
 
     shape: tuple[int, int]
     pixel_size_m: float | None
-    factor: float  # resampling factor into the model's lattice-period range; 1.0: as is
+    factor: float  # resampling factor into the model's trained range; 1.0: as is
+    source: str = "none"  # what chose the factor: "frame" (its measured lattice), "pixel size", or "none"
+    scale_px: float | None = None  # the frame's measured lattice scale (shortest translation, px), if measured
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for output metadata and the published header."""
+        out: dict[str, Any] = {"factor": self.factor, "source": self.source}
+        if self.scale_px is not None:
+            out["lattice_scale_px"] = round(self.scale_px, 3)
+        if self.pixel_size_m is not None:
+            out["pixel_size_m"] = self.pixel_size_m
+        return out
 
 
 def check_finite(frames: np.ndarray) -> None:
@@ -86,6 +97,7 @@ class Denoiser:
     window: int  # the smallest frame side the model takes
     reference: tuple[float, float]  # what `normalize` matches a frame's statistics to
     period_range: tuple[float, float] | None  # lattice periods (px) the model was trained on; None: not recorded
+    scale_range: tuple[float, float] | None  # lattice scales (shortest translation, px) it saw (`sampling.scale_range`)
 
     def __init__(self, model: FrameModel, metadata: dict[str, Any], settings: ModelSettings | None = None,
                  **fields: Any) -> None:
@@ -106,6 +118,7 @@ class Denoiser:
         self.dejitter, self.planar = self.settings.dejitter, self.settings.planar
         self.reference = _reference_from(self.metadata)
         self.period_range = _sampling.period_range(self.metadata)
+        self.scale_range = _sampling.scale_range(self.metadata)
         self._model_id: str | None = None
 
     @classmethod
@@ -128,12 +141,24 @@ class Denoiser:
             self._model_id = f"{self.model.arch()['name']}-{digest.hexdigest()[:12]}"
         return self._model_id
 
-    def plan(self, shape: Sequence[int], pixel_size_m: float | None = None) -> Plan:
-        """How frames of `shape` (H, W) at this pixel size (metres; None: unknown) are run, or SamplingError."""
+    def plan(self, shape: Sequence[int], pixel_size_m: float | None = None,
+             frames: np.ndarray | torch.Tensor | None = None) -> Plan:
+        """How frames of `shape` (H, W) at this pixel size (metres; None: unknown) are run, or SamplingError.
+
+        With `frames` (a 2D frame or a stack; the first is measured) and `calibrate`, the frame's own lattice
+        scale chooses the factor (`sampling.measure_scale`); without a measurable lattice, or without frames,
+        the pixel size and `lattice_period_m` do."""
         hw = (int(shape[-2]), int(shape[-1]))
+        if frames is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
+            first = torch.as_tensor(frames if frames.ndim == 2 else frames[0])
+            scale = _sampling.measure_scale(first.to(self.device, torch.float32)[None, None])[0]
+            if scale is not None:
+                factor = _sampling.plan_from_scale(scale, self.scale_range, hw, self.sampling, self.window)
+                return Plan(hw, pixel_size_m, factor, "frame", scale)
         factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
                                 min_side=self.window)
-        return Plan(hw, pixel_size_m, factor)
+        source = "pixel size" if pixel_size_m is not None and self.sampling != "off" and self.period_range else "none"
+        return Plan(hw, pixel_size_m, factor, source)
 
     def stack(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """A 2D frame, a 3D stack or a list of same-shape 2D frames as one (B, H, W) array, checked
@@ -145,12 +170,13 @@ class Denoiser:
         stack = stack if stack.flags.writeable else stack.copy()  # torch wants writable memory (a memory map is not)
         return stack if stack.ndim == 3 else stack[None]
 
-    def __call__(self, image: np.ndarray, pixel_size_m: float | None = None) -> np.ndarray:
+    def __call__(self, image: np.ndarray, pixel_size_m: float | None = None, plan: Plan | None = None) -> np.ndarray:
         """2D (H, W) or 3D (B, H, W) in any units -> float32 of the same shape and scale.
 
-        With `pixel_size_m` (metres) the frame is resampled into the model's period range first (`plan`)."""
+        Resampled into the model's range first as `plan` says (default: `plan` of the first frame, from its own
+        lattice, else from `pixel_size_m`, metres)."""
         stack = self.stack(image)
-        plan = self.plan(stack.shape, pixel_size_m)  # refused before any work
+        plan = plan or self.plan(stack.shape, pixel_size_m, stack)  # refused before any work
         with torch.inference_mode():
             out = self.run(torch.from_numpy(stack).to(self.device), plan).cpu().numpy()
         check_finite(out)

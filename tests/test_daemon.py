@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import tifffile
 import zmq
 import zmq.asyncio
 
+from stemd.compute import sampling
 from stemd.live import protocol as p
 from stemd.config import load_settings
 from stemd.live.daemon import Daemon, FrameQueue, Item
@@ -159,6 +161,30 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
         np.testing.assert_array_equal(raw, RAW[h["frame_id"]])
         assert np.mean((den - clean) ** 2) < 0.5 * np.mean((raw.astype(np.float32) - clean) ** 2)
     assert d.frames_in == 4 and d.frames_out == 4 and not d.dropped and not d.rejected
+    pub.close()
+
+
+async def test_series_plan_is_measured_once_per_calibration_and_published(zctx, checkpoint, monkeypatch) -> None:
+    """The frame tells its own sampling: the lattice is measured on a series' first frame and again every
+    model.calibrate_every frames (not per frame), and the plan is in every published header."""
+    calls = []
+    measure = sampling.measure_scale
+    monkeypatch.setattr(sampling, "measure_scale", lambda frames: calls.append(1) or measure(frames))
+    pub = TestPublisher(zctx)
+    settings = make_settings(checkpoint, pub.endpoint, **{"model.calibrate_every": 3, "queue.mode": "lossless"})
+    async with running(settings) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for i in range(5):
+            await pub.send(frame_parts("cal", i))
+        await pub.send(p.encode_event(p.SERIES, p.series_header("end", "cal")))
+        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
+    heads = [h for _, h, _ in denoised(msgs)]
+    assert len(heads) == 5 and len(calls) == 2  # frames 0 and 3
+    for h in heads:
+        assert h["sampling"]["source"] == "frame" and h["sampling"]["pixel_size_m"] == PIXEL_M
+        assert h["sampling"]["lattice_scale_px"] == pytest.approx(10 * math.sqrt(0.5), rel=0.03)
     pub.close()
 
 
@@ -359,7 +385,7 @@ async def test_out_of_range_pixel_size_is_refused_counted_and_logged(zctx, check
     dropped as "sampling" (logged with the reason), the frames around it come out; a reload to off lets it in."""
     pub = TestPublisher(zctx)
     cfg = tmp_path / "stemd.yaml"
-    base = {"model": {"path": str(checkpoint), "device": "cpu", "sampling": "refuse"},
+    base = {"model": {"path": str(checkpoint), "device": "cpu", "sampling": "refuse", "calibrate": False},
             "input": {"endpoint": pub.endpoint}, "output": {"endpoint": "tcp://127.0.0.1:*"},
             "stats": {"interval_s": 0.2}}
     cfg.write_text(json.dumps(base))

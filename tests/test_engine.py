@@ -114,7 +114,7 @@ def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(chec
     """Frames said to be at 14 px (the paper AE's range is about 10 px) are resampled alike in a batch and alone."""
     from stemd.compute.sampling import SamplingError
 
-    eng = Engine.load(path=checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10)  # so 3.905e-11 m px -> 14 px
+    eng = Engine.load(path=checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10, calibrate=False)  # so 3.905e-11 m px -> 14 px
     try:
         frames, _ = _noisy(2)
         assert eng.plan(frames[0].shape, 3.905e-11).factor == pytest.approx(eng.denoiser.period_range[1] / 14.0)
@@ -123,7 +123,7 @@ def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(chec
             assert o.shape == f.shape
             np.testing.assert_allclose(o, eng.denoiser(f, pixel_size_m=3.905e-11), rtol=1e-4, atol=1e-3)
             assert not np.allclose(o, eng.denoiser(f), atol=1e-2)  # the pixel size made a difference
-        eng.replace(Denoiser.load(checkpoint, device="cpu", sampling="refuse"))
+        eng.replace(Denoiser.load(checkpoint, device="cpu", sampling="refuse", calibrate=False))
         with pytest.raises(SamplingError, match="sampling policy: refuse"):
             eng.plan(frames[0].shape, 2e-11)
         assert "sampling refuse" in eng.describe()

@@ -246,13 +246,13 @@ def test_tags_resample_and_options_override_them(tmp_path, capsys, checkpoint, l
     raw, pixel = lattice_14px
     inp = tmp_path / "in.tif"
     tifffile.imwrite(inp, raw, imagej=True, resolution=(1e-9 / pixel,) * 2, metadata={"unit": "nm"})
-    den = Denoiser.load(checkpoint, device="cpu")
+    den = Denoiser.load(checkpoint, device="cpu", calibrate=False)
     as_is, resampled = den(raw), den(raw, pixel_size_m=pixel)
     assert np.abs(as_is - resampled).max() > 0.05 * np.ptp(as_is)  # the pixel size matters for this model
     runs = {"tags": [], "off": ["--sampling", "off"], "override": ["--pixel-size", str(SRTIO3_M / 10.0)]}
     for name, extra in runs.items():
         out = tmp_path / f"{name}.tif"
-        assert denoise(inp, out, "--model", checkpoint, *extra) == 0
+        assert denoise(inp, out, "--model", checkpoint, "--no-calibrate", *extra) == 0
         with tifffile.TiffFile(out) as tif:
             data, info = tif.asarray(), tif.imagej_metadata["Info"]
         np.testing.assert_allclose(data, resampled if name == "tags" else as_is, rtol=1e-5, atol=1e-3)
@@ -268,7 +268,7 @@ def test_refused_sampling_exits_2_and_keeps_out(tmp_path, capsys, checkpoint, la
     tifffile.imwrite(inp, raw, resolution=(0.01 / pixel,) * 2, resolutionunit="CENTIMETER")
     out.write_bytes(SENTINEL)
     for extra, fragment in [(["--sampling", "refuse"], "14 px per period"), (["--pixel-size", "3e-10"], "not resolved")]:
-        assert denoise(inp, out, "--model", checkpoint, "--overwrite", *extra) == 2
+        assert denoise(inp, out, "--model", checkpoint, "--overwrite", "--no-calibrate", *extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("stemd: error:") and "in.tif" in err and fragment in err and err.count("\n") == 1
         assert out.read_bytes() == SENTINEL and _leftovers(tmp_path, {"in.tif", "out.tif"}) == []
@@ -321,7 +321,7 @@ def test_stack_streams_frame_by_frame(tmp_path, layout):
     tracemalloc.start()
     try:
         image = read_tiff(inp)
-        write_tiff_atomic(out, image, denoise_frames(image, lambda f, pixel_size_m: f * np.float32(2), None, False),
+        write_tiff_atomic(out, image, denoise_frames(image, lambda f, plan: f * np.float32(2), None, False),
                           stemd_note("test", 1))
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -12,6 +12,7 @@ from stemd.compute import sampling as s
 from stemd.config import SRTIO3_A_M
 from stemd.errors import CheckpointError, ConfigError, InputError
 from stemd.compute.metrics import psnr
+from stemd.sim import scenes
 from stemd.sim.lattice import simulate_frame
 
 A = SRTIO3_A_M
@@ -156,3 +157,41 @@ def test_resample_on_cuda_matches_cpu():
         gpu = s.restore(s.resample(img.cuda(), factor), (90, 110))
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("structure", "ratio"), sorted(s.SCALE_PER_PERIOD.items()))
+def test_measure_scale_finds_each_structure_s_shortest_translation(structure, ratio):
+    """The frame tells its own sampling: the shortest lattice translation, SCALE_PER_PERIOD x the period."""
+    rng = np.random.default_rng(3)
+    for period in (7.0, 16.0):
+        scene = scenes.random_scene((192, 192), rng, period_px=period, structures=(structure,), layouts=("perfect",))
+        noisy = scenes.apply_instrument(scene.clean, rng, scenes.draw_noise(rng, dose=5.0), dose=5.0)
+        (scale,) = s.measure_scale(torch.from_numpy(noisy.astype(np.float32))[None, None])
+        assert scale == pytest.approx(ratio * period, rel=0.03)
+
+
+def test_measure_scale_finds_no_lattice_in_noise_or_amorphous_matter():
+    rng = np.random.default_rng(4)
+    noise = torch.from_numpy(rng.poisson(3.0, (2, 1, 160, 160)).astype(np.float32))
+    amorphous = scenes.build_scene((160, 160), [scenes.Phase("amorphous", 9.0)], [], rng, sigma_px=1.2)
+    counts = rng.poisson(20.0 * amorphous.clean + 1.0).astype(np.float32)
+    assert s.measure_scale(noise) == [None, None]
+    assert s.measure_scale(torch.from_numpy(counts)[None, None]) == [None]
+
+
+def test_scale_range_is_where_every_trained_structure_was_seen():
+    lo, hi = s.scale_range({"sampling": {"period_px": [6.0, 20.0]}})
+    assert (lo, hi) == pytest.approx((6.0, 20.0 * math.sqrt(0.5)))
+    assert s.scale_range({"lattice": {"period_px": 10.0}}) == pytest.approx(
+        (10.0 / s.SINGLE_PERIOD_TOLERANCE * math.sqrt(0.5), 10.0 * s.SINGLE_PERIOD_TOLERANCE * math.sqrt(0.5)))
+    assert s.scale_range({}) is None
+
+
+def test_plan_from_scale_shrinks_coarse_lattices_and_never_upsamples():
+    rng = (6.0, 14.0)
+    assert s.plan_from_scale(10.0, rng, (512, 512)) == 1.0
+    assert s.plan_from_scale(28.0, rng, (512, 512)) == pytest.approx(0.5)
+    assert s.plan_from_scale(3.0, rng, (512, 512)) == 1.0  # finer than trained: run as is, not upsampled
+    assert s.plan_from_scale(28.0, rng, (512, 512), "off") == 1.0
+    with pytest.raises(s.SamplingError, match="measured.*refuse"):
+        s.plan_from_scale(28.0, rng, (512, 512), "refuse")

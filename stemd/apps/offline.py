@@ -28,7 +28,7 @@ from stemd import __version__
 from stemd.compute.normalize import check_frames
 from stemd.config import MODEL_KEYS, ModelSettings, add_setting_options, load_settings, setting_overrides
 from stemd.errors import ConfigError, InputError, ModelOutputError, StemdError
-from stemd.pipeline import Denoiser
+from stemd.pipeline import Denoiser, Plan
 
 # ImageJ keys that describe the old pixel values or file layout; tifffile rewrites the layout ones
 _IMAGEJ_DROP = {"ImageJ", "images", "frames", "slices", "channels", "hyperstack", "mode",
@@ -255,18 +255,17 @@ def write_tiff_atomic(out: Path, image: TiffImage, frames: Iterator[np.ndarray],
         tmp.unlink(missing_ok=True)
 
 
-def denoise_frames(image: TiffImage, denoise: Callable[..., np.ndarray], pixel_size_m: float | None,
+def denoise_frames(image: TiffImage, denoise: Callable[..., np.ndarray], plan: Plan,
                    progress: bool) -> Iterator[np.ndarray]:
-    """Denoised float32 frames of `image`, read and denoised one at a time, with a progress bar for stacks.
-
-    `denoise(frame, pixel_size_m=...)` is a `Denoiser`; an InputError names the frame it came from."""
+    """Denoised float32 frames of `image`, read and denoised one at a time by one `plan`, with a progress bar
+    for stacks. `denoise(frame, plan=...)` is a `Denoiser`; an InputError names the frame it came from."""
     n = image.shape[0] if image.ndim == 3 else 1
     frames: Any = image.frames()
     if progress and n > 1:
         frames = tqdm(frames, total=n, unit="frame", desc="denoise", dynamic_ncols=True)
     for i, frame in enumerate(frames):
         try:
-            yield np.ascontiguousarray(denoise(frame, pixel_size_m=pixel_size_m), dtype=np.float32)
+            yield np.ascontiguousarray(denoise(frame, plan=plan), dtype=np.float32)
         except (InputError, ModelOutputError) as exc:
             raise type(exc)(f"{image.path}: frame {i + 1} of {n}: {exc}" if n > 1 else f"{image.path}: {exc}") from None
 
@@ -286,17 +285,18 @@ def denoise_file(inp: Path, out: Path, settings: ModelSettings | None = None, *,
     denoiser = Denoiser.load(None, settings)
     try:
         frames = image.frames()
-        check_frames(next(frames), denoiser.window)
+        first = next(frames)
+        check_frames(first, denoiser.window)
         frames.close()
-        plan = denoiser.plan(image.shape[-2:], pixel_size_m)
+        plan = denoiser.plan(image.shape[-2:], pixel_size_m, first)  # the file's frames share it
     except InputError as exc:
         raise InputError(f"{inp}: {exc}") from None
-    used = None if pixel_size_m is None or settings.sampling == "off" else {
-        "pixel_size_m": pixel_size_m, "source": source, "lattice_period_m": settings.lattice_period_m,
-        "factor": plan.factor}
+    used = None if settings.sampling == "off" else plan.describe()
+    if used is not None and pixel_size_m is not None:
+        used.update(pixel_size_source=source, lattice_period_m=settings.lattice_period_m)
     note = stemd_note(denoiser.model_id, denoiser.step, used)
     note.update(precision=settings.precision, flips=settings.flips, dejitter=settings.dejitter, planar=settings.planar)
-    write_tiff_atomic(out, image, denoise_frames(image, denoiser, pixel_size_m, progress), note)
+    write_tiff_atomic(out, image, denoise_frames(image, denoiser, plan, progress), note)
     return image, note
 
 
@@ -327,11 +327,19 @@ def run(args: argparse.Namespace) -> int:
     image, note = denoise_file(args.input, args.output, settings, overwrite=args.overwrite,
                                progress=not args.no_progress, pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"))
     frames = 1 if image.ndim == 2 else image.shape[0]
-    used = note.get("sampling")
-    sampled = f"sampling {settings.sampling}: run as is" if settings.sampling == "off" else "pixel size unknown: run as is"
-    sampled = sampled if used is None else (
-        f"pixel size {used['pixel_size_m']:.4g} m ({used['source']}), "
-        + ("in the model's range" if used["factor"] == 1.0 else f"resampled x{used['factor']:.4g} and back"))
     print(f"wrote {args.output}: {frames} frame(s) of {image.shape[-2]}x{image.shape[-1]}, "
-          f"model {note['model']}, step {note['step']}, {sampled}, {time.perf_counter() - t0:.1f} s")
+          f"model {note['model']}, step {note['step']}, {describe_sampling(note.get('sampling'))}, "
+          f"{time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def describe_sampling(used: dict[str, Any] | None) -> str:
+    """How the frames were sampled for the model, in a few words for the summary line."""
+    if used is None:
+        return "sampling off: run as is"
+    how = "in the model's range" if used["factor"] == 1.0 else f"resampled x{used['factor']:.4g} and back"
+    if used["source"] == "frame":
+        return f"lattice measured in the frame ({used['lattice_scale_px']:.3g} px), {how}"
+    if used["source"] == "pixel size":
+        return f"pixel size {used['pixel_size_m']:.4g} m ({used['pixel_size_source']}), {how}"
+    return "no lattice measured and pixel size unknown: run as is"

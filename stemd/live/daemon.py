@@ -164,6 +164,8 @@ class Daemon:
         self._inflight: list[Item] = []
         self._latencies: list[float] = []
         self._last_ids: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # per (series, shape, pixel size): [plan or refusal, frames planned by it, engine generation]
+        self._plans: collections.OrderedDict[tuple[Any, ...], list[Any]] = collections.OrderedDict()
         self._started_at = time.time()
         self._last_stats = (time.monotonic(), 0)
         self._tasks: dict[str, asyncio.Task] = {}
@@ -342,7 +344,7 @@ class Daemon:
                 return
             self._track_series(frame.header)
             try:
-                plan = self.engine.plan(frame.data.shape, frame.header.get("pixel_size_m"))
+                plan = self._plan(frame.header, frame.data)
             except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
                 self._refuse([Item("frame", frame.header, frame.data, now)], exc)
                 return
@@ -359,6 +361,25 @@ class Daemon:
             self.queue.put_event(Item("event", header, None, now))
         else:
             self._reject("topic", f"unexpected topic {topic[:32]!r}")
+
+    def _plan(self, header: dict[str, Any], data: np.ndarray) -> Plan:
+        """The series' plan, made from its first frame's own lattice (`Denoiser.plan`) and remade every
+        model.calibrate_every frames or when the model changes; a refusal is kept likewise (SamplingError)."""
+        key = (header["series_id"], data.shape, header.get("pixel_size_m"))
+        entry = self._plans.pop(key, None)
+        if entry is None or entry[1] >= self.settings.model.calibrate_every or entry[2] != self.engine.generation:
+            try:
+                made: Plan | SamplingError = self.engine.plan(data.shape, header.get("pixel_size_m"), data)
+            except SamplingError as exc:
+                made = exc
+            entry = [made, 0, self.engine.generation]
+        entry[1] += 1
+        self._plans[key] = entry
+        while len(self._plans) > MAX_SERIES_TRACKED:
+            self._plans.popitem(last=False)
+        if isinstance(entry[0], SamplingError):
+            raise entry[0]
+        return entry[0]
 
     def _track_series(self, header: dict[str, Any]) -> None:
         """Notice frame ids going backwards in a series (a restarted publisher)."""
@@ -468,6 +489,7 @@ class Daemon:
             "received_at": item.received_at,
             "published_at": now,
             "latency_s": now - item.received_at,
+            **({"sampling": item.plan.describe()} if item.plan is not None else {}),
         }
         try:
             if self.settings.output.publish_raw:

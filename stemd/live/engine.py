@@ -132,15 +132,16 @@ class Engine:
         """Run `fn(*args)` on the engine's worker thread without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None) -> Plan:
-        """How the resident model runs such frames (`Denoiser.plan`), or SamplingError."""
-        return self.denoiser.plan(shape, pixel_size_m)
+    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None, frame: np.ndarray | None = None) -> Plan:
+        """How the resident model runs such frames (`Denoiser.plan`: from `frame`'s own lattice when given), or
+        SamplingError."""
+        return self.denoiser.plan(shape, pixel_size_m, frame)
 
     def denoise(self, frames: Sequence[np.ndarray], pixel_size_m: float | None = None) -> list[np.ndarray]:
         """Synchronous submit + collect (tests, offline use). Frames must share one shape."""
         if not frames:
             return []
-        return self.collect(self.submit(frames, self.plan(frames[0].shape, pixel_size_m)))
+        return self.collect(self.submit(frames, self.plan(frames[0].shape, pixel_size_m, frames[0])))
 
     def submit(self, frames: Sequence[np.ndarray], plan: Plan) -> Pending:
         """Start denoising a batch of same-shape 2D frames run by `plan` (`Engine.plan`, made when they arrived).
