@@ -20,23 +20,22 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from stemd.compute import metrics
-from stemd.sim import scenes
-from stemd.pipeline import Denoiser
-from stemd.errors import StemdError
-
 from bench._report import ROOT, machine_line, model_option, write_section
 from bench.classical import bm3d_denoise, gaussian_best
 from bench.peers import tk_r_em_bridge
+from stemd.compute import metrics
+from stemd.errors import StemdError
+from stemd.pipeline import Denoiser
+from stemd.sim import scenes
 
 DOSES = (2.0, 5.0, 20.0, 80.0, 200.0)
 QUICK_DOSE = 20.0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import os
 import signal
 import socket
 import subprocess
@@ -35,13 +34,11 @@ import yaml
 import zmq
 import zmq.asyncio
 
+from bench._report import BENCHMARKS, machine_line, model_option, publish
+from stemd.apps.simulate import Simulator
 from stemd.live import protocol
 from stemd.models.checkpoint import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
 from stemd.sim.microscope import SimSpec
-from stemd.apps.simulate import Simulator
-
-
-from bench._report import BENCHMARKS, machine_line, model_option, publish
 
 
 def free_port() -> int:

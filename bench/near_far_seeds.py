@@ -18,10 +18,9 @@ import sys
 
 import numpy as np
 
-from stemd.sim import scenes
-from stemd.pipeline import Denoiser
-
 from bench import faithfulness as fb
+from stemd.pipeline import Denoiser
+from stemd.sim import scenes
 
 
 def errors(out: np.ndarray, scene: scenes.Scene) -> tuple[np.ndarray, np.ndarray]:

@@ -21,21 +21,20 @@ import datetime
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from stemd.compute import metrics
-from stemd.sim import lattice as synthetic
-from stemd.pipeline import Denoiser
-from stemd.errors import StemdError
-from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
-
 from bench._report import ROOT, machine_line, write_section
 from bench.classical import GAUSS_SIGMAS, bm3d_denoise, gaussian_best, nlm
+from stemd.compute import metrics
+from stemd.errors import StemdError
+from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
+from stemd.pipeline import Denoiser
+from stemd.sim import lattice as synthetic
 
 WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.apps.training)
 FRAME_SEED = 20_240_002

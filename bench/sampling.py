@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench._report import BENCHMARKS, ROOT, machine_line, write_section
 from stemd.compute import metrics
-from stemd.sim import scenes
-from stemd.pipeline import Denoiser
 from stemd.compute.sampling import SamplingError
 from stemd.config import SRTIO3_A_M
-
-from bench._report import BENCHMARKS, ROOT, machine_line, write_section
+from stemd.pipeline import Denoiser
+from stemd.sim import scenes
 
 KIND = "perovskite_rp"
 NAMED_PERIOD = 10.0  # the named frame's perovskite period, px

@@ -27,16 +27,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stemd.compute import metrics
-from stemd.sim import lattice as synthetic
-from stemd.config import DEJITTER_DEFAULT
-from stemd.compute.dejitter import dejitter
-from stemd.pipeline import Denoiser, resolve_device
-from stemd.models.checkpoint import MODELS_DIR
-from stemd.compute.planar import planar_guide
-
 from bench import classical  # the classical peers, one definition for every bench
 from bench._report import BENCHMARKS, machine_line, model_option, publish
+from stemd.compute import metrics
+from stemd.compute.dejitter import dejitter
+from stemd.compute.planar import planar_guide
+from stemd.config import DEJITTER_DEFAULT
+from stemd.models.checkpoint import MODELS_DIR
+from stemd.pipeline import Denoiser, resolve_device
+from stemd.sim import lattice as synthetic
 
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MODELS = {"conv": MODELS_DIR / "conv.pt", "paper AE": MODELS_DIR / "paper_ae.pt"}

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench._report import ROOT
 from stemd.apps.cli import main as stemd
-from stemd.models.conv_unet import ConvDenoiser
-from stemd.pipeline import Denoiser
 from stemd.compute.metrics import fit_scale
 from stemd.models.checkpoint import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
+from stemd.models.conv_unet import ConvDenoiser
+from stemd.pipeline import Denoiser
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
-from bench._report import ROOT
 CANDIDATES = [((16, 32, 48), 2, "none"), ((16, 32, 48, 64), 2, "none"), ((32, 48, 64, 96), 2, "none"),
               ((48, 64, 96, 128), 2, "none"), ((48, 64, 96, 128), 2, "bragg"), ((16, 24, 32, 48), 1, "none")]
 

@@ -8,8 +8,9 @@ type or one outside its range raises `ConfigError` naming the dotted key and wha
 from __future__ import annotations
 
 from argparse import BooleanOptionalAction
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Collection, Literal, Mapping, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator

@@ -10,9 +10,10 @@ correction -> resample into the model's period range (the `Plan`) -> the model's
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch

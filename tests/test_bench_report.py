@@ -5,7 +5,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import latency, speed
 from bench._report import BENCHMARKS, HEADER, SUMMARY, machine_line, model_option, write_section
@@ -72,8 +71,8 @@ def test_model_option_parses_precision_and_flips():
 
 
 def test_latency_runs_each_models_options_in_the_daemon(tmp_path):
-    from stemd.models.conv_unet import ConvDenoiser
     from stemd.models.checkpoint import save_checkpoint
+    from stemd.models.conv_unet import ConvDenoiser
 
     path = tmp_path / "c.pt"
     save_checkpoint(path, ConvDenoiser([4, 4]), {})

@@ -19,16 +19,16 @@ import pytest
 import tifffile
 import zmq
 import zmq.asyncio
-
-from stemd.live import protocol as p
-from stemd.config import load_settings
-from stemd.live.daemon import Daemon, FrameQueue, Item
-from stemd.pipeline import Denoiser
-from stemd.live.engine import Engine
-from stemd.errors import ConfigError
-from stemd.live.notify import Notifier
-from stemd.sim.lattice import simulate_frame
 from conftest import TestPublisher
+
+from stemd.config import load_settings
+from stemd.errors import ConfigError
+from stemd.live import protocol as p
+from stemd.live.daemon import Daemon, FrameQueue, Item
+from stemd.live.engine import Engine
+from stemd.live.notify import Notifier
+from stemd.pipeline import Denoiser
+from stemd.sim.lattice import simulate_frame
 
 SHAPE = (64, 72)
 RNG = np.random.default_rng(0)
@@ -163,8 +163,8 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
 
 
 async def test_simulator_to_daemon_to_subscriber(zctx, checkpoint, engine) -> None:
-    from stemd.sim.microscope import SimSpec
     from stemd.apps.simulate import Simulator
+    from stemd.sim.microscope import SimSpec
 
     sim = Simulator(SimSpec(shape=(64, 64), margin_px=8), "tcp://127.0.0.1:*", fps=50, publish_clean=True,
                     startup_delay_s=0.0, run_id="e2e", context=zctx)

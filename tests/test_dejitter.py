@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.config import ConfigError, load_settings
 from stemd.compute.dejitter import dejitter, row_shifts, shift_rows
+from stemd.config import ConfigError, load_settings
 from stemd.sim.lattice import simulate_frame
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

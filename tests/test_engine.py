@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.pipeline import Denoiser
 from stemd.live.engine import Engine
+from stemd.pipeline import Denoiser
 from stemd.sim.lattice import simulate_frame
 
 

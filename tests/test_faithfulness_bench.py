@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from stemd.compute import metrics
-from stemd.sim import scenes
-
 from bench import faithfulness as fb
 from bench import near_far_seeds
+from stemd.compute import metrics
+from stemd.sim import scenes
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +202,8 @@ def test_model_option_takes_a_precision(tmp_path) -> None:
 def test_quick_smoke_run_writes_the_section_and_figure(tmp_path, capsys) -> None:
     import torch
 
-    from stemd.models.window_ae import WindowAE
     from stemd.models.checkpoint import save_checkpoint
+    from stemd.models.window_ae import WindowAE
 
     torch.manual_seed(0)
     path = tmp_path / "tiny.pt"

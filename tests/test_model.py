@@ -138,8 +138,8 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path) -> None:
     import os
     import stat
 
-    from stemd.models.window_ae import WindowAE
     from stemd.models.checkpoint import save_checkpoint
+    from stemd.models.window_ae import WindowAE
 
     old = os.umask(0o022)
     try:

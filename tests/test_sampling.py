@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from stemd.compute import sampling as s
+from stemd.compute.metrics import psnr
 from stemd.config import SRTIO3_A_M
 from stemd.errors import CheckpointError, ConfigError, InputError
-from stemd.compute.metrics import psnr
 from stemd.sim.lattice import simulate_frame
 
 A = SRTIO3_A_M

@@ -13,10 +13,19 @@ import yaml
 
 import stemd
 from stemd.apps.cli import main
+from stemd.apps.training import (
+    evaluate,
+    lr_at,
+    quality,
+    read_state,
+    sample_log_mse,
+    train,
+    training_stream,
+    validation_set,
+)
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
 from stemd.models.checkpoint import load_checkpoint
-from stemd.apps.training import evaluate, lr_at, quality, read_state, sample_log_mse, train, training_stream, validation_set
 
 REPO = Path(__file__).resolve().parents[1]
 

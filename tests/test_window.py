@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.sim import lattice as synthetic
+from bench.borders import pad_amounts, pad_frames
 from stemd.compute.normalize import normalize
+from stemd.compute.window import reconstruct, reconstruct_naive, window_starts
 from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
 from stemd.models.window_ae import WindowAE
-from bench.borders import pad_amounts, pad_frames
-from stemd.compute.window import reconstruct, reconstruct_naive, window_starts
+from stemd.sim import lattice as synthetic
 
 
 def _random_model(window: int = 28, hidden=(48, 12), seed: int = 0) -> WindowAE:

@@ -16,22 +16,23 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from stemd.live import protocol
+from stemd.compute.sampling import SamplingError
 from stemd.config import MODEL_KEYS, Settings, add_setting_options, is_local_endpoint, load_settings, setting_overrides
-from stemd.pipeline import Denoiser, Plan, check_finite
-from stemd.live.engine import Engine, Pending
 from stemd.errors import ConfigError, ModelOutputError, StemdError
+from stemd.live import protocol
+from stemd.live.engine import Engine, Pending
 from stemd.live.notify import Notifier
 from stemd.live.recorder import Recorder
-from stemd.compute.sampling import SamplingError
+from stemd.pipeline import Denoiser, Plan, check_finite
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ is pulled towards the noisiest frames it was trained on, and over-smooths clean 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn

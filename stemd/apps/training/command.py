@@ -8,9 +8,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from stemd.apps.training.loop import read_state, train
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import ConfigError
-from stemd.apps.training.loop import read_state, train
 
 _OVERRIDES = ("model", "samples", "batch_size", "lr", "seed", "device", "threads", "out")
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,12 +23,12 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from stemd import __version__
+from stemd.apps.training.scoring import evaluate, frame_quality, parameter_count, quality, sample_log_mse, val_loss
+from stemd.apps.training.tasks import TrainTask, task_for
 from stemd.config import TrainSettings
 from stemd.errors import CheckpointError, ConfigError
 from stemd.models.checkpoint import load_checkpoint, save_checkpoint
 from stemd.pipeline import Denoiser, resolve_device
-from stemd.apps.training.scoring import evaluate, frame_quality, parameter_count, quality, sample_log_mse, val_loss
-from stemd.apps.training.tasks import TrainTask, task_for
 
 DEFAULT_STEP = 2  # the floating-window step in the paper's text; stored in every checkpoint
 STATE_FORMAT = "stemd-train-state"

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stemd.apps.training.data import ValidationSet
 from stemd.compute import metrics
 from stemd.config import TrainSettings
 from stemd.sim import lattice as synthetic
-from stemd.apps.training.data import ValidationSet
 
 LOG_MSE_FLOOR = 1e-6  # keeps log10(MSE) finite for a perfect sample (a 60 dB PSNR cap)
 FRAME_DOSES = (5.0, 20.0, 100.0)

@@ -5,18 +5,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from stemd.apps.training.data import (
+    TRAIN_STREAM,
+    VAL_STREAM,
+    ValidationSet,
+    reference_levels,
+    scene_patches,
+    stream_seed,
+    window_streams,
+)
 from stemd.config import TrainSettings
 from stemd.models.conv_unet import MIN_SIZE, ConvDenoiser
 from stemd.models.window_ae import WindowAE
-from stemd.apps.training.data import (TRAIN_STREAM, VAL_STREAM, ValidationSet, reference_levels, scene_patches,
-                                      stream_seed, window_streams)
 
 CONV_POOL = 8  # conv_unet: batches generated together from shared scenes, then shuffled
 VAL_SCENE_PX = 256  # side of a conv_unet validation scene
