@@ -54,7 +54,9 @@ def _reference_from(metadata: dict[str, Any]) -> tuple[float, float]:
     try:
         mean, std = float(ref["mean"]), float(ref["signal_std"])
     except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"metadata.normalization must be {{'mean': float, 'signal_std': float}}, got {ref!r}") from None
+        raise CheckpointError(
+            f"metadata.normalization must be {{'mean': float, 'signal_std': float}}, got {ref!r}"
+        ) from None
     if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
         raise CheckpointError(f"metadata.normalization needs a finite mean and a positive signal_std, got {ref!r}")
     return mean, std
@@ -97,7 +99,9 @@ class Denoiser:
         self.metadata = dict(metadata)
         self.window = int(model.arch()["window"])
         step = self.settings.step
-        source, error = ("model.step", ConfigError) if step is not None else ("checkpoint metadata step", CheckpointError)
+        source, error = (
+            ("model.step", ConfigError) if step is not None else ("checkpoint metadata step", CheckpointError)
+        )
         step = step if step is not None else self.metadata.get("step", DEFAULT_STEP)
         if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= self.window:
             raise error(f"{source}: must be an integer from 1 to the window ({self.window}), got {step!r}")

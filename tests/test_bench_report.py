@@ -65,7 +65,16 @@ def test_model_option_parses_precision_and_flips():
     assert model_option("a=dir@1/x.pt@bf16+flips") == ("a", Path("dir@1/x.pt"), {"precision": "bf16", "flips": True})
     assert model_option("a=x.pt@dejitter0") == ("a", Path("x.pt"), {"dejitter": 0})
     assert model_option("a=x.pt@noplanar+bf16") == ("a", Path("x.pt"), {"planar": False, "precision": "bf16"})
-    for bad in ("no-equals", "=x.pt", "a=", "a=x.pt@half", "a=x.pt@bf16+mirror", "a=x.pt@dejitter11", "a=x.pt@dejitter", "a=x.pt@planar"):
+    for bad in (
+        "no-equals",
+        "=x.pt",
+        "a=",
+        "a=x.pt@half",
+        "a=x.pt@bf16+mirror",
+        "a=x.pt@dejitter11",
+        "a=x.pt@dejitter",
+        "a=x.pt@planar",
+    ):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=PATH"):
             model_option(bad)
 

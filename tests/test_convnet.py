@@ -229,7 +229,10 @@ def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
     assert Denoiser.load(whole.best_path, device="cpu")(np.ones((40, 40), np.uint16)).shape == (40, 40)
     half = train(settings(tmp_path / "split", 16), **quiet, frame_check=False)
     resumed = train(settings(tmp_path / "split", 32), resume=half.last_path, **quiet, frame_check=False)
-    for a, b in zip(load_checkpoint(whole.last_path)[0].state_dict().values(), load_checkpoint(resumed.last_path)[0].state_dict().values()):
+    for a, b in zip(
+        load_checkpoint(whole.last_path)[0].state_dict().values(),
+        load_checkpoint(resumed.last_path)[0].state_dict().values(),
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

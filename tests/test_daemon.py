@@ -154,7 +154,9 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
         assert h["series_id"] == "run1" and h["detector"] == "HAADF" and h["custom"] == {"stage_x": 1.5}
         assert h["dwell_time_s"] == 2e-6 and h["pixel_size_m"] == PIXEL_M
         assert h["model_id"] == engine.model_id and h["model_version"] == engine.model_version
-        assert h["received_at"] <= h["published_at"] and h["latency_s"] == pytest.approx(h["published_at"] - h["received_at"])
+        assert h["received_at"] <= h["published_at"] and h["latency_s"] == pytest.approx(
+            h["published_at"] - h["received_at"]
+        )
         assert den.dtype == np.float32 and h["dtype"] == "float32" and hr["dtype"] == "uint16"
         np.testing.assert_array_equal(raw, RAW[h["frame_id"]])
         assert np.mean((den - clean) ** 2) < 0.5 * np.mean((raw.astype(np.float32) - clean) ** 2)

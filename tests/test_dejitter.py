@@ -1,4 +1,5 @@
-"""stemd.compute.dejitter: scan lines moved back by their estimated offsets; frames without jitter or lattice left alone."""
+"""stemd.compute.dejitter: scan lines moved back by their estimated offsets; frames without jitter or lattice
+left alone."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`stemd train`: a tiny run learns, checkpoints carry metadata, resume and seeding are exact, bad settings name the key."""
+"""`stemd train`: a tiny run learns, checkpoints carry metadata, resume and seeding are exact, bad settings name
+the key."""
 
 from __future__ import annotations
 

@@ -74,7 +74,9 @@ class TiffImage:
                     mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=series.dataoffset, shape=stack)
                     yield from mapped
                     del mapped
-                elif len(series.pages) == stack[0] and all(p is not None and p.shape == stack[1:] for p in series.pages):
+                elif len(series.pages) == stack[0] and all(
+                    p is not None and p.shape == stack[1:] for p in series.pages
+                ):
                     for page in series.pages:
                         yield page.asarray()
                 else:  # an unusual layout (e.g. several frames in one compressed page): read it whole
@@ -324,11 +326,19 @@ def _parse_metres(text: str | None, option: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     settings = load_settings(args.config, setting_overrides(args), os.environ).model
-    image, note = denoise_file(args.input, args.output, settings, overwrite=args.overwrite,
-                               progress=not args.no_progress, pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"))
+    image, note = denoise_file(
+        args.input,
+        args.output,
+        settings,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"),
+    )
     frames = 1 if image.ndim == 2 else image.shape[0]
     used = note.get("sampling")
-    sampled = f"sampling {settings.sampling}: run as is" if settings.sampling == "off" else "pixel size unknown: run as is"
+    sampled = (
+        f"sampling {settings.sampling}: run as is" if settings.sampling == "off" else "pixel size unknown: run as is"
+    )
     sampled = sampled if used is None else (
         f"pixel size {used['pixel_size_m']:.4g} m ({used['source']}), "
         + ("in the model's range" if used["factor"] == 1.0 else f"resampled x{used['factor']:.4g} and back"))

@@ -105,7 +105,12 @@ class FrameQueue:
         """Leading frames of the head frame's shape and pixel size, at most `max_batch`."""
         key = _batch_key(self._items[0])
         batch: list[Item] = []
-        while self._items and len(batch) < max_batch and self._items[0].kind == "frame" and _batch_key(self._items[0]) == key:
+        while (
+            self._items
+            and len(batch) < max_batch
+            and self._items[0].kind == "frame"
+            and _batch_key(self._items[0]) == key
+        ):
             batch.append(self.pop())
         return batch
 
@@ -192,7 +197,9 @@ class Daemon:
         interval = self.notifier.watchdog_interval()
         if interval:
             self._spawn("watchdog", self._watchdog_loop(interval))
-        line = f"ready: input {self.input_endpoint} ({s.input.mode}), output {self.output_endpoint}, {s.queue.mode} mode"
+        line = (
+            f"ready: input {self.input_endpoint} ({s.input.mode}), output {self.output_endpoint}, {s.queue.mode} mode"
+        )
         log.info("%s; model %s on %s", line, self.engine.model_id, self.engine.device_name)
         self.notifier.ready(line)
 
@@ -376,7 +383,9 @@ class Daemon:
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected[reason] += 1
         if self.rejected[reason] == 1:
-            log.warning("rejected a message (%s): %s; further %r rejects are counted in the stats", reason, detail, reason)
+            log.warning(
+                "rejected a message (%s): %s; further %r rejects are counted in the stats", reason, detail, reason
+            )
 
     def _refuse(self, items: list[Item], exc: SamplingError) -> None:
         """Drop frames the sampling plan refuses (reason "sampling"); log why whenever the why changes."""
@@ -590,7 +599,12 @@ class Daemon:
             self._apply_log_level(new)
             self.settings = new
             self.reloads += 1
-            log.info("reloaded %s: model %s, output %s", self.config_path or "defaults", self.engine.model_id, self.output_endpoint)
+            log.info(
+                "reloaded %s: model %s, output %s",
+                self.config_path or "defaults",
+                self.engine.model_id,
+                self.output_endpoint,
+            )
             return True
 
 

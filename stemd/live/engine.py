@@ -116,7 +116,11 @@ class Engine:
             where = f"no GPU, CPU with {torch.get_num_threads()} threads"
         where += f", precision {self.precision}"
         d = self.denoiser
-        periods = "unrecorded periods" if d.period_range is None else f"periods {d.period_range[0]:g}-{d.period_range[1]:g} px"
+        periods = (
+            "unrecorded periods"
+            if d.period_range is None
+            else f"periods {d.period_range[0]:g}-{d.period_range[1]:g} px"
+        )
         return f"model {self.model_id} (step {d.step}, {periods}, sampling {d.sampling}) on {where}"
 
     def memory_bytes(self) -> int:

@@ -35,7 +35,10 @@ DEFAULT_MODEL_PATH = MODELS_DIR / "conv.pt"
 PAPER_AE_PATH = MODELS_DIR / "paper_ae.pt"
 
 
-_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"window_ae": window_ae_from_arch, "conv_unet": conv_from_arch}
+_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "window_ae": window_ae_from_arch,
+    "conv_unet": conv_from_arch,
+}
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
@@ -72,7 +75,9 @@ def save_checkpoint(path: Path, model: nn.Module, metadata: dict[str, Any]) -> N
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
         "arch": _plain(model.arch(), "arch"),
-        "state_dict": {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()},
+        "state_dict": {
+            k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()
+        },
         "metadata": _plain(dict(metadata), "metadata"),
     }
     try:
@@ -127,7 +132,8 @@ def load_checkpoint(path: Path | None = None, map_location: str = "cpu") -> tupl
         raise CheckpointError(f"{path}: invalid format_version {version!r}")
     if version > CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format_version {version}, newer than this stemd reads ({CHECKPOINT_VERSION}); upgrade stemd"
+            f"{path} has checkpoint format_version {version}, newer than this stemd reads ({CHECKPOINT_VERSION}); "
+            "upgrade stemd"
         )
     try:
         model = build_model(data.get("arch"))
@@ -148,7 +154,8 @@ def _load_state(path: Path, model: nn.Module, state: Any) -> None:
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise CheckpointError(
-            f"{path}: weights do not match arch {model.arch()}: missing {missing or 'none'}, unexpected {extra or 'none'}"
+            f"{path}: weights do not match arch {model.arch()}: missing {missing or 'none'}, unexpected "
+            f"{extra or 'none'}"
         )
     for key, ref in expected.items():
         got = state[key]

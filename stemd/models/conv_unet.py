@@ -34,7 +34,9 @@ from stemd.errors import CheckpointError
 DEFAULT_CHANNELS = (48, 64, 96, 128)
 MIN_SIZE = 28  # the smallest frame side accepted, as for the paper's 28 px window
 GUIDES = ("none", "bragg")
-DEFAULT_BAND_PIXELS = 2**20  # pixels (x batch) run at once; larger frames go in row bands (~250 MB at the default widths)
+DEFAULT_BAND_PIXELS = (
+    2**20
+)  # pixels (x batch) run at once; larger frames go in row bands (~250 MB at the default widths)
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

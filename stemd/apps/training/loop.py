@@ -163,7 +163,9 @@ def load_init(model: nn.Module, path: Path) -> None:
     if arch | {"noise_level": True} == target and arch != target:
         state = source.state_dict()
         first = "enc.0.0.weight"
-        state[first] = torch.cat([state[first], torch.zeros_like(model.state_dict()[first][:, state[first].shape[1]:])], 1)
+        state[first] = torch.cat(
+            [state[first], torch.zeros_like(model.state_dict()[first][:, state[first].shape[1] :])], 1
+        )
         model.load_state_dict(state)
         return
     if arch != target:
@@ -194,7 +196,9 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimize
     state = read_state(checkpoint)
     loaded, meta = load_checkpoint(checkpoint)
     if loaded.arch() != model.arch():
-        raise ConfigError(f"{settings_key}: {checkpoint} holds {loaded.arch()}, but the settings ask for {model.arch()}")
+        raise ConfigError(
+            f"{settings_key}: {checkpoint} holds {loaded.arch()}, but the settings ask for {model.arch()}"
+        )
     if meta.get("samples_seen") != state["samples_seen"]:
         raise CheckpointError(f"{checkpoint} and its {_state_path(checkpoint).name} disagree on samples seen")
     model.load_state_dict(loaded.state_dict())
@@ -205,7 +209,11 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimize
     torch.set_rng_state(state["torch_rng"])
     run = _Run(int(state["samples_seen"]), history=list(state["history"]))
     if has_best:  # resuming into a directory without best.pt starts the search for the best afresh
-        run.best, run.best_quality, run.best_by_noise = state["best_val_loss"], state["best_quality"], state["best_by_noise"]
+        run.best, run.best_quality, run.best_by_noise = (
+            state["best_val_loss"],
+            state["best_quality"],
+            state["best_by_noise"],
+        )
     return run, meta
 
 
@@ -252,7 +260,9 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             log(f"{resume} already finished its run: {run.samples:,} samples seen of samples={settings.samples:,}; "
                 "pass a larger --samples to train on")
             q, nq = ({k[4:]: v for k, v in meta.get(key, {}).items()} for key in ("quality", "noisy_quality"))
-            return TrainResult(out, best_path, Path(resume), run.samples, run.best, q, nq, run.history, already_finished=True)
+            return TrainResult(
+                out, best_path, Path(resume), run.samples, run.best, q, nq, run.history, already_finished=True
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -280,7 +290,9 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             improved = loss < run.best
             if improved:
                 run.best, run.best_quality, run.best_by_noise = loss, q, by_noise
-            run.history.append({"samples": stop, "train_loss": train_loss, "val_loss": loss, "lr": lr_at(settings, stop)})
+            run.history.append(
+                {"samples": stop, "train_loss": train_loss, "val_loss": loss, "lr": lr_at(settings, stop)}
+            )
             meta = _metadata(task, command, run, q, noisy_q, by_noise, parameter_count(model))
             if improved:
                 save_checkpoint(best_path, model, meta)
@@ -295,9 +307,13 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             bar.close()
     if frame_check:
         frames = _record_frame_quality(best_path, device)
-        log("best checkpoint on simulated Poisson frames, PSNR noisy -> denoised (whole frame; 28 px in): "
-            + ", ".join(f"dose {r['dose']:g}: {r['noisy_psnr_db']:.1f} -> {r['psnr_db']:.1f}; {r['inner_psnr_db']:.1f} dB"
-                        for r in frames))
+        log(
+            "best checkpoint on simulated Poisson frames, PSNR noisy -> denoised (whole frame; 28 px in): "
+            + ", ".join(
+                f"dose {r['dose']:g}: {r['noisy_psnr_db']:.1f} -> {r['psnr_db']:.1f}; {r['inner_psnr_db']:.1f} dB"
+                for r in frames
+            )
+        )
     return TrainResult(out, best_path, last_path, run.samples, run.best, run.best_quality, noisy_q, run.history,
                        run.best_by_noise, val_loss(settings, start_q), time.perf_counter() - t0)
 

@@ -86,7 +86,9 @@ class WindowAETask:
             parts.append(slice(at, total))
             at = total
         labels = [{"noise": n.model_dump()} for n in (s.noise, *s.noise_mix)]
-        return ValidationSet(torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts, labels)
+        return ValidationSet(
+            torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts, labels
+        )
 
     def metadata(self) -> dict[str, Any]:
         """Window side, lattice, noise models and widths."""
