@@ -192,7 +192,7 @@ class Denoiser:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             y = self.model.denoise_frames(x, self.step, **aux).float()
-        return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])
+        return y if factor == 1.0 else _sampling.restore(y, (frames.shape[-2], frames.shape[-1]))
 
     def _aux_inputs(self, frames: torch.Tensor, factor: float) -> dict[str, torch.Tensor]:
         """The auxiliary inputs the model declares (`FrameModel.inputs`): the guide (the planar-defect guide

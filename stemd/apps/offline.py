@@ -15,7 +15,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ class TiffImage:
     def ndim(self) -> int:
         return len(self.shape)
 
-    def frames(self) -> Iterator[np.ndarray]:
+    def frames(self) -> Generator[np.ndarray, None, None]:
         """Each (H, W) frame in turn, read when reached: from a memory map when the pixels lie
         uncompressed in one block, else one TIFF page at a time; a 2D image is one frame."""
         try:
@@ -78,6 +78,7 @@ class TiffImage:
                     p is not None and p.shape == stack[1:] for p in series.pages
                 ):
                     for page in series.pages:
+                        assert page is not None  # checked above
                         yield page.asarray()
                 else:  # an unusual layout (e.g. several frames in one compressed page): read it whole
                     yield from series.asarray().reshape(stack)
@@ -179,7 +180,7 @@ def read_tiff(path: Path) -> TiffImage:
                 imagej=dict(tif.imagej_metadata or {}) if tif.is_imagej else None,
                 shaped=shaped,
                 description=next((d for d in descriptions if _plain_description(d)), None),
-                resolution=tuple(float(v) for v in resolution) if resolution else None,
+                resolution=(float(resolution[0]), float(resolution[1])) if resolution else None,
                 resolution_unit=int(page.resolutionunit) if resolution else None,
             )
     except StemdError:

@@ -55,6 +55,7 @@ class Item:
 
 def _batch_key(item: Item) -> tuple[Any, ...]:
     """Frames batched together share this: one shape and one pixel size (one sampling plan)."""
+    assert item.data is not None  # only frames are batched, and a frame carries its data
     return item.data.shape, item.header.get("pixel_size_m")
 
 
@@ -275,6 +276,22 @@ class Daemon:
 
     # ---- sockets ----------------------------------------------------------------------
 
+    # The engine and both sockets are set by `start` (the engine may be given); what runs after it uses these.
+    @property
+    def _engine(self) -> Engine:
+        assert self.engine is not None, "the engine is loaded by start()"
+        return self.engine
+
+    @property
+    def _pub(self) -> zmq.asyncio.Socket:
+        assert self.pub is not None, "the output socket is opened by start()"
+        return self.pub
+
+    @property
+    def _sub(self) -> zmq.asyncio.Socket:
+        assert self.sub is not None, "the input socket is opened by start()"
+        return self.sub
+
     @property
     def input_endpoint(self) -> str:
         """The input endpoint; when bound, the actual one (a `*` port resolved)."""
@@ -343,18 +360,18 @@ class Daemon:
             try:
                 frame = protocol.decode_frame(
                     parts, max_side=lim.max_side, max_pixels=lim.max_pixels,
-                    min_side=max(lim.min_side, self.engine.window),
+                    min_side=max(lim.min_side, self._engine.window),
                 )
             except protocol.ProtocolError as exc:
                 self._reject(exc.reason, exc.detail)
                 return
             self._track_series(frame.header)
             try:
-                plan = self.engine.plan(frame.data.shape, frame.header.get("pixel_size_m"))
+                plan = self._engine.plan(frame.data.shape, frame.header.get("pixel_size_m"))
             except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
                 self._refuse([Item("frame", frame.header, frame.data, now)], exc)
                 return
-            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self.engine.generation))
+            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self._engine.generation))
             if dropped is not None:
                 self._drop(dropped, "queue_full")
         elif topic == protocol.SERIES:
@@ -428,9 +445,10 @@ class Daemon:
             self._inflight.extend(batch)
             try:
                 plan = batch[0].plan
-                if plan is None or batch[0].generation != self.engine.generation:  # the model was reloaded
-                    plan = self.engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
-                handle = await self.engine.run(self.engine.submit, [it.data for it in batch], plan)
+                assert batch[0].data is not None  # a frame carries its data
+                if plan is None or batch[0].generation != self._engine.generation:  # the model was reloaded
+                    plan = self._engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
+                handle = await self._engine.run(self._engine.submit, [it.data for it in batch], plan)
             except SamplingError as exc:  # the reloaded model refuses frames queued for the old one
                 for item in batch:
                     self._inflight.remove(item)
@@ -455,7 +473,9 @@ class Daemon:
 
     async def _finish(self, batch: list[Item], handle: Pending) -> None:
         try:
-            results = handle.result if handle.result is not None else await self.engine.run(self.engine.collect, handle)
+            results = (
+                handle.result if handle.result is not None else await self._engine.run(self._engine.collect, handle)
+            )
         except Exception as exc:
             self._engine_failed(batch, exc)
             return
@@ -470,19 +490,20 @@ class Daemon:
             await self._publish(item, denoised)
 
     async def _publish(self, item: Item, denoised: np.ndarray) -> None:
+        assert item.data is not None  # a frame carries its data
         now = time.time()
         header = {
             **item.header,
-            "model_id": self.engine.model_id,
-            "model_version": self.engine.model_version,
+            "model_id": self._engine.model_id,
+            "model_version": self._engine.model_version,
             "received_at": item.received_at,
             "published_at": now,
             "latency_s": now - item.received_at,
         }
         try:
             if self.settings.output.publish_raw:
-                await self.pub.send_multipart(protocol.encode_frame(protocol.RAW, header, item.data), copy=False)
-            await self.pub.send_multipart(protocol.encode_frame(protocol.DENOISED, header, denoised), copy=False)
+                await self._pub.send_multipart(protocol.encode_frame(protocol.RAW, header, item.data), copy=False)
+            await self._pub.send_multipart(protocol.encode_frame(protocol.DENOISED, header, denoised), copy=False)
         except zmq.ZMQError as exc:
             log.error("publishing frame %s failed: %s", item.header.get("frame_id"), exc)
             self._drop(item, "publish_error")
@@ -496,7 +517,7 @@ class Daemon:
     async def _handle_event(self, item: Item) -> None:
         sid = item.header["series_id"]
         if item.kind == "event":
-            await self.pub.send_multipart(protocol.encode_event(protocol.SERIES, item.header))
+            await self._pub.send_multipart(protocol.encode_event(protocol.SERIES, item.header))
             log.info("series %r %s", sid, item.header["event"])
         if self.recorder is not None:
             await self.recorder.end_series(sid)  # a start, end or restart all begin a new file
@@ -549,7 +570,7 @@ class Daemon:
             line = self.stats_line(st)
             log.info("%s", line)
             self.notifier.status(line)
-            await self.pub.send_multipart(protocol.encode_event(protocol.STATS, st))
+            await self._pub.send_multipart(protocol.encode_event(protocol.STATS, st))
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
@@ -580,15 +601,15 @@ class Daemon:
                 self.reload_failures += 1
                 log.error("reload rejected, keeping the running config and model: %s", exc)
                 return False
-            await self.engine.run(self.engine.replace, denoiser)
+            await self._engine.run(self._engine.replace, denoiser)
             if pub is not None:
-                self.pub.close(linger=LINGER_MS)
+                self._pub.close(linger=LINGER_MS)
                 self.pub = pub
             else:
-                self.pub.setsockopt(zmq.SNDHWM, new.output.hwm)
+                self._pub.setsockopt(zmq.SNDHWM, new.output.hwm)
             if sub is not None:
                 await self._cancel("receiver")
-                self.sub.close(linger=0)
+                self._sub.close(linger=0)
                 self.sub = sub
                 self._spawn("receiver", self._receive(sub))
             self.queue.maxsize, self.queue.mode = new.queue.maxsize, new.queue.mode
@@ -602,7 +623,7 @@ class Daemon:
             log.info(
                 "reloaded %s: model %s, output %s",
                 self.config_path or "defaults",
-                self.engine.model_id,
+                self._engine.model_id,
                 self.output_endpoint,
             )
             return True

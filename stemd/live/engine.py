@@ -206,6 +206,7 @@ class Engine:
     @staticmethod
     def _read(pending: Pending) -> list[np.ndarray]:
         pending.done.synchronize()
+        assert pending.host_out is not None  # set by the CUDA path, the only one that leaves `result` None
         out = pending.host_out.numpy().copy()  # the pinned buffer is reused by a later batch
         pending.keep.clear()
         return list(out)

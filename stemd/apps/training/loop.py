@@ -27,7 +27,7 @@ from stemd.apps.training.scoring import evaluate, frame_quality, parameter_count
 from stemd.apps.training.tasks import TrainTask, task_for
 from stemd.config import TrainSettings
 from stemd.errors import CheckpointError, ConfigError
-from stemd.models.checkpoint import load_checkpoint, save_checkpoint
+from stemd.models.checkpoint import Model, load_checkpoint, save_checkpoint
 from stemd.pipeline import Denoiser, resolve_device
 
 DEFAULT_STEP = 2  # the floating-window step in the paper's text; stored in every checkpoint
@@ -152,7 +152,7 @@ def _metadata(task: TrainTask, command: str, run: _Run, q: dict[str, float], noi
     }
 
 
-def load_init(model: nn.Module, path: Path) -> None:
+def load_init(model: Model, path: Path) -> None:
     """Copy a checkpoint's weights into `model` (settings `init`); CheckpointError unless the architectures match.
 
     A conv_unet without the noise-level input may start one with it: the new input's first-layer weights
@@ -189,7 +189,7 @@ def _state(settings: TrainSettings, run: _Run, optimizer: torch.optim.Optimizer)
     }
 
 
-def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, has_best: bool,
+def _restore(checkpoint: Path, model: Model, optimizer: torch.optim.Optimizer, has_best: bool,
              settings_key: str) -> tuple[_Run, dict[str, Any]]:
     """Load a last.pt and its state into `model` and `optimizer`; (progress so far, the checkpoint's metadata)."""
 
@@ -328,7 +328,7 @@ def _record_frame_quality(best_path: Path, device: torch.device) -> list[dict[st
     return meta["frame_quality"]
 
 
-def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, task: TrainTask, start: int, stop: int,
+def _fit(model: Model, optimizer: torch.optim.Optimizer, task: TrainTask, start: int, stop: int,
          device: torch.device, bar: tqdm | None) -> float:
     """Adam steps on samples [start, stop) of the task's data stream; returns their mean training loss."""
     settings = task.settings

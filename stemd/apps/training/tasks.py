@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
 from stemd.apps.training.data import (
     TRAIN_STREAM,
@@ -23,6 +22,7 @@ from stemd.apps.training.data import (
     window_streams,
 )
 from stemd.config import TrainSettings
+from stemd.models.checkpoint import Model
 from stemd.models.conv_unet import MIN_SIZE, ConvDenoiser
 from stemd.models.window_ae import WindowAE
 
@@ -34,11 +34,20 @@ EVAL_FRAMES = 4  # conv_unet validation scenes per forward pass
 class TrainTask(Protocol):
     """One model kind's part of a run; the loop calls only these."""
 
-    settings: TrainSettings
-    settings_key: str  # the settings that fix the architecture, named when a checkpoint does not fit them
-    input_names: tuple[str, ...]  # model inputs a batch carries between the noisy samples and the targets
+    @property
+    def settings(self) -> TrainSettings: ...
 
-    def build(self) -> nn.Module:
+    @property
+    def settings_key(self) -> str:
+        """The settings that fix the architecture, named when a checkpoint does not fit them."""
+        ...
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Model inputs a batch carries between the noisy samples and the targets."""
+        ...
+
+    def build(self) -> Model:
         """The untrained model (the loop seeds torch first)."""
 
     def batches(self, start: int, stop: int) -> Iterator[tuple[np.ndarray, ...]]:
@@ -59,7 +68,7 @@ class WindowAETask:
     settings_key: str = "model/hidden/window"
     input_names: tuple[str, ...] = ()
 
-    def build(self) -> nn.Module:
+    def build(self) -> WindowAE:
         """WindowAE(window, hidden)."""
         return WindowAE(self.settings.window, self.settings.hidden)
 
@@ -110,7 +119,7 @@ class ConvTask:
         c = self.settings.conv
         return ("guide",) * (c.guide == "bragg") + ("level",) * c.noise_level
 
-    def build(self) -> nn.Module:
+    def build(self) -> ConvDenoiser:
         """ConvDenoiser(channels, guide, noise_level)."""
         c = self.settings.conv
         return ConvDenoiser(c.channels, guide=c.guide, noise_level=c.noise_level)
@@ -159,7 +168,7 @@ class ConvTask:
         }
 
 
-TASKS: dict[str, type[TrainTask]] = {"window_ae": WindowAETask, "conv_unet": ConvTask}
+TASKS: dict[str, Callable[[TrainSettings], TrainTask]] = {"window_ae": WindowAETask, "conv_unet": ConvTask}
 
 
 def task_for(settings: TrainSettings) -> TrainTask:
