@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 demo: $(VENV)/.installed
 	$(BIN)/stemd demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed

@@ -80,5 +80,7 @@ def model_option(text: str) -> tuple[str, Path, dict]:
         else:
             path = ""
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips|dejitterN|noplanar[+...]], got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips|dejitterN|noplanar[+...]], got {text!r}"
+        )
     return name, Path(path), options

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench._report import ROOT
 from stemd.compute import metrics
-from stemd.sim import lattice as synthetic
-from stemd.pipeline import Denoiser
 from stemd.compute.normalize import denormalize, normalize
 from stemd.compute.window import reconstruct
-
-from bench._report import ROOT
+from stemd.pipeline import Denoiser
+from stemd.sim import lattice as synthetic
 
 SIZE = 512
 BAND = 28  # px: the outer band scored apart from the interior

@@ -41,7 +41,9 @@ def nlm(counts: np.ndarray) -> np.ndarray:
 
     y = anscombe(counts)
     sigma = float(estimate_sigma(y))
-    return inverse_anscombe(denoise_nl_means(y, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True))
+    return inverse_anscombe(
+        denoise_nl_means(y, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True)
+    )
 
 
 def bm3d_denoise(counts: np.ndarray) -> np.ndarray:

@@ -20,23 +20,22 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from stemd.compute import metrics
-from stemd.sim import scenes
-from stemd.pipeline import Denoiser
-from stemd.errors import StemdError
-
 from bench._report import ROOT, machine_line, model_option, write_section
 from bench.classical import bm3d_denoise, gaussian_best
 from bench.peers import tk_r_em_bridge
+from stemd.compute import metrics
+from stemd.errors import StemdError
+from stemd.pipeline import Denoiser
+from stemd.sim import scenes
 
 DOSES = (2.0, 5.0, 20.0, 80.0, 200.0)
 QUICK_DOSE = 20.0
@@ -53,14 +52,20 @@ INVENTION_PASS = 0.01  # |score| at or below this counts as "nothing invented" i
 TIMING_REPEATS = 3
 COLUMN_KINDS = ("perovskite_rp", "vacancies", "interface")
 INVENTION_KINDS = ("amorphous", "vacuum_edge", "noise_only")
-DEFAULT_MODELS = {"paper AE": ROOT / "stemd/models/paper_ae.pt", "conv": ROOT / "stemd/models/conv.pt",
-                  "conv no dejitter": ROOT / "stemd/models/conv.pt", "conv no planar guide": ROOT / "stemd/models/conv.pt",
-                  "conv bf16": ROOT / "stemd/models/conv.pt",
-                  "conv bf16 flips": ROOT / "stemd/models/conv.pt"}
-DEFAULT_OPTIONS = {"conv no dejitter": {"dejitter": 0},  # Denoiser options; the rest: float32, one pass, dejitter 2, planar
-                   "conv no planar guide": {"planar": False},
-                   "conv bf16": {"precision": "bf16"},
-                   "conv bf16 flips": {"precision": "bf16", "flips": True}}
+DEFAULT_MODELS = {
+    "paper AE": ROOT / "stemd/models/paper_ae.pt",
+    "conv": ROOT / "stemd/models/conv.pt",
+    "conv no dejitter": ROOT / "stemd/models/conv.pt",
+    "conv no planar guide": ROOT / "stemd/models/conv.pt",
+    "conv bf16": ROOT / "stemd/models/conv.pt",
+    "conv bf16 flips": ROOT / "stemd/models/conv.pt",
+}
+DEFAULT_OPTIONS = {
+    "conv no dejitter": {"dejitter": 0},  # Denoiser options; the rest: float32, one pass, dejitter 2, planar
+    "conv no planar guide": {"planar": False},
+    "conv bf16": {"precision": "bf16"},
+    "conv bf16 flips": {"precision": "bf16", "flips": True},
+}
 
 
 # ---------------------------------------------------------------- column fidelity (pure)
@@ -168,7 +173,9 @@ def region_weight(mask: np.ndarray, margin: float = 0.0, taper: float = TAPER_PX
     return np.clip((dist - margin) / taper, 0.0, 1.0)
 
 
-def ring_power(image: np.ndarray, weight: np.ndarray, shells: list[float], half_width: float = RING_HALF_WIDTH) -> float:
+def ring_power(
+    image: np.ndarray, weight: np.ndarray, shells: list[float], half_width: float = RING_HALF_WIDTH
+) -> float:
     """Lattice-ring power of `image` under `weight`: mean-square amplitude of its components on the shells.
 
     P(q) = |FFT(w (x - mean_w x))|² / (N Σw²) over the N bins sums to the weighted mean square of x, so a
@@ -205,7 +212,9 @@ def ring_power(image: np.ndarray, weight: np.ndarray, shells: list[float], half_
     return out
 
 
-def invention_score(output: np.ndarray, clean: np.ndarray, weight: np.ndarray, shells: list[float], reference: float) -> float:
+def invention_score(
+    output: np.ndarray, clean: np.ndarray, weight: np.ndarray, shells: list[float], reference: float
+) -> float:
     """Lattice-ring power of output − clean in the weighted region, over a real crystal's (`reference`).
 
     0: the output adds no periodic content on these shells; 1: it adds as much as a whole crystal has.
@@ -221,7 +230,9 @@ def residual_rms(output: np.ndarray, clean: np.ndarray, weight: np.ndarray) -> f
     return float(np.sqrt((w * (d - mean) ** 2).sum() / w.sum()))
 
 
-def band_score(output: np.ndarray, clean: np.ndarray, band: np.ndarray, control: np.ndarray, shells: list[float]) -> float:
+def band_score(
+    output: np.ndarray, clean: np.ndarray, band: np.ndarray, control: np.ndarray, shells: list[float]
+) -> float:
     """Lattice imposed at a defect: ring power of output − clean over the clean's own, in the defect band minus
     in the control band. A uniform lattice-amplitude error cancels; a lattice continued across the fault does not."""
     residual = np.asarray(output, np.float64) - clean
@@ -267,7 +278,9 @@ class Frame:
 class Method:
     name: str
     label: str
-    run: Callable[[list[Frame]], tuple[list[np.ndarray | None], list[tuple[float, float]], str]]  # outputs, (wall, CPU) s per frame, note
+    run: Callable[
+        [list[Frame]], tuple[list[np.ndarray | None], list[tuple[float, float]], str]
+    ]  # outputs, (wall, CPU) s per frame, note
     ident: str = ""  # a stemd model's id (arch + weights hash)
 
 
@@ -314,7 +327,8 @@ def gaussian_oracle(frames: list[Frame]) -> tuple[list[np.ndarray | None], Times
 
 
 def model_method(name: str, path: Path, options: dict | None = None) -> Method:
-    """A stemd checkpoint through `Denoiser` on the CPU (`options`: precision, flips, dejitter, planar); a refused frame scores as failed."""
+    """A stemd checkpoint through `Denoiser` on the CPU (`options`: precision, flips, dejitter, planar); a refused
+    frame scores as failed."""
     denoiser = Denoiser.load(path, device="cpu", **(options or {}))
     denoiser(np.random.default_rng(0).poisson(5.0, (64, 64)).astype(np.float32))  # warm-up
 
@@ -454,8 +468,13 @@ def run_all(args: argparse.Namespace, methods: list[Method]) -> Results:
             ref = fit_all(s.clean.astype(np.float64), s.columns, radii, s.params["target_sigma_px"])
             ctx.fits[i] = (ref, radii, pm_per_px(s))
             if f is ref_frame:
-                truth = metrics.ColumnFits(s.columns, np.asarray(s.intensities) * s.params["peak_scale"],
-                                           np.zeros(len(s.columns)), np.zeros(len(s.columns)), np.ones(len(s.columns), bool))
+                truth = metrics.ColumnFits(
+                    s.columns,
+                    np.asarray(s.intensities) * s.params["peak_scale"],
+                    np.zeros(len(s.columns)),
+                    np.zeros(len(s.columns)),
+                    np.ones(len(s.columns), bool),
+                )
                 floor = {g: column_stats(ref, truth, sel, pm_per_px(s)) for g, sel in column_groups(s).items()}
     scores, outputs, seconds, notes = {}, {}, {}, {}
     for m in methods:
@@ -469,7 +488,8 @@ def run_all(args: argparse.Namespace, methods: list[Method]) -> Results:
                                else (float("nan"), float("nan")))
         elif m.name == "gaussian":
             sigma = 1.5
-            seconds[m.name] = time_frame(Method("g", "g", _each(lambda f: ndimage.gaussian_filter(f.noisy, sigma))), ref_frame, TIMING_REPEATS)
+            gauss = Method("g", "g", _each(lambda f, sigma=sigma: ndimage.gaussian_filter(f.noisy, sigma)))
+            seconds[m.name] = time_frame(gauss, ref_frame, TIMING_REPEATS)
         else:
             seconds[m.name] = time_frame(m, ref_frame, TIMING_REPEATS)
         outputs[m.name] = outs
@@ -518,12 +538,18 @@ def doses_of(res: Results) -> list[float]:
 
 
 def fidelity_table(res: Results) -> str:
-    head = ("| dose | method | fits failed | bias (pm) | spread (pm) | RMS all (pm) | RMS near (pm) | RMS far (pm) | "
-            "near / far | intensity bias (%) | intensity spread (%) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| dose | method | fits failed | bias (pm) | spread (pm) | RMS all (pm) | RMS near (pm) | RMS far (pm) | "
+        "near / far | intensity bias (%) | intensity spread (%) "
+        "|\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     fl = res.floor
-    rows = [f"| – | clean fit vs truth | {fl['all'].failed:.1%} | {_f(fl['all'].bias_pm, 2)} | {_f(fl['all'].spread_pm, 2)} | "
-            f"{_f(fl['all'].rms_pm, 2)} | {_f(fl['near'].rms_pm, 2)} | {_f(fl['far'].rms_pm, 2)} | – | "
-            f"{_f(fl['all'].int_bias_pct)} | {_f(fl['all'].int_spread_pct)} |"]
+    rows = [
+        f"| – | clean fit vs truth | {fl['all'].failed:.1%} | {_f(fl['all'].bias_pm, 2)} | "
+        f"{_f(fl['all'].spread_pm, 2)} | "
+        f"{_f(fl['all'].rms_pm, 2)} | {_f(fl['near'].rms_pm, 2)} | {_f(fl['far'].rms_pm, 2)} | – | "
+        f"{_f(fl['all'].int_bias_pct)} | {_f(fl['all'].int_spread_pct)} |"
+    ]
     for dose in doses_of(res):
         i = _pick(res, "perovskite_rp", dose)
         for m in res.methods:
@@ -532,9 +558,11 @@ def fidelity_table(res: Results) -> str:
                 rows.append(f"| {dose:g} | {m.label} | (no output) |||||||||")
                 continue
             a, n, fa = g["all"], g["near"], g["far"]
-            rows.append(f"| {dose:g} | {m.label} | {a.failed:.1%} | {_f(a.bias_pm)} | {_f(a.spread_pm)} | {_f(a.rms_pm)} | "
-                        f"{_f(n.rms_pm)} | {_f(fa.rms_pm)} | {_f(near_far_ratio(n, fa), 2)} | {_f(a.int_bias_pct)} | "
-                        f"{_f(a.int_spread_pct)} |")
+            rows.append(
+                f"| {dose:g} | {m.label} | {a.failed:.1%} | {_f(a.bias_pm)} | {_f(a.spread_pm)} | {_f(a.rms_pm)} | "
+                f"{_f(n.rms_pm)} | {_f(fa.rms_pm)} | {_f(near_far_ratio(n, fa), 2)} | {_f(a.int_bias_pct)} | "
+                f"{_f(a.int_spread_pct)} |"
+            )
     return head + "\n".join(rows) + "\n"
 
 
@@ -561,9 +589,11 @@ def invention_table(res: Results) -> str:
     for dose in doses_of(res):
         for m in res.methods:
             sc = {k: res.scores[m.name][_pick(res, k, dose)] for k in (*INVENTION_KINDS, "perovskite_rp")}
-            rows.append(f"| {dose:g} | {m.label} | {_f(sc['amorphous'].invention, 4)} | {_f(sc['vacuum_edge'].invention, 4)} | "
-                        f"{_f(sc['noise_only'].invention, 4)} | {_f(sc['perovskite_rp'].band, 4)} | "
-                        f"{_f(sc['vacuum_edge'].residual, 3)} | {_f(sc['noise_only'].residual, 3)} |")
+            rows.append(
+                f"| {dose:g} | {m.label} | {_f(sc['amorphous'].invention, 4)} | {_f(sc['vacuum_edge'].invention, 4)} | "
+                f"{_f(sc['noise_only'].invention, 4)} | {_f(sc['perovskite_rp'].band, 4)} | "
+                f"{_f(sc['vacuum_edge'].residual, 3)} | {_f(sc['noise_only'].residual, 3)} |"
+            )
     return head + "\n".join(rows) + "\n"
 
 
@@ -587,10 +617,13 @@ def peers_table(res: Results) -> str:
             sc = res.scores[m.name][i]
             g = sc.groups
             psnr = _f(sc.psnr, 2)
-            rows.append(f"| {dose:g} | {m.label} | {'**' + psnr + '**' if m.name == best else psnr} | {_f(sc.ssim, 3)} | "
-                        f"{_f(g['all'].rms_pm) if g else '–'} | {_f(g['near'].rms_pm) if g else '–'} | "
-                        f"{_f(near_far_ratio(g['near'], g['far']), 2) if g else '–'} | {_f(worst_invention(res, m.name, dose), 4)} | "
-                        f"{_ms(res.seconds[m.name][0])} | {_ms(res.seconds[m.name][1])} |")
+            rows.append(
+                f"| {dose:g} | {m.label} | {'**' + psnr + '**' if m.name == best else psnr} | {_f(sc.ssim, 3)} | "
+                f"{_f(g['all'].rms_pm) if g else '–'} | {_f(g['near'].rms_pm) if g else '–'} | "
+                f"{_f(near_far_ratio(g['near'], g['far']), 2) if g else '–'} | "
+                f"{_f(worst_invention(res, m.name, dose), 4)} | "
+                f"{_ms(res.seconds[m.name][0])} | {_ms(res.seconds[m.name][1])} |"
+            )
     return head + "\n".join(rows) + "\n"
 
 
@@ -614,7 +647,7 @@ def verdict(res: Results, model_names: list[str]) -> list[str]:
     for name in model_names:
         part = []
 
-        def check(target: str, ok: bool, detail: str) -> None:
+        def check(target: str, ok: bool, detail: str, name: str = name, part: list[str] = part) -> None:
             met.setdefault(target, [])
             if ok:
                 met[target].append(name)
@@ -627,14 +660,20 @@ def verdict(res: Results, model_names: list[str]) -> list[str]:
             part.append("PSNR ≥ tk_r_em: not measured (tk_r_em not run)")
         if "bm3d" in names:
             miss = [d for d in doses if not val(name, d, "psnr") >= val("bm3d", d, "psnr") + 1.0]
-            check("PSNR ≥ BM3D + 1 dB", not miss, 'met at every dose' if not miss else 'MISSED at dose ' + listing(miss))
+            check(
+                "PSNR ≥ BM3D + 1 dB", not miss, "met at every dose" if not miss else "MISSED at dose " + listing(miss)
+            )
         peers = [p for p in ("bm3d", "tk_r_em") if p in names]
         if peers:
             miss = [d for d in doses if any(not val(name, d, "rms") <= val(p, d, "rms") for p in peers)]
             check(f"column RMS ≤ {' and '.join(peers)}", not miss,
                   'met at every dose' if not miss else 'MISSED at dose ' + listing(miss))
         miss = [d for d in doses if not val(name, d, "rms") <= 2 * val("raw", d, "rms")]
-        check("column RMS ≤ 2 × raw-fit RMS", not miss, 'met at every dose' if not miss else 'MISSED at dose ' + listing(miss))
+        check(
+            "column RMS ≤ 2 × raw-fit RMS",
+            not miss,
+            "met at every dose" if not miss else "MISSED at dose " + listing(miss),
+        )
         over = {kind: [] for kind in COLUMN_KINDS}  # the issue's target is the RP fault's; the others are reported
         for kind in COLUMN_KINDS:
             for d in doses:
@@ -643,10 +682,18 @@ def verdict(res: Results, model_names: list[str]) -> list[str]:
                     over[kind].append(d)
         bad = over.pop("perovskite_rp")
         beyond = "; ".join(f"{kind} above 1.5 at dose {listing(ds)}" for kind, ds in over.items() if ds)
-        check("near/far ≤ 1.5 at the RP fault", not bad, ('met at every dose' if not bad else 'MISSED at dose ' + listing(bad))
-              + (f" (not a target, reported: {beyond})" if beyond else ""))
+        check(
+            "near/far ≤ 1.5 at the RP fault",
+            not bad,
+            ("met at every dose" if not bad else "MISSED at dose " + listing(bad))
+            + (f" (not a target, reported: {beyond})" if beyond else ""),
+        )
         bad = [d for d in doses if not worst_invention(res, name, d) <= INVENTION_PASS]
-        check(f"invention score ≤ {INVENTION_PASS:g}", not bad, 'met at every dose' if not bad else 'MISSED at dose ' + listing(bad))
+        check(
+            f"invention score ≤ {INVENTION_PASS:g}",
+            not bad,
+            "met at every dose" if not bad else "MISSED at dose " + listing(bad),
+        )
         if "tk_r_em" in names and np.isfinite(res.seconds["tk_r_em"][1]):
             cpu = res.seconds["tk_r_em"][1] / res.seconds[name][1]
             wall = res.seconds["tk_r_em"][0] / res.seconds[name][0]
@@ -660,8 +707,14 @@ def verdict(res: Results, model_names: list[str]) -> list[str]:
     lines.append("- Best PSNR per dose — " + "; ".join(best) + ".")
     if model_names:
         nobody = [t for t, who in met.items() if not who]
-        lines.insert(0, "Met by at least one stemd model: " + ("; ".join(f"{t} ({', '.join(who)})" for t, who in met.items() if who) or "none")
-                     + ". **Missed by every stemd model: " + ("; ".join(nobody) or "none") + ".** Per model:\n")
+        lines.insert(
+            0,
+            "Met by at least one stemd model: "
+            + ("; ".join(f"{t} ({', '.join(who)})" for t, who in met.items() if who) or "none")
+            + ". **Missed by every stemd model: "
+            + ("; ".join(nobody) or "none")
+            + ".** Per model:\n",
+        )
     return lines
 
 
@@ -670,17 +723,25 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
     doses = doses_of(res)
     ran = ", ".join(m.label for m in res.methods)
     ids = {m.name: m.ident for m in res.methods}
-    model_lines = "; ".join(f"**{n}** = `{Path(p).relative_to(ROOT) if Path(p).is_relative_to(ROOT) else p}` ({ids.get(n)}"
-                            + "".join(f", {k} {v}" for k, v in args.options.get(n, {}).items()) + ")"
-                            for n, p in args.models.items()) or "none (no checkpoint found)"
+    model_lines = (
+        "; ".join(
+            f"**{n}** = `{Path(p).relative_to(ROOT) if Path(p).is_relative_to(ROOT) else p}` ({ids.get(n)}"
+            + "".join(f", {k} {v}" for k, v in args.options.get(n, {}).items())
+            + ")"
+            for n, p in args.models.items()
+        )
+        or "none (no checkpoint found)"
+    )
     missing = [n for n, p in DEFAULT_MODELS.items() if n not in args.models and not args.explicit_models]
     pm = PEROVSKITE_A_PM / 10.0
     parts = [
         ("**Quick smoke run, not the reference numbers.**\n\n" if args.quick else "")
         + f"Measured {datetime.date.today().isoformat()} on {machine_line()} ({torch.get_num_threads()} torch threads) "
         f"by `{args.command}` (seeded; {args.elapsed_s / 60:.1f} min). Methods: {ran}. Models: {model_lines}"
-        + (f"; not found, so not measured: {', '.join(missing)}" if missing else "") + ".",
-        "**Frames.** `stemd.sim.scenes.named_frame` (docs/noise.md) at doses " + ", ".join(f"{d:g}" for d in doses)
+        + (f"; not found, so not measured: {', '.join(missing)}" if missing else "")
+        + ".",
+        "**Frames.** `stemd.sim.scenes.named_frame` (docs/noise.md) at doses "
+        + ", ".join(f"{d:g}" for d in doses)
         + f" (expected counts at the brightest column), instrument `NAMED_NOISE` (gain cv 0.3, read noise 0.2 counts, "
         f"line jitter 0.2 px, line gain 0.01, line offset 0.003): perovskite_rp at {size}², vacancies, interface, "
         f"amorphous, vacuum_edge and noise_only at {small}², seed {args.seed + FRAME_SEED} (the same scenes at every "
@@ -691,8 +752,10 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         "E[y] = clean, while a "
         "least-squares gain shrinks a noisy image and would leave part of the lattice in output − clean). "
         "PSNR and SSIM with data range 1 (the brightest clean column).",
-        "**Methods.** *no denoising*: the noisy frame. *Gaussian (best σ, oracle)*: `classical.gaussian_best`, the σ from "
-        "0.5–3 px that maximises PSNR against the clean frame, per frame — an advantage no real user has. *GAT + BM3D*: "
+        "**Methods.** *no denoising*: the noisy frame. *Gaussian (best σ, oracle)*: `classical.gaussian_best`, the σ "
+        "from "
+        "0.5–3 px that maximises PSNR against the clean frame, per frame — an advantage no real user has. *GAT + "
+        "BM3D*: "
         "`bm3d.bm3d` (both stages, σ = 1) after the generalised Anscombe transform for this instrument: counts "
         "z = y·D have mean λ and variance λ(1 + c²) + ρ², the law of α·Poisson(λ/α) + N(0, ρ²) with α = 1 + c², so "
         "z/α + (ρ/α)² goes through `classical.bm3d_denoise` (Anscombe, BM3D, Mäkitalo–Foi unbiased inverse) and back "
@@ -709,17 +772,20 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         "2D Gaussians (`metrics.fit_columns`, started at the true position and the target's column width) are fitted "
         f"to every column "
         f"at least {EDGE_MARGIN_PX} px inside the frame, in the clean image and in each output; disc radius "
-        f"{RADIUS_FRAC} period, at most half the distance to the nearest column (the dumbbell's close pairs). Errors are "
+        f"{RADIUS_FRAC} period, at most half the distance to the nearest column (the dumbbell's close pairs). Errors "
+        "are "
         "taken against the **clean image's fit** (so the fit model's own bias, the first row, cancels); a column whose "
         "fit fails in an output counts under *fits failed* and is left out of the statistics. Positions: *bias* = "
         "length of the mean error vector, *spread* = RMS about that mean, *RMS* = RMS error length (bias² + spread² = "
         f"RMS²), in pm with the perovskite period as SrTiO3's a: 10 px ↔ {PEROVSKITE_A_PM / 1000:.4f} nm, so 1 px = "
         f"{pm:.2f} pm. Intensities: fitted amplitude / the clean fit's − 1, mean (*bias*) and standard deviation "
         "(*spread*) in %; the fits use the output as returned, in clean units (positions do not depend on a gain and "
-        "offset, amplitudes do: a global scale error of a method shows as intensity bias). *Near* = the scene's `near_defect` columns (within one period of the RP fault's mid-plane, "
+        "offset, amplitudes do: a global scale error of a method shows as intensity bias). *Near* = the scene's "
+        "`near_defect` columns (within one period of the RP fault's mid-plane, "
         "of a vacancy or of the interface), *far* = the rest. The *no denoising* rows are the precision attainable by "
         "fitting the raw frame at that dose.\n\n"
-        f"perovskite_rp, {size}²:\n\n" + fidelity_table(res)
+        f"perovskite_rp, {size}²:\n\n"
+        + fidelity_table(res)
         + f"\nNear / far RMS in pm and their ratio for every column frame (perovskite_rp {size}², vacancies and "
         f"interface {small}²):\n\n" + defects_table(res),
         "### No invention\n\n"
@@ -734,9 +800,11 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         f"clean perovskite_rp frame ({size}², whole frame, its own shells). **0 = nothing invented; 1 = as much "
         "lattice as the crystal itself has**; noise alone scores ≈ 0 (± its fluctuation: the *no denoising* rows show "
         "it). A negative score is a dip, not invention: the residual has less power on the rings than around them "
-        "(e.g. a filter that passes the lattice's frequencies and removes the amorphous content at the others). Regions: "
+        "(e.g. a filter that passes the lattice's frequencies and removes the amorphous content at the others). "
+        "Regions: "
         "the amorphous part of *amorphous* and the vacuum of *vacuum_edge*, each one period in from the boundary (the "
-        "boundary's blur is not counted), the whole *noise_only* frame. *Across the RP fault* (where the clean image has "
+        "boundary's blur is not counted), the whole *noise_only* frame. *Across the RP fault* (where the clean image "
+        "has "
         "a lattice of its own, so the ratio is to the clean's ring power in the same window): ring power of output − "
         "clean over that of the clean, in a band of ± 2 periods around the near-defect columns (window ramp 4 px), "
         "minus the same in that band moved a quarter frame along the lattice: a uniform loss or gain of lattice "
@@ -747,11 +815,13 @@ def report(args: argparse.Namespace, res: Results, model_names: list[str]) -> st
         "and shows in the near / far column errors above instead. "
         "*Residual RMS*: weighted RMS of output − clean in the region over the crystal's lattice RMS amplitude "
         "(√reference): what is left in empty space, periodic or not (noise included, so *no denoising* is large). "
-        "A model trained on other periods could invent a lattice on rings not listed; the residual RMS would show it.\n\n"
+        "A model trained on other periods could invent a lattice on rings not listed; the residual RMS would show "
+        "it.\n\n"
         + invention_table(res),
         "### Peers side by side\n\n"
         f"perovskite_rp at {size}², all methods on the same frames. *Invention*: the largest score of the row's dose "
-        "over amorphous, vacuum, noise only and across the fault. Bold: best PSNR at that dose.\n\n" + peers_table(res)
+        "over amorphous, vacuum, noise only and across the fault. Bold: best PSNR at that dose.\n\n"
+        + peers_table(res)
         + f"\n![raw / methods / clean around the RP fault at dose {doses[0]:g}](defect.png)",
         "### Verdict against the issue's targets\n\n" + "\n".join(verdict(res, model_names)),
     ]
@@ -804,15 +874,26 @@ def defect_figure(res: Results, path: Path, crop: int = 128) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"smoke run: dose {QUICK_DOSE:g} only, 256² and 128² frames")
-    p.add_argument("--model", action="append", type=model_option, default=[], metavar="NAME=PATH",
-                   help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar] (repeatable; default: those of "
-                        f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)")
+    p.add_argument(
+        "--model",
+        action="append",
+        type=model_option,
+        default=[],
+        metavar="NAME=PATH",
+        help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar] "
+        "(repeatable; default: those of "
+        f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)",
+    )
     p.add_argument("--no-tkrem", action="store_true", help="skip the tk_r_em peer")
     p.add_argument("--no-bm3d", action="store_true", help="skip BM3D (the slowest classical peer)")
     p.add_argument("--no-write", action="store_true", help="print the tables only; write no files")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for benchmarks.md and defect.png (default docs/)")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "docs", help="folder for benchmarks.md and defect.png (default docs/)"
+    )
     p.add_argument("--size", type=int, default=None, help="side of the perovskite_rp frames (default 512; quick 256)")
-    p.add_argument("--doses", type=float, nargs="+", default=None, help=f"doses (default {' '.join(f'{d:g}' for d in DOSES)})")
+    p.add_argument(
+        "--doses", type=float, nargs="+", default=None, help=f"doses (default {' '.join(f'{d:g}' for d in DOSES)})"
+    )
     p.add_argument("--seed", type=int, default=0, help="offset added to the fixed frame seed")
     args = p.parse_args(argv)
     args.size = args.size or (256 if args.quick else 512)
@@ -820,7 +901,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.size < 128 or any(not d > 0 for d in args.doses):
         p.error("need --size >= 128 and positive --doses")
     args.explicit_models = bool(args.model)
-    args.models = {n: p for n, p, _ in args.model} if args.model else {n: p for n, p in DEFAULT_MODELS.items() if p.is_file()}
+    args.models = (
+        {n: p for n, p, _ in args.model} if args.model else {n: p for n, p in DEFAULT_MODELS.items() if p.is_file()}
+    )
     args.options = {n: o for n, _, o in args.model if o} if args.model else dict(DEFAULT_OPTIONS)
     for name, path in args.models.items():
         if not path.is_file():
@@ -842,7 +925,9 @@ def main(argv: list[str] | None = None) -> int:
     res = run_all(args, methods)
     args.elapsed_s = time.perf_counter() - start
     names = list(args.models)
-    print("\n" + fidelity_table(res) + "\n" + defects_table(res) + "\n" + invention_table(res) + "\n" + peers_table(res))
+    print(
+        "\n" + fidelity_table(res) + "\n" + defects_table(res) + "\n" + invention_table(res) + "\n" + peers_table(res)
+    )
     print("\n".join(verdict(res, names)))
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import os
 import signal
 import socket
 import subprocess
@@ -35,13 +34,11 @@ import yaml
 import zmq
 import zmq.asyncio
 
+from bench._report import BENCHMARKS, machine_line, model_option, publish
+from stemd.apps.simulate import Simulator
 from stemd.live import protocol
 from stemd.models.checkpoint import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
 from stemd.sim.microscope import SimSpec
-from stemd.apps.simulate import Simulator
-
-
-from bench._report import BENCHMARKS, machine_line, model_option, publish
 
 
 def free_port() -> int:
@@ -160,7 +157,8 @@ def to_markdown(rows: list[dict], args) -> str:
         f"({args.seconds:g} s per row; the daemon is a separate `stemd run` process, "
         f"queue {args.mode}, max_batch {args.max_batch}, maxsize {args.maxsize}).",
         "",
-        "| feed | frame | sent/s | published/s | dropped | lost | recv→publish p50 / p99 (ms) | acquisition→subscriber p50 / p99 (ms) |",
+        "| feed | frame | sent/s | published/s | dropped | lost | recv→publish p50 / p99 (ms) | acquisition→subscriber "
+        "p50 / p99 (ms) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -183,9 +181,13 @@ def variants(args) -> list[tuple[str, dict]]:
     for name, path, options in args.models:
         window = load_checkpoint(path)[0].arch()["name"] == "window_ae"
         for step in (args.steps or [3]) if window else [None]:
-            extras = [f"step {step}" if step else "", options.get("precision", ""), "flips" if options.get("flips") else "",
-                      f"dejitter {options['dejitter']}" if "dejitter" in options else "",
-                      "no planar guide" if options.get("planar") is False else ""]
+            extras = [
+                f"step {step}" if step else "",
+                options.get("precision", ""),
+                "flips" if options.get("flips") else "",
+                f"dejitter {options['dejitter']}" if "dejitter" in options else "",
+                "no planar guide" if options.get("planar") is False else "",
+            ]
             label = ", ".join(filter(None, [name, *extras]))
             model = {"device": args.device, "path": str(path), **options}
             out.append((label, model | ({"step": step} if step else {})))
@@ -212,8 +214,13 @@ async def amain(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=model_option, action="append", metavar="NAME=PATH[@bf16][+flips][+dejitterN][+noplanar]",
-                   help="a checkpoint to run in the daemon (repeatable; default: conv, conv@bf16, paper AE)")
+    p.add_argument(
+        "--model",
+        type=model_option,
+        action="append",
+        metavar="NAME=PATH[@bf16][+flips][+dejitterN][+noplanar]",
+        help="a checkpoint to run in the daemon (repeatable; default: conv, conv@bf16, paper AE)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)
     p.add_argument("--dwell-us", type=float, default=2.0)

@@ -18,10 +18,9 @@ import sys
 
 import numpy as np
 
-from stemd.sim import scenes
-from stemd.pipeline import Denoiser
-
 from bench import faithfulness as fb
+from stemd.pipeline import Denoiser
+from stemd.sim import scenes
 
 
 def errors(out: np.ndarray, scene: scenes.Scene) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                 near, far = errors(den(noisy), scene)
                 near_all.append(near)
                 far_all.append(far)
-                cells.append(f"{np.sqrt(near.mean()):.1f} / {np.sqrt(far.mean()):.1f} = {np.sqrt(near.mean() / far.mean()):.2f}")
+                cells.append(
+                    f"{np.sqrt(near.mean()):.1f} / {np.sqrt(far.mean()):.1f} = {np.sqrt(near.mean() / far.mean()):.2f}"
+                )
             near, far = np.concatenate(near_all), np.concatenate(far_all)
-            cells.append(f"{np.sqrt(near.mean()):.1f} / {np.sqrt(far.mean()):.1f} = **{np.sqrt(near.mean() / far.mean()):.2f}**")
+            cells.append(
+                f"{np.sqrt(near.mean()):.1f} / {np.sqrt(far.mean()):.1f} = **{np.sqrt(near.mean() / far.mean()):.2f}**"
+            )
             print(f"| {dose:g} | {name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

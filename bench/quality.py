@@ -21,21 +21,20 @@ import datetime
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from stemd.compute import metrics
-from stemd.sim import lattice as synthetic
-from stemd.pipeline import Denoiser
-from stemd.errors import StemdError
-from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
-
 from bench._report import ROOT, machine_line, write_section
 from bench.classical import GAUSS_SIGMAS, bm3d_denoise, gaussian_best, nlm
+from stemd.compute import metrics
+from stemd.errors import StemdError
+from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
+from stemd.pipeline import Denoiser
+from stemd.sim import lattice as synthetic
 
 WINDOW_SEED = 20_240_001  # training uses seed streams derived from its own seed (stemd.apps.training)
 FRAME_SEED = 20_240_002
@@ -149,7 +148,9 @@ def score(image: np.ndarray, truth: Truth, seconds: float | None, note: str = ""
     rms = lambda sel: metrics.column_rms_error(fits.centres[sel], sim.columns[cols][sel], fits.ok[sel])  # noqa: E731
     return Score(
         psnr=metrics.psnr(image, sim.clean, data_range=1.0),
-        psnr_defect=metrics.psnr(image[truth.defect], sim.clean[truth.defect], data_range=1.0) if truth.defect.any() else float("nan"),
+        psnr_defect=metrics.psnr(image[truth.defect], sim.clean[truth.defect], data_range=1.0)
+        if truth.defect.any()
+        else float("nan"),
         ssim=metrics.ssim(image, sim.clean, data_range=1.0),
         rms_all=rms(np.ones(len(tio), bool)),
         rms_tio=rms(tio),
@@ -219,14 +220,18 @@ def _duration(seconds: float) -> str:
 
 def frames_table(sets: list[FrameSet], floor: Score, bias: Score) -> str:
     head = (
-        "| set | method | PSNR (dB) | PSNR near defect (dB) | SSIM | column RMS, all (px) | TiO (px) | near defect (px) | fits failed | time / frame (ms) | note |\n"
+        "| set | method | PSNR (dB) | PSNR near defect (dB) | SSIM | column RMS, all (px) | TiO (px) | near defect "
+        "(px) | fits failed | time / frame (ms) | note |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     rows = [
-        f"| clean frame | (fit floor) | – | – | – | {_f(floor.rms_all, 3)} | {_f(floor.rms_tio, 3)} | {_f(floor.rms_defect, 3)} | "
+        f"| clean frame | (fit floor) | – | – | – | {_f(floor.rms_all, 3)} | {_f(floor.rms_tio, 3)} | "
+        f"{_f(floor.rms_defect, 3)} | "
         f"{floor.failed:.1%} | – | the fit's own bias on the noise-free frame |",
-        f"| noise-free input | stemd | {_f(bias.psnr)} | {_f(bias.psnr_defect)} | {_f(bias.ssim, 3)} | {_f(bias.rms_all, 3)} | "
-        f"{_f(bias.rms_tio, 3)} | {_f(bias.rms_defect, 3)} | {bias.failed:.1%} | – | the model's own bias: no noise at all |",
+        f"| noise-free input | stemd | {_f(bias.psnr)} | {_f(bias.psnr_defect)} | {_f(bias.ssim, 3)} | "
+        f"{_f(bias.rms_all, 3)} | "
+        f"{_f(bias.rms_tio, 3)} | {_f(bias.rms_defect, 3)} | {bias.failed:.1%} | – | the model's own bias: no noise at "
+        "all |",
     ]
     for s in sets:
         best_psnr = max(s.scores, key=lambda m: s.scores[m].psnr)
@@ -236,7 +241,8 @@ def frames_table(sets: list[FrameSet], floor: Score, bias: Score) -> str:
             if m == best_psnr:
                 psnr = f"**{psnr}**"
             rows.append(
-                f"| {s.name} | {LABELS[m]} | {psnr} | {_f(sc.psnr_defect)} | {_f(sc.ssim, 3)} | {_f(sc.rms_all, 3)} | {_f(sc.rms_tio, 3)} | "
+                f"| {s.name} | {LABELS[m]} | {psnr} | {_f(sc.psnr_defect)} | {_f(sc.ssim, 3)} | {_f(sc.rms_all, 3)} | "
+                f"{_f(sc.rms_tio, 3)} | "
                 f"{_f(sc.rms_defect, 3)} | {sc.failed:.1%} | {_ms(sc.seconds)} | {sc.note} |"
             )
     return head + "\n".join(rows) + "\n"
@@ -245,7 +251,10 @@ def frames_table(sets: list[FrameSet], floor: Score, bias: Score) -> str:
 def findings(win: WindowResult, sets: list[FrameSet], floor: Score, bias: Score) -> str:
     """The issue's goals checked, and every place where a peer beats stemd, from the numbers above."""
     goal = "meets" if win.error_model < 10.0 else "does NOT meet"
-    lines = [f"- Figure 2 protocol: {win.error_model:.2f}% per-pixel error, which {goal} the goal of beating the paper's ≈10%."]
+    lines = [
+        f"- Figure 2 protocol: {win.error_model:.2f}% per-pixel error, which {goal} the goal of beating the paper's "
+        "≈10%."
+    ]
     lost = [s.name for s in sets if s.scores["stemd"].psnr <= s.scores["gaussian"].psnr]
     if lost:
         lines.append(f"- stemd's PSNR is NOT above the best-σ Gaussian filter on: {'; '.join(lost)}.")
@@ -256,11 +265,14 @@ def findings(win: WindowResult, sets: list[FrameSet], floor: Score, bias: Score)
         lines.append(
             f"- Near the defect, stemd's column positions are further from the truth than the raw frame's in "
             f"{len(worse)}/{len(sets)} sets: "
-            + "; ".join(f"{s.name}: {s.scores['stemd'].rms_defect:.2f} vs {s.scores['raw'].rms_defect:.2f} px" for s in worse)
+            + "; ".join(
+                f"{s.name}: {s.scores['stemd'].rms_defect:.2f} vs {s.scores['raw'].rms_defect:.2f} px" for s in worse
+            )
             + f" (clean-frame floor {floor.rms_defect:.3f} px)."
         )
     lines.append(
-        f"- On the noise-free frame stemd reaches {bias.psnr:.2f} dB PSNR ({_f(bias.psnr_defect)} dB near the defect) and "
+        f"- On the noise-free frame stemd reaches {bias.psnr:.2f} dB PSNR ({_f(bias.psnr_defect)} dB near the defect) "
+        "and "
         f"moves columns by {bias.rms_all:.3f} px RMS ({bias.rms_defect:.3f} px near the defect): its own bias, which "
         "no dose removes."
     )
@@ -274,7 +286,11 @@ def findings(win: WindowResult, sets: list[FrameSet], floor: Score, bias: Score)
     for peer in ("bm3d", "nlm", "gaussian"):
         parts = []
         for metric, label, sign in checks:
-            wins = [s.name for s in sets if sign * (getattr(s.scores[peer], metric) - getattr(s.scores["stemd"], metric)) > 0]
+            wins = [
+                s.name
+                for s in sets
+                if sign * (getattr(s.scores[peer], metric) - getattr(s.scores["stemd"], metric)) > 0
+            ]
             if wins:
                 parts.append(f"{label} in {len(wins)}/{len(sets)} sets ({'; '.join(wins)})")
         verdict = "beats stemd on " + ", on ".join(parts) if parts else "beats stemd on none of these metrics"
@@ -301,13 +317,21 @@ def describe_training_noise(meta: dict) -> str:
 
 
 def report(
-    args: argparse.Namespace, win: WindowResult, sets: list[FrameSet], floor: Score, bias: Score, denoiser: Denoiser, n_columns: int
+    args: argparse.Namespace,
+    win: WindowResult,
+    sets: list[FrameSet],
+    floor: Score,
+    bias: Score,
+    denoiser: Denoiser,
+    n_columns: int,
 ) -> str:
     """The markdown body of the "## Quality" section."""
     meta, size = denoiser.metadata, args.size
     model_path = "stemd/models/paper_ae.pt (shipped)" if args.model == PAPER_AE_PATH else str(args.model)
     threads = torch.get_num_threads()
-    poisson_trained = any(isinstance(n, dict) and n.get("kind") == "poisson" for n in [meta.get("noise"), *meta.get("noise_mix", [])])
+    poisson_trained = any(
+        isinstance(n, dict) and n.get("kind") == "poisson" for n in [meta.get("noise"), *meta.get("noise_mix", [])]
+    )
     parts = [
         ("**Quick smoke run, not the reference numbers.**\n\n" if args.quick else "")
         + f"Measured {datetime.date.today().isoformat()} on {machine_line()} ({threads} torch threads), "
@@ -326,31 +350,41 @@ def report(
         "| paper (Buban & Choi) | ≈ 10 | – |\n\n"
         "![Figure 2: noisy / denoised / clean windows](figure2.png)",
         f"### Simulated {size}×{size} frames\n\n"
-        f"One clean frame (`synthetic.simulate_frame`: 10 px lattice rotated {ROTATION_DEG:g}°, Ruddlesden–Popper fault "
+        f"One clean frame (`synthetic.simulate_frame`: 10 px lattice rotated {ROTATION_DEG:g}°, Ruddlesden–Popper "
+        "fault "
         f"through the centre, {n_columns} columns fitted) with a flat background of {BACKGROUND:g}, Poisson "
         "noise at each dose (expected counts at the brightest column), optionally with fast-scan artefacts "
         f"(line jitter {ARTEFACTS['line_jitter_px']} px rms, line gain flicker {ARTEFACTS['line_gain']:.0%}, "
         f"line offset flicker {ARTEFACTS['line_offset']} of the peak). Every method gets the same frame in counts; "
         "its output is mapped onto the clean frame by a least-squares gain/offset (`fit_scale`, the same oracle "
-        "for all) before scoring. PSNR/SSIM with data range 1.0 (the clean peak); PSNR near the defect: over the pixels within one period of a "
+        "for all) before scoring. PSNR/SSIM with data range 1.0 (the clean peak); PSNR near the defect: over the "
+        "pixels within one period of a "
         "column flagged `near_defect`. Column RMS: distance between "
         "the true position and a 2D Gaussian fitted within "
         f"{args.radius_frac:g}·period of it (columns ≥ {EDGE_MARGIN} px from the border; failed fits excluded "
         "and counted). Times: wall time per frame, median of "
-        f"{args.repeats} runs after a warm-up, except BM3D (one run); the Gaussian time excludes the σ search; stemd on {denoiser.device.type}.\n\n"
+        f"{args.repeats} runs after a warm-up, except BM3D (one run); the Gaussian time excludes the σ search; stemd "
+        f"on {denoiser.device.type}.\n\n"
         "Methods: **Gaussian** — `scipy.ndimage.gaussian_filter` with the σ from "
         f"{list(GAUSS_SIGMAS)} that maximises PSNR against the clean frame (an oracle advantage no real user has); "
         "**NLM** — `skimage.restoration.denoise_nl_means` (patch 5, distance 6, fast mode, h = 0.8σ) on the "
         "Anscombe-transformed counts with σ from `estimate_sigma`; **BM3D** — `bm3d.bm3d` (both stages) on the "
         "Anscombe-transformed counts with the known σ = 1, closed-form unbiased inverse Anscombe; these "
-        "variance-stabilised variants beat the same filters applied to raw counts by 1–4 dB PSNR in a trial on this lattice (not rerun here). "
-        "NLM and BM3D assume white noise: the row-wise flicker of the artefact sets is outside their noise model (BM3D's "
+        "variance-stabilised variants beat the same filters applied to raw counts by 1–4 dB PSNR in a trial on this "
+        "lattice (not rerun here). "
+        "NLM and BM3D assume white noise: the row-wise flicker of the artefact sets is outside their noise model "
+        "(BM3D's "
         "coloured-noise PSD option is not used), which is part of why they fall behind there. "
         f"**stemd** — `stemd.Denoiser` with the model above (step {denoiser.step}, "
         "per-frame robust normalisation). Bold: best PSNR of the set."
-        + (" The model's training mix includes Poisson noise with scan artefacts (see above): these frames are "
-           "independent draws, not an unseen kind of noise." if poisson_trained else "")
-        + "\n\n" + frames_table(sets, floor, bias)
+        + (
+            " The model's training mix includes Poisson noise with scan artefacts (see above): these frames are "
+            "independent draws, not an unseen kind of noise."
+            if poisson_trained
+            else ""
+        )
+        + "\n\n"
+        + frames_table(sets, floor, bias)
         + "\n![Frames: raw / Gaussian / NLM / BM3D / stemd / clean](frames.png)",
         "### Findings\n\n" + findings(win, sets, floor, bias),
     ]
@@ -377,7 +411,11 @@ def figure2(win: WindowResult, path: Path) -> None:
             ax.set_yticks([])
     for i, label in enumerate(("noisy", "denoised", "clean")):
         axes[i, 0].set_ylabel(label)
-    fig.suptitle(f"Independent test windows, uniform noise SNR 0.33: error {win.error_model:.1f}% (noisy {win.error_noisy:.1f}%)", fontsize=9)
+    fig.suptitle(
+        f"Independent test windows, uniform noise SNR 0.33: error {win.error_model:.1f}% (noisy "
+        f"{win.error_noisy:.1f}%)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -419,8 +457,12 @@ def frames_figure(sets: list[FrameSet], clean: np.ndarray, centre: np.ndarray, p
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 500 windows, one dose, 128² frames")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for benchmarks.md and the PNGs (default docs/)")
-    p.add_argument("--model", type=Path, default=PAPER_AE_PATH, help="a window_ae checkpoint (default: the shipped paper AE)")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "docs", help="folder for benchmarks.md and the PNGs (default docs/)"
+    )
+    p.add_argument(
+        "--model", type=Path, default=PAPER_AE_PATH, help="a window_ae checkpoint (default: the shipped paper AE)"
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="device for stemd (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="offset added to the fixed test seeds")
     p.add_argument("--windows", type=int, default=None, help="test windows (default 10000; quick 500)")
@@ -445,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(args.model)
     if model.arch().get("name") != "window_ae":
-        raise SystemExit(f"bench.quality: the Figure 2 protocol needs a window_ae model, got {model.arch().get('name')!r}")
+        raise SystemExit(
+            f"bench.quality: the Figure 2 protocol needs a window_ae model, got {model.arch().get('name')!r}"
+        )
     denoiser = Denoiser(model, meta, device=args.device)
 
     t0 = time.perf_counter()
@@ -456,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(args.seed + FRAME_SEED)
     size = args.size
-    sim = synthetic.simulate_frame((size, size), rng, rotation_deg=ROTATION_DEG, offset_px=tuple(rng.uniform(0, 10, 2)), defect="rp")
+    sim = synthetic.simulate_frame(
+        (size, size), rng, rotation_deg=ROTATION_DEG, offset_px=tuple(rng.uniform(0, 10, 2)), defect="rp"
+    )
     truth = truth_for(sim, synthetic.PAPER_PERIOD_PX, args.radius_frac)
     floor = score(sim.clean.astype(np.float64), truth, None)
     noise_free = ((sim.clean + BACKGROUND) * max(args.doses)).astype(np.float32)

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench._report import BENCHMARKS, ROOT, machine_line, write_section
 from stemd.compute import metrics
-from stemd.sim import scenes
-from stemd.pipeline import Denoiser
 from stemd.compute.sampling import SamplingError
 from stemd.config import SRTIO3_A_M
-
-from bench._report import BENCHMARKS, ROOT, machine_line, write_section
+from stemd.pipeline import Denoiser
+from stemd.sim import scenes
 
 KIND = "perovskite_rp"
 NAMED_PERIOD = 10.0  # the named frame's perovskite period, px
@@ -62,7 +61,12 @@ def measure(path: Path, periods: tuple[float, ...], args: argparse.Namespace) ->
     for period in periods:
         noisy, clean = frame_at(period, (args.size, args.size), args.dose, args.seed)
         pixel = SRTIO3_A_M / period
-        row = {"period": period, "pixel_pm": pixel * 1e12, "noisy": score(noisy, clean), "as_is": score(den(noisy), clean)}
+        row = {
+            "period": period,
+            "pixel_pm": pixel * 1e12,
+            "noisy": score(noisy, clean),
+            "as_is": score(den(noisy), clean),
+        }
         try:
             row["factor"] = den.plan(noisy.shape, pixel).factor
             row["resampled"] = row["as_is"] if row["factor"] == 1.0 else score(den(noisy, pixel_size_m=pixel), clean)
@@ -75,9 +79,13 @@ def measure(path: Path, periods: tuple[float, ...], args: argparse.Namespace) ->
 
 def table(den: Denoiser, rows: list[dict]) -> str:
     lo, hi = den.period_range
-    lines = [f"`{den.model_id}`, trained periods {lo:.4g}–{hi:.4g} px:", "",
-             "| period (px) | pixel size (pm) | no denoising | model as is | resampled (given the pixel size) | resampled to | gain (dB) |",
-             "| ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = [
+        f"`{den.model_id}`, trained periods {lo:.4g}–{hi:.4g} px:",
+        "",
+        "| period (px) | pixel size (pm) | no denoising | model as is | resampled (given the pixel size) | resampled "
+        "to | gain (dB) |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
     for r in rows:
         if "refused" in r:
             done, to, gain = "refused", r["refused"], "—"
@@ -86,37 +94,44 @@ def table(den: Denoiser, rows: list[dict]) -> str:
         else:
             done, to = f"{r['resampled']:.2f}", f"{r['period'] * r['factor']:.3g} px (x{r['factor']:.3g})"
             gain = f"{r['resampled'] - r['as_is']:+.2f}"
-        lines.append(f"| {r['period']:g} | {r['pixel_pm']:.1f} | {r['noisy']:.2f} | {r['as_is']:.2f} | {done} | {to} | {gain} |")
+        lines.append(
+            f"| {r['period']:g} | {r['pixel_pm']:.1f} | {r['noisy']:.2f} | {r['as_is']:.2f} | {done} | {to} | {gain} |"
+        )
     return "\n".join(lines)
 
 
 def report(args: argparse.Namespace, tables: list[str]) -> str:
     today = datetime.date.today().isoformat()
-    return "\n".join([
-        "A frame's lattice period in pixels is the specimen's projected period over the pixel size. Given the pixel "
-        "size (stream header `pixel_size_m`, or `stemd denoise --pixel-size` / the TIFF's resolution tags), the "
-        "denoiser resamples a frame whose period lies outside the model's trained range to the nearer end of that "
-        "range and back (`stemd/sampling.py`, bicubic, antialiased when shrinking), or refuses it "
-        "(`model.sampling: refuse`). Frames: the RP frame's specimen re-rendered at period P px, all specimen lengths "
-        f"scaled with P (pixel size = 390.5 pm / P), {args.size}², dose {args.dose:g}; at P = 10 px it is "
-        "`named_frame(\"perovskite_rp\", (512, 512), dose=20)` itself. PSNR (dB) against the clean frame, data range 1, "
-        "after `metrics.fit_scale`; float32, `torch.set_num_threads(1)`.",
-        "",
-        f"Machine: {machine_line()}. Measured {today}, 1 thread; {args.elapsed_s:.0f} s.",
-        f"Command: `{args.command}`",
-        "",
-        *[t + "\n" for t in tables],
-        "Reading. The conv model copes with periods somewhat outside its range (it sees whole frames and a global "
-        "Bragg guide); shrinking a frame twice as coarse as its range still gains (the antialiased shrink also "
-        "averages noise), one 1.5x as coarse no longer does. A finer frame is upsampled into the range; its Bragg "
-        "guide and noise level are taken at the frame's own sampling, the guide then resampled with it "
-        "(`Denoiser._conv_inputs`), because an upsampled frame's noise is correlated: its guide underestimates "
-        "the noise floor (the spectrum above the original Nyquist is empty) and lets noise through (with that "
-        "guide the 4 px frame lost 1.8 dB to running as is; with its own, it gains). The paper's "
-        "AE knows one period: run as is it loses about 2 dB 5 % away from 10 px and 7-13 dB 20 % away, while "
-        "resampled it stays within a dB of its 10 px score from 7 to 20 px, which is why its range is only "
-        "10 px ÷/× 1.01 (`sampling.SINGLE_PERIOD_TOLERANCE`).",
-    ])
+    return "\n".join(
+        [
+            "A frame's lattice period in pixels is the specimen's projected period over the pixel size. Given the "
+            "pixel "
+            "size (stream header `pixel_size_m`, or `stemd denoise --pixel-size` / the TIFF's resolution tags), the "
+            "denoiser resamples a frame whose period lies outside the model's trained range to the nearer end of that "
+            "range and back (`stemd/sampling.py`, bicubic, antialiased when shrinking), or refuses it "
+            "(`model.sampling: refuse`). Frames: the RP frame's specimen re-rendered at period P px, all specimen "
+            "lengths "
+            f"scaled with P (pixel size = 390.5 pm / P), {args.size}², dose {args.dose:g}; at P = 10 px it is "
+            '`named_frame("perovskite_rp", (512, 512), dose=20)` itself. PSNR (dB) against the clean frame, data range '
+            '1, '
+            "after `metrics.fit_scale`; float32, `torch.set_num_threads(1)`.",
+            "",
+            f"Machine: {machine_line()}. Measured {today}, 1 thread; {args.elapsed_s:.0f} s.",
+            f"Command: `{args.command}`",
+            "",
+            *[t + "\n" for t in tables],
+            "Reading. The conv model copes with periods somewhat outside its range (it sees whole frames and a global "
+            "Bragg guide); shrinking a frame twice as coarse as its range still gains (the antialiased shrink also "
+            "averages noise), one 1.5x as coarse no longer does. A finer frame is upsampled into the range; its Bragg "
+            "guide and noise level are taken at the frame's own sampling, the guide then resampled with it "
+            "(`Denoiser._conv_inputs`), because an upsampled frame's noise is correlated: its guide underestimates "
+            "the noise floor (the spectrum above the original Nyquist is empty) and lets noise through (with that "
+            "guide the 4 px frame lost 1.8 dB to running as is; with its own, it gains). The paper's "
+            "AE knows one period: run as is it loses about 2 dB 5 % away from 10 px and 7-13 dB 20 % away, while "
+            "resampled it stays within a dB of its 10 px score from 7 to 20 px, which is why its range is only "
+            "10 px ÷/× 1.01 (`sampling.SINGLE_PERIOD_TOLERANCE`).",
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,9 +142,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dose", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help="write the Sampling section of --out")
-    p.add_argument("--out", type=Path, default=BENCHMARKS, help="the markdown file --write updates (default docs/benchmarks.md)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: the conv model only, periods {', '.join(f'{v:g}' for v in QUICK_PERIODS)} px, 128² frames")
+    p.add_argument(
+        "--out", type=Path, default=BENCHMARKS, help="the markdown file --write updates (default docs/benchmarks.md)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: the conv model only, periods {', '.join(f'{v:g}' for v in QUICK_PERIODS)} px, 128² frames",
+    )
     args = p.parse_args(argv)
     args.size = args.size or (128 if args.quick else 512)
     return args

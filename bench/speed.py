@@ -27,16 +27,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stemd.compute import metrics
-from stemd.sim import lattice as synthetic
-from stemd.config import DEJITTER_DEFAULT
-from stemd.compute.dejitter import dejitter
-from stemd.pipeline import Denoiser, resolve_device
-from stemd.models.checkpoint import MODELS_DIR
-from stemd.compute.planar import planar_guide
-
 from bench import classical  # the classical peers, one definition for every bench
 from bench._report import BENCHMARKS, machine_line, model_option, publish
+from stemd.compute import metrics
+from stemd.compute.dejitter import dejitter
+from stemd.compute.planar import planar_guide
+from stemd.config import DEJITTER_DEFAULT
+from stemd.models.checkpoint import MODELS_DIR
+from stemd.pipeline import Denoiser, resolve_device
+from stemd.sim import lattice as synthetic
 
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_MODELS = {"conv": MODELS_DIR / "conv.pt", "paper AE": MODELS_DIR / "paper_ae.pt"}
@@ -117,8 +116,8 @@ def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], ba
                 torch.cuda.reset_peak_memory_stats(dev)
             peak_rss_reset()
             with torch.inference_mode():
-                single = _timed(lambda: den.denoise_tensor(x1), dev, reps)
-                batched = _timed(lambda: den.denoise_tensor(xb), dev, max(1, reps // 2))
+                single = _timed(lambda x1=x1: den.denoise_tensor(x1), dev, reps)
+                batched = _timed(lambda xb=xb: den.denoise_tensor(xb), dev, max(1, reps // 2))
             peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()
             flops = frame_flops(den, size)
             t = statistics.median(single)
@@ -126,9 +125,13 @@ def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], ba
                              fps_batched=batch / statistics.median(batched), gflop=flops / 1e9,
                              floor_ms=1e3 * flops / rate, ratio=t / (flops / rate), peak_mb=peak))
             r = rows[-1]
-            print(f"{r['device']:>4} {name:<9} {den.precision:<7} {size:>5}² step {step or '-'}: {r['ms']:9.1f} ms/frame  "
-                  f"{r['fps_batched']:8.2f} fps (batch {batch})  {r['gflop']:7.1f} GFLOP  floor {r['floor_ms']:8.1f} ms  "
-                  f"ratio {r['ratio']:5.2f}  peak {r['peak_mb']:7.0f} MB", flush=True)
+            print(
+                f"{r['device']:>4} {name:<9} {den.precision:<7} {size:>5}² step {step or '-'}: "
+                f"{r['ms']:9.1f} ms/frame  {r['fps_batched']:8.2f} fps (batch {batch})  "
+                f"{r['gflop']:7.1f} GFLOP  floor {r['floor_ms']:8.1f} ms  "
+                f"ratio {r['ratio']:5.2f}  peak {r['peak_mb']:7.0f} MB",
+                flush=True,
+            )
     return rows
 
 
@@ -138,7 +141,7 @@ def bench_stage(label: str, fn, frame, device: torch.device, sizes: list[int], r
     for size in sizes:
         x = frame(size).to(device)
         with torch.inference_mode():
-            t = statistics.median(_timed(lambda: fn(x), device, _repeats(size, repeats)))
+            t = statistics.median(_timed(lambda x=x: fn(x), device, _repeats(size, repeats)))
         rows.append(dict(device=device.type, size=size, ms=1e3 * t))
         print(f"{device.type:>4} {label} {size:>5}²: {1e3 * t:9.1f} ms/frame", flush=True)
     return rows
@@ -151,12 +154,14 @@ def bench_dejitter(device: torch.device, sizes: list[int], repeats: int) -> list
 
 
 def bench_planar(device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
-    """The planar-defect guide (stemd.compute.planar, Bragg guide included) on a Poisson RP-fault frame per size (a frame
-    with a lattice: the costly case)."""
+    """The planar-defect guide (stemd.compute.planar, Bragg guide included) on a Poisson RP-fault frame per size
+    (a frame with a lattice: the costly case)."""
     def frame(size: int) -> torch.Tensor:
         rng = np.random.default_rng(size)
         clean = synthetic.simulate_frame((size, size), rng, defect="rp").clean
-        return torch.from_numpy(synthetic.corrupt(clean, synthetic.NoiseSpec(kind="poisson", dose=20.0), rng))[None, None]
+        return torch.from_numpy(synthetic.corrupt(clean, synthetic.NoiseSpec(kind="poisson", dose=20.0), rng))[
+            None, None
+        ]
 
     return bench_stage("planar-defect guide", planar_guide, frame, device, sizes, repeats)
 
@@ -231,22 +236,33 @@ def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str]
     for r in rows:
         lines.append(
             f"| {r['device']} | {r['model']} | {r['precision']} | {r['size']}² | {r['step'] or '–'} | {r['ms']:.1f} | "
-            f"{r['fps_batched']:.2f} | {r['gflop']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |")
+            f"{r['fps_batched']:.2f} | {r['gflop']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |"
+        )
     def timed(what: str, stage: list[dict]) -> list[str]:
-        return ["", what + ", on its own: " + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in stage) + "."]
+        return [
+            "",
+            what + ", on its own: " + ", ".join(f"{j['device']} {j['size']}² {j['ms']:.1f} ms" for j in stage) + ".",
+        ]
 
     if jitter:
-        lines += timed(f"Line-jitter correction (`stemd.compute.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
-                       "before the model in every `Denoiser` call", jitter)
+        lines += timed(
+            f"Line-jitter correction (`stemd.compute.dejitter`, {DEJITTER_DEFAULT} rounds, the default), which runs "
+            "before the model in every `Denoiser` call",
+            jitter,
+        )
     if planar:
-        lines += timed("Planar-defect guide (`stemd.compute.planar`: the Bragg guide, lattice vectors, four plane averages and "
-                       "their fit profiles), which replaces the model rows' Bragg guide in every `Denoiser` call of a "
-                       "conv model (Poisson RP-fault frames, dose 20)", planar)
+        lines += timed(
+            "Planar-defect guide (`stemd.compute.planar`: the Bragg guide, lattice vectors, four plane averages and "
+            "their fit profiles), which replaces the model rows' Bragg guide in every `Denoiser` call of a "
+            "conv model (Poisson RP-fault frames, dose 20)",
+            planar,
+        )
     if peers:
         bm3d = next((p for p in peers if p["method"].startswith("BM3D")), None)
         lines += [
             "",
-            f"Side by side on one {args.peer_size}² Poisson frame (`synthetic.simulate_frame`, RP fault, dose {args.dose:g} "
+            f"Side by side on one {args.peer_size}² Poisson frame (`synthetic.simulate_frame`, RP fault, dose "
+            f"{args.dose:g} "
             "counts at the brightest column), CPU. PSNR after the least-squares gain/offset onto the clean frame; "
             "*vs float32*: PSNR of the output against the same model's float32 output (its range as peak): "
             "the precision's accuracy cost. The stemd rows run as shipped, line-jitter correction and planar-defect "

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench._report import ROOT
 from stemd.apps.cli import main as stemd
-from stemd.models.conv_unet import ConvDenoiser
-from stemd.pipeline import Denoiser
 from stemd.compute.metrics import fit_scale
 from stemd.models.checkpoint import DEFAULT_MODEL_PATH, PAPER_AE_PATH, load_checkpoint
+from stemd.models.conv_unet import ConvDenoiser
+from stemd.pipeline import Denoiser
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
-from bench._report import ROOT
 CANDIDATES = [((16, 32, 48), 2, "none"), ((16, 32, 48, 64), 2, "none"), ((32, 48, 64, 96), 2, "none"),
               ((48, 64, 96, 128), 2, "none"), ((48, 64, 96, 128), 2, "bragg"), ((16, 24, 32, 48), 1, "none")]
 
@@ -66,11 +66,13 @@ def quick_check(models: dict[str, Path | None], doses=(5.0, 20.0, 80.0), threads
         noisy = corrupt(clean, NoiseSpec(kind="poisson", dose=dose), rng)
         for name, out in [("raw", noisy)] + [(k, den(noisy)) for k, den in dens.items()]:
             err = (fit_scale(out, clean) - clean) ** 2
-            db = [10 * math.log10(span**2 / float(err[m].mean())) for m in (np.ones_like(near), ~interior, interior, near)]
+            db = [
+                10 * math.log10(span**2 / float(err[m].mean())) for m in (np.ones_like(near), ~interior, interior, near)
+            ]
             print(f"| {dose:g} | {name} | " + " | ".join(f"{v:.2f}" for v in db) + " |")
             if name in dens:
                 times[name] = min(times.get(name, math.inf), _time(dens[name], noisy))
-    print("seconds per 512^2 frame (%d threads): " % threads + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
+    print(f"seconds per 512^2 frame ({threads} threads): " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
 
 
 def shipped_label(model: torch.nn.Module, meta: dict) -> tuple[str, int]:

@@ -8,8 +8,9 @@ type or one outside its range raises `ConfigError` naming the dotted key and wha
 from __future__ import annotations
 
 from argparse import BooleanOptionalAction
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Collection, Literal, Mapping, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,13 +62,19 @@ class ModelSettings(_Section):
     lattice_period_m: float = Field(SRTIO3_A_M, gt=1e-11, lt=1e-8, allow_inf_nan=False,
                                     description="the specimen's projected lattice period, metres (SrTiO3 a); "
                                     "used with the pixel size when the frame's own lattice is not measured")
-    flips: bool = Field(False, strict=True, description="average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB")
+    flips: bool = Field(
+        False, strict=True, description="average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB"
+    )
     dejitter: int = Field(DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX,
                           description="rounds of line-jitter correction before the model (stemd.compute.dejitter); "
                                       "0: off (saves ~40 ms per 512² frame, 2 CPU threads)")
-    planar: bool = Field(True, strict=True, description="conv models: across a planar fault the guide is the frame averaged along "
-                                           "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60 ms "
-                                           "per 512² frame, 2 CPU threads)")
+    planar: bool = Field(
+        True,
+        strict=True,
+        description="conv models: across a planar fault the guide is the frame averaged along "
+        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60 ms "
+        "per 512² frame, 2 CPU threads)",
+    )
 
 
 class InputSettings(_Section):
@@ -132,7 +139,9 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     recording: RecordingSettings = RecordingSettings()
     stats: StatsSettings = StatsSettings()
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG | INFO | WARNING | ERROR"
+    )
 
 
 class NoiseSettings(_Section):
@@ -161,8 +170,10 @@ class ConvSettings(_Section):
 
     channels: tuple[int, ...] = (48, 64, 96, 128)  # U-Net level widths, finest first
     guide: Literal["none", "bragg"] = "bragg"  # bragg: the frame's lattice Fourier components as a second input
-    noise_level: bool = False  # also input the frame's noise std (stemd.compute.fourier.noise_level), so one model fits every dose
-    dejitter: int = Field(default=0, ge=0, le=DEJITTER_MAX)  # rounds of stemd.compute.dejitter on each training recording
+    noise_level: bool = False
+    dejitter: int = Field(
+        default=0, ge=0, le=DEJITTER_MAX
+    )  # rounds of stemd.compute.dejitter on each training recording
     patch: int = Field(default=96, ge=28)  # training patch side, pixels
     scene_size: int = Field(default=384, ge=28)  # side of the scenes patches are cut from, each normalised whole
     dose: tuple[float, float] = (2.0, 200.0)  # expected counts at the brightest column, log-uniform
@@ -219,7 +230,9 @@ class TrainSettings(_Section):
     model: Literal["window_ae", "conv_unet"] = "window_ae"  # conv_unet: set in `conv`; samples count patches
     warmup: int = Field(default=0, ge=0)  # samples of linear learning-rate warm-up
     grad_clip: float = Field(default=0.0, ge=0)  # gradient norm clipped to this; 0: off
-    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast forward passes (validation stays float32)
+    precision: Literal["float32", "bfloat16"] = (
+        "float32"  # bfloat16: autocast forward passes (validation stays float32)
+    )
     init: Path | None = None  # start from this checkpoint's weights (same architecture), a fresh optimizer: fine-tuning
     # mse: one L2 loss over the batch, dominated by the noisiest (lowest-dose) samples; log_mse: the mean over
     # samples of 10*log10(MSE), i.e. minus their mean PSNR, which weights every dose alike. It also picks best.pt.
@@ -314,7 +327,9 @@ def model_settings(base: ModelSettings | None = None, **fields: Any) -> ModelSet
     try:
         return ModelSettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, "model settings", prefix="model.", given={f"model.{k}" for k in fields})) from None
+        raise ConfigError(
+            _format_error(exc, "model settings", prefix="model.", given={f"model.{k}" for k in fields})
+        ) from None
 
 
 def env_overrides(environ: Mapping[str, str], cls: type[_Section] = Settings) -> dict[str, Any]:

@@ -10,9 +10,10 @@ correction -> resample into the model's period range (the `Plan`) -> the model's
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -53,7 +54,9 @@ def _reference_from(metadata: dict[str, Any]) -> tuple[float, float]:
     try:
         mean, std = float(ref["mean"]), float(ref["signal_std"])
     except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"metadata.normalization must be {{'mean': float, 'signal_std': float}}, got {ref!r}") from None
+        raise CheckpointError(
+            f"metadata.normalization must be {{'mean': float, 'signal_std': float}}, got {ref!r}"
+        ) from None
     if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
         raise CheckpointError(f"metadata.normalization needs a finite mean and a positive signal_std, got {ref!r}")
     return mean, std
@@ -108,7 +111,9 @@ class Denoiser:
         self.metadata = dict(metadata)
         self.window = int(model.arch()["window"])
         step = self.settings.step
-        source, error = ("model.step", ConfigError) if step is not None else ("checkpoint metadata step", CheckpointError)
+        source, error = (
+            ("model.step", ConfigError) if step is not None else ("checkpoint metadata step", CheckpointError)
+        )
         step = step if step is not None else self.metadata.get("step", DEFAULT_STEP)
         if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= self.window:
             raise error(f"{source}: must be an integer from 1 to the window ({self.window}), got {step!r}")
@@ -213,7 +218,7 @@ class Denoiser:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             y = self.model.denoise_frames(x, self.step, **aux).float()
-        return y if factor == 1.0 else _sampling.restore(y, frames.shape[-2:])
+        return y if factor == 1.0 else _sampling.restore(y, (frames.shape[-2], frames.shape[-1]))
 
     def _aux_inputs(self, frames: torch.Tensor, factor: float) -> dict[str, torch.Tensor]:
         """The auxiliary inputs the model declares (`FrameModel.inputs`): the guide (the planar-defect guide

@@ -5,7 +5,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import latency, speed
 from bench._report import BENCHMARKS, HEADER, SUMMARY, machine_line, model_option, write_section
@@ -66,14 +65,23 @@ def test_model_option_parses_precision_and_flips():
     assert model_option("a=dir@1/x.pt@bf16+flips") == ("a", Path("dir@1/x.pt"), {"precision": "bf16", "flips": True})
     assert model_option("a=x.pt@dejitter0") == ("a", Path("x.pt"), {"dejitter": 0})
     assert model_option("a=x.pt@noplanar+bf16") == ("a", Path("x.pt"), {"planar": False, "precision": "bf16"})
-    for bad in ("no-equals", "=x.pt", "a=", "a=x.pt@half", "a=x.pt@bf16+mirror", "a=x.pt@dejitter11", "a=x.pt@dejitter", "a=x.pt@planar"):
+    for bad in (
+        "no-equals",
+        "=x.pt",
+        "a=",
+        "a=x.pt@half",
+        "a=x.pt@bf16+mirror",
+        "a=x.pt@dejitter11",
+        "a=x.pt@dejitter",
+        "a=x.pt@planar",
+    ):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=PATH"):
             model_option(bad)
 
 
 def test_latency_runs_each_models_options_in_the_daemon(tmp_path):
-    from stemd.models.conv_unet import ConvDenoiser
     from stemd.models.checkpoint import save_checkpoint
+    from stemd.models.conv_unet import ConvDenoiser
 
     path = tmp_path / "c.pt"
     save_checkpoint(path, ConvDenoiser([4, 4]), {})

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench._report import HEADER
+from stemd.models.checkpoint import save_checkpoint
 from stemd.models.conv_unet import ConvDenoiser
 from stemd.models.window_ae import WindowAE
-from stemd.models.checkpoint import save_checkpoint
-
-from bench._report import HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "quality", "sampling", "speed", "train_conv",

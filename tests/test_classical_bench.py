@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench import classical
 from stemd.compute import metrics
 from stemd.sim.lattice import simulate_frame
-
-from bench import classical
 
 
 @pytest.mark.parametrize("lam", [2.0, 5.0, 30.0])

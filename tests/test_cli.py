@@ -44,8 +44,11 @@ def test_bad_option_is_one_line_naming_it(capsys):
 
 def test_help_and_version_import_no_sub_command():
     """`stemd --help` and `--version` import none of the sub-command modules (torch, zmq): they start at once."""
-    code = ("import sys; from stemd.apps.cli import main\n"
-            "try: main(['--version'])\nexcept SystemExit: pass\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'zmq', 'numpy') or m.startswith('stemd.live')))")
+    code = (
+        "import sys; from stemd.apps.cli import main\n"
+        "try: main(['--version'])\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'zmq', 'numpy') or "
+        "m.startswith('stemd.live')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]"), out

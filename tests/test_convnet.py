@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.models.conv_unet import MIN_SIZE, ConvDenoiser
 from stemd.compute.fourier import bragg_filter, noise_level
-from stemd.pipeline import Denoiser
 from stemd.compute.normalize import denormalize, normalize
 from stemd.errors import CheckpointError
 from stemd.models.checkpoint import build_model, load_checkpoint, save_checkpoint
-
+from stemd.models.conv_unet import MIN_SIZE, ConvDenoiser
+from stemd.pipeline import Denoiser
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,8 +153,8 @@ def test_noise_level_model_round_trip_and_uses_the_level(tmp_path):
 
 
 def test_init_adds_the_noise_level_input_without_changing_the_output(tmp_path):
-    from stemd.errors import CheckpointError as Error
     from stemd.apps.training import load_init
+    from stemd.errors import CheckpointError as Error
 
     source = _random_head(ConvDenoiser((4, 6), guide="bragg"))
     save_checkpoint(tmp_path / "s.pt", source, {})
@@ -209,8 +208,8 @@ def test_a_few_seconds_of_training_reduce_the_error():
 
 
 def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
-    from stemd.config import load_train_settings
     from stemd.apps.training import train
+    from stemd.config import load_train_settings
 
     def settings(out, samples):
         return load_train_settings(None, {
@@ -230,7 +229,10 @@ def test_stemd_train_fits_a_conv_model_and_resumes_exactly(tmp_path):
     assert Denoiser.load(whole.best_path, device="cpu")(np.ones((40, 40), np.uint16)).shape == (40, 40)
     half = train(settings(tmp_path / "split", 16), **quiet, frame_check=False)
     resumed = train(settings(tmp_path / "split", 32), resume=half.last_path, **quiet, frame_check=False)
-    for a, b in zip(load_checkpoint(whole.last_path)[0].state_dict().values(), load_checkpoint(resumed.last_path)[0].state_dict().values()):
+    for a, b in zip(
+        load_checkpoint(whole.last_path)[0].state_dict().values(),
+        load_checkpoint(resumed.last_path)[0].state_dict().values(),
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -248,8 +250,8 @@ def test_row_bands_give_the_whole_frame_result(shape):
 
 def test_bfloat16_training_autocasts_and_tracks_float32(tmp_path):
     """`precision: bfloat16` autocasts the forward passes: same seed and data, other arithmetic, a similar loss."""
-    from stemd.config import load_train_settings
     from stemd.apps.training import train
+    from stemd.config import load_train_settings
 
     def run(precision):
         settings = load_train_settings(None, {
@@ -269,8 +271,8 @@ def test_bfloat16_training_autocasts_and_tracks_float32(tmp_path):
 
 def test_stemd_train_feeds_the_noise_level_of_each_patchs_scene(tmp_path, monkeypatch):
     """`conv.noise_level`: the model is built with the input, and every training step passes the level."""
-    from stemd.config import load_train_settings
     from stemd.apps.training import train
+    from stemd.config import load_train_settings
 
     seen = []
     forward = ConvDenoiser.forward

@@ -20,17 +20,17 @@ import pytest
 import tifffile
 import zmq
 import zmq.asyncio
+from conftest import TestPublisher
 
 from stemd.compute import sampling
-from stemd.live import protocol as p
 from stemd.config import load_settings
-from stemd.live.daemon import Daemon, FrameQueue, Item
-from stemd.pipeline import Denoiser
-from stemd.live.engine import Engine
 from stemd.errors import ConfigError
+from stemd.live import protocol as p
+from stemd.live.daemon import Daemon, FrameQueue, Item
+from stemd.live.engine import Engine
 from stemd.live.notify import Notifier
+from stemd.pipeline import Denoiser
 from stemd.sim.lattice import simulate_frame
-from conftest import TestPublisher
 
 SHAPE = (64, 72)
 RNG = np.random.default_rng(0)
@@ -156,7 +156,9 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
         assert h["series_id"] == "run1" and h["detector"] == "HAADF" and h["custom"] == {"stage_x": 1.5}
         assert h["dwell_time_s"] == 2e-6 and h["pixel_size_m"] == PIXEL_M
         assert h["model_id"] == engine.model_id and h["model_version"] == engine.model_version
-        assert h["received_at"] <= h["published_at"] and h["latency_s"] == pytest.approx(h["published_at"] - h["received_at"])
+        assert h["received_at"] <= h["published_at"] and h["latency_s"] == pytest.approx(
+            h["published_at"] - h["received_at"]
+        )
         assert den.dtype == np.float32 and h["dtype"] == "float32" and hr["dtype"] == "uint16"
         np.testing.assert_array_equal(raw, RAW[h["frame_id"]])
         assert np.mean((den - clean) ** 2) < 0.5 * np.mean((raw.astype(np.float32) - clean) ** 2)
@@ -189,8 +191,8 @@ async def test_series_plan_is_measured_once_per_calibration_and_published(zctx, 
 
 
 async def test_simulator_to_daemon_to_subscriber(zctx, checkpoint, engine) -> None:
-    from stemd.sim.microscope import SimSpec
     from stemd.apps.simulate import Simulator
+    from stemd.sim.microscope import SimSpec
 
     sim = Simulator(SimSpec(shape=(64, 64), margin_px=8), "tcp://127.0.0.1:*", fps=50, publish_clean=True,
                     startup_delay_s=0.0, run_id="e2e", context=zctx)

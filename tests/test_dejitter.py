@@ -1,4 +1,5 @@
-"""stemd.compute.dejitter: scan lines moved back by their estimated offsets; frames without jitter or lattice left alone."""
+"""stemd.compute.dejitter: scan lines moved back by their estimated offsets; frames without jitter or lattice
+left alone."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.config import ConfigError, load_settings
 from stemd.compute.dejitter import dejitter, row_shifts, shift_rows
+from stemd.config import ConfigError, load_settings
 from stemd.sim.lattice import simulate_frame
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

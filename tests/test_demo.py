@@ -11,8 +11,8 @@ from PIL import Image
 
 from stemd.apps.cli import main
 from stemd.apps.demo import DemoReport, frame_psnr
-from stemd.models.window_ae import WindowAE
 from stemd.models.checkpoint import save_checkpoint
+from stemd.models.window_ae import WindowAE
 from stemd.sim.lattice import clean_windows
 
 

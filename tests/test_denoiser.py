@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, mean_and_signal_std, normalize
-from stemd.pipeline import Denoiser, resolve_device
-from stemd.errors import CheckpointError, ConfigError, InputError, ModelOutputError
-from stemd.models.window_ae import WindowAE
-from stemd.models.checkpoint import save_checkpoint
 from stemd.compute.metrics import fit_scale, psnr
+from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, mean_and_signal_std, normalize
+from stemd.errors import CheckpointError, ConfigError, InputError, ModelOutputError
+from stemd.models.checkpoint import save_checkpoint
+from stemd.models.window_ae import WindowAE
+from stemd.pipeline import Denoiser, resolve_device
 from stemd.sim import scenes
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
@@ -276,9 +276,9 @@ def test_resampling_rescues_a_single_period_model(tmp_path: Path):
 def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
     """Resampling a Bragg-guided conv model: the guide is the original frame's, resampled with it, and
     the noise level the original frame's (interpolation would smooth the noise away)."""
-    from stemd.models.conv_unet import ConvDenoiser
     from stemd.compute.fourier import bragg_filter, noise_level
     from stemd.compute.sampling import resample
+    from stemd.models.conv_unet import ConvDenoiser
 
     model = ConvDenoiser((4, 8), guide="bragg", noise_level=True)
     seen = []
@@ -302,9 +302,9 @@ def test_conv_guide_is_taken_at_the_frames_own_sampling(monkeypatch):
 def test_conv_model_is_guided_by_the_planar_guide_unless_told_not_to(monkeypatch):
     """planar (default): the model's guide is stemd.compute.planar's, which differs from the Bragg guide across an RP
     fault; planar=False: the Bragg guide."""
-    from stemd.models.conv_unet import ConvDenoiser
     from stemd.compute.fourier import bragg_filter
     from stemd.compute.planar import planar_guide
+    from stemd.models.conv_unet import ConvDenoiser
 
     model = ConvDenoiser((4, 8), guide="bragg")
     seen = []

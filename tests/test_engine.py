@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.pipeline import Denoiser
 from stemd.live.engine import Engine
+from stemd.pipeline import Denoiser
 from stemd.sim.lattice import simulate_frame
 
 
@@ -114,7 +114,8 @@ def test_batch_at_a_pixel_size_matches_the_denoiser_and_refusals_come_first(chec
     """Frames said to be at 14 px (the paper AE's range is about 10 px) are resampled alike in a batch and alone."""
     from stemd.compute.sampling import SamplingError
 
-    eng = Engine.load(path=checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10, calibrate=False)  # so 3.905e-11 m px -> 14 px
+    # so 3.905e-11 m px -> 14 px
+    eng = Engine.load(path=checkpoint, device="cpu", lattice_period_m=1.4 * 3.905e-10, calibrate=False)
     try:
         frames, _ = _noisy(2)
         assert eng.plan(frames[0].shape, 3.905e-11).factor == pytest.approx(eng.denoiser.period_range[1] / 14.0)

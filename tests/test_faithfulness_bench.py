@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from stemd.compute import metrics
-from stemd.sim import scenes
-
 from bench import faithfulness as fb
 from bench import near_far_seeds
+from stemd.compute import metrics
+from stemd.sim import scenes
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +140,9 @@ def _fits(centres: np.ndarray, amps: np.ndarray, ok: np.ndarray) -> metrics.Colu
 
 
 def test_column_stats_in_pm_with_bias_spread_and_failures() -> None:
-    ref = _fits(np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]]), np.ones(4), np.array([1, 1, 1, 0], bool))
+    ref = _fits(
+        np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0], [40.0, 40.0]]), np.ones(4), np.array([1, 1, 1, 0], bool)
+    )
     shift = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
     fits = _fits(ref.centres + shift, np.array([1.1, 0.9, 5.0, 1.0]), np.array([1, 1, 0, 1], bool))
     s = fb.column_stats(fits, ref, np.ones(4, bool), pm=39.05)
@@ -151,7 +152,11 @@ def test_column_stats_in_pm_with_bias_spread_and_failures() -> None:
     assert s.int_bias_pct == pytest.approx(0.0, abs=1e-9) and s.int_spread_pct == pytest.approx(10.0)
     opposite = _fits(ref.centres + shift * np.array([[1], [-1], [1], [1]]), np.ones(4), np.ones(4, bool))
     s = fb.column_stats(opposite, ref, np.array([1, 1, 0, 0], bool), pm=10.0)
-    assert s.bias_pm == pytest.approx(0.0, abs=1e-9) and s.spread_pm == pytest.approx(10.0) and s.rms_pm == pytest.approx(10.0)
+    assert (
+        s.bias_pm == pytest.approx(0.0, abs=1e-9)
+        and s.spread_pm == pytest.approx(10.0)
+        and s.rms_pm == pytest.approx(10.0)
+    )
     assert fb.near_far_ratio(fb.column_stats(fits, ref, np.array([1, 0, 0, 0], bool), 2.0),
                              fb.column_stats(opposite, ref, np.array([0, 1, 0, 0], bool), 1.0)) == pytest.approx(2.0)
 
@@ -203,8 +208,8 @@ def test_model_option_takes_a_precision(tmp_path) -> None:
 def test_quick_smoke_run_writes_the_section_and_figure(tmp_path, capsys) -> None:
     import torch
 
-    from stemd.models.window_ae import WindowAE
     from stemd.models.checkpoint import save_checkpoint
+    from stemd.models.window_ae import WindowAE
 
     torch.manual_seed(0)
     path = tmp_path / "tiny.pt"

@@ -20,7 +20,12 @@ def _model(hidden=(32, 8), seed=0) -> WindowAE:
 
 def test_window_ae_layers_shapes_and_arch():
     model = WindowAE(28, (256, 64))
-    assert [(l.in_features, l.out_features) for l in model.linear_layers()] == [(784, 256), (256, 64), (64, 256), (256, 784)]
+    assert [(lin.in_features, lin.out_features) for lin in model.linear_layers()] == [
+        (784, 256),
+        (256, 64),
+        (64, 256),
+        (256, 784),
+    ]
     assert sum(isinstance(m, torch.nn.ReLU) for m in model.net) == 3
     assert model.arch() == {"name": "window_ae", "window": 28, "hidden": [256, 64]}
     x = torch.rand(5, 784)
@@ -138,8 +143,8 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path) -> None:
     import os
     import stat
 
-    from stemd.models.window_ae import WindowAE
     from stemd.models.checkpoint import save_checkpoint
+    from stemd.models.window_ae import WindowAE
 
     old = os.umask(0o022)
     try:

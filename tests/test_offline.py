@@ -12,9 +12,9 @@ import pytest
 import tifffile
 
 from stemd.apps.cli import main
-from stemd.pipeline import Denoiser
-from stemd.errors import InputError
 from stemd.apps.offline import TiffImage, denoise_frames, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
+from stemd.errors import InputError
+from stemd.pipeline import Denoiser
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
 SENTINEL = b"previous output, must survive a failed run"
@@ -24,7 +24,9 @@ SENTINEL = b"previous output, must survive a failed run"
 def frames() -> tuple[np.ndarray, np.ndarray]:
     """(clean, noisy) stacks of 3 lattice frames at the paper's noise level."""
     rng = np.random.default_rng(3)
-    clean = np.stack([simulate_frame((64, 80), rng, rotation_deg=7.0 * i, offset_px=(i, 2.0 * i)).clean for i in range(3)])
+    clean = np.stack(
+        [simulate_frame((64, 80), rng, rotation_deg=7.0 * i, offset_px=(i, 2.0 * i)).clean for i in range(3)]
+    )
     return clean, corrupt(clean, NoiseSpec(kind="poisson", dose=20.0), rng)
 
 
@@ -267,7 +269,10 @@ def test_refused_sampling_exits_2_and_keeps_out(tmp_path, capsys, checkpoint, la
     inp, out = tmp_path / "in.tif", tmp_path / "out.tif"
     tifffile.imwrite(inp, raw, resolution=(0.01 / pixel,) * 2, resolutionunit="CENTIMETER")
     out.write_bytes(SENTINEL)
-    for extra, fragment in [(["--sampling", "refuse"], "14 px per period"), (["--pixel-size", "3e-10"], "not resolved")]:
+    for extra, fragment in [
+        (["--sampling", "refuse"], "14 px per period"),
+        (["--pixel-size", "3e-10"], "not resolved"),
+    ]:
         assert denoise(inp, out, "--model", checkpoint, "--overwrite", "--no-calibrate", *extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("stemd: error:") and "in.tif" in err and fragment in err and err.count("\n") == 1

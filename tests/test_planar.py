@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stemd.compute.fourier import bragg_filter
-from stemd.compute.planar import lattice_vectors, plane_averages, planar_guide
+from stemd.compute.planar import lattice_vectors, planar_guide, plane_averages
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

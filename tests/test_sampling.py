@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from stemd.compute import sampling as s
+from stemd.compute.metrics import psnr
 from stemd.config import SRTIO3_A_M
 from stemd.errors import CheckpointError, ConfigError, InputError
-from stemd.compute.metrics import psnr
 from stemd.sim import scenes
 from stemd.sim.lattice import simulate_frame
 
@@ -143,7 +143,9 @@ def test_lattice_at_30_px_is_resampled_into_range_and_back():
     inside = s.resample(x, factor)
     assert inside.shape[-2:] == (200, 220)
     before, after = _dominant_period(clean), _dominant_period(inside[0, 0].numpy())
-    assert min(abs(before - 15.0), abs(before - 30.0)) < 0.3  # the row profile's strongest component: the lattice or its half (B sites)
+    assert (
+        min(abs(before - 15.0), abs(before - 30.0)) < 0.3
+    )  # the row profile's strongest component: the lattice or its half (B sites)
     assert abs(after - before * 20.0 / 30.0) < 0.3
     back = s.restore(inside, clean.shape)[0, 0].numpy()
     assert back.shape == clean.shape and psnr(back, clean, data_range=1.0) > 40.0

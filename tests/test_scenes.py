@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 
 from stemd.sim import scenes
-from stemd.sim.scenes import Cut, Phase, build_scene, corrupt_scene, named_frame, random_scene
 from stemd.sim.lattice import _basis
+from stemd.sim.scenes import Cut, Phase, build_scene, corrupt_scene, named_frame, random_scene
 
 
 def _maxima(img: np.ndarray, threshold: float, size: int = 3) -> np.ndarray:

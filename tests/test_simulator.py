@@ -14,11 +14,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from stemd.live import protocol
 from stemd.apps.cli import main
-from stemd.errors import ConfigError
-from stemd.sim.microscope import SimSpec, build_specimen, crop, drift_offset, make_frame, poisson_table, sample_poisson
 from stemd.apps.simulate import Simulator, frame_metadata
+from stemd.errors import ConfigError
+from stemd.live import protocol
+from stemd.sim.microscope import SimSpec, build_specimen, crop, drift_offset, make_frame, poisson_table, sample_poisson
 
 SMALL = SimSpec(shape=(64, 80), margin_px=8)
 

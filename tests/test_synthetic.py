@@ -7,7 +7,18 @@ import pytest
 from scipy import ndimage
 
 from stemd.config import NoiseSettings
-from stemd.sim.lattice import PAPER_INTENSITIES, PAPER_PERIOD_PX, PAPER_SIGMA_PX, PAPER_WINDOW, NoiseSpec, clean_windows, corrupt, lattice_std, simulate_frame, training_batches
+from stemd.sim.lattice import (
+    PAPER_INTENSITIES,
+    PAPER_PERIOD_PX,
+    PAPER_SIGMA_PX,
+    PAPER_WINDOW,
+    NoiseSpec,
+    clean_windows,
+    corrupt,
+    lattice_std,
+    simulate_frame,
+    training_batches,
+)
 
 A = PAPER_PERIOD_PX
 S = PAPER_SIGMA_PX

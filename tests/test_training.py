@@ -1,4 +1,5 @@
-"""`stemd train`: a tiny run learns, checkpoints carry metadata, resume and seeding are exact, bad settings name the key."""
+"""`stemd train`: a tiny run learns, checkpoints carry metadata, resume and seeding are exact, bad settings name
+the key."""
 
 from __future__ import annotations
 
@@ -13,10 +14,19 @@ import yaml
 
 import stemd
 from stemd.apps.cli import main
+from stemd.apps.training import (
+    evaluate,
+    lr_at,
+    quality,
+    read_state,
+    sample_log_mse,
+    train,
+    training_stream,
+    validation_set,
+)
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import CheckpointError, ConfigError
 from stemd.models.checkpoint import load_checkpoint
-from stemd.apps.training import evaluate, lr_at, quality, read_state, sample_log_mse, train, training_stream, validation_set
 
 REPO = Path(__file__).resolve().parents[1]
 

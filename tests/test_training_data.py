@@ -21,8 +21,9 @@ def test_scene_patches_are_normalised_whole_and_reproducible():
     np.testing.assert_array_equal(again[1], clean)
     assert abs(float((noisy - clean).mean())) < 0.05  # same lo/hi: the noise is centred on the target
     assert np.mean((guide - clean) ** 2) < np.mean((noisy - clean) ** 2)
-    *first, level, clean2 = scene_patches(6, np.random.default_rng(3), REF, conv.model_copy(update={"noise_level": True}),
-                                          doses_per_scene=2, per_dose=3)
+    *first, level, clean2 = scene_patches(
+        6, np.random.default_rng(3), REF, conv.model_copy(update={"noise_level": True}), doses_per_scene=2, per_dose=3
+    )
     np.testing.assert_array_equal(first[0], noisy)
     np.testing.assert_array_equal(clean2, clean)
     assert level.shape == (6,) and level[0] == level[2] != level[3]  # one level per recording (3 patches each)
@@ -50,5 +51,11 @@ def test_scene_patches_take_sizes_from_the_settings():
 
 
 def test_stream_seeds_differ_by_every_key():
-    seeds = {stream_seed(0, 0, 0), stream_seed(1, 0, 0), stream_seed(0, 1, 0), stream_seed(0, 0, 64), stream_seed(0, 0, 0, 1)}
+    seeds = {
+        stream_seed(0, 0, 0),
+        stream_seed(1, 0, 0),
+        stream_seed(0, 1, 0),
+        stream_seed(0, 0, 64),
+        stream_seed(0, 0, 0, 1),
+    }
     assert len(seeds) == 5 and stream_seed(0, 0, 0) == stream_seed(0, 0, 0)

@@ -1,4 +1,5 @@
-"""stemd.apps.training.tasks: the registry covers every model the settings allow; each task's data, inputs and metadata."""
+"""stemd.apps.training.tasks: the registry covers every model the settings allow; each task's data, inputs and
+metadata."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def test_conv_task_inputs_follow_the_settings():
 def test_conv_validation_is_whole_scenes_in_dose_thirds():
     val = task_for(load_train_settings(None, CONV)).validation()
     assert val.noisy.shape == val.clean.shape == (3, 1, 256, 256)
-    np.testing.assert_allclose([label["dose"] for label in val.labels], [[5.0, 5.0], [50**0.5 * 5**0.5] * 2, [50.0, 50.0]])
+    np.testing.assert_allclose(
+        [label["dose"] for label in val.labels], [[5.0, 5.0], [50**0.5 * 5**0.5] * 2, [50.0, 50.0]]
+    )
     assert val.batch == EVAL_FRAMES  # whole scenes go through the model a few at a time
 
 

@@ -11,10 +11,10 @@ import pytest
 import zmq
 from PIL import Image
 
-from stemd.live import protocol
 from stemd.apps.cli import main
-from stemd.errors import ConfigError
 from stemd.apps.viewer import LiveStats, NoFramesError, PairMatcher, show, snapshot
+from stemd.errors import ConfigError
+from stemd.live import protocol
 
 
 def _frame(topic: bytes, series: str, fid: int, value: float, dtype=np.uint16) -> protocol.Frame:
@@ -49,7 +49,7 @@ class DaemonLikePub:
             fid += 1
             time.sleep(0.02)
 
-    def __enter__(self) -> "DaemonLikePub":
+    def __enter__(self) -> DaemonLikePub:
         self.thread.start()
         return self
 

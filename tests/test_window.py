@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.sim import lattice as synthetic
+from bench.borders import pad_amounts, pad_frames
 from stemd.compute.normalize import normalize
+from stemd.compute.window import reconstruct, reconstruct_naive, window_starts
 from stemd.models.checkpoint import PAPER_AE_PATH, load_checkpoint
 from stemd.models.window_ae import WindowAE
-from bench.borders import pad_amounts, pad_frames
-from stemd.compute.window import reconstruct, reconstruct_naive, window_starts
+from stemd.sim import lattice as synthetic
 
 
 def _random_model(window: int = 28, hidden=(48, 12), seed: int = 0) -> WindowAE:
@@ -36,7 +36,9 @@ def _lattice_pca_model(k: int = 40, n: int = 500) -> WindowAE:
     """A linear AE fitted to clean lattice windows (rotation 0): projection on their top `k` principal components.
 
     The hidden layer holds +code and -code, so relu(a) - relu(-a) keeps the projection linear."""
-    windows = synthetic.clean_windows(n, np.random.default_rng(0), max_rotation_deg=0.0).reshape(n, -1).astype(np.float64)
+    windows = (
+        synthetic.clean_windows(n, np.random.default_rng(0), max_rotation_deg=0.0).reshape(n, -1).astype(np.float64)
+    )
     mean = windows.mean(axis=0)
     basis = torch.tensor(np.linalg.svd(windows - mean, full_matrices=False)[2][:k], dtype=torch.float32)
     mean = torch.tensor(mean, dtype=torch.float32)
@@ -218,7 +220,9 @@ def test_model_built_in_inference_mode_and_empty_batch():
     with torch.inference_mode():
         model = _random_model(hidden=(8, 4))
         frame = torch.rand(33, 30)
-        torch.testing.assert_close(reconstruct(model, frame[None, None], 3)[0, 0], reconstruct_naive(model, frame, 3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            reconstruct(model, frame[None, None], 3)[0, 0], reconstruct_naive(model, frame, 3), atol=1e-5, rtol=0
+        )
         assert reconstruct(model, torch.rand(0, 1, 30, 30), 2).shape == (0, 1, 30, 30)
 
 

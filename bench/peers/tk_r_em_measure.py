@@ -18,10 +18,9 @@ import sys
 
 import numpy as np
 
+from bench.peers import tk_r_em_bridge
 from stemd.compute import metrics
 from stemd.sim import lattice as synthetic
-
-from bench.peers import tk_r_em_bridge
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from stemd import __version__
 from stemd.errors import StemdError

@@ -15,12 +15,12 @@ import math
 import os
 import secrets
 import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
-
 import tifffile
 from tqdm import tqdm
 
@@ -62,7 +62,7 @@ class TiffImage:
     def ndim(self) -> int:
         return len(self.shape)
 
-    def frames(self) -> Iterator[np.ndarray]:
+    def frames(self) -> Generator[np.ndarray, None, None]:
         """Each (H, W) frame in turn, read when reached: from a memory map when the pixels lie
         uncompressed in one block, else one TIFF page at a time; a 2D image is one frame."""
         try:
@@ -74,8 +74,11 @@ class TiffImage:
                     mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=series.dataoffset, shape=stack)
                     yield from mapped
                     del mapped
-                elif len(series.pages) == stack[0] and all(p is not None and p.shape == stack[1:] for p in series.pages):
+                elif len(series.pages) == stack[0] and all(
+                    p is not None and p.shape == stack[1:] for p in series.pages
+                ):
                     for page in series.pages:
+                        assert page is not None  # checked above
                         yield page.asarray()
                 else:  # an unusual layout (e.g. several frames in one compressed page): read it whole
                     yield from series.asarray().reshape(stack)
@@ -177,7 +180,7 @@ def read_tiff(path: Path) -> TiffImage:
                 imagej=dict(tif.imagej_metadata or {}) if tif.is_imagej else None,
                 shaped=shaped,
                 description=next((d for d in descriptions if _plain_description(d)), None),
-                resolution=tuple(float(v) for v in resolution) if resolution else None,
+                resolution=(float(resolution[0]), float(resolution[1])) if resolution else None,
                 resolution_unit=int(page.resolutionunit) if resolution else None,
             )
     except StemdError:
@@ -324,8 +327,14 @@ def _parse_metres(text: str | None, option: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     settings = load_settings(args.config, setting_overrides(args), os.environ).model
-    image, note = denoise_file(args.input, args.output, settings, overwrite=args.overwrite,
-                               progress=not args.no_progress, pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"))
+    image, note = denoise_file(
+        args.input,
+        args.output,
+        settings,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"),
+    )
     frames = 1 if image.ndim == 2 else image.shape[0]
     print(f"wrote {args.output}: {frames} frame(s) of {image.shape[-2]}x{image.shape[-1]}, "
           f"model {note['model']}, step {note['step']}, {describe_sampling(note.get('sampling'))}, "

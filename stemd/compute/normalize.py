@@ -89,7 +89,7 @@ def normalize(frames: Array, *, reference: tuple[float, float] = REFERENCE_LEVEL
     out = ((x - lo[:, None, None]) * scale[:, None, None]).to(torch.float32)
     if isinstance(frames, torch.Tensor):
         return out, lo, hi
-    return out.numpy(), lo.numpy(), hi.numpy()  # type: ignore[return-value]
+    return out.numpy(), lo.numpy(), hi.numpy()
 
 
 def denormalize(frames: Array, lo: Array, hi: Array) -> Array:
@@ -97,4 +97,4 @@ def denormalize(frames: Array, lo: Array, hi: Array) -> Array:
     y = _tensor(frames).to(torch.float64)
     lo_t, hi_t = _tensor(lo).to(y), _tensor(hi).to(y)
     out = (y * (hi_t - lo_t)[:, None, None] + lo_t[:, None, None]).to(torch.float32)
-    return out if isinstance(frames, torch.Tensor) else out.numpy()  # type: ignore[return-value]
+    return out if isinstance(frames, torch.Tensor) else out.numpy()

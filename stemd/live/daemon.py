@@ -16,22 +16,23 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from stemd.live import protocol
+from stemd.compute.sampling import SamplingError
 from stemd.config import MODEL_KEYS, Settings, add_setting_options, is_local_endpoint, load_settings, setting_overrides
-from stemd.pipeline import Denoiser, Plan, check_finite
-from stemd.live.engine import Engine, Pending
 from stemd.errors import ConfigError, ModelOutputError, StemdError
+from stemd.live import protocol
+from stemd.live.engine import Engine, Pending
 from stemd.live.notify import Notifier
 from stemd.live.recorder import Recorder
-from stemd.compute.sampling import SamplingError
+from stemd.pipeline import Denoiser, Plan, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Item:
 
 def _batch_key(item: Item) -> tuple[Any, ...]:
     """Frames batched together share this: one shape and one pixel size (one sampling plan)."""
+    assert item.data is not None  # only frames are batched, and a frame carries its data
     return item.data.shape, item.header.get("pixel_size_m")
 
 
@@ -104,7 +106,12 @@ class FrameQueue:
         """Leading frames of the head frame's shape and pixel size, at most `max_batch`."""
         key = _batch_key(self._items[0])
         batch: list[Item] = []
-        while self._items and len(batch) < max_batch and self._items[0].kind == "frame" and _batch_key(self._items[0]) == key:
+        while (
+            self._items
+            and len(batch) < max_batch
+            and self._items[0].kind == "frame"
+            and _batch_key(self._items[0]) == key
+        ):
             batch.append(self.pop())
         return batch
 
@@ -193,7 +200,9 @@ class Daemon:
         interval = self.notifier.watchdog_interval()
         if interval:
             self._spawn("watchdog", self._watchdog_loop(interval))
-        line = f"ready: input {self.input_endpoint} ({s.input.mode}), output {self.output_endpoint}, {s.queue.mode} mode"
+        line = (
+            f"ready: input {self.input_endpoint} ({s.input.mode}), output {self.output_endpoint}, {s.queue.mode} mode"
+        )
         log.info("%s; model %s on %s", line, self.engine.model_id, self.engine.device_name)
         self.notifier.ready(line)
 
@@ -269,6 +278,22 @@ class Daemon:
 
     # ---- sockets ----------------------------------------------------------------------
 
+    # The engine and both sockets are set by `start` (the engine may be given); what runs after it uses these.
+    @property
+    def _engine(self) -> Engine:
+        assert self.engine is not None, "the engine is loaded by start()"
+        return self.engine
+
+    @property
+    def _pub(self) -> zmq.asyncio.Socket:
+        assert self.pub is not None, "the output socket is opened by start()"
+        return self.pub
+
+    @property
+    def _sub(self) -> zmq.asyncio.Socket:
+        assert self.sub is not None, "the input socket is opened by start()"
+        return self.sub
+
     @property
     def input_endpoint(self) -> str:
         """The input endpoint; when bound, the actual one (a `*` port resolved)."""
@@ -337,7 +362,7 @@ class Daemon:
             try:
                 frame = protocol.decode_frame(
                     parts, max_side=lim.max_side, max_pixels=lim.max_pixels,
-                    min_side=max(lim.min_side, self.engine.window),
+                    min_side=max(lim.min_side, self._engine.window),
                 )
             except protocol.ProtocolError as exc:
                 self._reject(exc.reason, exc.detail)
@@ -348,7 +373,7 @@ class Daemon:
             except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
                 self._refuse([Item("frame", frame.header, frame.data, now)], exc)
                 return
-            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self.engine.generation))
+            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self._engine.generation))
             if dropped is not None:
                 self._drop(dropped, "queue_full")
         elif topic == protocol.SERIES:
@@ -367,12 +392,12 @@ class Daemon:
         model.calibrate_every frames or when the model changes; a refusal is kept likewise (SamplingError)."""
         key = (header["series_id"], data.shape, header.get("pixel_size_m"))
         entry = self._plans.pop(key, None)
-        if entry is None or entry[1] >= self.settings.model.calibrate_every or entry[2] != self.engine.generation:
+        if entry is None or entry[1] >= self.settings.model.calibrate_every or entry[2] != self._engine.generation:
             try:
-                made: Plan | SamplingError = self.engine.plan(data.shape, header.get("pixel_size_m"), data)
+                made: Plan | SamplingError = self._engine.plan(data.shape, header.get("pixel_size_m"), data)
             except SamplingError as exc:
                 made = exc
-            entry = [made, 0, self.engine.generation]
+            entry = [made, 0, self._engine.generation]
         entry[1] += 1
         self._plans[key] = entry
         while len(self._plans) > MAX_SERIES_TRACKED:
@@ -396,7 +421,9 @@ class Daemon:
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected[reason] += 1
         if self.rejected[reason] == 1:
-            log.warning("rejected a message (%s): %s; further %r rejects are counted in the stats", reason, detail, reason)
+            log.warning(
+                "rejected a message (%s): %s; further %r rejects are counted in the stats", reason, detail, reason
+            )
 
     def _refuse(self, items: list[Item], exc: SamplingError) -> None:
         """Drop frames the sampling plan refuses (reason "sampling"); log why whenever the why changes."""
@@ -439,9 +466,10 @@ class Daemon:
             self._inflight.extend(batch)
             try:
                 plan = batch[0].plan
-                if plan is None or batch[0].generation != self.engine.generation:  # the model was reloaded
-                    plan = self.engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
-                handle = await self.engine.run(self.engine.submit, [it.data for it in batch], plan)
+                assert batch[0].data is not None  # a frame carries its data
+                if plan is None or batch[0].generation != self._engine.generation:  # the model was reloaded
+                    plan = self._engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
+                handle = await self._engine.run(self._engine.submit, [it.data for it in batch], plan)
             except SamplingError as exc:  # the reloaded model refuses frames queued for the old one
                 for item in batch:
                     self._inflight.remove(item)
@@ -466,7 +494,9 @@ class Daemon:
 
     async def _finish(self, batch: list[Item], handle: Pending) -> None:
         try:
-            results = handle.result if handle.result is not None else await self.engine.run(self.engine.collect, handle)
+            results = (
+                handle.result if handle.result is not None else await self._engine.run(self._engine.collect, handle)
+            )
         except Exception as exc:
             self._engine_failed(batch, exc)
             return
@@ -481,11 +511,12 @@ class Daemon:
             await self._publish(item, denoised)
 
     async def _publish(self, item: Item, denoised: np.ndarray) -> None:
+        assert item.data is not None  # a frame carries its data
         now = time.time()
         header = {
             **item.header,
-            "model_id": self.engine.model_id,
-            "model_version": self.engine.model_version,
+            "model_id": self._engine.model_id,
+            "model_version": self._engine.model_version,
             "received_at": item.received_at,
             "published_at": now,
             "latency_s": now - item.received_at,
@@ -493,8 +524,8 @@ class Daemon:
         }
         try:
             if self.settings.output.publish_raw:
-                await self.pub.send_multipart(protocol.encode_frame(protocol.RAW, header, item.data), copy=False)
-            await self.pub.send_multipart(protocol.encode_frame(protocol.DENOISED, header, denoised), copy=False)
+                await self._pub.send_multipart(protocol.encode_frame(protocol.RAW, header, item.data), copy=False)
+            await self._pub.send_multipart(protocol.encode_frame(protocol.DENOISED, header, denoised), copy=False)
         except zmq.ZMQError as exc:
             log.error("publishing frame %s failed: %s", item.header.get("frame_id"), exc)
             self._drop(item, "publish_error")
@@ -508,7 +539,7 @@ class Daemon:
     async def _handle_event(self, item: Item) -> None:
         sid = item.header["series_id"]
         if item.kind == "event":
-            await self.pub.send_multipart(protocol.encode_event(protocol.SERIES, item.header))
+            await self._pub.send_multipart(protocol.encode_event(protocol.SERIES, item.header))
             log.info("series %r %s", sid, item.header["event"])
         if self.recorder is not None:
             await self.recorder.end_series(sid)  # a start, end or restart all begin a new file
@@ -561,7 +592,7 @@ class Daemon:
             line = self.stats_line(st)
             log.info("%s", line)
             self.notifier.status(line)
-            await self.pub.send_multipart(protocol.encode_event(protocol.STATS, st))
+            await self._pub.send_multipart(protocol.encode_event(protocol.STATS, st))
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
@@ -592,15 +623,15 @@ class Daemon:
                 self.reload_failures += 1
                 log.error("reload rejected, keeping the running config and model: %s", exc)
                 return False
-            await self.engine.run(self.engine.replace, denoiser)
+            await self._engine.run(self._engine.replace, denoiser)
             if pub is not None:
-                self.pub.close(linger=LINGER_MS)
+                self._pub.close(linger=LINGER_MS)
                 self.pub = pub
             else:
-                self.pub.setsockopt(zmq.SNDHWM, new.output.hwm)
+                self._pub.setsockopt(zmq.SNDHWM, new.output.hwm)
             if sub is not None:
                 await self._cancel("receiver")
-                self.sub.close(linger=0)
+                self._sub.close(linger=0)
                 self.sub = sub
                 self._spawn("receiver", self._receive(sub))
             self.queue.maxsize, self.queue.mode = new.queue.maxsize, new.queue.mode
@@ -611,7 +642,12 @@ class Daemon:
             self._apply_log_level(new)
             self.settings = new
             self.reloads += 1
-            log.info("reloaded %s: model %s, output %s", self.config_path or "defaults", self.engine.model_id, self.output_endpoint)
+            log.info(
+                "reloaded %s: model %s, output %s",
+                self.config_path or "defaults",
+                self._engine.model_id,
+                self.output_endpoint,
+            )
             return True
 
 

@@ -14,9 +14,10 @@ import asyncio
 import logging
 import os
 import resource
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -115,7 +116,11 @@ class Engine:
             where = f"no GPU, CPU with {torch.get_num_threads()} threads"
         where += f", precision {self.precision}"
         d = self.denoiser
-        periods = "unrecorded periods" if d.period_range is None else f"periods {d.period_range[0]:g}-{d.period_range[1]:g} px"
+        periods = (
+            "unrecorded periods"
+            if d.period_range is None
+            else f"periods {d.period_range[0]:g}-{d.period_range[1]:g} px"
+        )
         return f"model {self.model_id} (step {d.step}, {periods}, sampling {d.sampling}) on {where}"
 
     def memory_bytes(self) -> int:
@@ -202,6 +207,7 @@ class Engine:
     @staticmethod
     def _read(pending: Pending) -> list[np.ndarray]:
         pending.done.synchronize()
+        assert pending.host_out is not None  # set by the CUDA path, the only one that leaves `result` None
         out = pending.host_out.numpy().copy()  # the pinned buffer is reused by a later batch
         pending.keep.clear()
         return list(out)

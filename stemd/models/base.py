@@ -31,8 +31,11 @@ class FrameModel(Protocol):
         the smallest frame side it takes."""
         ...
 
-    def denoise_frames(self, frames: torch.Tensor, step: int, **aux: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) normalised frames -> the same shape; `step`: the window models' stride."""
+    def denoise_frames(
+        self, frames: torch.Tensor, step: int, guide: torch.Tensor | None = None, level: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 1, H, W) normalised frames -> the same shape; `step`: the window models' stride. The pipeline
+        passes exactly the AUX_INPUTS that `inputs` names, by keyword; a model ignores those it does not take."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

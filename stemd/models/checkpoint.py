@@ -14,16 +14,16 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
-from torch import nn
 
 from stemd.errors import CheckpointError
-from stemd.models.conv_unet import conv_from_arch
-from stemd.models.window_ae import window_ae_from_arch
+from stemd.models.conv_unet import ConvDenoiser, conv_from_arch
+from stemd.models.window_ae import WindowAE, window_ae_from_arch
 
 CHECKPOINT_FORMAT = "stemd-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -34,10 +34,16 @@ DEFAULT_MODEL_PATH = MODELS_DIR / "conv.pt"
 PAPER_AE_PATH = MODELS_DIR / "paper_ae.pt"
 
 
-_REGISTRY: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"window_ae": window_ae_from_arch, "conv_unet": conv_from_arch}
+# A model `build_model` makes: an nn.Module that implements `stemd.models.base.FrameModel`.
+Model: TypeAlias = ConvDenoiser | WindowAE
+
+_REGISTRY: dict[str, Callable[[dict[str, Any]], Model]] = {
+    "window_ae": window_ae_from_arch,
+    "conv_unet": conv_from_arch,
+}
 
 
-def build_model(arch: dict[str, Any]) -> nn.Module:
+def build_model(arch: object) -> Model:
     """Rebuild a model from `arch()`; raises CheckpointError for unknown architectures."""
     if not isinstance(arch, dict):
         raise CheckpointError(f"arch must be a mapping, got {type(arch).__name__}")
@@ -64,14 +70,16 @@ def _plain(value: Any, key: str) -> Any:
     raise TypeError(f"checkpoint metadata {key} is a {type(value).__name__}; only plain data can be stored")
 
 
-def save_checkpoint(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, model: Model, metadata: dict[str, Any]) -> None:
     """One file: format tag, version, arch, float32 weights, metadata (plain data only); atomic."""
     path = Path(path)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
         "arch": _plain(model.arch(), "arch"),
-        "state_dict": {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()},
+        "state_dict": {
+            k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()
+        },
         "metadata": _plain(dict(metadata), "metadata"),
     }
     try:
@@ -97,7 +105,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def load_checkpoint(path: Path | None = None, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: Path | None = None, map_location: str = "cpu") -> tuple[Model, dict[str, Any]]:
     """(model in eval mode, metadata); `None` loads the shipped default. weights_only=True."""
     path = DEFAULT_MODEL_PATH if path is None else Path(path)
     if not path.exists():
@@ -126,7 +134,8 @@ def load_checkpoint(path: Path | None = None, map_location: str = "cpu") -> tupl
         raise CheckpointError(f"{path}: invalid format_version {version!r}")
     if version > CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format_version {version}, newer than this stemd reads ({CHECKPOINT_VERSION}); upgrade stemd"
+            f"{path} has checkpoint format_version {version}, newer than this stemd reads ({CHECKPOINT_VERSION}); "
+            "upgrade stemd"
         )
     try:
         model = build_model(data.get("arch"))
@@ -139,7 +148,7 @@ def load_checkpoint(path: Path | None = None, map_location: str = "cpu") -> tupl
     return model.to(map_location).eval(), metadata
 
 
-def _load_state(path: Path, model: nn.Module, state: Any) -> None:
+def _load_state(path: Path, model: Model, state: Any) -> None:
     """Copy `state` into `model`, refusing missing/extra keys, wrong shapes and non-finite weights."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: state_dict must map names to tensors")
@@ -147,7 +156,8 @@ def _load_state(path: Path, model: nn.Module, state: Any) -> None:
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise CheckpointError(
-            f"{path}: weights do not match arch {model.arch()}: missing {missing or 'none'}, unexpected {extra or 'none'}"
+            f"{path}: weights do not match arch {model.arch()}: missing {missing or 'none'}, unexpected "
+            f"{extra or 'none'}"
         )
     for key, ref in expected.items():
         got = state[key]

@@ -21,7 +21,8 @@ is pulled towards the noisiest frames it was trained on, and over-smooths clean 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,9 @@ from stemd.errors import CheckpointError
 DEFAULT_CHANNELS = (48, 64, 96, 128)
 MIN_SIZE = 28  # the smallest frame side accepted, as for the paper's 28 px window
 GUIDES = ("none", "bragg")
-DEFAULT_BAND_PIXELS = 2**20  # pixels (x batch) run at once; larger frames go in row bands (~250 MB at the default widths)
+DEFAULT_BAND_PIXELS = (
+    2**20
+)  # pixels (x batch) run at once; larger frames go in row bands (~250 MB at the default widths)
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -65,13 +68,14 @@ class ConvDenoiser(nn.Module):
         self.dec = nn.ModuleList(_block(c, c) for c in channels[:-1])
         self.head = nn.Conv2d(channels[0], s2, 1)
         nn.init.zeros_(self.head.weight)  # starts as the identity: output = input
+        assert self.head.bias is not None  # Conv2d(bias=True)
         nn.init.zeros_(self.head.bias)
-        self.to(memory_format=torch.channels_last)  # measured 1.5x faster on CPU (oneDNN); kept by load_state_dict
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs omit memory_format; measured 1.5x faster on CPU (oneDNN); kept by load_state_dict
 
     @property
     def multiple(self) -> int:
         """Frame sides are padded up to a multiple of this before the network runs."""
-        return self.unshuffle * 2 ** (len(self.channels) - 1)
+        return int(self.unshuffle * 2 ** (len(self.channels) - 1))
 
     @property
     def reach(self) -> int:
@@ -159,7 +163,8 @@ class ConvDenoiser(nn.Module):
     def denoise_frames(self, frames: torch.Tensor, step: int = 0, guide: torch.Tensor | None = None,
                        level: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, H, W) normalised frames -> same shape; `step` is the window models' and is ignored."""
-        return self(frames, guide, level)
+        out: torch.Tensor = self(frames, guide, level)
+        return out
 
     def arch(self) -> dict[str, Any]:
         """{"name": "conv_unet", "channels": [...], "unshuffle": s, "guide": g, "window": MIN_SIZE}, plus

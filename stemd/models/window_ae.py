@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from stemd.compute.window import reconstruct
+from stemd.compute.window import _MapsCache, reconstruct
 from stemd.errors import CheckpointError
 
 
@@ -33,11 +34,12 @@ class WindowAE(nn.Module):
             if i < len(widths) - 2:
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
-        self._window_cache: dict = {}  # stemd.compute.window keeps per-shape count/bias maps here
+        self._window_cache: _MapsCache = {}  # stemd.compute.window keeps per-shape count/bias maps here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, window*window) or (B, 1, window, window) -> the same shape."""
-        return self.net(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        y: torch.Tensor = self.net(x.reshape(x.shape[0], -1))
+        return y.reshape(x.shape)
 
     def linear_layers(self) -> list[nn.Linear]:
         """The Linear layers in order; a ReLU sits between consecutive ones (stemd.compute.window uses this)."""
@@ -48,8 +50,11 @@ class WindowAE(nn.Module):
         """No auxiliary inputs: each window is cleaned from its own pixels."""
         return ()
 
-    def denoise_frames(self, frames: torch.Tensor, step: int) -> torch.Tensor:
-        """(B, 1, H, W) normalised frames -> same shape, by the floating window (stemd.compute.window)."""
+    def denoise_frames(
+        self, frames: torch.Tensor, step: int, guide: torch.Tensor | None = None, level: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 1, H, W) normalised frames -> same shape, by the floating window (stemd.compute.window);
+        `guide` and `level` (FrameModel's auxiliary inputs) are not among its `inputs` and are ignored."""
         return reconstruct(self, frames, step)
 
     def arch(self) -> dict[str, Any]:
@@ -57,7 +62,7 @@ class WindowAE(nn.Module):
         return {"name": "window_ae", "window": self.window, "hidden": list(self.hidden)}
 
 
-def window_ae_from_arch(arch: dict[str, Any]) -> nn.Module:
+def window_ae_from_arch(arch: dict[str, Any]) -> WindowAE:
     """The registry factory: validate the plain-data arch (its window and hidden widths) and build the model."""
     window, hidden = arch.get("window"), arch.get("hidden")
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:

@@ -69,7 +69,12 @@ class SimSpec:
         require(self.period_px > 2, "--period-px", "must be > 2", self.period_px)
         pixel_size_m = SRTIO3_A_M / self.period_px if self.pixel_size_m is None else self.pixel_size_m
         object.__setattr__(self, "pixel_size_m", pixel_size_m)
-        require(MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE, "--size", f"must be between {MIN_SIDE} and {MAX_SIDE}", self.shape)
+        require(
+            MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE,
+            "--size",
+            f"must be between {MIN_SIDE} and {MAX_SIDE}",
+            self.shape,
+        )
         require(self.dwell_us > 0 and math.isfinite(self.dwell_us), "--dwell-us", "must be > 0", self.dwell_us)
         require(self.dose_per_us > 0 and math.isfinite(self.dose_per_us), "--dose-per-us", "must be > 0",
                 self.dose_per_us)

@@ -9,7 +9,15 @@ from stemd.apps.training.command import add_arguments, command_line, run, settin
 from stemd.apps.training.data import ValidationSet, reference_levels, scene_patches, stream_seed
 from stemd.apps.training.loop import DEFAULT_STEP, TrainResult, load_init, lr_at, read_state, train
 from stemd.apps.training.scoring import evaluate, frame_quality, quality, sample_log_mse, val_loss
-from stemd.apps.training.tasks import TASKS, ConvTask, TrainTask, WindowAETask, task_for, training_stream, validation_set
+from stemd.apps.training.tasks import (
+    TASKS,
+    ConvTask,
+    TrainTask,
+    WindowAETask,
+    task_for,
+    training_stream,
+    validation_set,
+)
 
 __all__ = [
     "DEFAULT_STEP", "TASKS", "ConvTask", "TrainResult", "TrainTask", "ValidationSet", "WindowAETask",

@@ -8,17 +8,21 @@ from typing import Any
 
 from tqdm import tqdm
 
+from stemd.apps.training.loop import read_state, train
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import ConfigError
-from stemd.apps.training.loop import read_state, train
 
 _OVERRIDES = ("model", "samples", "batch_size", "lr", "seed", "device", "threads", "out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `stemd train` options."""
-    parser.add_argument("--config", type=Path, metavar="PATH", help="YAML training settings (default: built-in, as config/train.yaml)")
-    parser.add_argument("--model", metavar="window_ae|conv_unet", help="what to train (conv_unet: see config/train_conv.yaml)")
+    parser.add_argument(
+        "--config", type=Path, metavar="PATH", help="YAML training settings (default: built-in, as config/train.yaml)"
+    )
+    parser.add_argument(
+        "--model", metavar="window_ae|conv_unet", help="what to train (conv_unet: see config/train_conv.yaml)"
+    )
     parser.add_argument("--samples", metavar="N", help="training windows in total")
     parser.add_argument("--batch-size", metavar="N", help="windows per optimizer step")
     parser.add_argument("--lr", metavar="X", help="Adam learning rate (peak)")
@@ -27,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", metavar="N", help="CPU threads (0: every core)")
     parser.add_argument("--out", metavar="DIR", help="directory for best.pt, last.pt, last.state.pt")
     parser.add_argument("--hidden", metavar="W1,W2,...", help="encoder widths, e.g. 256,64 (the last is the code size)")
-    parser.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a last.pt (its settings, unless --config)")
+    parser.add_argument(
+        "--resume", type=Path, metavar="CKPT", help="continue from a last.pt (its settings, unless --config)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,9 @@ def _shares(n: int, k: int) -> list[int]:
     return [n // k + (j < n % k) for j in range(k)]
 
 
-def window_streams(settings: TrainSettings, n: int, batch: int, *key: int) -> list[Iterator[tuple[np.ndarray, np.ndarray]]]:
+def window_streams(
+    settings: TrainSettings, n: int, batch: int, *key: int
+) -> list[Iterator[tuple[np.ndarray, np.ndarray]]]:
     """One `training_batches` stream per noise model, sharing `n` windows; model j > 0 adds j to the seed key."""
     specs = noise_specs(settings)
     return [
@@ -64,7 +67,9 @@ def window_streams(settings: TrainSettings, n: int, batch: int, *key: int) -> li
 
 
 @functools.lru_cache(maxsize=8)
-def reference_levels(period_px: tuple[float, float], n: int = 200, size: int = 256, seed: int = 7) -> tuple[float, float]:
+def reference_levels(
+    period_px: tuple[float, float], n: int = 200, size: int = 256, seed: int = 7
+) -> tuple[float, float]:
     """Median (mean, signal std) of clean random scenes: the `normalize` reference a conv model is trained at."""
     rng = np.random.default_rng(seed)
     clean = np.stack([scenes.random_scene((size, size), rng, period_px=period_px).clean for _ in range(n)])

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,12 +23,12 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from stemd import __version__
-from stemd.config import TrainSettings
-from stemd.errors import CheckpointError, ConfigError
-from stemd.models.checkpoint import load_checkpoint, save_checkpoint
-from stemd.pipeline import Denoiser, resolve_device
 from stemd.apps.training.scoring import evaluate, frame_quality, parameter_count, quality, sample_log_mse, val_loss
 from stemd.apps.training.tasks import TrainTask, task_for
+from stemd.config import TrainSettings
+from stemd.errors import CheckpointError, ConfigError
+from stemd.models.checkpoint import Model, load_checkpoint, save_checkpoint
+from stemd.pipeline import Denoiser, resolve_device
 
 DEFAULT_STEP = 2  # the floating-window step in the paper's text; stored in every checkpoint
 STATE_FORMAT = "stemd-train-state"
@@ -151,7 +152,7 @@ def _metadata(task: TrainTask, command: str, run: _Run, q: dict[str, float], noi
     }
 
 
-def load_init(model: nn.Module, path: Path) -> None:
+def load_init(model: Model, path: Path) -> None:
     """Copy a checkpoint's weights into `model` (settings `init`); CheckpointError unless the architectures match.
 
     A conv_unet without the noise-level input may start one with it: the new input's first-layer weights
@@ -162,7 +163,9 @@ def load_init(model: nn.Module, path: Path) -> None:
     if arch | {"noise_level": True} == target and arch != target:
         state = source.state_dict()
         first = "enc.0.0.weight"
-        state[first] = torch.cat([state[first], torch.zeros_like(model.state_dict()[first][:, state[first].shape[1]:])], 1)
+        state[first] = torch.cat(
+            [state[first], torch.zeros_like(model.state_dict()[first][:, state[first].shape[1] :])], 1
+        )
         model.load_state_dict(state)
         return
     if arch != target:
@@ -186,14 +189,16 @@ def _state(settings: TrainSettings, run: _Run, optimizer: torch.optim.Optimizer)
     }
 
 
-def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, has_best: bool,
+def _restore(checkpoint: Path, model: Model, optimizer: torch.optim.Optimizer, has_best: bool,
              settings_key: str) -> tuple[_Run, dict[str, Any]]:
     """Load a last.pt and its state into `model` and `optimizer`; (progress so far, the checkpoint's metadata)."""
 
     state = read_state(checkpoint)
     loaded, meta = load_checkpoint(checkpoint)
     if loaded.arch() != model.arch():
-        raise ConfigError(f"{settings_key}: {checkpoint} holds {loaded.arch()}, but the settings ask for {model.arch()}")
+        raise ConfigError(
+            f"{settings_key}: {checkpoint} holds {loaded.arch()}, but the settings ask for {model.arch()}"
+        )
     if meta.get("samples_seen") != state["samples_seen"]:
         raise CheckpointError(f"{checkpoint} and its {_state_path(checkpoint).name} disagree on samples seen")
     model.load_state_dict(loaded.state_dict())
@@ -204,7 +209,11 @@ def _restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimize
     torch.set_rng_state(state["torch_rng"])
     run = _Run(int(state["samples_seen"]), history=list(state["history"]))
     if has_best:  # resuming into a directory without best.pt starts the search for the best afresh
-        run.best, run.best_quality, run.best_by_noise = state["best_val_loss"], state["best_quality"], state["best_by_noise"]
+        run.best, run.best_quality, run.best_by_noise = (
+            state["best_val_loss"],
+            state["best_quality"],
+            state["best_by_noise"],
+        )
     return run, meta
 
 
@@ -251,7 +260,9 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             log(f"{resume} already finished its run: {run.samples:,} samples seen of samples={settings.samples:,}; "
                 "pass a larger --samples to train on")
             q, nq = ({k[4:]: v for k, v in meta.get(key, {}).items()} for key in ("quality", "noisy_quality"))
-            return TrainResult(out, best_path, Path(resume), run.samples, run.best, q, nq, run.history, already_finished=True)
+            return TrainResult(
+                out, best_path, Path(resume), run.samples, run.best, q, nq, run.history, already_finished=True
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -279,7 +290,9 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             improved = loss < run.best
             if improved:
                 run.best, run.best_quality, run.best_by_noise = loss, q, by_noise
-            run.history.append({"samples": stop, "train_loss": train_loss, "val_loss": loss, "lr": lr_at(settings, stop)})
+            run.history.append(
+                {"samples": stop, "train_loss": train_loss, "val_loss": loss, "lr": lr_at(settings, stop)}
+            )
             meta = _metadata(task, command, run, q, noisy_q, by_noise, parameter_count(model))
             if improved:
                 save_checkpoint(best_path, model, meta)
@@ -294,9 +307,13 @@ def _train(settings: TrainSettings, device: torch.device, resume: Path | None, p
             bar.close()
     if frame_check:
         frames = _record_frame_quality(best_path, device)
-        log("best checkpoint on simulated Poisson frames, PSNR noisy -> denoised (whole frame; 28 px in): "
-            + ", ".join(f"dose {r['dose']:g}: {r['noisy_psnr_db']:.1f} -> {r['psnr_db']:.1f}; {r['inner_psnr_db']:.1f} dB"
-                        for r in frames))
+        log(
+            "best checkpoint on simulated Poisson frames, PSNR noisy -> denoised (whole frame; 28 px in): "
+            + ", ".join(
+                f"dose {r['dose']:g}: {r['noisy_psnr_db']:.1f} -> {r['psnr_db']:.1f}; {r['inner_psnr_db']:.1f} dB"
+                for r in frames
+            )
+        )
     return TrainResult(out, best_path, last_path, run.samples, run.best, run.best_quality, noisy_q, run.history,
                        run.best_by_noise, val_loss(settings, start_q), time.perf_counter() - t0)
 
@@ -311,7 +328,7 @@ def _record_frame_quality(best_path: Path, device: torch.device) -> list[dict[st
     return meta["frame_quality"]
 
 
-def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, task: TrainTask, start: int, stop: int,
+def _fit(model: Model, optimizer: torch.optim.Optimizer, task: TrainTask, start: int, stop: int,
          device: torch.device, bar: tqdm | None) -> float:
     """Adam steps on samples [start, stop) of the task's data stream; returns their mean training loss."""
     settings = task.settings

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stemd.apps.training.data import ValidationSet
 from stemd.compute import metrics
 from stemd.config import TrainSettings
 from stemd.sim import lattice as synthetic
-from stemd.apps.training.data import ValidationSet
 
 LOG_MSE_FLOOR = 1e-6  # keeps log10(MSE) finite for a perfect sample (a 60 dB PSNR cap)
 FRAME_DOSES = (5.0, 20.0, 100.0)
@@ -47,12 +47,16 @@ def predict(model: nn.Module, val: ValidationSet, device: torch.device) -> torch
     was_training = model.training
     model.eval()
     noisy = val.noisy
-    pred = torch.cat([model(noisy[i : i + val.batch].to(device)).float().cpu() for i in range(0, len(noisy), val.batch)])
+    pred = torch.cat(
+        [model(noisy[i : i + val.batch].to(device)).float().cpu() for i in range(0, len(noisy), val.batch)]
+    )
     model.train(was_training)
     return pred
 
 
-def evaluate(model: nn.Module, val: ValidationSet, device: torch.device) -> tuple[dict[str, float], list[dict[str, float]]]:
+def evaluate(
+    model: nn.Module, val: ValidationSet, device: torch.device
+) -> tuple[dict[str, float], list[dict[str, float]]]:
     """`quality` of the model on the whole validation set, and on each of its parts."""
     pred = predict(model, val, device)
     return quality(pred, val.clean), [quality(pred[part], val.clean[part]) for part in val.parts]
@@ -69,14 +73,19 @@ def frame_quality(denoise: Callable[[np.ndarray], np.ndarray], doses: tuple[floa
     frames, scored the same way, are the baseline.
     """
     rng = np.random.default_rng(seed)
-    sims = [synthetic.simulate_frame((size, size), rng, rotation_deg=r, offset_px=(3.3, 1.7), defect="rp") for r in FRAME_ROTATIONS]
+    sims = [
+        synthetic.simulate_frame((size, size), rng, rotation_deg=r, offset_px=(3.3, 1.7), defect="rp")
+        for r in FRAME_ROTATIONS
+    ]
     regions = {"": (slice(None), slice(None)), "inner_": (slice(28, -28), slice(28, -28))}
     rows = []
     for dose in doses:
         noise = synthetic.NoiseSpec(kind="poisson", dose=dose, background=0.1)
         err: dict[str, list[float]] = {}
         for i, sim in enumerate(sims):
-            counts = (synthetic.corrupt(sim.clean, noise, np.random.default_rng([seed, i, int(dose * 1000)])) + 0.1) * dose
+            counts = (
+                synthetic.corrupt(sim.clean, noise, np.random.default_rng([seed, i, int(dose * 1000)])) + 0.1
+            ) * dose
             for kind, image in (("noisy_", counts), ("", denoise(counts.astype(np.float32)))):
                 sq = (metrics.fit_scale(image, sim.clean) - sim.clean) ** 2
                 for region, where in regions.items():

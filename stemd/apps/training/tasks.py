@@ -5,18 +5,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
+from stemd.apps.training.data import (
+    TRAIN_STREAM,
+    VAL_STREAM,
+    ValidationSet,
+    reference_levels,
+    scene_patches,
+    stream_seed,
+    window_streams,
+)
 from stemd.config import TrainSettings
+from stemd.models.checkpoint import Model
 from stemd.models.conv_unet import MIN_SIZE, ConvDenoiser
 from stemd.models.window_ae import WindowAE
-from stemd.apps.training.data import (TRAIN_STREAM, VAL_STREAM, ValidationSet, reference_levels, scene_patches,
-                                      stream_seed, window_streams)
 
 CONV_POOL = 8  # conv_unet: batches generated together from shared scenes, then shuffled
 VAL_SCENE_PX = 256  # side of a conv_unet validation scene
@@ -26,11 +34,20 @@ EVAL_FRAMES = 4  # conv_unet validation scenes per forward pass
 class TrainTask(Protocol):
     """One model kind's part of a run; the loop calls only these."""
 
-    settings: TrainSettings
-    settings_key: str  # the settings that fix the architecture, named when a checkpoint does not fit them
-    input_names: tuple[str, ...]  # model inputs a batch carries between the noisy samples and the targets
+    @property
+    def settings(self) -> TrainSettings: ...
 
-    def build(self) -> nn.Module:
+    @property
+    def settings_key(self) -> str:
+        """The settings that fix the architecture, named when a checkpoint does not fit them."""
+        ...
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Model inputs a batch carries between the noisy samples and the targets."""
+        ...
+
+    def build(self) -> Model:
         """The untrained model (the loop seeds torch first)."""
 
     def batches(self, start: int, stop: int) -> Iterator[tuple[np.ndarray, ...]]:
@@ -51,7 +68,7 @@ class WindowAETask:
     settings_key: str = "model/hidden/window"
     input_names: tuple[str, ...] = ()
 
-    def build(self) -> nn.Module:
+    def build(self) -> WindowAE:
         """WindowAE(window, hidden)."""
         return WindowAE(self.settings.window, self.settings.hidden)
 
@@ -78,7 +95,9 @@ class WindowAETask:
             parts.append(slice(at, total))
             at = total
         labels = [{"noise": n.model_dump()} for n in (s.noise, *s.noise_mix)]
-        return ValidationSet(torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts, labels)
+        return ValidationSet(
+            torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts, labels
+        )
 
     def metadata(self) -> dict[str, Any]:
         """Window side, lattice, noise models and widths."""
@@ -100,7 +119,7 @@ class ConvTask:
         c = self.settings.conv
         return ("guide",) * (c.guide == "bragg") + ("level",) * c.noise_level
 
-    def build(self) -> nn.Module:
+    def build(self) -> ConvDenoiser:
         """ConvDenoiser(channels, guide, noise_level)."""
         c = self.settings.conv
         return ConvDenoiser(c.channels, guide=c.guide, noise_level=c.noise_level)
@@ -149,7 +168,7 @@ class ConvTask:
         }
 
 
-TASKS: dict[str, type[TrainTask]] = {"window_ae": WindowAETask, "conv_unet": ConvTask}
+TASKS: dict[str, Callable[[TrainSettings], TrainTask]] = {"window_ae": WindowAETask, "conv_unet": ConvTask}
 
 
 def task_for(settings: TrainSettings) -> TrainTask:
