@@ -361,15 +361,16 @@ def evaluate(name: str, raw: np.ndarray, methods: dict[str, Method], splits: int
 # ---------------------------------------------------------------- simulated validation
 
 
-def simulated_frame(kind: str, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(raw uint16 frame, its noise-free mean in raw units): a named scene counted as Poisson at SIM_DOSE (no line
-    artefacts), through a detector with gain SIM_GAIN, offset SIM_OFFSET and Gaussian read noise SIM_READ."""
-    noisy, scene, _ = named_frame(kind, (size, size), seed=seed, dose=SIM_DOSE, gain_cv=0.0, read_sigma=0.0,
+def simulated_frame(kind: str, size: int, seed: int, gain: float = SIM_GAIN, offset: float = SIM_OFFSET,
+                    read: float = SIM_READ, dose: float = SIM_DOSE) -> tuple[np.ndarray, np.ndarray]:
+    """(raw uint16 frame, its noise-free mean in raw units): a named scene counted as Poisson at `dose` (no line
+    artefacts), through a detector with `gain` (raw units per count), `offset` and Gaussian read noise `read`."""
+    noisy, scene, _ = named_frame(kind, (size, size), seed=seed, dose=dose, gain_cv=0.0, read_sigma=0.0,
                                   line_jitter_px=0.0, line_gain=0.0, line_offset=0.0)
-    counts = np.rint(noisy.astype(np.float64) * SIM_DOSE)
+    counts = np.rint(noisy.astype(np.float64) * dose)
     rng = np.random.default_rng([seed, 7])
-    raw = SIM_GAIN * counts + SIM_OFFSET + SIM_READ * rng.standard_normal(counts.shape)
-    mean = SIM_GAIN * scene.clean.astype(np.float64) * SIM_DOSE + SIM_OFFSET
+    raw = gain * counts + offset + read * rng.standard_normal(counts.shape)
+    mean = gain * scene.clean.astype(np.float64) * dose + offset
     return np.clip(np.rint(raw), 0, SATURATION).astype(np.uint16), mean
 
 
