@@ -19,7 +19,7 @@ from stemd.models.conv_unet import ConvDenoiser
 from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "quality", "sampling", "speed", "train_conv",
+SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "quality", "real", "sampling", "speed", "train_conv",
            "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
 
 
