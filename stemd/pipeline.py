@@ -71,6 +71,7 @@ class Plan:
     factor: float  # resampling factor into the model's trained range; 1.0: as is
     source: str = "none"  # what chose the factor: "frame" (its measured lattice), "pixel size", or "none"
     scale_px: float | None = None  # the frame's measured lattice scale (shortest translation, px), if measured
+    lattice: bool | None = None  # whether the frame shows a lattice (None: not measured)
 
     def describe(self) -> dict[str, Any]:
         """Plain data for output metadata and the published header."""
@@ -150,20 +151,22 @@ class Denoiser:
              frames: np.ndarray | torch.Tensor | None = None) -> Plan:
         """How frames of `shape` (H, W) at this pixel size (metres; None: unknown) are run, or SamplingError.
 
-        With `frames` (a 2D frame or a stack; the first is measured) and `calibrate`, the frame's own lattice
-        scale chooses the factor (`sampling.measure_scale`); without a measurable lattice, or without frames,
-        the pixel size and `lattice_period_m` do."""
+        With `frames` (a 2D frame or a stack; the first is measured) the frame's lattice is measured
+        (`sampling.measure_scale`): with `calibrate` its scale chooses the factor, and a frame without a lattice
+        gets no line-jitter correction. Without a measured lattice the pixel size and `lattice_period_m` decide."""
         hw = (int(shape[-2]), int(shape[-1]))
-        if frames is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
+        scale, lattice = None, None
+        if frames is not None:
             first = torch.as_tensor(frames if frames.ndim == 2 else frames[0])
             scale = _sampling.measure_scale(first.to(self.device, torch.float32)[None, None])[0]
-            if scale is not None:
-                factor = _sampling.plan_from_scale(scale, self.scale_range, hw, self.sampling, self.window)
-                return Plan(hw, pixel_size_m, factor, "frame", scale)
+            lattice = scale is not None
+        if scale is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
+            factor = _sampling.plan_from_scale(scale, self.scale_range, hw, self.sampling, self.window)
+            return Plan(hw, pixel_size_m, factor, "frame", scale, lattice)
         factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
                                 min_side=self.window)
         source = "pixel size" if pixel_size_m is not None and self.sampling != "off" and self.period_range else "none"
-        return Plan(hw, pixel_size_m, factor, source)
+        return Plan(hw, pixel_size_m, factor, source, scale, lattice)
 
     def stack(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """A 2D frame, a 3D stack or a list of same-shape 2D frames as one (B, H, W) array, checked
@@ -197,11 +200,13 @@ class Denoiser:
                        plan: Plan | None = None) -> torch.Tensor:
         """(B, 1, H, W) normalised float tensor on self.device -> float32, same shape, on the device.
 
-        The line-jitter correction, then the model resampled by the plan's factor and back (`plan`, or
-        one made from `pixel_size_m`). With `flips` the output is the mean over the frame's FLIPS (4x the
-        compute: a self-ensemble that averages out part of the model's own error)."""
+        The line-jitter correction (unless the plan found no lattice to fit lines against: on real frames of
+        particles without a measurable lattice it moved lines the wrong way, docs/benchmarks.md "Real data"),
+        then the model resampled by the plan's factor and back (`plan`, or one made from `pixel_size_m`). With
+        `flips` the output is the mean over the frame's FLIPS (4x the compute: a self-ensemble that averages out
+        part of the model's own error)."""
         plan = plan or self.plan(frames.shape, pixel_size_m)
-        if self.dejitter:
+        if self.dejitter and plan.lattice is not False:  # the correction fits each line against the lattice
             with torch.autocast(frames.device.type, enabled=False):
                 frames = _dejitter(frames, self.dejitter)
         if not self.flips:

@@ -378,3 +378,21 @@ def test_a_coarse_lattice_without_a_pixel_size_is_measured_and_shrunk():
     gain = psnr(fit_scale(den(noisy), scene.clean), scene.clean, 1.0) - psnr(
         fit_scale(as_is(noisy), scene.clean), scene.clean, 1.0)
     assert gain > 1.0
+
+
+def test_no_line_jitter_correction_without_a_lattice_to_fit_lines_against():
+    """A particle-like frame with no measurable lattice: the plan says so and the line-jitter correction is skipped
+    (fitted against a smooth reference it moved real scan lines the wrong way); a lattice frame still gets it."""
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[:128, :128]
+    blob = 40.0 * np.exp(-((yy - 60.0) ** 2 + (xx - 70.0) ** 2) / (2 * 25.0**2)) + 5.0
+    particle = rng.poisson(blob).astype(np.float32)
+    with_dejitter, without = Denoiser.load(device="cpu", dejitter=2), Denoiser.load(device="cpu", dejitter=0)
+    plan = with_dejitter.plan(particle.shape, None, particle)
+    assert plan.lattice is False and plan.scale_px is None
+    np.testing.assert_array_equal(with_dejitter(particle), without(particle))
+    lattice = (_lattice((128, 128)) * 30).astype(np.float32)
+    jittered = np.stack([np.roll(row, int(s)) for row, s in zip(lattice, rng.integers(-1, 2, 128))])
+    noisy = rng.poisson(jittered + 2).astype(np.float32)
+    assert with_dejitter.plan(noisy.shape, None, noisy).lattice is True
+    assert not np.array_equal(with_dejitter(noisy), without(noisy))
