@@ -62,6 +62,9 @@ class ModelSettings(_Section):
     lattice_period_m: float = Field(SRTIO3_A_M, gt=1e-11, lt=1e-8, allow_inf_nan=False,
                                     description="the specimen's projected lattice period, metres (SrTiO3 a); "
                                     "used with the pixel size when the frame's own lattice is not measured")
+    outliers: bool = Field(True, strict=True, description="treat saturated pixels (the detector's maximum) and "
+                           "isolated hot pixels as missing data: replaced by their neighbourhood's median before "
+                           "normalisation, the model's estimate written there")
     flips: bool = Field(
         False, strict=True, description="average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB"
     )

@@ -22,6 +22,7 @@ from stemd.compute import sampling as _sampling
 from stemd.compute.dejitter import dejitter as _dejitter
 from stemd.compute.fourier import bragg_filter, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
+from stemd.compute.outliers import outlier_mask, repair
 from stemd.compute.planar import planar_guide
 from stemd.config import Device, ModelSettings, Precision, model_settings
 from stemd.errors import CheckpointError, ConfigError, ModelOutputError
@@ -157,8 +158,8 @@ class Denoiser:
         hw = (int(shape[-2]), int(shape[-1]))
         scale, lattice = None, None
         if frames is not None:
-            first = torch.as_tensor(frames if frames.ndim == 2 else frames[0])
-            scale = _sampling.measure_scale(first.to(self.device, torch.float32)[None, None])[0]
+            first = self.repaired(torch.as_tensor(frames if frames.ndim == 2 else frames[0]).to(self.device)[None])
+            scale = _sampling.measure_scale(first.to(torch.float32)[:, None])[0]
             lattice = scale is not None
         if scale is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
             factor = _sampling.plan_from_scale(scale, self.scale_range, hw, self.sampling, self.window)
@@ -167,6 +168,14 @@ class Denoiser:
                                 min_side=self.window)
         source = "pixel size" if pixel_size_m is not None and self.sampling != "off" and self.period_range else "none"
         return Plan(hw, pixel_size_m, factor, source, scale, lattice)
+
+    def repaired(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) raw frames with saturated pixels (an integer dtype's maximum) and hot pixels replaced by
+        their neighbourhood's median (`stemd.compute.outliers`), float32; as they are with `outliers` off."""
+        if not self.settings.outliers:
+            return raw
+        saturation = None if raw.is_floating_point() else float(torch.iinfo(raw.dtype).max)
+        return repair(raw, outlier_mask(raw, saturation))
 
     def stack(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """A 2D frame, a 3D stack or a list of same-shape 2D frames as one (B, H, W) array, checked
@@ -192,8 +201,8 @@ class Denoiser:
 
     def run(self, raw: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(B, H, W) raw frames of any real dtype on the model's device -> float32 denoised frames in the same
-        units, on the device: the whole pipeline, with no host copy or sync."""
-        x, lo, hi = normalize(raw, reference=self.reference)
+        units, on the device: the whole pipeline. Saturated and hot pixels are missing data (`outliers`)."""
+        x, lo, hi = normalize(self.repaired(raw), reference=self.reference)
         return denormalize(self.denoise_tensor(x[:, None], plan=plan)[:, 0], lo, hi)
 
     def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None, *,
