@@ -112,7 +112,18 @@ def plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float = REACH_P
 
 
 def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1, H, W) -> the Bragg `guide` (computed if None), replaced by a plane average across planar faults.
+    """(B, 1, H, W) -> the Bragg `guide` (computed if None), replaced by a plane average across planar faults."""
+    return planar_blend(frames, guide)[0]
+
+
+def switch_mask(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, H, W) -> bool, where the planar guide departs from the Bragg guide (takes some plane average):
+    what bench/planar_fp.py counts as switched."""
+    return planar_blend(frames, guide)[1] > 0
+
+
+def planar_blend(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, H, W) -> (the planar guide, its weight 0..1 on the plane average per pixel; 0: the Bragg guide).
 
     For each direction t of `translations`: the gain (x - guide)^2 - (x - average_t)^2, summed over lines
     along t (a profile across t, 1 px bins, pixels BORDER_PX inside the frame), smoothed, and scored as a
@@ -122,13 +133,14 @@ def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tor
     x = frames.float()
     guide = bragg_filter(x) if guide is None else guide.float()
     out = guide.clone()
+    blend = torch.zeros_like(guide)
     h, w = x.shape[-2:]
     yy, xx = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float32),
                             torch.arange(w, device=x.device, dtype=torch.float32), indexing="ij")
     inner = torch.zeros(h, w, dtype=torch.bool, device=x.device)
     inner[BORDER_PX:h - BORDER_PX, BORDER_PX:w - BORDER_PX] = True
     if not inner.any():
-        return out.to(frames.dtype)
+        return out.to(frames.dtype), blend
     weight_inner = inner.float().flatten()
     for b, vectors in enumerate(lattice_vectors(guide)):
         if vectors is None:
@@ -152,7 +164,8 @@ def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tor
             best = torch.where(better, averages[c], best)
         weight = (best_z - Z_THRESHOLD).clamp(0, 1)
         out[b, 0] = g + weight * (best - g)
-    return out.to(frames.dtype)
+        blend[b, 0] = weight
+    return out.to(frames.dtype), blend
 
 
 def _robust_z(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
