@@ -20,7 +20,7 @@ from stemd.models.checkpoint import save_checkpoint
 from bench._report import HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "quality", "sampling", "speed", "train_conv",
+SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "sampling", "speed", "train_conv",
            "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
 
 
@@ -104,6 +104,14 @@ def test_near_far_seeds_smoke_run_prints_both_models():
     out = run_module("near_far_seeds", "--seeds", "1", "--doses", "20", "--size", "256")
     rows = [line for line in out.splitlines() if line.startswith("| 20 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["conv", "conv no planar guide"]
+
+
+def test_planar_fp_quick_writes_its_section_to_out(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    run_module("planar_fp", "--quick", "--doses", "20", "--size", "256", "--out", str(out))
+    text = out.read_text()
+    assert "## Planar guide false positives" in text and "Command: `python -m bench.planar_fp --quick`" in text
+    assert "| fault-free perovskite | 20 | 10 | 0.25 | 0 |" in text and "| perovskite_rp | 20 |" in text
 
 
 def test_train_conv_speed_quick_times_both_shipped_models():
