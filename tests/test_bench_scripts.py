@@ -19,8 +19,8 @@ from stemd.models.conv_unet import ConvDenoiser
 from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "quality", "real", "sampling", "speed", "train_conv",
-           "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
+SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real", "sampling", "speed",
+           "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
 
 
 def run_module(name: str, *args: str, timeout: float = 120.0) -> str:
@@ -103,6 +103,14 @@ def test_near_far_seeds_smoke_run_prints_both_models():
     out = run_module("near_far_seeds", "--seeds", "1", "--doses", "20", "--size", "256")
     rows = [line for line in out.splitlines() if line.startswith("| 20 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["conv", "conv no planar guide"]
+
+
+def test_planar_fp_quick_writes_its_section_to_out(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    run_module("planar_fp", "--quick", "--doses", "20", "--size", "256", "--out", str(out))
+    text = out.read_text()
+    assert "## Planar guide false positives" in text and "Command: `python -m bench.planar_fp --quick`" in text
+    assert "| fault-free perovskite | 20 | 10 | 0.25 | 0 |" in text and "| perovskite_rp | 20 |" in text
 
 
 def test_train_conv_speed_quick_times_both_shipped_models():
