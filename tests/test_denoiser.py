@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 
 from stemd.compute.metrics import fit_scale, psnr
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, mean_and_signal_std, normalize
@@ -397,3 +398,15 @@ def test_no_line_jitter_correction_without_a_lattice_to_fit_lines_against():
     noisy = rng.poisson(jittered + 2).astype(np.float32)
     assert with_dejitter.plan(noisy.shape, None, noisy).lattice is True
     assert not np.array_equal(with_dejitter(noisy), without(noisy))
+
+
+@pytest.mark.parametrize("kind", ["perovskite_rp", "amorphous"])
+def test_sane_below_one_count_per_pixel(kind):
+    """Dose 0.5 (under one count per pixel on average): the shipped pipeline stays finite and beats the best
+    Gaussian filter by more than 1 dB (measured 7.0 and 2.7 dB on 256² frames)."""
+    noisy, scene, _ = scenes.named_frame(kind, (192, 192), dose=0.5)
+    assert noisy.mean() * 0.5 < 1.0
+    out = Denoiser.load(device="cpu")(noisy)
+    best = max(psnr(fit_scale(gaussian_filter(noisy.astype(np.float64), s), scene.clean), scene.clean, 1.0)
+               for s in (1.0, 1.5, 2.0, 3.0, 4.0))
+    assert np.isfinite(out).all() and psnr(fit_scale(out, scene.clean), scene.clean, 1.0) > best + 1.0
