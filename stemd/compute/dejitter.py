@@ -36,13 +36,19 @@ def shift_rows(frames: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     x = torch.nn.functional.pad(frames.float(), (pad, pad, 0, 0), mode="reflect") if pad else frames.float()
     n = x.shape[-1]
     k = torch.fft.rfftfreq(n, device=frames.device)
-    phase = torch.exp(2j * torch.pi * k * shifts[..., None].float())
+    angle = 2 * torch.pi * k * shifts[..., None].float()
+    phase = torch.polar(torch.ones_like(angle), angle)
     shifted: torch.Tensor = torch.fft.irfft(torch.fft.rfft(x, dim=-1) * phase, n=n, dim=-1)
     return shifted[..., pad : pad + w]
 
 
 def row_shifts(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torch.Tensor:
     """(B, 1, H, W) -> (B, 1, H): each scan line's estimated displacement along the scan, in pixels."""
+    return _corrected(frames, iterations)[1]
+
+
+def _corrected(frames: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the frames with each line moved back, the shifts): the last round's shifted frame is the result."""
     x = frames.float()
     total = x.new_zeros(x.shape[:-1])
     y = x
@@ -60,11 +66,11 @@ def row_shifts(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torc
         jitter = (jitter / reliable.sum(-1, keepdim=True).clamp_min(1)).clamp_min(0)
         total = (total + fit * (jitter / (jitter + variance)).nan_to_num(0.0)).clamp(-MAX_SHIFT, MAX_SHIFT)
         y = shift_rows(x, total)
-    return total
+    return y, total
 
 
 def dejitter(frames: torch.Tensor, iterations: int = DEJITTER_DEFAULT) -> torch.Tensor:
     """(B, 1, H, W) -> same: the frames with each scan line moved back by `row_shifts`."""
     if iterations < 1:
         return frames
-    return shift_rows(frames, row_shifts(frames, iterations)).to(frames.dtype)
+    return _corrected(frames, iterations)[0].to(frames.dtype)
