@@ -12,7 +12,8 @@ import pytest
 import tifffile
 
 from stemd.apps.cli import main
-from stemd.apps.offline import TiffImage, denoise_frames, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
+from stemd.apps.offline import denoise_frames
+from stemd.apps.tiffio import TiffImage, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
 from stemd.errors import InputError
 from stemd.pipeline import Denoiser
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
