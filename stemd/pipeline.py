@@ -158,7 +158,9 @@ class Denoiser:
         hw = (int(shape[-2]), int(shape[-1]))
         scale, lattice = None, None
         if frames is not None:
-            first = self.repaired(torch.as_tensor(frames if frames.ndim == 2 else frames[0]).to(self.device)[None])
+            one = frames if frames.ndim == 2 else frames[0]
+            one = one.copy() if isinstance(one, np.ndarray) and not one.flags.writeable else one  # torch: writable
+            first = self.repaired(torch.as_tensor(one).to(self.device)[None])
             scale = _sampling.measure_scale(first.to(torch.float32)[:, None])[0]
             lattice = scale is not None
         if scale is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from stemd.apps.distributed import denoise_file_on_cluster
 from stemd.apps.tiffio import TiffImage, check_output, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
 from stemd.compute.normalize import check_frames
 from stemd.config import MODEL_KEYS, ModelSettings, add_setting_options, load_settings, setting_overrides
@@ -80,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting_options(parser, MODEL_KEYS)
     parser.add_argument("--pixel-size", metavar="METRES",
                         help="pixel size, e.g. 3.9e-11 (default: from the TIFF's resolution tags, if they give one)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="denoise on a Dask cluster: 'local' (a LocalCluster of --workers processes) or a "
+                             "scheduler's address, tcp://host:8786 (needs the dask extra)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="processes of the local cluster (default 2; one thread each)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -96,14 +102,16 @@ def _parse_metres(text: str | None, option: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     settings = load_settings(args.config, setting_overrides(args), os.environ).model
-    image, note = denoise_file(
-        args.input,
-        args.output,
-        settings,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        pixel_size_m=_parse_metres(args.pixel_size, "--pixel-size"),
-    )
+    pixel_size_m = _parse_metres(args.pixel_size, "--pixel-size")
+    if args.scheduler:
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+        image, note = denoise_file_on_cluster(args.input, args.output, settings, args.scheduler, args.workers,
+                                              overwrite=args.overwrite, progress=not args.no_progress,
+                                              pixel_size_m=pixel_size_m)
+    else:
+        image, note = denoise_file(args.input, args.output, settings, overwrite=args.overwrite,
+                                   progress=not args.no_progress, pixel_size_m=pixel_size_m)
     frames = 1 if image.ndim == 2 else image.shape[0]
     print(f"wrote {args.output}: {frames} frame(s) of {image.shape[-2]}x{image.shape[-1]}, "
           f"model {note['model']}, step {note['step']}, {describe_sampling(note.get('sampling'))}, "
