@@ -132,6 +132,35 @@ class StatsSettings(_Section):
                                                      "and in STATUS=")
 
 
+def parse_metrics_endpoint(value: str) -> tuple[str, int]:
+    """`host:port` or `http://host:port` (IPv6 in brackets: `[::1]:9108`) -> (host, port); port 0 picks a free one."""
+    rest = value.removeprefix("http://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or "/" in rest:
+        raise ValueError("must be host:port or http://host:port, e.g. 127.0.0.1:9108")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_local_host(host: str) -> bool:
+    """True for a loopback host name or address (IPv6 with or without brackets)."""
+    return host in LOCAL_HOSTS or host == "::1"
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics over HTTP (needs the metrics extra: pip install stemd[metrics])."""
+
+    endpoint: str | None = Field(None, description="null: off; host:port (or http://host:port) serving /metrics, "
+                                 "e.g. 127.0.0.1:9108; a non-loopback address logs a warning; read at start, "
+                                 "not on reload")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_metrics_endpoint(v)
+        return v
+
+
 class Settings(_Section):
     """Everything `stemd run` needs; one object, validated at start-up."""
 
@@ -142,6 +171,7 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     recording: RecordingSettings = RecordingSettings()
     stats: StatsSettings = StatsSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG | INFO | WARNING | ERROR"
     )
@@ -424,7 +454,7 @@ def _keyed(line: str, description: str, width: int) -> list[str]:
 
 
 OPTION_NAMES = {"model.path": "--model", "model.lattice_period_m": "--lattice-period", "input.endpoint": "--input",
-                "output.endpoint": "--output", "queue.mode": "--mode"}
+                "output.endpoint": "--output", "queue.mode": "--mode", "metrics.endpoint": "--metrics"}
 MODEL_KEYS = tuple(f"model.{key}" for key in ModelSettings.model_fields)  # the options of every denoising command
 
 

@@ -16,10 +16,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -33,6 +33,9 @@ from stemd.live.engine import Engine, Pending
 from stemd.live.notify import Notifier
 from stemd.live.recorder import Recorder
 from stemd.pipeline import Denoiser, Plan, check_finite
+
+if TYPE_CHECKING:
+    from stemd.live.prometheus import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +183,8 @@ class Daemon:
         self._stopping = False
         self._reload_lock = asyncio.Lock()
         self._sampling_said = ""  # the last sampling refusal logged (a new one is logged when it changes)
+        self.metrics: MetricsServer | None = None  # /metrics when metrics.endpoint is set (start to stop)
+        self.latency_observer: Callable[[float], None] | None = None  # given each published frame's latency_s
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -189,6 +194,9 @@ class Daemon:
         self._apply_log_level(s)
         if self.engine is None:
             self.engine = await asyncio.to_thread(Engine.load, s.model)
+        if s.metrics.endpoint is not None:
+            self.metrics = start_metrics(self, s.metrics.endpoint)
+            self.latency_observer = self.metrics.latency.observe
         self.pub = self._open_output(s)
         self.sub = self._open_input(s)
         self.recorder = self._make_recorder(s)
@@ -253,6 +261,9 @@ class Daemon:
             if sock is not None:
                 sock.close(linger=LINGER_MS)
         await asyncio.to_thread(self.ctx.term)
+        if self.metrics is not None:
+            self.latency_observer = None
+            await asyncio.to_thread(self.metrics.close)
         if self.engine is not None and self._owns_engine:
             await asyncio.to_thread(self.engine.close)
         self.notifier.close()
@@ -532,6 +543,8 @@ class Daemon:
             return
         self.frames_out += 1
         self._latencies.append(header["latency_s"])
+        if self.latency_observer is not None:
+            self.latency_observer(header["latency_s"])
         if self.recorder is not None:
             await self.recorder.write("raw", _described(header, item.data), item.data)
             await self.recorder.write("denoised", _described(header, denoised), denoised)
@@ -651,6 +664,17 @@ class Daemon:
             return True
 
 
+def start_metrics(daemon: Daemon, endpoint: str) -> MetricsServer:
+    """Serve `daemon`'s Prometheus metrics on `endpoint`; ConfigError without prometheus_client."""
+    try:
+        from stemd.live.prometheus import MetricsServer
+    except ImportError as exc:
+        if exc.name is None or not exc.name.startswith("prometheus_client"):
+            raise
+        raise ConfigError("metrics.endpoint needs the metrics extra: pip install stemd[metrics]") from None
+    return MetricsServer(daemon, endpoint)
+
+
 def _described(header: dict[str, Any], data: np.ndarray) -> dict[str, Any]:
     """The header as recorded beside `data`: its own dtype, native byte order."""
     return {**header, "dtype": data.dtype.name, "byte_order": protocol.NATIVE_BYTE_ORDER}
@@ -661,7 +685,7 @@ def _described(header: dict[str, Any], data: np.ndarray) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings (config/stemd.yaml documents every key)")
-    add_setting_options(parser, ("input.endpoint", "output.endpoint", "queue.mode", *MODEL_KEYS))
+    add_setting_options(parser, ("input.endpoint", "output.endpoint", "queue.mode", "metrics.endpoint", *MODEL_KEYS))
     parser.add_argument("--bind-input", action="store_true", help="bind the input endpoint instead of connecting")
     parser.add_argument("--record", type=Path, metavar="DIR", help="record TIFFs into DIR (enables recording)")
 
