@@ -19,8 +19,8 @@ from stemd.models.conv_unet import ConvDenoiser
 from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["borders", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real", "sampling", "speed",
-           "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
+SCRIPTS = ["borders", "dask_scaling", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real",
+           "sampling", "speed", "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
 
 
 def run_module(name: str, *args: str, timeout: float = 120.0) -> str:
@@ -111,6 +111,15 @@ def test_planar_fp_quick_writes_its_section_to_out(tmp_path):
     text = out.read_text()
     assert "## Planar guide false positives" in text and "Command: `python -m bench.planar_fp --quick`" in text
     assert "| fault-free perovskite | 20 | 10 | 0.25 | 0 |" in text and "| perovskite_rp | 20 |" in text
+
+
+def test_dask_scaling_quick_times_one_process_and_two_clusters(tmp_path):
+    run_module("dask_scaling", "--quick", "--out", str(tmp_path))
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "## Dask scaling (bench/dask_scaling.py)" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| one process", "| LocalCluster"))]
+    assert len(rows) == 3 and all(float(r.split("|")[4]) > 0 for r in rows)
+    assert "a 1 Gbit/s link feeds about" in text
 
 
 def test_train_conv_speed_quick_times_both_shipped_models():

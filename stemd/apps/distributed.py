@@ -85,7 +85,7 @@ def connect(scheduler: str, workers: int) -> Iterator[Any]:
         yield client
 
 
-def _ordered_results(client: Any, image: TiffImage, settings_json: str, plan: Plan, progress: bool
+def ordered_results(client: Any, image: TiffImage, settings_json: str, plan: Plan, progress: bool
                      ) -> Iterator[np.ndarray]:
     """The denoised frames in order, submitted ahead to the workers a bounded window at a time."""
     n = image.shape[0] if image.ndim == 3 else 1
@@ -140,6 +140,6 @@ def denoise_file_on_cluster(inp: Path, out: Path, settings: ModelSettings, sched
     note.update(precision=settings.precision, flips=settings.flips, dejitter=settings.dejitter,
                 planar=settings.planar, scheduler="local" if scheduler == "local" else "distributed")
     with connect(scheduler, workers) as client:
-        write_tiff_atomic(out, image, _ordered_results(client, image, settings.model_dump_json(), plan, progress),
+        write_tiff_atomic(out, image, ordered_results(client, image, settings.model_dump_json(), plan, progress),
                           note)
     return image, note
