@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     per_frame = rows[1][2] / args.frames  # one single-threaded worker: the cost a worker pays per frame
     frame_bytes = args.size**2 * (2 + 4)
     n_max = per_frame * LINK_BYTES_PER_S / frame_bytes
-    table = "\n".join(f"| {name} | {startup:.1f} | {run:.1f} | {args.frames / run:.2f} |" for name, startup, run in rows)
+    table = "\n".join(f"| {name} | {startup:.1f} | {run:.1f} | {args.frames / run:.2f} |"
+                      for name, startup, run in rows)
     body = "\n".join([
         f"Machine: {machine_line()}. Command: `python -m bench.dask_scaling"
         f"{' --quick' if args.quick else f' --frames {args.frames} --size {args.size}'}`.",
