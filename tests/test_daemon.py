@@ -355,6 +355,95 @@ async def test_publisher_restart_mid_series_and_recordings(zctx, checkpoint, eng
     }
 
 
+def _raw_frame(series: str, fid: int, extra: dict) -> list:
+    """frame_parts with `extra` packed as given (bytes keys, ext types): what a foreign publisher may send."""
+    parts = frame_parts(series, fid)
+    header = {**msgpack.unpackb(parts[1]), **extra}
+    return [parts[0], msgpack.packb(header, use_bin_type=True), parts[2]]
+
+
+def _deep(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+async def test_headers_outside_the_schema_are_rejected_and_every_accepted_frame_recorded(
+    zctx, checkpoint, engine, tmp_path
+) -> None:
+    """14 published, 3 with a bytes key, a nested bytes key or 1,000-deep nesting: those 3 are rejected
+    (header_schema) and the 11 accepted are all recorded. Before, all 14 were accepted and only 11 recorded,
+    with recording_errors 0 (a TypeError died unseen in the recorder's thread)."""
+    pub = TestPublisher(zctx, nodrop=True)
+    settings = make_settings(checkpoint, pub.endpoint, **{
+        "recording.enabled": True, "recording.directory": str(tmp_path), "queue.mode": "lossless"})
+    bad = {3: {b"k": 1}, 7: {"meta": [{b"k": 2}]}, 11: {"deep": _deep(1000)}}
+    async with running(settings, engine=engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for i in range(14):
+            await pub.send(_raw_frame("rec", i, bad.get(i, {})))
+        msgs = await sub.until(lambda m: len(denoised(m)) == 11)
+        assert dict(d.rejected) == {"header_schema": 3} and d.frames_in == 14
+    st = d.stats()
+    assert st["recording_errors"] == 0 and st["rejected"] == {"header_schema": 3}
+    accepted = [i for i in range(14) if i not in bad]
+    assert [h["frame_id"] for _, h, _ in denoised(msgs)] == accepted
+    for kind in ("raw", "denoised"):
+        with tifffile.TiffFile(tmp_path / f"rec_{kind}.tif") as tf:
+            assert [json.loads(pg.description)["frame_id"] for pg in tf.pages] == accepted
+    pub.close()
+
+
+async def test_recording_failures_reach_the_stats(zctx, checkpoint, engine, tmp_path) -> None:
+    """A recording that cannot be written (its directory is a file) is counted in the stats' recording_errors."""
+    pub = TestPublisher(zctx)
+    (tmp_path / "file").write_text("not a directory")
+    settings = make_settings(checkpoint, pub.endpoint, **{
+        "recording.enabled": True, "recording.directory": str(tmp_path / "file" / "rec")})
+    async with running(settings, engine=engine) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for i in range(2):
+            await pub.send(frame_parts("e", i))
+        await sub.until(lambda m: len(denoised(m)) == 2)
+    assert d.stats()["recording_errors"] == 2  # raw and denoised each stopped once
+    pub.close()
+
+
+async def test_upstream_gaps_counted_restarts_not(zctx, checkpoint, engine) -> None:
+    """Frame ids 0, 1, 2, 5 in a series: 2 never arrived (missing_upstream); ids going backwards are a restart,
+    not a gap; a series start begins the count afresh; another series keeps its own last id."""
+    pub = TestPublisher(zctx, nodrop=True)
+    async with running(make_settings(checkpoint, pub.endpoint, **{"queue.mode": "lossless"}), engine=engine) as d:
+        await pub.wait_subscribed()
+        sent = [("g", 0), ("g", 1), ("h", 7), ("g", 2), ("g", 5), ("h", 8), ("g", 0), ("g", 1)]
+        for sid, fid in sent:
+            await pub.send(frame_parts(sid, fid))
+        await pub.send(p.encode_event(p.SERIES, p.series_header("start", "h")))
+        await pub.send(frame_parts("h", 3))  # after a start: neither a gap nor a restart
+        await wait_until(lambda: d.frames_in == len(sent) + 1)
+        assert d.missing_upstream == 2 and d.restarts == 1
+        st = d.stats()
+        assert st["missing_upstream"] == 2 and st["restarts"] == 1
+    pub.close()
+
+
+def test_missing_upstream_state_is_bounded(checkpoint) -> None:
+    """Per-series state for gaps is the last id of at most MAX_SERIES_TRACKED series."""
+    from stemd.live.daemon import MAX_SERIES_TRACKED
+
+    d = Daemon(make_settings(checkpoint, "tcp://127.0.0.1:1"), notifier=Notifier(""))
+    for i in range(3 * MAX_SERIES_TRACKED):
+        d._track_series({"series_id": f"s{i}", "frame_id": 0})
+        d._track_series({"series_id": f"s{i}", "frame_id": 2})
+    assert len(d._last_ids) == MAX_SERIES_TRACKED and d.missing_upstream == 3 * MAX_SERIES_TRACKED
+    d.ctx.term()
+
+
 async def test_reload_rejects_bad_config_and_applies_good_one(zctx, checkpoint, tmp_path) -> None:
     pub = TestPublisher(zctx)
     cfg = tmp_path / "stemd.yaml"
@@ -371,6 +460,12 @@ async def test_reload_rejects_bad_config_and_applies_good_one(zctx, checkpoint, 
             cfg.write_text(broken)
             assert await d.reload() is False
         assert d.reload_failures == 3 and d.settings.model.step == 4 and d.engine.model_id == model_id
+        cfg.write_bytes(b"model: {step: 3}\n# caf\xe9 \xff\n")  # not UTF-8
+        assert await d.reload() is False and d.reload_failures == 4 and d.settings.model.step == 4
+        cfg.write_text(json.dumps(good))
+        with pytest.MonkeyPatch.context() as mp:  # a bug while reloading: rejected and logged, never escapes
+            mp.setattr(Denoiser, "load", classmethod(lambda cls, *a, **k: 1 / 0))
+            assert await d.reload() is False and d.reload_failures == 5 and d.settings.model.step == 4
         await pub.send(frame_parts("r", 0))
         await sub.until(lambda m: len(denoised(m)) == 1)
         cfg.write_text(json.dumps({**good, "model": {**good["model"], "step": 7}, "queue": {"maxsize": 3}}))
@@ -523,12 +618,13 @@ async def _subprocess_signals(checkpoint: Path, tmp_path: Path) -> None:
             await pub.send(frame_parts("sig", i))
         await sub.until(lambda m: len(denoised(m)) == 3)
 
-        cfg.write_text("queue: {maxsize: not-a-number}\n")
-        proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while b"reload rejected" not in (tmp_path / "daemon.log").read_bytes():
-            assert time.monotonic() < deadline and proc.poll() is None
-            await asyncio.sleep(0.05)
+        for n, broken in enumerate([b"queue: {maxsize: not-a-number}\n", b"queue: {maxsize: 3}\n# caf\xe9\n"]):
+            cfg.write_bytes(broken)  # the second is not UTF-8
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while (tmp_path / "daemon.log").read_bytes().count(b"reload rejected") <= n:
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.05)
         for i in range(3, 5):
             await pub.send(frame_parts("sig", i))
         msgs = await sub.until(lambda m: len(denoised(m)) == 2)
@@ -544,7 +640,8 @@ async def _subprocess_signals(checkpoint: Path, tmp_path: Path) -> None:
         pub.close()
         ctx.destroy(linger=0)
     text = (tmp_path / "daemon.log").read_text()
-    assert "queue.maxsize" in text and "Traceback" not in text
+    assert "queue.maxsize" in text and "Traceback" not in text and "never retrieved" not in text
+    assert "is not UTF-8 text" in text
     for kind, dtype in (("raw", np.uint16), ("denoised", np.float32)):
         with tifffile.TiffFile(tmp_path / "rec" / f"sig_{kind}.tif") as tf:
             stack = tf.asarray()

@@ -152,3 +152,27 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.pt").stat().st_mode) == 0o644
+
+
+def test_random_bytes_are_corrupt_not_code(tmp_path: Path):
+    """Random bytes make torch's weights-only unpickler fail ("Unsupported operand"): that is a corrupt file,
+    never "could run code" (which it was reported as)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "random.pt"
+    for i in range(30):
+        head = b"\x80\x02" if i % 2 else b""  # half of them start like a pickle
+        path.write_bytes(head + rng.integers(0, 256, 1000 + 37 * i, dtype=np.uint8).tobytes())
+        with pytest.raises(CheckpointError, match="corrupt") as err:
+            load_checkpoint(path)
+        assert "could run code" not in str(err.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_plain_pickle_naming_a_global_could_run_code(tmp_path: Path, protocol: int):
+    """A real pickle (not a torch file) naming a class is refused as code, whatever its pickle protocol."""
+    import pickle
+
+    path = tmp_path / "pickled.pt"
+    path.write_bytes(pickle.dumps({"format": CHECKPOINT_FORMAT, "x": Fraction(1, 3)}, protocol=protocol))
+    with pytest.raises(CheckpointError, match="refused, since loading it could run code"):
+        load_checkpoint(path)

@@ -118,15 +118,29 @@ MALFORMED = {
     "too_large": lambda: _parts({"shape": [9000, 9000]}),
     "nonfinite": lambda: _parts(data=NAN),
     "nonfinite_inf": lambda: _parts(data=INF),
+    # docs/protocol.md: keys are strings at every depth, no extension types, bounded nesting
+    "header_schema_bytes_key": lambda: _parts({b"k": 1}),
+    "header_schema_nested_bytes_key": lambda: _parts({"extra": {"list": [{b"k": 1}]}}),
+    "header_schema_ext0": lambda: _parts({"t": msgpack.ExtType(1, b"")}),
+    "header_schema_deep": lambda: _parts({"deep": _nested(1000)}),
+    "header_schema_deep_33": lambda: _parts({"deep": _nested(p.MAX_HEADER_DEPTH)}),
 }
 EXPECTED = {"parts4": "parts", "missing_v": "missing_field", "size_mismatch_shape": "size_mismatch"}
+
+
+def _nested(depth: int) -> object:
+    """`depth` maps and arrays inside each other around a 1."""
+    value: object = 1
+    for i in range(depth):
+        value = {"a": value} if i % 2 else [value]
+    return value
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_frame_rejected_with_reason(case: str) -> None:
     reason = EXPECTED.get(case, case.split("_")[0] if case.startswith(("msgpack", "nonfinite")) else case)
-    if case.startswith("field_type"):
-        reason = "field_type"
+    if case.startswith(("field_type", "header_schema")):
+        reason = "header_schema" if case.startswith("header_schema") else "field_type"
     with pytest.raises(p.ProtocolError) as err:
         p.decode_frame(MALFORMED[case]())
     assert err.value.reason == reason
@@ -141,3 +155,23 @@ def test_limits_are_parameters() -> None:
         p.decode_frame(parts, max_pixels=1000)
     with pytest.raises(p.ProtocolError, match="too_small"):
         p.decode_frame(parts, min_side=41)
+
+
+def test_header_nesting_up_to_the_limit_is_taken() -> None:
+    """The header itself is depth 1: MAX_HEADER_DEPTH - 1 containers inside it are accepted, one more is not."""
+    frame = p.decode_frame(_parts({"deep": _nested(p.MAX_HEADER_DEPTH - 1)}))
+    assert frame.header["deep"] == _nested(p.MAX_HEADER_DEPTH - 1)
+    parts = p.encode_event(p.SERIES, p.series_header("start", "s", extra={b"k": 1}))
+    with pytest.raises(p.ProtocolError, match="header_schema"):
+        p.decode_event(parts)
+
+
+def test_every_reason_is_documented() -> None:
+    """REASONS and the reject table of docs/protocol.md name the same keys (the daemon's "topic" too)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    table = doc.split("## Reject reasons")[1].split("\n## ")[0]
+    documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    assert documented == set(p.REASONS)
+    assert "topic" in p.REASONS and "header_schema" in p.REASONS

@@ -70,3 +70,49 @@ def test_file_stem_is_safe() -> None:
     assert file_stem("../../etc/passwd") == "_.._etc_passwd"
     assert file_stem("") == "series"
     assert "/" not in file_stem("a/b\0c")
+
+
+def _deep(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+async def test_unrecordable_headers_are_counted_and_logged_not_lost(tmp_path: Path, caplog) -> None:
+    """A header JSON cannot take (a bytes key, a nested one, 1,000-deep nesting) loses only its own page,
+    and is counted in `errors` and logged: before, a TypeError died in the worker thread, uncounted."""
+    rec = Recorder(tmp_path, raw=True, denoised=False)
+    bad = [{b"k": 1}, {"x": [{b"k": 2}]}, {"deep": _deep(1000)}]
+    for i, f in enumerate(_frames(14)):
+        extra = bad[i // 4] if i % 4 == 3 and i // 4 < len(bad) else {}
+        await rec.write("raw", {"series_id": "s", "frame_id": i, **extra}, f)
+    await rec.close()
+    assert rec.errors == 3 and rec.pages == 11
+    with tifffile.TiffFile(tmp_path / "s_raw.tif") as tf:
+        ids = [json.loads(pg.description)["frame_id"] for pg in tf.pages]
+    assert ids == [i for i in range(14) if i not in (3, 7, 11)]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(said) == 3 and all("not recorded" in m for m in said)
+
+
+class BrokenWriter(Recorder):
+    """A bug, not an OSError, in the worker thread: writing fails with a RuntimeError, closing with a KeyError."""
+
+    def _open_file(self, path: Path):
+        raise RuntimeError("a bug in the writer")
+
+    def _close_series(self, series_id: str) -> None:
+        raise KeyError(series_id)
+
+
+async def test_worker_bugs_are_counted_and_logged_with_traceback(tmp_path: Path, caplog) -> None:
+    rec = BrokenWriter(tmp_path)
+    await rec.write("raw", {"series_id": "s", "frame_id": 0}, _frames(1)[0])
+    await rec.write("raw", {"series_id": "s", "frame_id": 1}, _frames(1)[0])  # recording of s stopped: not counted
+    await rec.end_series("s")  # the future's exception is read, counted and logged; the caller goes on
+    await rec.close()
+    assert rec.errors == 2 and rec.pages == 0
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all(r.exc_info for r in errors)
+    assert "a bug in the writer" in errors[0].getMessage() and "recorder task failed" in errors[1].getMessage()

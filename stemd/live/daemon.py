@@ -165,12 +165,14 @@ class Daemon:
         self.frames_in = 0
         self.frames_out = 0
         self.restarts = 0
+        self.missing_upstream = 0  # forward gaps in a series' frame ids: frames that never arrived
         self.reloads = 0
         self.reload_failures = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.dropped_ids: collections.deque[tuple[str, int, str]] = collections.deque(maxlen=100_000)
         self.failed = False
+        self._recording_errors = 0  # of recorders replaced by a reload
         self._inflight: list[Item] = []
         self._latencies: list[float] = []
         self._last_ids: collections.OrderedDict[str, int] = collections.OrderedDict()
@@ -418,13 +420,19 @@ class Daemon:
         return entry[0]
 
     def _track_series(self, header: dict[str, Any]) -> None:
-        """Notice frame ids going backwards in a series (a restarted publisher)."""
+        """Notice frame ids going backwards in a series (a restarted publisher) and ids skipped forwards
+        (frames lost before the daemon: a PUB drops silently at its high-water mark)."""
         sid, fid = header["series_id"], header["frame_id"]
         last = self._last_ids.pop(sid, None)
         if last is not None and fid <= last:
             self.restarts += 1
             log.info("series %r restarted at frame %d after frame %d (publisher restart?)", sid, fid, last)
             self.queue.put_event(Item("restart", {"series_id": sid}))
+        elif last is not None and fid > last + 1:
+            if self.missing_upstream == 0:
+                log.warning("series %r jumped from frame %d to %d: %d frame(s) never arrived (lost upstream?); "
+                            "further gaps are counted in the stats", sid, last, fid, fid - last - 1)
+            self.missing_upstream += fid - last - 1
         self._last_ids[sid] = fid
         while len(self._last_ids) > MAX_SERIES_TRACKED:
             self._last_ids.popitem(last=False)
@@ -575,6 +583,7 @@ class Daemon:
             "dropped": dict(self.dropped),
             "rejected": dict(self.rejected),
             "restarts": self.restarts,
+            "missing_upstream": self.missing_upstream,
             "fps": (self.frames_out - out_before) / max(now - t, 1e-9),
             "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
             "latency_p99_s": float(np.percentile(lat, 99)) if lat.size else None,
@@ -582,7 +591,7 @@ class Daemon:
             "device": self.engine.device_name if self.engine else "",
             "memory_bytes": self.engine.memory_bytes() if self.engine else 0,
             "model_id": self.engine.model_id if self.engine else "",
-            "recording_errors": self.recorder.errors if self.recorder else 0,
+            "recording_errors": self._recording_errors + (self.recorder.errors if self.recorder else 0),
         }
 
     @staticmethod
@@ -628,13 +637,14 @@ class Daemon:
                 pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
                 try:
                     sub = self._open_input(new) if new.input != old.input else None
-                except StemdError:
+                except Exception:
                     if pub is not None:
                         pub.close(linger=0)
                     raise
-            except (StemdError, OSError) as exc:
+            except Exception as exc:  # StemdError, OSError; anything else is a bug: its traceback too
                 self.reload_failures += 1
-                log.error("reload rejected, keeping the running config and model: %s", exc)
+                log.error("reload rejected, keeping the running config and model: %s", exc,
+                          exc_info=not isinstance(exc, (StemdError, OSError)))
                 return False
             await self._engine.run(self._engine.replace, denoiser)
             if pub is not None:
@@ -651,6 +661,7 @@ class Daemon:
             if new.recording != old.recording:
                 if self.recorder is not None:
                     await self.recorder.close()
+                    self._recording_errors += self.recorder.errors
                 self.recorder = self._make_recorder(new)
             self._apply_log_level(new)
             self.settings = new
@@ -708,7 +719,19 @@ async def serve(settings: Settings, config_path: Path | None = None, overrides: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(daemon.reload()))
+    reloads: set[asyncio.Task[bool]] = set()  # referenced until done, so none is collected mid-reload
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(daemon.reload())
+        reloads.add(task)
+        task.add_done_callback(_reload_done)
+
+    def _reload_done(task: asyncio.Task[bool]) -> None:
+        reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # reload() catches all: a bug, said here
+            log.error("reload failed: %s", task.exception(), exc_info=task.exception())
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         return await daemon.serve()
     except BaseException:

@@ -40,6 +40,7 @@ REASONS = (
     "parts",  # wrong number of multipart parts
     "header_size",  # header part larger than MAX_HEADER_BYTES
     "msgpack",  # header is not valid msgpack within the limits
+    "header_schema",  # a map key that is not a string, nesting deeper than MAX_HEADER_DEPTH, or an extension type
     "header_type",  # header is not a map
     "missing_field",  # a required header field is absent
     "field_type",  # a header field has the wrong type or an impossible value
@@ -50,9 +51,12 @@ REASONS = (
     "too_small",  # a side below min_side
     "too_large",  # a side above max_side, or H * W above max_pixels
     "nonfinite",  # float32 frame with NaN or inf
+    "topic",  # a topic the receiver does not take (the daemon counts these; decode_* never raise it)
 )
 
 MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_DEPTH = 32  # maps and arrays nested in a header, the header itself counted as 1
+_PLAIN = (type(None), bool, int, float, str, bytes)
 
 
 class _UnpackLimits(TypedDict):
@@ -164,16 +168,44 @@ def _buffer(part: Any) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("header_schema", f"extension type {code} in the header (only plain msgpack data is taken)")
+
+
+def _check_plain(header: dict[str, Any]) -> None:
+    """Refuse what docs/protocol.md rules out but msgpack's unpacker lets through: a map key that is not
+    a string (strict_map_key takes bytes keys) at any depth, nesting deeper than MAX_HEADER_DEPTH, and
+    anything but plain data (a msgpack timestamp, say). Iterative, so no depth can exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(header, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_HEADER_DEPTH:
+                raise ProtocolError("header_schema", f"header nests deeper than {MAX_HEADER_DEPTH} maps/arrays")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise ProtocolError("header_schema", f"map key {key!r:.60} is not a string")
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+        elif not isinstance(value, _PLAIN):
+            raise ProtocolError("header_schema", f"header holds a {type(value).__name__}, not plain msgpack data")
+
+
 def _unpack_header(part: Any) -> dict[str, Any]:
     buf = _buffer(part)
     if buf.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("header_size", f"header of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, ext_hook=_refuse_ext, **_UNPACK_LIMITS)
+    except ProtocolError:
+        raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError("msgpack", f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header_type", f"header must be a map, got {type(header).__name__}")
+    _check_plain(header)
     _check_version(header)
     return header
 

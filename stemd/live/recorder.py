@@ -3,7 +3,9 @@
 Every file operation runs on the recorder's own worker thread, never on the event loop.
 Each page carries its frame header as JSON in the TIFF ImageDescription. A write error (full
 disk, permissions) is logged and counted, that series' recording of that kind stops, and
-the daemon keeps running.
+the daemon keeps running. A header that cannot be described as JSON loses that one page
+(counted, logged). Any other failure on the worker thread is a bug: counted and logged with
+its traceback too, never lost with an unread future (`errors` counts every failure).
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ def describe(header: dict[str, Any]) -> str:
     return json.dumps(header, default=str).replace('"shape":', '"shape" :')
 
 
+async def _settled(fut: Future[None]) -> None:
+    """Wait for a scheduled call; a failure was already counted and logged by `Recorder._check`."""
+    try:
+        await asyncio.wrap_future(fut)
+    except Exception:
+        pass
+
+
 class Recorder:
     """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
 
@@ -63,23 +73,31 @@ class Recorder:
             return
         self._schedule(self._write, kind, header, data)
         while len(self._inflight) > self.max_backlog:
-            await asyncio.wrap_future(self._inflight[0])
+            await _settled(self._inflight[0])
             self._prune()
 
     async def end_series(self, series_id: str) -> None:
         """Close this series' files (on a series end event)."""
-        await asyncio.wrap_future(self._schedule(self._close_series, series_id))
+        await _settled(self._schedule(self._close_series, series_id))
 
     async def close(self) -> None:
         """Close every open file after the pending writes, then stop the worker."""
-        await asyncio.wrap_future(self._schedule(self._close_all))
+        await _settled(self._schedule(self._close_all))
         self._executor.shutdown(wait=True)
 
     def _schedule(self, fn: Callable[..., None], *args: Any) -> Future[None]:
         fut = self._executor.submit(fn, *args)
+        fut.add_done_callback(self._check)
         self._inflight.append(fut)
         self._prune()
         return fut
+
+    def _check(self, fut: Future[None]) -> None:
+        """Every scheduled call's outcome is read: what escaped it is counted and logged, never dropped."""
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self.errors += 1
+            log.error("recorder task failed: %s", exc, exc_info=exc)
 
     def _prune(self) -> None:
         while self._inflight and self._inflight[0].done():
@@ -99,6 +117,13 @@ class Recorder:
         key = (str(header.get("series_id", "")), kind)
         if key in self._failed:
             return
+        try:
+            description = describe(header)
+        except (TypeError, ValueError, RecursionError) as exc:  # keys that are not str, too deep, circular
+            self.errors += 1
+            log.error("frame %r of %s series %r not recorded: its header is not JSON: %s",
+                      header.get("frame_id"), kind, key[0], exc)
+            return
         path = None
         try:
             if key not in self._writers:
@@ -109,13 +134,14 @@ class Recorder:
                 self.files.append(path)
                 log.info("recording %s frames of series %r to %s", kind, key[0], path)
             writer, fh = self._writers[key]
-            writer.write(data, description=describe(header), metadata=None)
+            writer.write(data, description=description, metadata=None)
             fh.flush()
             self.pages += 1
-        except OSError as exc:
+        except Exception as exc:  # OSError: full disk, permissions; anything else is a bug, so its traceback
             self.errors += 1
             self._failed.add(key)
-            log.error("recording of %s series %r stopped: %s", kind, key[0], exc)
+            log.error("recording of %s series %r stopped: %s", kind, key[0], exc,
+                      exc_info=not isinstance(exc, OSError))
             self._close(key, after_error=True)
 
     def _close(self, key: tuple[str, str], after_error: bool = False) -> None:
@@ -126,7 +152,7 @@ class Recorder:
         for close in entry[0].close, entry[1].close:
             try:
                 close()
-            except OSError as exc:
+            except Exception as exc:  # OSError, or tifffile failing on a half-written file
                 failure = failure or exc
         if failure is not None and not after_error:
             self.errors += 1

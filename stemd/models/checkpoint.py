@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -100,6 +102,30 @@ def save_checkpoint(path: Path, model: Model, metadata: dict[str, Any]) -> None:
             os.unlink(tmp)
 
 
+# Pickle opcodes that name or call a Python object: a pickle holding one of these can run code when loaded.
+_CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ"})
+
+
+def _names_globals(path: Path) -> bool:
+    """Whether `path` is a whole, well-formed pickle (or a torch zip around one) that names Python objects.
+
+    Read with pickletools, which parses opcodes and never runs them. Random or truncated bytes are not one
+    (an unknown opcode or no STOP raises), so they are reported as corrupt, not as code.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+                if name is None:
+                    return False
+                data = zf.read(name)
+        else:
+            data = path.read_bytes()
+        return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a pickle: bad opcode, truncated, a broken zip
+        return False
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
@@ -116,10 +142,14 @@ def load_checkpoint(path: Path | None = None, map_location: str = "cpu") -> tupl
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
-            raise CheckpointError(f"{path} is not a readable stemd checkpoint (corrupt): {_first_line(exc)}") from None
+        # torch's weights-only unpickler says "weights only load failed" for any bytes it refuses, random
+        # ones too: only a disallowed global in a real pickle is code
+        if "unsupported global" in str(exc).lower() or _names_globals(path):
+            raise CheckpointError(
+                f"{path} holds objects other than plain data and tensors; refused, since loading it could run code"
+            ) from None
         raise CheckpointError(
-            f"{path} holds objects other than plain data and tensors; refused, since loading it could run code"
+            f"{path} is not a readable stemd checkpoint (not a torch file, truncated or corrupt): {_first_line(exc)}"
         ) from None
     except Exception as exc:  # torch raises many kinds for bad bytes: keep the user's view to one line
         raise CheckpointError(
