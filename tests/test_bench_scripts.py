@@ -20,7 +20,7 @@ from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["borders", "dask_scaling", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real",
-           "sampling", "speed", "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
+           "sampling", "speed", "stages", "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
 
 
 def run_module(name: str, *args: str, timeout: float = 120.0) -> str:
@@ -120,6 +120,13 @@ def test_dask_scaling_quick_times_one_process_and_two_clusters(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith(("| one process", "| LocalCluster"))]
     assert len(rows) == 3 and all(float(r.split("|")[4]) > 0 for r in rows)
     assert "a 1 Gbit/s link feeds about" in text
+
+
+def test_stages_smoke_run_times_every_stage():
+    out = run_module("stages", "--size", "96", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
+    assert len(rows) == 8 and all(float(r.split("|")[2]) >= 0 for r in rows)
+    assert any(r.startswith("| whole Denoiser.run") for r in rows)
 
 
 def test_train_conv_speed_quick_times_both_shipped_models():

@@ -5,7 +5,8 @@ the counter saturated or a cosmic ray hit) and isolated hot pixels far above eve
 them dominate a frame's mean and variance, so normalisation takes the frame for a much brighter and noisier
 one and the model returns a speckled mess (tk_r_em's low-dose frame x[4]: mean 3 counts, with 65535s). They
 are replaced by the mean of their valid neighbours before anything else sees the frame; the model then writes
-its own estimate there. Elementwise and pooling operations only: no host sync, a few ms per 512² frame.
+its own estimate there. Elementwise and pooling operations only (no host sync on a GPU); on the CPU a frame
+without outliers costs ~9 ms per 512² frame on one thread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 HOT_OVER_NEIGHBOURS = 2.0  # a hot pixel is this many times brighter than its brightest neighbour ...
 HOT_OVER_TOP = 2.0  # ... and than the frame's 99.9th percentile: atom columns are many, a hot pixel alone
 TOP_QUANTILE = 0.999
+QUANTILE_STRIDE = 4  # the percentile from every 4th pixel along each axis: 20x faster, the same within noise
 
 
 def _neighbour_max(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +34,7 @@ def outlier_mask(frames: torch.Tensor, saturation: float | None) -> torch.Tensor
     HOT_OVER_TOP x the frame's TOP_QUANTILE (so a sharp atom column at high dose, one of many, is kept)."""
     x = frames.to(torch.float32)
     saturated = x >= saturation if saturation is not None else torch.zeros_like(x, dtype=torch.bool)
-    values = torch.where(saturated, 0.0, x).flatten(1)
+    values = torch.where(saturated, 0.0, x)[:, ::QUANTILE_STRIDE, ::QUANTILE_STRIDE].flatten(1)
     top = values.kthvalue(max(1, int(TOP_QUANTILE * values.shape[1])), dim=1).values.clamp_min(0)
     near = _neighbour_max(torch.where(saturated, 0.0, x))
     hot = (x > HOT_OVER_NEIGHBOURS * near.clamp_min(0)) & (x > HOT_OVER_TOP * top[:, None, None]) & (x > 0)
@@ -43,6 +45,8 @@ def repair(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, H, W) frames with the `mask`ed pixels replaced by the mean of their valid neighbours within 1, else
     2 px, else the frame's valid mean; float32."""
     x = frames.to(torch.float32)
+    if x.device.type == "cpu" and not bool(mask.any()):  # the usual case; a host check only where it is free
+        return x
     valid = (~mask).to(torch.float32)[:, None]
     kept = x[:, None] * valid
     fill = (kept.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1))[:, None, None, None].expand_as(kept)
