@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from stemd.apps.tiffio import TiffImage, check_output, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
+from stemd.apps.filejob import prepare
+from stemd.apps.tiffio import TiffImage, write_tiff_atomic
 from stemd.config import ModelSettings
 from stemd.errors import ConfigError, InputError
 from stemd.pipeline import Denoiser, Plan
@@ -123,22 +124,9 @@ def denoise_file_on_cluster(inp: Path, out: Path, settings: ModelSettings, sched
     """`stemd denoise` on a Dask cluster: the same output and metadata as offline, the frames denoised by the
     workers; returns (input, note)."""
     require_dask()
-    check_output(out, overwrite)
-    image = read_tiff(inp)
-    source = "--pixel-size"
-    if pixel_size_m is None and settings.sampling != "off":
-        pixel_size_m, source = pixel_size_from_tags(image), "resolution tags"
-    local = Denoiser.load(None, settings)
-    frames = image.frames()
-    first = next(frames)
-    frames.close()
-    plan = local.plan(image.shape[-2:], pixel_size_m, local.stack(first))
-    used = None if settings.sampling == "off" else plan.describe()
-    if used is not None and pixel_size_m is not None:
-        used.update(pixel_size_source=source, lattice_period_m=settings.lattice_period_m)
-    note = stemd_note(local.model_id, local.step, used)
-    note.update(precision=settings.precision, flips=settings.flips, dejitter=settings.dejitter,
-                planar=settings.planar, scheduler="local" if scheduler == "local" else "distributed")
+    job = prepare(inp, out, settings, overwrite=overwrite, pixel_size_m=pixel_size_m)
+    image, plan = job.image, job.plan
+    note = {**job.note, "scheduler": "local" if scheduler == "local" else "distributed"}
     with connect(scheduler, workers) as client:
         write_tiff_atomic(out, image, ordered_results(client, image, settings.model_dump_json(), plan, progress),
                           note)

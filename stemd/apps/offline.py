@@ -10,7 +10,6 @@ resolution tags) lets the denoiser resample a frame into the model's lattice-per
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,11 +20,11 @@ import numpy as np
 from tqdm import tqdm
 
 from stemd.apps.distributed import denoise_file_on_cluster
-from stemd.apps.tiffio import TiffImage, check_output, pixel_size_from_tags, read_tiff, stemd_note, write_tiff_atomic
-from stemd.compute.normalize import check_frames
+from stemd.apps.filejob import prepare
+from stemd.apps.tiffio import TiffImage, write_tiff_atomic
 from stemd.config import MODEL_KEYS, ModelSettings, add_setting_options, load_settings, setting_overrides
 from stemd.errors import ConfigError, InputError, ModelOutputError
-from stemd.pipeline import Denoiser, Plan
+from stemd.pipeline import Plan
 
 
 def denoise_frames(image: TiffImage, denoise: Callable[..., np.ndarray], plan: Plan,
@@ -47,30 +46,9 @@ def denoise_file(inp: Path, out: Path, settings: ModelSettings | None = None, *,
                  progress: bool = True, pixel_size_m: float | None = None) -> tuple[TiffImage, dict[str, Any]]:
     """Denoise the TIFF `inp` into `out` with the model `settings` name (float32, same shape, metadata carried);
     returns (input, note). `pixel_size_m` None: the one the resolution tags give, if any (`pixel_size_from_tags`)."""
-    settings = settings or ModelSettings()
-    if pixel_size_m is not None and not (math.isfinite(pixel_size_m) and pixel_size_m > 0):
-        raise ConfigError(f"--pixel-size must be a positive number of metres, got {pixel_size_m!r}")
-    check_output(out, overwrite)
-    image = read_tiff(inp)
-    source = "--pixel-size"
-    if pixel_size_m is None and settings.sampling != "off":
-        pixel_size_m, source = pixel_size_from_tags(image), "resolution tags"
-    denoiser = Denoiser.load(None, settings)
-    try:
-        frames = image.frames()
-        first = next(frames)
-        check_frames(first, denoiser.window)
-        frames.close()
-        plan = denoiser.plan(image.shape[-2:], pixel_size_m, first)  # the file's frames share it
-    except InputError as exc:
-        raise InputError(f"{inp}: {exc}") from None
-    used = None if settings.sampling == "off" else plan.describe()
-    if used is not None and pixel_size_m is not None:
-        used.update(pixel_size_source=source, lattice_period_m=settings.lattice_period_m)
-    note = stemd_note(denoiser.model_id, denoiser.step, used)
-    note.update(precision=settings.precision, flips=settings.flips, dejitter=settings.dejitter, planar=settings.planar)
-    write_tiff_atomic(out, image, denoise_frames(image, denoiser, plan, progress), note)
-    return image, note
+    job = prepare(inp, out, settings or ModelSettings(), overwrite=overwrite, pixel_size_m=pixel_size_m)
+    write_tiff_atomic(out, job.image, denoise_frames(job.image, job.denoiser, job.plan, progress), job.note)
+    return job.image, job.note
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
