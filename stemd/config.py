@@ -106,6 +106,8 @@ class QueueSettings(_Section):
                                                                   "lossless: stop reading instead")
     maxsize: int = Field(4, ge=1, description="frames waiting for the model (live: more only adds latency)")
     max_batch: int = Field(4, ge=1, description="frames of one shape denoised together")
+    max_events: int = Field(64, ge=1, description="series events waiting (they ride in order with the frames); "
+                            "a flood of them drops the oldest event, counted as events_dropped, never a frame")
 
 
 class LimitsSettings(_Section):

@@ -519,6 +519,37 @@ def test_frame_queue_batches_one_shape_and_one_pixel_size() -> None:
     assert batches == [[0, 1], [2], [3, 4], [5]]
 
 
+def test_frame_queue_bounds_events_apart_from_frames() -> None:
+    q = FrameQueue(2, "lossless", max_events=3)
+    q.put_frame(Item("frame", {"frame_id": 0}, np.zeros((2, 2))))
+    dropped = [q.put_event(Item("event", {"series_id": f"s{i}", "event": "start"})) for i in range(6)]
+    q.put_frame(Item("frame", {"frame_id": 1}, np.zeros((2, 2))))
+    assert [d.header["series_id"] if d else None for d in dropped] == [None, None, None, "s0", "s1", "s2"]
+    kept = [it.header.get("series_id", it.header.get("frame_id")) for it in q.drain()]
+    assert kept == [0, "s3", "s4", "s5", 1]  # both frames, in order, and the newest events
+
+
+async def test_an_event_flood_is_bounded_counted_and_rate_logged(zctx, checkpoint, slow_engine, caplog) -> None:
+    """Series events at flood rate while the model is busy: memory and log lines stay bounded, every frame is
+    published, the events pushed out are counted."""
+    pub = TestPublisher(zctx)
+    settings = make_settings(checkpoint, pub.endpoint, **{"queue.mode": "lossless", "queue.max_events": 16})
+    async with running(settings, engine=slow_engine) as d:
+        await pub.wait_subscribed()
+        caplog.clear()
+        for i in range(3):
+            await pub.send(frame_parts("flood", i))
+            for k in range(400):
+                await pub.send(p.encode_event(p.SERIES, p.series_header("start", f"ev{i}-{k}", pad="x" * 200)))
+        await wait_until(lambda: d.frames_out == 3, timeout=30)
+        await wait_until(lambda: d.queue.empty, timeout=30)
+        assert d.stats()["events_dropped"] == d.events_dropped > 0
+    assert d.frames_out == 3 and not d.dropped
+    series_lines = [r for r in caplog.records if r.getMessage().startswith("series 'ev")]
+    assert len(series_lines) < 200  # 1,200 events, logged at a bounded rate
+    pub.close()
+
+
 async def test_sd_notify_ready_status_watchdog(zctx, checkpoint, engine, tmp_path, monkeypatch) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "notify"))

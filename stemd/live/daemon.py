@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 5.0  # on shutdown, frames still queued after this are counted as dropped
 LINGER_MS = 500  # how long closing sockets may keep flushing
 MAX_SERIES_TRACKED = 64
+EVENT_LOG_PER_S = 5.0  # series-event log lines per second at most: a flood of events is counted, not logged
 
 
 @dataclass
@@ -63,12 +64,14 @@ def _batch_key(item: Item) -> tuple[Any, ...]:
 
 
 class FrameQueue:
-    """Bounded FIFO of frames; events ride along in order and never count, block or drop."""
+    """Bounded FIFO of frames; events ride along in order, bounded apart (a flood of them drops the oldest event,
+    never a frame, and never blocks)."""
 
-    def __init__(self, maxsize: int, mode: str) -> None:
-        self.maxsize, self.mode = maxsize, mode
+    def __init__(self, maxsize: int, mode: str, max_events: int = 64) -> None:
+        self.maxsize, self.mode, self.max_events = maxsize, mode, max_events
         self._items: collections.deque[Item] = collections.deque()
         self._frames = 0
+        self._events = 0
         self._changed = asyncio.Event()
         self.closed = False
 
@@ -79,9 +82,18 @@ class FrameQueue:
     def empty(self) -> bool:
         return not self._items
 
-    def put_event(self, item: Item) -> None:
+    def put_event(self, item: Item) -> Item | None:
+        """Append an event; when max_events are queued, remove and return the oldest queued event."""
+        dropped = None
+        if self._events >= self.max_events:
+            i = next(i for i, it in enumerate(self._items) if it.kind != "frame")
+            dropped = self._items[i]
+            del self._items[i]
+            self._events -= 1
         self._items.append(item)
+        self._events += 1
         self._changed.set()
+        return dropped
 
     def put_frame(self, item: Item) -> Item | None:
         """Append a frame; in live mode, when full, remove and return the oldest queued frame."""
@@ -102,6 +114,7 @@ class FrameQueue:
     def pop(self) -> Item:
         item = self._items.popleft()
         self._frames -= item.kind == "frame"
+        self._events -= item.kind != "frame"
         self._changed.set()
         return item
 
@@ -121,7 +134,7 @@ class FrameQueue:
     def drain(self) -> list[Item]:
         items = list(self._items)
         self._items.clear()
-        self._frames = 0
+        self._frames = self._events = 0
         self._changed.set()
         return items
 
@@ -133,6 +146,22 @@ class FrameQueue:
     def close(self) -> None:
         self.closed = True
         self._changed.set()
+
+
+class RateLimit:
+    """At most `per_s` allowances a second (a token bucket of one second's worth): bounds log lines input drives."""
+
+    def __init__(self, per_s: float) -> None:
+        self.per_s, self._tokens, self._at = per_s, per_s, time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.per_s, self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 class Daemon:
@@ -158,7 +187,9 @@ class Daemon:
         self._owns_engine = engine is None
         self.notifier = notifier if notifier is not None else Notifier()
         self.ctx = zmq.asyncio.Context()
-        self.queue = FrameQueue(settings.queue.maxsize, settings.queue.mode)
+        self.queue = FrameQueue(settings.queue.maxsize, settings.queue.mode, settings.queue.max_events)
+        self.events_dropped = 0
+        self._event_log = RateLimit(EVENT_LOG_PER_S)
         self.recorder: Recorder | None = None
         self.sub: zmq.asyncio.Socket | None = None
         self.pub: zmq.asyncio.Socket | None = None
@@ -396,7 +427,7 @@ class Daemon:
                 self._reject(exc.reason, exc.detail)
                 return
             self._last_ids.pop(header["series_id"], None)
-            self.queue.put_event(Item("event", header, None, now))
+            self._put_event(Item("event", header, None, now))
         else:
             self._reject("topic", f"unexpected topic {topic[:32]!r}")
 
@@ -427,7 +458,7 @@ class Daemon:
         if last is not None and fid <= last:
             self.restarts += 1
             log.info("series %r restarted at frame %d after frame %d (publisher restart?)", sid, fid, last)
-            self.queue.put_event(Item("restart", {"series_id": sid}))
+            self._put_event(Item("restart", {"series_id": sid}))
         elif last is not None and fid > last + 1:
             if self.missing_upstream == 0:
                 log.warning("series %r jumped from frame %d to %d: %d frame(s) never arrived (lost upstream?); "
@@ -557,11 +588,20 @@ class Daemon:
             await self.recorder.write("raw", _described(header, item.data), item.data)
             await self.recorder.write("denoised", _described(header, denoised), denoised)
 
+    def _put_event(self, item: Item) -> None:
+        """Queue an event; one pushed out by a flood is counted (`events_dropped`) and logged at a bounded rate."""
+        if self.queue.put_event(item) is not None:
+            self.events_dropped += 1
+            if self._event_log.allow():
+                log.warning("series events arrive faster than they are handled: %d dropped so far",
+                            self.events_dropped)
+
     async def _handle_event(self, item: Item) -> None:
         sid = item.header["series_id"]
         if item.kind == "event":
             await self._pub.send_multipart(protocol.encode_event(protocol.SERIES, item.header))
-            log.info("series %r %s", sid, item.header["event"])
+            if self._event_log.allow():
+                log.info("series %r %s", sid, item.header["event"])
         if self.recorder is not None:
             await self.recorder.end_series(sid)  # a start, end or restart all begin a new file
 
@@ -583,6 +623,7 @@ class Daemon:
             "dropped": dict(self.dropped),
             "rejected": dict(self.rejected),
             "restarts": self.restarts,
+            "events_dropped": self.events_dropped,
             "missing_upstream": self.missing_upstream,
             "fps": (self.frames_out - out_before) / max(now - t, 1e-9),
             "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else None,
