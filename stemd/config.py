@@ -125,6 +125,11 @@ class RecordingSettings(_Section):
     directory: Path = Field(Path("recordings"), description="created if missing; files are <series>_<kind>.tif")
     raw: bool = Field(True, description="record raw frames")
     denoised: bool = Field(True, description="record denoised frames (float32)")
+    idle_close_s: float = Field(300.0, gt=0, description="a series' files are closed after this many seconds "
+                                "without a frame (a publisher that crashed never ends its series); a later frame "
+                                "of it opens <series>_<kind>-1.tif")
+    max_open: int = Field(32, ge=2, description="open recording files at most; opening one more closes the one "
+                          "written least recently")
 
 
 class StatsSettings(_Section):

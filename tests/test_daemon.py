@@ -550,6 +550,24 @@ async def test_an_event_flood_is_bounded_counted_and_rate_logged(zctx, checkpoin
     pub.close()
 
 
+async def test_a_series_that_never_ends_has_its_files_closed_when_idle(zctx, checkpoint, engine, tmp_path) -> None:
+    """A publisher that crashes mid-series never sends its end: the daemon closes the series' recordings after
+    recording.idle_close_s without a frame, so file descriptors do not leak."""
+    pub = TestPublisher(zctx)
+    rec = tmp_path / "rec"
+    settings = make_settings(checkpoint, pub.endpoint, **{"recording.enabled": True, "recording.directory": str(rec),
+                                                          "recording.idle_close_s": 0.3})
+    async with running(settings, engine=engine) as d:
+        await pub.wait_subscribed()
+        for i in range(2):
+            await pub.send(frame_parts("crash", i))
+        await wait_until(lambda: d.frames_out == 2)
+        fds = Path("/proc/self/fd")
+        await wait_until(lambda: not any(str(f.resolve()).startswith(str(rec)) for f in fds.iterdir()), timeout=10)
+    assert tifffile.imread(rec / "crash_raw.tif").shape == (2, *SHAPE)
+    pub.close()
+
+
 async def test_sd_notify_ready_status_watchdog(zctx, checkpoint, engine, tmp_path, monkeypatch) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "notify"))

@@ -116,3 +116,36 @@ async def test_worker_bugs_are_counted_and_logged_with_traceback(tmp_path: Path,
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2 and all(r.exc_info for r in errors)
     assert "a bug in the writer" in errors[0].getMessage() and "recorder task failed" in errors[1].getMessage()
+
+
+def _open_fds(directory: Path) -> int:
+    """File descriptors of this process open on files in `directory`."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if str(fd.resolve()).startswith(str(directory)))
+
+
+async def test_open_files_are_bounded_and_every_page_kept(tmp_path: Path) -> None:
+    """Series that never end (a crashed publisher) cannot exhaust file descriptors: at most max_open files are
+    open; closing the least recently written one loses no page."""
+    rec = Recorder(tmp_path / "rec", raw=True, denoised=False, max_open=2)
+    for i in range(6):
+        await rec.write("raw", {"series_id": f"s{i}", "frame_id": 0}, _frames(1)[0])
+        await rec.write("raw", {"series_id": f"s{i}", "frame_id": 1}, _frames(2)[1])
+        assert _open_fds(tmp_path / "rec") <= 2
+    await rec.close()
+    assert _open_fds(tmp_path / "rec") == 0 and rec.errors == 0
+    for i in range(6):
+        assert tifffile.imread(tmp_path / "rec" / f"s{i}_raw.tif").shape == (2, 30, 40)
+
+
+async def test_idle_series_files_are_closed_and_a_later_frame_opens_a_new_file(tmp_path: Path) -> None:
+    rec = Recorder(tmp_path / "rec", raw=True, denoised=False)
+    await rec.write("raw", {"series_id": "crashed", "frame_id": 0}, _frames(1)[0])
+    await rec.close_idle(3600.0)
+    assert _open_fds(tmp_path / "rec") == 1  # recent: kept open
+    await rec.close_idle(0.0)
+    assert _open_fds(tmp_path / "rec") == 0
+    await rec.write("raw", {"series_id": "crashed", "frame_id": 1}, _frames(2)[1])
+    await rec.close()
+    assert sorted(p.name for p in rec.files) == ["crashed_raw-1.tif", "crashed_raw.tif"]
+    assert tifffile.imread(tmp_path / "rec" / "crashed_raw.tif").shape == (30, 40)

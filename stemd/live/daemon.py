@@ -385,7 +385,7 @@ class Daemon:
         r = s.recording
         if not r.enabled or not (r.raw or r.denoised):
             return None
-        return Recorder(r.directory, raw=r.raw, denoised=r.denoised)
+        return Recorder(r.directory, raw=r.raw, denoised=r.denoised, max_open=r.max_open)
 
     # ---- receiving --------------------------------------------------------------------
 
@@ -656,6 +656,8 @@ class Daemon:
             log.info("%s", line)
             self.notifier.status(line)
             await self._pub.send_multipart(protocol.encode_event(protocol.STATS, st))
+            if self.recorder is not None:
+                await self.recorder.close_idle(self.settings.recording.idle_close_s)
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:

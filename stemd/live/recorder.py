@@ -5,7 +5,10 @@ Each page carries its frame header as JSON in the TIFF ImageDescription. A write
 disk, permissions) is logged and counted, that series' recording of that kind stops, and
 the daemon keeps running. A header that cannot be described as JSON loses that one page
 (counted, logged). Any other failure on the worker thread is a bug: counted and logged with
-its traceback too, never lost with an unread future (`errors` counts every failure).
+its traceback too, never lost with an unread future (`errors` counts every failure). Open files are
+bounded: at most `max_open` (the least recently written one is closed to open another), and the daemon
+closes a series' files after `recording.idle_close_s` without a frame (a publisher that crashed never
+sends the series' end); a later frame of it starts `<series>_<kind>-1.tif`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import collections
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -54,15 +58,19 @@ class Recorder:
     """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
 
     def __init__(
-        self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64
+        self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64,
+        max_open: int = 32,
     ) -> None:
         self.directory = Path(directory)
         self.kinds = {k for k, on in zip(KINDS, (raw, denoised)) if on}
-        self.max_backlog = max_backlog
+        self.max_backlog, self.max_open = max_backlog, max_open
         self.errors = 0
         self.pages = 0
         self.files: list[Path] = []
-        self._writers: dict[tuple[str, str], tuple[tifffile.TiffWriter, IO[bytes]]] = {}
+        # least recently written first; each with the monotonic time of its last page
+        self._writers: collections.OrderedDict[tuple[str, str], tuple[tifffile.TiffWriter, IO[bytes]]] = (
+            collections.OrderedDict())
+        self._written: dict[tuple[str, str], float] = {}
         self._failed: set[tuple[str, str]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-recorder")
         self._inflight: collections.deque[Future[None]] = collections.deque()
@@ -79,6 +87,10 @@ class Recorder:
     async def end_series(self, series_id: str) -> None:
         """Close this series' files (on a series end event)."""
         await _settled(self._schedule(self._close_series, series_id))
+
+    async def close_idle(self, idle_s: float) -> None:
+        """Close the files no frame was written to for `idle_s` seconds (series whose end never came)."""
+        await _settled(self._schedule(self._close_idle, idle_s))
 
     async def close(self) -> None:
         """Close every open file after the pending writes, then stop the worker."""
@@ -127,6 +139,8 @@ class Recorder:
         path = None
         try:
             if key not in self._writers:
+                while len(self._writers) >= self.max_open:  # bounded file descriptors, whatever the input
+                    self._close(next(iter(self._writers)))
                 self.directory.mkdir(parents=True, exist_ok=True)
                 path = self._path(*key)
                 fh = self._open_file(path)
@@ -137,6 +151,8 @@ class Recorder:
             writer.write(data, description=description, metadata=None)
             fh.flush()
             self.pages += 1
+            self._writers.move_to_end(key)
+            self._written[key] = time.monotonic()
         except Exception as exc:  # OSError: full disk, permissions; anything else is a bug, so its traceback
             self.errors += 1
             self._failed.add(key)
@@ -144,7 +160,14 @@ class Recorder:
                       exc_info=not isinstance(exc, OSError))
             self._close(key, after_error=True)
 
+    def _close_idle(self, idle_s: float) -> None:
+        now = time.monotonic()
+        for key in [k for k in self._writers if now - self._written.get(k, now) >= idle_s]:
+            log.info("recording of %s series %r closed after %.0f s without a frame", key[1], key[0], idle_s)
+            self._close(key)
+
     def _close(self, key: tuple[str, str], after_error: bool = False) -> None:
+        self._written.pop(key, None)
         entry = self._writers.pop(key, None)
         if entry is None:
             return
