@@ -153,7 +153,8 @@ async def measure(name: str, spec: SimSpec, seconds: float, *, max_rate: bool, d
 def to_markdown(rows: list[dict], args) -> str:
     lines = [
         f"Machine: {machine_line()}. Measured {datetime.date.today()}; daemon device: {rows[0]['device']}.",
-        f"Command: `python -m bench.latency{' --quick' if args.quick else ''}` "
+        f"Command: `python -m bench.latency{' --quick' if args.quick else ''}"
+        f"{f' --threads {args.threads}' if args.threads else ''}{f' --load {args.load}' if args.load else ''}` "
         f"({args.seconds:g} s per row; the daemon is a separate `stemd run` process, "
         f"queue {args.mode}, max_batch {args.max_batch}, maxsize {args.maxsize}).",
         "",
@@ -189,7 +190,8 @@ def variants(args) -> list[tuple[str, dict]]:
                 "no planar guide" if options.get("planar") is False else "",
             ]
             label = ", ".join(filter(None, [name, *extras]))
-            model = {"device": args.device, "path": str(path), **options}
+            model = {"device": args.device, "path": str(path), **options} | (
+                {"threads": args.threads} if args.threads else {})
             out.append((label, model | ({"step": step} if step else {})))
     return out
 
@@ -230,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--maxsize", type=int, default=2)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--threads", type=int, default=0, help="the daemon's model.threads (0: torch's default)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="N busy processes competing for the CPU beside the daemon, as the microscope's software")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", type=Path, default=BENCHMARKS)
@@ -239,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.seconds = args.sizes or [128], min(args.seconds, 4.0)
     args.sizes = args.sizes or [512]
-    rows = asyncio.run(amain(args))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    try:
+        rows = asyncio.run(amain(args))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
     text = to_markdown(rows, args)
     publish(text, args.out, "Latency (bench/latency.py)", write=not args.no_write)
     return 0

@@ -53,6 +53,9 @@ class ModelSettings(_Section):
     sampling: SamplingPolicy = Field("resample", description="a frame whose lattice period in px (lattice_period_m / "
                                      "its pixel size) is outside the model's trained range is resampled into it and "
                                      "back, refused (counted as sampling), or run as is (off); no pixel size: as is")
+    threads: int = Field(0, ge=0, le=256, description="CPU threads for torch; 0: torch's default (one per "
+                         "core). On an acquisition PC whose own software keeps a core busy, 1 can be faster "
+                         "(bench/latency.py --load 1)")
     calibrate: bool = Field(True, strict=True, description="measure the lattice from the frame itself (its "
                             "shortest lattice translation) to choose the resampling, so no pixel size or lattice "
                             "period is needed; a frame without a lattice falls back on pixel size x "

@@ -109,6 +109,8 @@ class Denoiser:
         """`fields` replace single settings (`Denoiser(model, {}, device="cpu", dejitter=0)`), validated."""
         self.settings = model_settings(settings, **fields)
         self.device = resolve_device(self.settings.device)
+        if self.settings.threads and self.device.type == "cpu":
+            torch.set_num_threads(self.settings.threads)  # process-wide: the resident model sets it
         self.model = model.to(self.device).eval()
         self.metadata = dict(metadata)
         self.window = int(model.arch()["window"])

@@ -86,7 +86,7 @@ def test_latency_runs_each_models_options_in_the_daemon(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, ConvDenoiser([4, 4]), {})
     args = argparse.Namespace(models=[model_option(f"c={path}@bf16+flips"), model_option(f"d={path}"),
-                                      model_option(f"d={path}@dejitter0")], device="cpu", steps=None)
+                                      model_option(f"d={path}@dejitter0")], device="cpu", steps=None, threads=0)
     assert latency.variants(args) == [("c, bf16, flips", {"device": "cpu", "path": str(path), "precision": "bf16",
                                                           "flips": True}),
                                       ("d", {"device": "cpu", "path": str(path)}),

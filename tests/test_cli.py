@@ -1,5 +1,6 @@
 """The `stemd` command: every sub-command is wired, and user errors never show a traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,14 @@ def test_help_and_version_import_no_sub_command():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]"), out
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_says_otherwise():
+    """Before any sub-command imports torch, OMP_WAIT_POLICY defaults to PASSIVE (a busy acquisition PC's core is
+    not spun on); a value the user set is kept."""
+    code = ("import os; from stemd.apps.cli import main\n"
+            "try: main(['--version'])\nexcept SystemExit: pass\nprint(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,  # noqa: E731
+                                   check=True).stdout.strip().splitlines()[-1]
+    assert run(env) == "PASSIVE" and run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"

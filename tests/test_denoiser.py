@@ -410,3 +410,14 @@ def test_sane_below_one_count_per_pixel(kind):
     best = max(psnr(fit_scale(gaussian_filter(noisy.astype(np.float64), s), scene.clean), scene.clean, 1.0)
                for s in (1.0, 1.5, 2.0, 3.0, 4.0))
     assert np.isfinite(out).all() and psnr(fit_scale(out, scene.clean), scene.clean, 1.0) > best + 1.0
+
+
+def test_threads_setting_sets_torch_threads_on_the_cpu():
+    before = torch.get_num_threads()
+    try:
+        Denoiser(_ShapeSpy(), {}, device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+        Denoiser(_ShapeSpy(), {}, device="cpu")  # 0: torch's default, left as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
