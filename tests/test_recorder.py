@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -149,3 +150,35 @@ async def test_idle_series_files_are_closed_and_a_later_frame_opens_a_new_file(t
     await rec.close()
     assert sorted(p.name for p in rec.files) == ["crashed_raw-1.tif", "crashed_raw.tif"]
     assert tifffile.imread(tmp_path / "rec" / "crashed_raw.tif").shape == (30, 40)
+
+
+class _Budget:
+    """A real file on disk that runs out of space after `budget` bytes, as a full disk does (ENOSPC)."""
+
+    def __init__(self, path: Path, budget: int) -> None:
+        self._fh, self._left = open(path, "xb"), budget
+
+    def write(self, data) -> int:
+        if len(data) > self._left:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._left -= len(data)
+        return self._fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+class SmallDisk(Recorder):
+    budget = 100
+
+    def _open_file(self, path: Path):
+        return _Budget(path, self.budget)
+
+
+async def test_a_full_disk_is_named_and_leaves_no_empty_file(tmp_path: Path, caplog) -> None:
+    rec = SmallDisk(tmp_path / "rec", denoised=False)
+    await rec.write("raw", {"series_id": "s", "frame_id": 0}, np.zeros((300, 300), np.uint16))
+    await rec.close()
+    assert rec.errors == 1 and rec.pages == 0 and rec.files == []
+    assert list((tmp_path / "rec").iterdir()) == []  # the file whose first page never completed is gone
+    assert any("no space left" in r.getMessage() for r in caplog.records)

@@ -2,8 +2,8 @@
 
 Every file operation runs on the recorder's own worker thread, never on the event loop.
 Each page carries its frame header as JSON in the TIFF ImageDescription. A write error (full
-disk, permissions) is logged and counted, that series' recording of that kind stops, and
-the daemon keeps running. A header that cannot be described as JSON loses that one page
+disk, named as such; permissions) is logged and counted, that series' recording of that kind stops,
+a file whose first page never completed is removed, and the daemon keeps running. A header that cannot be described as JSON loses that one page
 (counted, logged). Any other failure on the worker thread is a bug: counted and logged with
 its traceback too, never lost with an unread future (`errors` counts every failure). Open files are
 bounded: at most `max_open` (the least recently written one is closed to open another), and the daemon
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,6 +73,7 @@ class Recorder:
         self._writers: collections.OrderedDict[tuple[str, str], tuple[tifffile.TiffWriter, IO[bytes]]] = (
             collections.OrderedDict())
         self._written: dict[tuple[str, str], float] = {}
+        self._paths: dict[tuple[str, str], tuple[Path, int]] = {}  # each open file's path and complete pages
         self._failed: set[tuple[str, str]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-recorder")
         self._inflight: collections.deque[Future[None]] = collections.deque()
@@ -143,6 +146,7 @@ class Recorder:
                     self._close(next(iter(self._writers)))
                 self.directory.mkdir(parents=True, exist_ok=True)
                 path = self._path(*key)
+                self._paths[key] = (path, 0)
                 fh = self._open_file(path)
                 self._writers[key] = (tifffile.TiffWriter(fh, bigtiff=True), fh)
                 self.files.append(path)
@@ -151,14 +155,34 @@ class Recorder:
             writer.write(data, description=description, metadata=None)
             fh.flush()
             self.pages += 1
+            opened, pages = self._paths[key]
+            self._paths[key] = (opened, pages + 1)
             self._writers.move_to_end(key)
             self._written[key] = time.monotonic()
         except Exception as exc:  # OSError: full disk, permissions; anything else is a bug, so its traceback
             self.errors += 1
             self._failed.add(key)
-            log.error("recording of %s series %r stopped: %s", kind, key[0], exc,
+            log.error("recording of %s series %r stopped: %s", kind, key[0], self._cause(exc),
                       exc_info=not isinstance(exc, OSError))
             self._close(key, after_error=True)
+            self._remove_if_empty(key)
+
+    def _cause(self, exc: Exception) -> str:
+        """The error in words, naming a full disk (tifffile reports a short write as "N requested and M written")."""
+        try:
+            full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.directory).free < 2**20
+        except OSError:
+            full = False
+        return f"no space left on the device of {self.directory} ({exc})" if full else str(exc)
+
+    def _remove_if_empty(self, key: tuple[str, str]) -> None:
+        """A file whose first page never completed is not a TIFF: removed, not left behind."""
+        entry = self._paths.pop(key, None)
+        if entry is not None and entry[1] == 0:
+            path = entry[0]
+            path.unlink(missing_ok=True)
+            if path in self.files:
+                self.files.remove(path)
 
     def _close_idle(self, idle_s: float) -> None:
         now = time.monotonic()
@@ -168,6 +192,8 @@ class Recorder:
 
     def _close(self, key: tuple[str, str], after_error: bool = False) -> None:
         self._written.pop(key, None)
+        if not after_error:
+            self._paths.pop(key, None)
         entry = self._writers.pop(key, None)
         if entry is None:
             return
