@@ -1,10 +1,10 @@
 """Recording sink: raw and/or denoised frames appended to TIFF, one file per series and kind.
 
-Every file operation runs on the recorder's own worker thread, never on the event loop.
-Each page carries its frame header as JSON in the TIFF ImageDescription. A write error (full
-disk, named as such; permissions) is logged and counted, that series' recording of that kind stops,
-a file whose first page never completed is removed, and the daemon keeps running. A header that
-cannot be described as JSON loses that one page (counted, logged). Any other failure on the worker thread is a bug: counted and logged with
+Every file operation runs on the recorder's own worker thread, never on the event loop. Each page carries
+its frame header as JSON in the TIFF ImageDescription. A write error (a full disk, named as such;
+permissions) is logged and counted, that series' recording of that kind stops, a file whose first page
+never completed is removed, and the daemon keeps running. A header that cannot be described as JSON loses
+that one page (counted, logged). Any other failure on the worker thread is a bug: counted and logged with
 its traceback too, never lost with an unread future (`errors` counts every failure). Open files are
 bounded: at most `max_open` (the least recently written one is closed to open another), and the daemon
 closes a series' files after `recording.idle_close_s` without a frame (a publisher that crashed never
