@@ -304,6 +304,24 @@ async def test_lossless_mode_loses_nothing(zctx, checkpoint, slow_engine) -> Non
     pub.close()
 
 
+async def test_sigterm_in_lossless_mode_counts_every_frame_handed_to_zeromq(zctx, checkpoint, slow_engine) -> None:
+    """Stopping while frames wait in ZeroMQ's buffers: they are taken from the socket before it closes, so each
+    sent frame is published or counted as dropped ("shutdown"), none lost uncounted."""
+    pub = TestPublisher(zctx, nodrop=True, hwm=64)
+    settings = make_settings(checkpoint, pub.endpoint, **{
+        "queue.mode": "lossless", "queue.maxsize": 2, "queue.max_batch": 1, "input.hwm": 64,
+    })
+    n = 24
+    async with running(settings, engine=slow_engine) as d:
+        await pub.wait_subscribed()
+        for i in range(n):
+            await pub.send(frame_parts("term", i))
+        await wait_until(lambda: d.frames_out >= 1)
+    assert d.frames_in == n and d.frames_out + sum(d.dropped.values()) == n
+    assert set(d.dropped) <= {"shutdown"}
+    pub.close()
+
+
 async def test_late_subscriber_gets_subsequent_frames(zctx, checkpoint, engine) -> None:
     pub = TestPublisher(zctx)
     async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0  # on shutdown, frames still queued after this are counted as dropped
 LINGER_MS = 500  # how long closing sockets may keep flushing
+DRAIN_QUIET_S, DRAIN_SOCKET_S = 0.05, 2.0  # an input socket is drained until quiet this long, at most that long
 MAX_SERIES_TRACKED = 64
 EVENT_LOG_PER_S = 5.0  # series-event log lines per second at most: a flood of events is counted, not logged
 
@@ -270,6 +271,8 @@ class Daemon:
         self.notifier.stopping()
         log.info("stopping: draining %d queued frames", len(self.queue))
         await self._cancel("receiver")
+        if self.sub is not None:
+            await self._drain_socket(self.sub)  # frames already handed to ZeroMQ are taken, not lost uncounted
         self.queue.close()
         worker = self._tasks.pop("worker", None)
         if worker is not None:
@@ -388,6 +391,17 @@ class Daemon:
         return Recorder(r.directory, raw=r.raw, denoised=r.denoised, max_open=r.max_open)
 
     # ---- receiving --------------------------------------------------------------------
+
+    async def _drain_socket(self, sub: zmq.asyncio.Socket) -> int:
+        """Take every message a socket already holds (until it has been quiet DRAIN_QUIET_S, at most
+        DRAIN_SOCKET_S): each is handled, so a frame is queued or counted, never dropped by closing the socket."""
+        taken, deadline = 0, time.monotonic() + DRAIN_SOCKET_S
+        while time.monotonic() < deadline and await sub.poll(DRAIN_QUIET_S * 1e3):
+            self.handle_message(await sub.recv_multipart(copy=False))
+            taken += 1
+        if taken:
+            log.info("took %d message(s) still buffered on the input socket", taken)
+        return taken
 
     async def _receive(self, sub: zmq.asyncio.Socket) -> None:
         while True:
@@ -697,6 +711,7 @@ class Daemon:
                 self._pub.setsockopt(zmq.SNDHWM, new.output.hwm)
             if sub is not None:
                 await self._cancel("receiver")
+                await self._drain_socket(self._sub)  # the old input's backlog, before it is closed
                 self._sub.close(linger=0)
                 self.sub = sub
                 self._spawn("receiver", self._receive(sub))
