@@ -72,7 +72,6 @@ class FrameQueue:
         self.maxsize, self.mode, self.max_events = maxsize, mode, max_events
         self._items: collections.deque[Item] = collections.deque()
         self._frames = 0
-        self._events = 0
         self._changed = asyncio.Event()
         self.closed = False
 
@@ -85,27 +84,25 @@ class FrameQueue:
 
     def put_event(self, item: Item) -> Item | None:
         """Append an event; when max_events are queued, remove and return the oldest queued event."""
-        dropped = None
-        if self._events >= self.max_events:
-            i = next(i for i, it in enumerate(self._items) if it.kind != "frame")
-            dropped = self._items[i]
-            del self._items[i]
-            self._events -= 1
-        self._items.append(item)
-        self._events += 1
-        self._changed.set()
-        return dropped
+        full = len(self._items) - self._frames >= self.max_events
+        return self._append(item, self._remove_oldest(frame=False) if full else None)
 
     def put_frame(self, item: Item) -> Item | None:
         """Append a frame; in live mode, when full, remove and return the oldest queued frame."""
-        dropped = None
-        if self._frames >= self.maxsize and self.mode == "live":
-            i = next(i for i, it in enumerate(self._items) if it.kind == "frame")
-            dropped = self._items[i]
-            del self._items[i]
-            self._frames -= 1
+        full = self._frames >= self.maxsize and self.mode == "live"
+        return self._append(item, self._remove_oldest(frame=True) if full else None)
+
+    def _remove_oldest(self, frame: bool) -> Item:
+        """Remove the oldest queued frame (or, with frame False, the oldest event)."""
+        i = next(i for i, it in enumerate(self._items) if (it.kind == "frame") == frame)
+        item = self._items[i]
+        del self._items[i]
+        self._frames -= frame
+        return item
+
+    def _append(self, item: Item, dropped: Item | None) -> Item | None:
         self._items.append(item)
-        self._frames += 1
+        self._frames += item.kind == "frame"
         self._changed.set()
         return dropped
 
@@ -115,7 +112,6 @@ class FrameQueue:
     def pop(self) -> Item:
         item = self._items.popleft()
         self._frames -= item.kind == "frame"
-        self._events -= item.kind != "frame"
         self._changed.set()
         return item
 
@@ -135,7 +131,7 @@ class FrameQueue:
     def drain(self) -> list[Item]:
         items = list(self._items)
         self._items.clear()
-        self._frames = self._events = 0
+        self._frames = 0
         self._changed.set()
         return items
 
