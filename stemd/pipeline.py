@@ -84,6 +84,11 @@ class Plan:
         return out
 
 
+def _writable(array: np.ndarray) -> np.ndarray:
+    """`array`, copied if read-only (a memory map, a ZeroMQ buffer): torch wants writable memory."""
+    return array if array.flags.writeable else array.copy()
+
+
 def check_finite(frames: np.ndarray) -> None:
     """ModelOutputError if a denoised frame holds NaN or inf: such output is never published or written."""
     if not np.isfinite(frames).all():
@@ -161,8 +166,8 @@ class Denoiser:
         scale, lattice = None, None
         if frames is not None:
             one = frames if frames.ndim == 2 else frames[0]
-            one = one.copy() if isinstance(one, np.ndarray) and not one.flags.writeable else one  # torch: writable
-            first = self.repaired(torch.as_tensor(one).to(self.device)[None])
+            first = self.repaired(torch.as_tensor(_writable(one) if isinstance(one, np.ndarray) else one)
+                                  .to(self.device)[None])
             scale = _sampling.measure_scale(first.to(torch.float32)[:, None])[0]
             lattice = scale is not None
         if scale is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
@@ -175,7 +180,7 @@ class Denoiser:
 
     def repaired(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, H, W) raw frames with saturated pixels (an integer dtype's maximum) and hot pixels replaced by
-        their neighbourhood's median (`stemd.compute.outliers`), float32; as they are with `outliers` off."""
+        the mean of their valid neighbours (`stemd.compute.outliers`), float32; as they are with `outliers` off."""
         if not self.settings.outliers:
             return raw
         saturation = None if raw.is_floating_point() else float(torch.iinfo(raw.dtype).max)
@@ -188,7 +193,7 @@ class Denoiser:
             raise ValueError("a batch must hold frames of one shape")
         stack = frames if isinstance(frames, np.ndarray) else np.stack(frames)
         check_frames(stack, self.window)
-        stack = stack if stack.flags.writeable else stack.copy()  # torch wants writable memory (a memory map is not)
+        stack = _writable(stack)
         return stack if stack.ndim == 3 else stack[None]
 
     def __call__(self, image: np.ndarray, pixel_size_m: float | None = None, plan: Plan | None = None) -> np.ndarray:
