@@ -12,6 +12,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from stemd.config import MIN_SIDE
 from stemd.errors import InputError
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
@@ -23,7 +24,7 @@ REFERENCE_LEVELS = (0.2405, 0.1974)
 MIN_SIGNAL_FRACTION = 0.05  # signal std floor, as a fraction of the frame's total std
 
 
-def check_frames(image: np.ndarray, window: int = 28) -> None:
+def check_frames(image: np.ndarray, window: int = MIN_SIDE) -> None:
     """Raise InputError naming the problem: not 2D/3D, smaller than the window, NaN/inf, not numeric."""
     if not isinstance(image, np.ndarray):
         raise InputError(f"expected a numpy array, got {type(image).__name__}")

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from stemd.compute.fourier import bragg_filter
 from stemd.compute.planar import lattice_vectors
+from stemd.config import MAX_SIDE, MIN_SIDE
 from stemd.errors import CheckpointError, ConfigError, InputError
 
 POLICIES = ("resample", "refuse", "off")  # off: the pixel size is ignored
@@ -30,7 +31,7 @@ LATTICE_PERIOD_RANGE_M = (1e-11, 1e-8)  # 0.01-10 nm: outside it, a unit slip (Ã
 SINGLE_PERIOD_TOLERANCE = 1.01
 MIN_PERIOD_PX = 2.0  # Nyquist: a lattice below 2 px per period is aliased; no interpolation restores it
 MAX_UPSAMPLE = 4.0  # upsampling adds no information and costs factorÂ² in compute and memory
-MAX_PIXELS = 8192 * 8192  # a resampled frame above this is refused (the daemon's default limits.max_pixels)
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # a resampled frame above this is refused (the daemon's default limits.max_pixels)
 OVERRIDE_HINT = ("give the right pixel size, or the specimen's lattice period (model.lattice_period_m, "
                  "--lattice-period) with model.calibrate / --calibrate off, or set model.sampling / --sampling "
                  "to off to run the model as is")
@@ -129,7 +130,7 @@ def resampled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
 
 
 def plan(pixel_size_m: float | None, lattice_period_m: float, period_range: tuple[float, float] | None,
-         shape: tuple[int, int], policy: str = "resample", min_side: int = 28) -> float:
+         shape: tuple[int, int], policy: str = "resample", min_side: int = MIN_SIDE) -> float:
     """The factor to resample a frame of `shape` by (1.0: run it as is), or SamplingError saying why not,
     from its pixel size: the period lattice_period_m / pixel_size_m (px) against `period_range`.
 
@@ -151,7 +152,7 @@ def plan(pixel_size_m: float | None, lattice_period_m: float, period_range: tupl
 
 
 def plan_from_scale(scale_px: float, scale_range: tuple[float, float], shape: tuple[int, int],
-                    policy: str = "resample", min_side: int = 28) -> float:
+                    policy: str = "resample", min_side: int = MIN_SIDE) -> float:
     """The factor to resample a frame of `shape` by, from its measured lattice scale (`measure_scale`) against
     the scales the model saw (`scale_range`), or SamplingError; 1.0 when the policy is off or the lattice is
     finer than the range: upsampling correlates the noise, and the default model then does worse than as is

@@ -29,10 +29,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from stemd.compute.fourier import bragg_filter, noise_level
+from stemd.config import MIN_SIDE
 from stemd.errors import CheckpointError
 
 DEFAULT_CHANNELS = (48, 64, 96, 128)
-MIN_SIZE = 28  # the smallest frame side accepted, as for the paper's 28 px window
+MIN_SIZE = MIN_SIDE  # the smallest frame side accepted, as for the paper's 28 px window
 GUIDES = ("none", "bragg")
 DEFAULT_BAND_PIXELS = (
     2**20
