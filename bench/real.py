@@ -36,11 +36,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no backend or global state needed to write a PNG
-from scipy.ndimage import binary_dilation, convolve, gaussian_filter
 
 from bench import classical
 from bench._report import BENCHMARKS, machine_line, write_section
 from bench.peers import tk_r_em_bridge
+from stemd.compute.fidelity import (
+    CEILING_DB,
+    REFERENCE_SIGMAS,
+    GainFit,
+    dilate,
+    fit_gain_offset,
+    gain_db,
+    gaussian_held_out,
+    mse,
+    saturated_mask,
+    thin,
+    to_counts,
+)
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
 
@@ -50,13 +62,10 @@ SDIST = "tk_r_em-1.0.4.tar.gz"
 REQUIREMENT = "tk-r-em==1.0.4"
 MEMBERS = ("exp_hrstem.h5", "sgl_exp_hrstem.h5")  # under tk_r_em-1.0.4/tk_r_em/test_data/
 SATURATION = 65535  # uint16 detector maximum: excluded from fits and scores
-CEILING_DB = 10 * np.log10(2.0)  # held-out gain of a perfect denoiser: MSE(y1, y2) / MSE(x/2, y2) -> 2
 MAX_SHIFT = 1.5  # px: the largest line shift the registered score allows
 REG_BORDER = 2  # px at each end of a line left out of the registered score (the shift wraps there)
 HF_BAND, MF_BAND = (0.4, 0.5), (0.2, 0.3)  # cycles/px: where the noise-flatness ratio is measured
 FLAT_LIMITS = (0.8, 1.25)  # a white-noise frame's HF/MF power ratio lies inside; outside: correlated noise
-A4 = np.array([1.0, -4.0, 6.0, -4.0, 1.0])  # 4th difference: kills smooth signal, passes noise near Nyquist
-HIGH_PASS = np.outer(A4, A4) / float(A4 @ A4)  # unit noise gain: sum of squares 1
 SIM_KINDS = ("perovskite_rp", "interface", "vacuum_edge")
 SIM_GAIN, SIM_OFFSET, SIM_READ = 40.0, 500.0, 8.0  # raw units per count, raw offset, raw read noise (std)
 SIM_DOSE = 60.0  # counts per unit of the clean scene (column peak 1): half-dose frames at 30
@@ -120,80 +129,6 @@ def central_crop(image: np.ndarray, size: int | None) -> np.ndarray:
 # ---------------------------------------------------------------- detector model and splitting
 
 
-@dataclass
-class GainFit:
-    """raw ≈ gain * counts + offset; `offset` is the effective one (read noise folded in as extra counts)."""
-
-    gain: float
-    offset: float
-    blocks: int  # blocks that entered the fit
-    saturated: int  # pixels at the detector maximum
-
-
-def saturated_mask(raw: np.ndarray, saturation: float | None = SATURATION) -> np.ndarray:
-    """Pixels at or above the detector maximum (none when `saturation` is None)."""
-    return np.zeros(raw.shape, bool) if saturation is None else np.asarray(raw) >= saturation
-
-
-def noise_residual(raw: np.ndarray) -> np.ndarray:
-    """High-pass residual with unit noise gain (4th differences along both axes): for white noise of
-    variance v its mean square is v, while a smooth signal (probe-blurred columns) is suppressed."""
-    return convolve(np.asarray(raw, np.float64), HIGH_PASS, mode="reflect")
-
-
-def fit_gain_offset(raw: np.ndarray, saturation: float | None = SATURATION, block: int = 4, bins: int = 24) -> GainFit:
-    """Fit the Poisson-Gaussian detector line var = gain * (mean - offset) from the frame itself.
-
-    The local noise variance (mean square of `noise_residual` over block x block pixels) against the
-    local mean, averaged in `bins` quantile bins of the mean, then a weighted line fit that drops
-    outlying bins (edges, defects: signal leaking into the residual). Read noise is folded into the
-    offset, which makes (raw - offset) / gain counts whose variance equals their mean (what thinning
-    needs). Blocks touching saturated pixels or the frame border are left out."""
-    x = np.asarray(raw, np.float64)
-    bad = binary_dilation(saturated_mask(x, saturation), np.ones((5, 5), bool))
-    r2 = noise_residual(x) ** 2
-    x = convolve(x, HIGH_PASS**2, mode="reflect")  # the local mean r² follows: E r² = Σ K² var = gain (x_K² - offset)
-    m = 2  # the residual's half support: the reflected border is not white
-    x, r2, bad = x[m:-m, m:-m], r2[m:-m, m:-m], bad[m:-m, m:-m]
-    h, w = (s - s % block for s in x.shape)
-
-    def blocks(a: np.ndarray) -> np.ndarray:
-        return a[:h, :w].reshape(h // block, block, w // block, block).swapaxes(1, 2).reshape(-1, block * block)
-
-    keep = ~blocks(bad).any(1)
-    mean, var = blocks(x).mean(1)[keep], blocks(r2).mean(1)[keep]
-    edges = np.quantile(mean, np.linspace(0, 1, bins + 1))
-    which = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, bins - 1)
-    count = np.bincount(which, minlength=bins).astype(float)
-    ok = count > 0
-    bm = np.bincount(which, mean, bins)[ok] / count[ok]
-    bv = np.bincount(which, var, bins)[ok] / count[ok]
-    weight = count[ok] / np.maximum(bv, 1e-12) ** 2  # the bin mean of var has variance ∝ var² / count
-    use = np.ones(bm.size, bool)
-    for _ in range(3):
-        slope, icpt = np.polyfit(bm[use], bv[use], 1, w=np.sqrt(weight[use]))
-        rel = (bv - (slope * bm + icpt)) / np.maximum(slope * bm + icpt, 1e-12)
-        mad = np.median(np.abs(rel[use] - np.median(rel[use]))) + 1e-12
-        new = np.abs(rel - np.median(rel[use])) < 4 * 1.4826 * mad
-        if new.sum() < 4 or (new == use).all():
-            break
-        use = new
-    if slope <= 0:
-        raise ValueError("gain fit: the local variance does not grow with the mean (not counting noise?)")
-    return GainFit(float(slope), float(-icpt / slope), int(keep.sum()), int(saturated_mask(raw, saturation).sum()))
-
-
-def to_counts(raw: np.ndarray, fit: GainFit) -> np.ndarray:
-    """(raw - offset) / gain rounded and clipped to non-negative integers (int64)."""
-    return np.clip(np.rint((np.asarray(raw, np.float64) - fit.offset) / fit.gain), 0, None).astype(np.int64)
-
-
-def thin(counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Binomial thinning: y1 ~ Binomial(y, 1/2), y2 = y - y1; for Poisson y, two independent half-dose frames."""
-    y1 = rng.binomial(counts, 0.5)
-    return y1, counts - y1
-
-
 def noise_flatness(raw: np.ndarray) -> tuple[float, float]:
     """(along rows, along columns): median noise power near Nyquist over that at mid-high frequency.
 
@@ -251,11 +186,6 @@ def shift_lines(image: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return np.fft.irfft(spec, n=w, axis=1)
 
 
-def mse(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Mean squared difference over the pixels of `mask`."""
-    return float(np.mean((np.asarray(a, np.float64)[mask] - np.asarray(b, np.float64)[mask]) ** 2))
-
-
 def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
     """`mse` after shifting each line of `out` onto `target`'s (`line_shifts`), line ends left out."""
     out, target = np.asarray(out, np.float64), np.asarray(target, np.float64)
@@ -265,23 +195,10 @@ def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray) -> flo
     return mse(moved, target, inner)
 
 
-def gain_db(reference_mse: float, method_mse: float) -> float:
-    """10 log10(reference / method): how much a method lowers the error of the raw half."""
-    return float(10 * np.log10(reference_mse / method_mse))
-
-
 # ---------------------------------------------------------------- methods
 
 
 Method = Callable[[np.ndarray], np.ndarray]  # half A in counts -> the estimate of its mean, in counts
-
-
-def gaussian_held_out(y1: np.ndarray, y2: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
-    """Gaussian filter with the sigma of GAUSS_SIGMAS that has the lowest held-out error against y2 (a
-    one-parameter choice on the scoring half: a slight, shared-by-design optimism)."""
-    outs = {s: gaussian_filter(y1, s) for s in classical.GAUSS_SIGMAS}
-    best = min(outs, key=lambda s: mse(outs[s], y2, mask))
-    return outs[best], best
 
 
 def make_methods(denoiser: Denoiser, raw_dejitter: Denoiser, bm3d: bool, tk_r_em: bool) -> dict[str, Method]:
@@ -328,7 +245,7 @@ def evaluate(name: str, raw: np.ndarray, methods: dict[str, Method], splits: int
     is scored too, against the truth in the fitted count units, halved."""
     fit = fit_gain_offset(raw, saturation)
     counts = to_counts(raw, fit)
-    mask = ~binary_dilation(saturated_mask(raw, saturation), np.ones((3, 3), bool))
+    mask = ~dilate(saturated_mask(raw, saturation), 3)
     flatness = noise_flatness(np.where(mask, raw, np.median(raw)))
     res = FrameResult(name, raw.shape, fit, flatness, float(counts[mask].mean()))
     for split in range(splits):
@@ -546,7 +463,7 @@ def report(real: list[FrameResult], sims: list[FrameResult], labels: list[str], 
         "10·log10(MSE(y1, y2) / MSE(f(y1), y2)) in dB, mean ± half-range over "
         f"{args.splits} split(s), plain / line-registered (each output line shifted by ≤ {MAX_SHIFT} px onto "
         f"the target's line first). A perfect denoiser scores {CEILING_DB:.2f} dB. Gaussian: σ from "
-        f"{classical.GAUSS_SIGMAS} with the lowest held-out error. Saturated pixels (≥ {SATURATION}) are "
+        f"{REFERENCE_SIGMAS} with the lowest held-out error. Saturated pixels (≥ {SATURATION}) are "
         "left out of fits and scores. tk_r_em: " + ("run." if tk else "its venv is absent here, not run (—)."),
         "",
         f"Noise HF/MF: median noise power at {HF_BAND} over {MF_BAND} cycles/px along rows and along "

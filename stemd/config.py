@@ -142,6 +142,30 @@ class StatsSettings(_Section):
                                                      "and in STATUS=")
 
 
+class FidelitySettings(_Section):
+    """The live fidelity check: split-dose held-out scores on the frames the daemon denoises (no truth needed)."""
+
+    enabled: bool = Field(True, strict=True, description="split a frame's counts into two independent halves, "
+                          "denoise one, score it against the other and against a Gaussian reference; published "
+                          "per series in the stats, the frame headers and the log")
+    every: int = Field(0, ge=0, description="check every this many frames of a series; 0: as often as budget_pct "
+                       "allows")
+    budget_pct: float = Field(10.0, gt=0, le=100, description="with every 0: the checks' time at most this share "
+                              "of the model's time (a check costs about one model run on a half frame)")
+    window: int = Field(8, ge=1, le=1000, description="the running estimate is the mean ± std of a series' last "
+                        "this many checks")
+    action: Literal["warn", "fallback"] = Field("warn", description="when a series is flagged: warn (log, "
+                                                "header flag, STATUS=) | fallback (also publish the Gaussian "
+                                                "reference's output instead of the model's, flagged)")
+    min_over_reference_db: float = Field(0.0, ge=-30, le=30, description="flag a series whose running gain over "
+                                         "the reference is below this (dB)")
+    max_residual: float = Field(3.0, gt=0, description="flag a series whose running residual ratio (Bragg-band "
+                                "power of raw - denoised over that of noise alone) is above this: lattice removed "
+                                "or invented")
+    warn_interval_s: float = Field(60.0, gt=0, description="a flagged series is warned about in the log when "
+                                   "flagged and again at most this often")
+
+
 def parse_metrics_endpoint(value: str) -> tuple[str, int]:
     """`host:port` or `http://host:port` (IPv6 in brackets: `[::1]:9108`) -> (host, port); port 0 picks a free one."""
     rest = value.removeprefix("http://")
@@ -182,6 +206,7 @@ class Settings(_Section):
     recording: RecordingSettings = RecordingSettings()
     stats: StatsSettings = StatsSettings()
     metrics: MetricsSettings = MetricsSettings()
+    fidelity: FidelitySettings = FidelitySettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG | INFO | WARNING | ERROR"
     )

@@ -1,5 +1,5 @@
-"""bench/real.py: binomial thinning, the per-frame gain/offset fit, the correlated-noise flag, line registration,
-the split-dose identity, and a --quick --sim-only run (simulated frames only: no download)."""
+"""bench/real.py: the correlated-noise flag, line registration, the split-dose identity, and a --quick --sim-only
+run (simulated frames only: no download). Thinning and the gain/offset fit: tests/test_fidelity.py."""
 
 from __future__ import annotations
 
@@ -8,39 +8,7 @@ import pytest
 from scipy.ndimage import gaussian_filter, shift
 
 from bench import real
-
-
-def test_thinning_gives_independent_halves_with_half_the_mean():
-    rng = np.random.default_rng(0)
-    lam = 5 + 40 * rng.random((300, 300))  # a varying Poisson mean
-    y = rng.poisson(lam)
-    y1, y2 = real.thin(y, np.random.default_rng(1))
-    assert (y1 + y2 == y).all() and (y1 >= 0).all() and (y2 >= 0).all()
-    assert abs(y1.mean() / (lam.mean() / 2) - 1) < 0.01 and abs(y2.mean() / (lam.mean() / 2) - 1) < 0.01
-    d1, d2 = (y1 - lam / 2).ravel(), (y2 - lam / 2).ravel()  # deviations from each half's true mean
-    assert abs(np.corrcoef(d1, d2)[0, 1]) < 0.02  # independent: Poisson thinning
-    assert abs(np.var(d1) / np.mean(lam / 2) - 1) < 0.03  # each half is Poisson: variance = mean
-    naive = y // 2  # a deterministic split: perfectly correlated halves, which the check must catch
-    assert np.corrcoef((naive - lam / 2).ravel(), (y - naive - lam / 2).ravel())[0, 1] > 0.9
-
-
-@pytest.mark.parametrize(("kind", "gain", "offset"), [("perovskite_rp", 40.0, 500.0), ("interface", 7.0, 2000.0)])
-def test_gain_offset_fit_recovers_the_detector(kind, gain, offset):
-    raw, _ = real.simulated_frame(kind, 256, seed=3, gain=gain, offset=offset, read=0.0)
-    fit = real.fit_gain_offset(raw)
-    assert fit.gain == pytest.approx(gain, rel=0.06)
-    assert fit.offset == pytest.approx(offset, rel=0.03)
-    counts = real.to_counts(raw, fit)
-    assert counts.dtype == np.int64 and counts.min() >= 0
-
-
-def test_saturated_pixels_stay_out_of_the_fit():
-    raw, _ = real.simulated_frame("perovskite_rp", 256, seed=3)
-    hot = raw.copy()
-    hot[100:140, 100:140] = real.SATURATION
-    fit, clean_fit = real.fit_gain_offset(hot), real.fit_gain_offset(raw)
-    assert fit.saturated == 1600 and clean_fit.saturated == 0
-    assert fit.gain == pytest.approx(clean_fit.gain, rel=0.05)
+from stemd.compute import fidelity
 
 
 def test_correlated_noise_flag_fires_on_blurred_noise_only():
@@ -63,7 +31,7 @@ def test_line_registration_undoes_known_line_shifts():
     found = real.line_shifts(moved, target)
     assert np.abs(found + shifts).max() < 0.1
     mask = np.ones(target.shape, bool)
-    assert real.registered_mse(moved, target, mask) < 0.01 * real.mse(moved, target, mask)
+    assert real.registered_mse(moved, target, mask) < 0.01 * fidelity.mse(moved, target, mask)
 
 
 def test_held_out_error_is_the_true_error_plus_the_noise():
@@ -71,12 +39,12 @@ def test_held_out_error_is_the_true_error_plus_the_noise():
     raw, mean_raw = real.simulated_frame("interface", 256, seed=6, read=0.0)
     x = (mean_raw - real.SIM_OFFSET) / real.SIM_GAIN
     counts = np.rint((raw - real.SIM_OFFSET) / real.SIM_GAIN).astype(np.int64)
-    y1, y2 = real.thin(counts, np.random.default_rng(0))
+    y1, y2 = fidelity.thin(counts, np.random.default_rng(0))
     mask = np.ones(x.shape, bool)
     for sigma in (0.7, 1.5):
         f = gaussian_filter(y1.astype(np.float64), sigma)
-        held_out = real.mse(f, y2, mask)
-        assert held_out == pytest.approx(real.mse(f, x / 2, mask) + x.mean() / 2, rel=0.02)
+        held_out = fidelity.mse(f, y2, mask)
+        assert held_out == pytest.approx(fidelity.mse(f, x / 2, mask) + x.mean() / 2, rel=0.02)
 
 
 def test_quick_sim_only_run_writes_the_section(tmp_path):

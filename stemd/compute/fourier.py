@@ -25,13 +25,19 @@ def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic
     x = frames.float()
     mean = x.mean((-2, -1), keepdim=True)
     spectrum = torch.fft.rfft2(x - mean, s=(2 * h, 2 * w))
+    gain = bragg_gain(spectrum, strength, dynamic_range)
+    out: torch.Tensor = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
+    return out.to(frames.dtype)
+
+
+def bragg_gain(spectrum: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0) -> torch.Tensor:
+    """The Bragg filter's gain on a frame's (zero-padded, mean-removed) rfft2 `spectrum`, in [0, 1]: > 0 on
+    the lattice's Bragg band (`bragg_filter`; `stemd.compute.fidelity` measures a residual's power there)."""
     power = F.avg_pool2d(spectrum.abs().square(), 5, stride=1, padding=2, count_include_pad=False)
     floor = power.flatten(-2).median(-1).values[..., None, None]
     if dynamic_range > 0:
         floor = torch.maximum(floor, dynamic_range * power.flatten(-2).amax(-1)[..., None, None])
-    gain = (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
-    out: torch.Tensor = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
-    return out.to(frames.dtype)
+    return (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
 
 
 def noise_level(frames: torch.Tensor) -> torch.Tensor:

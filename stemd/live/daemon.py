@@ -30,6 +30,7 @@ from stemd.config import MODEL_KEYS, Settings, add_setting_options, is_local_end
 from stemd.errors import ConfigError, ModelOutputError, StemdError
 from stemd.live import protocol
 from stemd.live.engine import Engine, Pending
+from stemd.live.fidelity_monitor import FidelityMonitor, reference_frame
 from stemd.live.notify import Notifier
 from stemd.live.recorder import Recorder
 from stemd.pipeline import Denoiser, Plan, check_finite
@@ -215,6 +216,7 @@ class Daemon:
         self._sampling_said = ""  # the last sampling refusal logged (a new one is logged when it changes)
         self.metrics: MetricsServer | None = None  # /metrics when metrics.endpoint is set (start to stop)
         self.latency_observer: Callable[[float], None] | None = None  # given each published frame's latency_s
+        self.fidelity = FidelityMonitor(settings.fidelity)  # live split-dose checks, run when the engine is idle
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -514,6 +516,9 @@ class Daemon:
                     continue
                 if self.queue.closed:
                     return
+                if self.fidelity.pending is not None:
+                    await self._check_fidelity()
+                    continue
                 await self.queue.wait_for(lambda: not self.queue.empty or self.queue.closed)
                 continue
             if head.kind != "frame":
@@ -529,7 +534,9 @@ class Daemon:
                 assert batch[0].data is not None  # a frame carries its data
                 if plan is None or batch[0].generation != self._engine.generation:  # the model was reloaded
                     plan = self._engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
+                started = time.perf_counter()
                 handle = await self._engine.run(self._engine.submit, [it.data for it in batch], plan)
+                self.fidelity.note_model_time(time.perf_counter() - started)
             except SamplingError as exc:  # the reloaded model refuses frames queued for the old one
                 for item in batch:
                     self._inflight.remove(item)
@@ -545,6 +552,21 @@ class Daemon:
                 await self._finish(batch, handle)
             else:
                 pending = (batch, handle)
+            if self.fidelity.overdue:  # the engine is never idle: check now rather than never
+                await self._check_fidelity()
+
+    async def _check_fidelity(self) -> None:
+        """Run the due fidelity check on the engine's thread and record it; a failure is counted, not raised."""
+        due = self.fidelity.take()
+        if due is None:
+            return
+        started = time.perf_counter()
+        try:
+            check = await self._engine.run(self.fidelity.run, self._engine.denoiser, due)
+        except Exception as exc:
+            self.fidelity.failed(due, exc, time.perf_counter() - started)
+            return
+        self.fidelity.record(check)
 
     def _engine_failed(self, batch: list[Item], exc: Exception) -> None:
         log.error("denoising a batch of %d failed: %s", len(batch), exc, exc_info=self.dropped["engine_error"] == 0)
@@ -554,9 +576,11 @@ class Daemon:
 
     async def _finish(self, batch: list[Item], handle: Pending) -> None:
         try:
+            started = time.perf_counter()
             results = (
                 handle.result if handle.result is not None else await self._engine.run(self._engine.collect, handle)
             )
+            self.fidelity.note_model_time(time.perf_counter() - started)
         except Exception as exc:
             self._engine_failed(batch, exc)
             return
@@ -568,9 +592,13 @@ class Daemon:
                 log.error("frame %s of series %s: %s", item.header.get("frame_id"), item.header.get("series_id"), exc)
                 self._drop(item, "nonfinite")
                 continue
-            await self._publish(item, denoised)
+            sigma = self.fidelity.fallback_sigma(item.header["series_id"])
+            output = denoised if sigma is None else await self._engine.run(reference_frame, item.data, sigma)
+            await self._publish(item, output, "model" if sigma is None else "reference")
+            fresh = item.plan if item.generation == self._engine.generation else None
+            self.fidelity.offer(item.header, item.data, denoised, fresh)
 
-    async def _publish(self, item: Item, denoised: np.ndarray) -> None:
+    async def _publish(self, item: Item, denoised: np.ndarray, output: str = "model") -> None:
         assert item.data is not None  # a frame carries its data
         now = time.time()
         header = {
@@ -581,6 +609,7 @@ class Daemon:
             "published_at": now,
             "latency_s": now - item.received_at,
             **({"sampling": item.plan.describe()} if item.plan is not None else {}),
+            **self.fidelity.header(item.header["series_id"], output),
         }
         try:
             if self.settings.output.publish_raw:
@@ -643,6 +672,7 @@ class Daemon:
             "memory_bytes": self.engine.memory_bytes() if self.engine else 0,
             "model_id": self.engine.model_id if self.engine else "",
             "recording_errors": self._recording_errors + (self.recorder.errors if self.recorder else 0),
+            "fidelity": self.fidelity.stats(),
         }
 
     @staticmethod
@@ -656,6 +686,7 @@ class Daemon:
             f"{st['dropped'] or ''} rejected {sum(st['rejected'].values())} {st['rejected'] or ''} "
             f"fps {st['fps']:.1f} latency p50 {ms(st['latency_p50_s'])} ms p99 {ms(st['latency_p99_s'])} ms "
             f"queue {st['queue_depth']} device {st['device']} mem {st['memory_bytes'] / 2**20:.0f} MiB"
+            f"{' fidelity ' + st['fidelity']['status'] if 'fidelity' in st else ''}"
         ).replace("  ", " ")
 
     async def _stats_loop(self) -> None:
@@ -664,7 +695,7 @@ class Daemon:
             st = self.stats()
             line = self.stats_line(st)
             log.info("%s", line)
-            self.notifier.status(line)
+            self.notifier.status(line, fidelity=st["fidelity"]["status"])
             await self._pub.send_multipart(protocol.encode_event(protocol.STATS, st))
             if self.recorder is not None:
                 await self.recorder.close_idle(self.settings.recording.idle_close_s)
@@ -700,6 +731,7 @@ class Daemon:
                           exc_info=not isinstance(exc, (StemdError, OSError)))
                 return False
             await self._engine.run(self._engine.replace, denoiser)
+            self.fidelity.configure(new.fidelity, model_changed=True)
             if pub is not None:
                 self._pub.close(linger=LINGER_MS)
                 self.pub = pub

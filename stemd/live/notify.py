@@ -51,8 +51,11 @@ class Notifier:
     def ready(self, status: str = "") -> bool:
         return self.notify("READY=1", *([f"STATUS={status}"] if status else []))
 
-    def status(self, text: str) -> bool:
-        return self.notify(f"STATUS={text.replace(chr(10), ' ')}")
+    def status(self, text: str, fidelity: str | None = None) -> bool:
+        """STATUS= one line; `fidelity` (the live check's state: ok, FLAGGED …, waiting, off) leads it, so a
+        cut line (systemctl status) still shows it."""
+        line = text if fidelity is None else f"fidelity {fidelity}; {text}"
+        return self.notify(f"STATUS={line.replace(chr(10), ' ')}")
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
