@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -604,7 +605,7 @@ async def test_sd_notify_ready_status_watchdog(zctx, checkpoint, engine, tmp_pat
                        notifier=Notifier(str(tmp_path / "notify"))):
         await until(b"READY=1")
         await until(b"WATCHDOG=1")
-        await until(b"STATUS=stats:")
+        await until(b"STATUS=fidelity waiting; stats:")  # no frame checked yet
     await until(b"STOPPING=1")
     assert got[0].startswith(b"READY=1\nSTATUS=ready: input")
     listener.close()
@@ -725,3 +726,75 @@ def test_run_options_override_the_config() -> None:
     s = load_settings(None, overrides_from_args(args))
     assert (s.model.precision, s.model.sampling, s.queue.mode, s.model.step) == ("bf16", "refuse", "lossless", 3)
     assert load_settings(None, overrides_from_args(build_parser().parse_args(["run"]))) == load_settings()
+
+
+async def test_fidelity_figures_in_headers_stats_and_status(zctx, checkpoint, engine, tmp_path) -> None:
+    """fidelity.every 1: each published frame is checked once the engine is idle; later frames' headers, the
+    stats message and STATUS= carry the series' running estimate; gain/offset from the header when given."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.setblocking(False)
+    pub = TestPublisher(zctx)
+    settings = make_settings(checkpoint, pub.endpoint, **{"fidelity.every": 1, "queue.mode": "lossless"})
+    async with running(settings, engine=engine, notifier=Notifier(str(tmp_path / "notify"))) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        await pub.send(frame_parts("fid", 0))
+        await wait_until(lambda: d.fidelity.checks >= 1)
+        for i in (1, 2):
+            await pub.send(frame_parts("fid", i, gain=1.0, offset=0.0))
+            await wait_until(lambda n=i + 1: d.fidelity.checks >= n)
+        msgs = await sub.until(lambda m: len(denoised(m)) == 3)
+        while (st := await sub.recv())[0] != p.STATS or st[1]["fidelity"]["checks"] < 3:
+            pass
+    heads = [h for _, h, _ in denoised(msgs)]
+    assert heads[0]["fidelity"] == {"checks": 0, "flagged": False, "output": "model"}
+    one, two = heads[1]["fidelity"], heads[2]["fidelity"]
+    assert one["checks"] == 1 and two["checks"] == 2 and one["detector"] == "fit" and two["detector"] == "header"
+    assert isinstance(two["gain_db"], float) and isinstance(two["over_reference_db"], float)
+    assert two["gain_spread_db"] >= 0 and two["output"] == "model" and two["reference_sigma_px"] > 0
+    assert [m[1]["fidelity"] for m in msgs if m[0] == p.RAW] == [h["fidelity"] for h in heads]
+    fstats = st[1]["fidelity"]
+    series = fstats["series"]["fid"]
+    assert fstats["enabled"] and series["checks"] == 3 and fstats["failures"] == 0 and fstats["cost_pct"] > 0
+    assert series["gain_db"] == pytest.approx(d.fidelity.summary("fid")["gain_db"])
+    ok = fstats["status"].startswith("ok")
+    assert ok == (not series["flagged"]) and (ok or series["reasons"])
+    got = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(listener.recv(4096))
+    assert any(m.startswith(b"STATUS=fidelity " + fstats["status"].split()[0].encode()) for m in got)
+    listener.close()
+    pub.close()
+
+
+async def test_fidelity_fallback_publishes_the_reference_flagged(zctx, checkpoint, engine, caplog) -> None:
+    """A series the check flags (here: a threshold no model meets) gets, with action fallback, the Gaussian
+    reference's output instead of the model's, flagged in its header, with a WARNING in the log."""
+    from stemd.live.fidelity_monitor import reference_frame
+
+    pub = TestPublisher(zctx)
+    settings = make_settings(checkpoint, pub.endpoint, **{"fidelity.every": 1, "fidelity.action": "fallback",
+                                                          "fidelity.min_over_reference_db": 30.0})
+    with caplog.at_level(logging.WARNING, logger="stemd.live.fidelity_monitor"):
+        async with running(settings, engine=engine) as d:
+            sub = Sub(zctx, d.output_endpoint)
+            await sub.ready()
+            await pub.wait_subscribed()
+            await pub.send(frame_parts("fb", 0))
+            await wait_until(lambda: d.fidelity.checks >= 1)
+            await pub.send(frame_parts("fb", 1))
+            msgs = await sub.until(lambda m: len(denoised(m)) == 2)
+            await pub.send(frame_parts("other", 0))  # another series is not flagged yet: the model's output
+            msgs += await sub.until(lambda m: len(denoised(m)) == 1)
+    (_, h0, d0), (_, h1, d1), (_, h2, d2) = denoised(msgs)
+    assert h0["fidelity"]["output"] == "model" and not h0["fidelity"]["flagged"]
+    f1 = h1["fidelity"]
+    assert f1["output"] == "reference" and f1["flagged"] and "below the reference" in f1["reasons"][0]
+    np.testing.assert_allclose(d1, reference_frame(RAW[1], f1["reference_sigma_px"]), rtol=1e-6)
+    assert not np.allclose(d0, reference_frame(RAW[0], f1["reference_sigma_px"]), rtol=1e-3)
+    assert h2["fidelity"]["output"] == "model" and h2["series_id"] == "other"
+    assert any("not to be trusted on series 'fb'" in r.getMessage() for r in caplog.records)
+    pub.close()

@@ -62,6 +62,8 @@ def test_demo_runs_and_denoised_beats_raw(checkpoint, tmp_path, capsys):
     den_db = float(_value(out, "PSNR denoised vs clean").split()[0])
     assert den_db > raw_db + 1.0, out
     assert re.match(r"[\d.]+ / [\d.]+ ms", _value(out, "latency p50 / p99"))
+    fidelity = _value(out, "fidelity, live (no truth)")  # the daemon's own estimate, checked on the first frame
+    assert re.match(r"\(\d+ checks\): [-+][\d.]+( ± [\d.]+)? dB over the reference, [-+][\d.]+", fidelity), out
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 2.5 * im.size[1]  # three panels side by side
         assert "stemd demo" in im.text["Description"]
@@ -105,10 +107,16 @@ def test_frame_psnr_fits_gain_and_offset():
 def test_report_table_lists_every_figure():
     rep = DemoReport(seconds=10.0, shape=(512, 512), dwell_us=2.0, dose=20.0, model_id="m", device="cpu",
                      sent=20, received=19, denoised=15, dropped={"queue_full": 4}, rejected={},
-                     latencies_s=[0.1, 0.2, 0.3], psnr_raw=[10.0, 12.0], psnr_denoised=[20.0, 22.0])
+                     latencies_s=[0.1, 0.2, 0.3], psnr_raw=[10.0, 12.0], psnr_denoised=[20.0, 22.0],
+                     fidelity={"checks": 2, "gain_db": 9.5, "gain_spread_db": 0.5, "over_reference_db": 1.25,
+                               "over_reference_spread_db": 0.25, "residual": 0.8, "residual_spread": 0.1,
+                               "flagged": False, "output": "model"})
     t = rep.table()
     assert _value(t, "frames sent") == "20" and _value(t, "frames denoised") == "15"
     assert _value(t, "frames dropped") == "4  (queue_full 4)" and _value(t, "frames rejected") == "0"
     assert _value(t, "frames lost before the daemon") == "1" and _value(t, "denoised fps") == "1.50"
     assert _value(t, "PSNR raw vs clean") == "11.00 dB" and _value(t, "PSNR denoised vs clean") == "21.00 dB"
     assert _value(t, "latency p50 / p99") == "200.0 / 298.0 ms"
+    assert _value(t, "fidelity, live (no truth)") == ("(2 checks): +1.25 ± 0.25 dB over the reference, "
+                                                      "+9.50 ± 0.50 dB over raw, residual 0.80 ± 0.10")
+    assert _value(DemoReport(1.0, (8, 8), 1.0, 1.0).table(), "fidelity, live (no truth)") == "off"

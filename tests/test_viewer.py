@@ -12,7 +12,7 @@ import zmq
 from PIL import Image
 
 from stemd.apps.cli import main
-from stemd.apps.viewer import LiveStats, NoFramesError, PairMatcher, show, snapshot
+from stemd.apps.viewer import LiveStats, NoFramesError, PairMatcher, fidelity_text, show, snapshot
 from stemd.errors import ConfigError
 from stemd.live import protocol
 
@@ -21,6 +21,11 @@ def _frame(topic: bytes, series: str, fid: int, value: float, dtype=np.uint16) -
     data = np.full((32, 40), value, dtype)
     header = protocol.frame_header(series, fid, data.shape, data.dtype.name)
     return protocol.decode_frame(protocol.encode_frame(topic, header, data), min_side=1)
+
+
+FIDELITY = {"checks": 3, "gain_db": 12.3, "gain_spread_db": 0.4, "over_reference_db": -0.52,
+            "over_reference_spread_db": 0.1, "residual": 4.2, "residual_spread": 0.3, "flagged": True,
+            "reasons": ["below the reference (-0.52 dB < 0 dB)"], "output": "reference"}
 
 
 class DaemonLikePub:
@@ -34,7 +39,9 @@ class DaemonLikePub:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _send(self, topic: bytes, fid: int, data: np.ndarray, series: str = "s-1") -> None:
-        header = protocol.frame_header(series, fid, data.shape, data.dtype.name, model_id="m-test", latency_s=0.02)
+        extra = {"fidelity": FIDELITY} if topic == protocol.DENOISED else {}
+        header = protocol.frame_header(series, fid, data.shape, data.dtype.name, model_id="m-test", latency_s=0.02,
+                                       **extra)
         self.sock.send_multipart(protocol.encode_frame(topic, header, data), copy=False)
 
     def _loop(self) -> None:
@@ -96,6 +103,7 @@ def test_snapshot_writes_the_matched_pair(tmp_path):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
         assert im.text["stemd:series_id"] == "s-1" and im.text["stemd:frame_id"] == str(fid)
+        assert im.text["stemd:fidelity"] == fidelity_text(den.header) and "FLAGGED" in im.text["stemd:fidelity"]
         pixels = np.asarray(im.convert("L"))
     assert pixels.std() > 0  # not a blank canvas
 
@@ -174,3 +182,13 @@ def test_live_window_times_out_when_nothing_arrives():
     with pytest.raises(NoFramesError, match="within 0.3 s"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         show("tcp://127.0.0.1:9", timeout_s=0.3)
+
+
+def test_fidelity_text_says_the_estimate_and_the_flag():
+    t = fidelity_text({"fidelity": FIDELITY})
+    assert t.startswith("fidelity (3 checks): -0.52 ± 0.10 dB over the reference, +12.30 ± 0.40 dB over raw, "
+                        "residual 4.20 ± 0.30")
+    assert t.endswith("FLAGGED: below the reference (-0.52 dB < 0 dB), showing the reference filter")
+    one = fidelity_text({"fidelity": {**FIDELITY, "checks": 1, "flagged": False, "residual": None}})
+    assert "±" not in one and "residual n/a" in one and "FLAGGED" not in one
+    assert fidelity_text({}) == "" and fidelity_text({"fidelity": {"checks": 0}}) == "fidelity: not checked yet"

@@ -31,7 +31,7 @@ import zmq
 import zmq.asyncio
 
 from stemd.apps.simulate import Simulator
-from stemd.apps.viewer import KINDS, NoFramesError, PairMatcher, check_png_path, write_png
+from stemd.apps.viewer import KINDS, NoFramesError, PairMatcher, check_png_path, fidelity_text, write_png
 from stemd.compute.metrics import fit_scale, psnr
 from stemd.config import (
     MODEL_KEYS,
@@ -71,6 +71,7 @@ class DemoReport:
     latencies_s: list[float] = field(default_factory=list)
     psnr_raw: list[float] = field(default_factory=list)
     psnr_denoised: list[float] = field(default_factory=list)
+    fidelity: dict[str, Any] | None = None  # the last denoised header's `fidelity` map (the daemon's live check)
     png: Path | None = None
 
     @property
@@ -100,6 +101,7 @@ class DemoReport:
             ("PSNR raw vs clean", mean_db(self.psnr_raw)),
             ("PSNR denoised vs clean", mean_db(self.psnr_denoised)),
             ("frames in the PSNR means", f"{len(self.psnr_denoised)}"),
+            ("fidelity, live (no truth)", self.fidelity_cell()),
         ]
         head = (f"stemd demo: {self.seconds:.1f} s of {h}x{w} frames, {self.dwell_us:g} us dwell "
                 f"(dose {self.dose:g} counts), model {self.model_id} on {self.device}")
@@ -108,6 +110,13 @@ class DemoReport:
         if self.png is not None:
             lines.append(f"{'side-by-side PNG':<{width}}  {self.png}")
         return "\n".join(lines)
+
+
+    def fidelity_cell(self) -> str:
+        """The daemon's own running estimate of the last series (held-out, half dose): beside the true PSNR above."""
+        if self.fidelity is None:
+            return "off"
+        return fidelity_text({"fidelity": self.fidelity}).removeprefix("fidelity ").removeprefix("fidelity: ")
 
 
 def frame_psnr(raw: np.ndarray, denoised: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
@@ -130,6 +139,7 @@ class Collector:
         self.latencies: list[float] = []
         self.psnr: list[tuple[float, float]] = []
         self.skipped: Counter[str] = Counter()  # ProtocolError reasons
+        self.fidelity: dict[str, Any] | None = None  # the latest denoised header's `fidelity` map
 
     def handle(self, parts: list[Any]) -> None:
         topic = bytes(parts[0].buffer)
@@ -140,6 +150,8 @@ class Collector:
             return
         if topic == protocol.DENOISED and isinstance(frame.header.get("latency_s"), (int, float)):
             self.latencies.append(float(frame.header["latency_s"]))
+        if topic == protocol.DENOISED and isinstance(frame.header.get("fidelity"), dict):
+            self.fidelity = frame.header["fidelity"]
         done = self.matcher.add(KINDS[topic], frame)
         if done is not None:
             self.psnr.append(frame_psnr(done["raw"].data, done["denoised"].data, done["clean"].data))
@@ -207,6 +219,7 @@ async def run_demo(
     report.latencies_s = collector.latencies
     report.psnr_raw = [r for r, _ in collector.psnr]
     report.psnr_denoised = [d for _, d in collector.psnr]
+    report.fidelity = collector.fidelity
     last = collector.matcher.latest
     if last is None:
         raise NoFramesError(

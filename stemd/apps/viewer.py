@@ -112,6 +112,32 @@ class LiveStats:
         return f"{fps:.1f} fps, {lat}"
 
 
+def fidelity_text(header: dict[str, Any]) -> str:
+    """One line from a denoised header's `fidelity` map (docs/protocol.md): the series' running held-out gain over
+    the reference and over raw (mean ± spread), the residual check, and the flag; "" when the header has none."""
+    f = header.get("fidelity")
+    if not isinstance(f, dict):
+        return ""
+    if not f.get("checks"):
+        return "fidelity: not checked yet"
+
+    def pm(key: str, spread_key: str, unit: str = " dB", sign: str = "+") -> str:
+        mean, spread = f.get(key), f.get(spread_key)
+        if not isinstance(mean, (int, float)):
+            return "n/a"
+        text = f"{mean:{sign}.2f}"
+        return text + (f" ± {spread:.2f}" if isinstance(spread, (int, float)) and f["checks"] > 1 else "") + unit
+
+    over, gain = pm("over_reference_db", "over_reference_spread_db"), pm("gain_db", "gain_spread_db")
+    line = (f"fidelity ({f['checks']} checks): {over} over the reference, {gain} over raw, "
+            f"residual {pm('residual', 'residual_spread', '', '')}")
+    if f.get("flagged"):
+        reasons = "; ".join(str(r) for r in f.get("reasons", []))
+        shown = ", showing the reference filter" if f.get("output") == "reference" else ""
+        line += f"  FLAGGED: {reasons}{shown}"
+    return line
+
+
 def _limits(image: np.ndarray) -> tuple[float, float]:
     lo, hi = np.percentile(image, (0.5, 99.5))
     return (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
@@ -165,8 +191,16 @@ def describe(pair: dict[str, protocol.Frame]) -> str:
 
 def pair_metadata(pair: dict[str, protocol.Frame]) -> dict[str, str]:
     some = next(iter(pair.values())).header
+    fidelity = fidelity_text((pair.get("denoised") or next(iter(pair.values()))).header)
     return {"Software": "stemd", "Description": describe(pair),
-            "stemd:series_id": str(some["series_id"]), "stemd:frame_id": str(some["frame_id"])}
+            "stemd:series_id": str(some["series_id"]), "stemd:frame_id": str(some["frame_id"]),
+            **({"stemd:fidelity": fidelity} if fidelity else {})}
+
+
+def title(pair: dict[str, protocol.Frame], stats: LiveStats, now: float) -> str:
+    """The figure title: the pair, fps and latency, and the series' fidelity when the daemon checks it."""
+    fidelity = fidelity_text(pair["denoised"].header) if "denoised" in pair else ""
+    return "\n".join(filter(None, [describe(pair), stats.text(now), fidelity]))
 
 
 class Subscription:
@@ -242,7 +276,7 @@ def snapshot(endpoint: str, png: Path | str, timeout_s: float = 10.0,
         sub.close()
     pair = matcher.latest
     write_png(png, [("raw", pair["raw"].data), ("denoised", pair["denoised"].data)],
-              f"{describe(pair)}\n{stats.text(time.time())}", pair_metadata(pair))
+              title(pair, stats, time.time()), pair_metadata(pair))
     return pair
 
 
@@ -297,7 +331,7 @@ def show(endpoint: str, timeout_s: float = 10.0, duration_s: float | None = None
                 for im, k in zip(images, ("raw", "denoised")):
                     im.set_data(pair[k].data)
                     im.set_clim(*_limits(pair[k].data))
-                fig.suptitle(f"{describe(pair)}\n{stats.text(time.time())}", fontsize=10)
+                fig.suptitle(title(pair, stats, time.time()), fontsize=10)
             elif images is None and time.monotonic() - started > timeout_s:
                 raise NoFramesError(_nothing_message(endpoint, timeout_s, sub.skipped))
             plt.pause(0.03)

@@ -250,7 +250,8 @@ class FidelityMonitor:
         res, res_s = _rounded(state.residual.estimate())
         return {"checks": state.checks, "gain_db": gain, "gain_spread_db": gain_s, "over_reference_db": over,
                 "over_reference_spread_db": over_s, "residual": res, "residual_spread": res_s,
-                "flagged": state.flagged, "reasons": list(state.reasons), "detector": state.detector,
+                "reference_sigma_px": state.sigma, "flagged": state.flagged, "reasons": list(state.reasons),
+                "detector": state.detector,
                 "output": "reference" if self.fallback_sigma(series_id) is not None else "model"}
 
     def header(self, series_id: str, output: str) -> dict[str, Any]:
