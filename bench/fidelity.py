@@ -199,9 +199,14 @@ def real_frames(args: argparse.Namespace) -> list[str]:
                 state = mon.record(check_frame(den, crop, out, plan, {"series_id": name, "frame_id": i},
                                                np.random.default_rng([SEED, i])))
             f = mon.summary(name)
+
+            def cell(key: str, spread: str, f: dict = f) -> str:
+                return "—" if f[key] is None else f"{f[key]:+.2f} ± {f[spread]:.2f}"
+
             res = "—" if f["residual"] is None else f"{f['residual']:.2f}"
-            rows.append(f"| {name} | {label} | {plan.factor:.2f} | {f['gain_db']:+.2f} ± {f['gain_spread_db']:.2f} | "
-                        f"{f['over_reference_db']:+.2f} ± {f['over_reference_spread_db']:.2f} | {res} | "
+            valid = "yes" if not f["invalid_checks"] else "**no**: correlated noise, left out"
+            rows.append(f"| {name} | {label} | {plan.factor:.2f} | {valid} | {cell('gain_db', 'gain_spread_db')} | "
+                        f"{cell('over_reference_db', 'over_reference_spread_db')} | {res} | "
                         f"{'**yes**: ' + '; '.join(state.reasons) if state.flagged else 'no'} |")
             print(rows[-1], flush=True)
     return rows
@@ -307,8 +312,8 @@ def report(series: list[Series], real_rows: list[str], cost_rows: list[str], arg
     ]
     if real_rows:
         parts += ["", f"### tk_r_em's experimental frames (central {args.size}² crops, {args.splits} checks each)", "",
-                  "| frame | model | resample factor | gain over raw (dB) | over the reference (dB) | residual | "
-                  "flagged |", "|---|---|---|---|---|---|---|", *real_rows]
+                  "| frame | model | resample factor | split valid | gain over raw (dB) | over the reference (dB) | "
+                  "residual | flagged |", "|---|---|---|---|---|---|---|---|", *real_rows]
     if cost_rows:
         parts += ["", f"### Cost in the daemon ({args.seconds:g} s per row, paced at {args.dwell_us:g} µs dwell, "
                   f"model.threads {args.threads}, bench/latency.py's daemon process)", "",

@@ -42,13 +42,18 @@ from bench._report import BENCHMARKS, machine_line, write_section
 from bench.peers import tk_r_em_bridge
 from stemd.compute.fidelity import (
     CEILING_DB,
+    FLAT_LIMITS,
+    HF_BAND,
+    MF_BAND,
     REFERENCE_SIGMAS,
     GainFit,
+    correlated,
     dilate,
     fit_gain_offset,
     gain_db,
     gaussian_held_out,
     mse,
+    noise_flatness,
     saturated_mask,
     thin,
     to_counts,
@@ -64,8 +69,6 @@ MEMBERS = ("exp_hrstem.h5", "sgl_exp_hrstem.h5")  # under tk_r_em-1.0.4/tk_r_em/
 SATURATION = 65535  # uint16 detector maximum: excluded from fits and scores
 MAX_SHIFT = 1.5  # px: the largest line shift the registered score allows
 REG_BORDER = 2  # px at each end of a line left out of the registered score (the shift wraps there)
-HF_BAND, MF_BAND = (0.4, 0.5), (0.2, 0.3)  # cycles/px: where the noise-flatness ratio is measured
-FLAT_LIMITS = (0.8, 1.25)  # a white-noise frame's HF/MF power ratio lies inside; outside: correlated noise
 SIM_KINDS = ("perovskite_rp", "interface", "vacuum_edge")
 SIM_GAIN, SIM_OFFSET, SIM_READ = 40.0, 500.0, 8.0  # raw units per count, raw offset, raw read noise (std)
 SIM_DOSE = 60.0  # counts per unit of the clean scene (column peak 1): half-dose frames at 30
@@ -127,32 +130,6 @@ def central_crop(image: np.ndarray, size: int | None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- detector model and splitting
-
-
-def noise_flatness(raw: np.ndarray) -> tuple[float, float]:
-    """(along rows, along columns): median noise power near Nyquist over that at mid-high frequency.
-
-    Independent pixel noise has a flat spectrum (ratios ≈ 1); interpolation (drift correction,
-    resampling) or filtering removes power near Nyquist (< 1), sharpening adds it (> 1). Both
-    bands stay at high frequency across the other axis, where a probe-blurred signal is weak, and
-    medians ignore Bragg peaks."""
-    x = np.asarray(raw, np.float64)
-    power = np.abs(np.fft.fft2(x - x.mean())) ** 2
-    fy, fx = (np.abs(np.fft.fftfreq(n))[:, None] if i == 0 else np.abs(np.fft.fftfreq(n))[None, :]
-              for i, n in enumerate(x.shape))
-
-    def band(f: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
-        return (f >= lo_hi[0]) & (f <= lo_hi[1])
-
-    across_y, across_x = band(fy, (MF_BAND[0], HF_BAND[1])), band(fx, (MF_BAND[0], HF_BAND[1]))
-    rows = np.median(power[band(fx, HF_BAND) & across_y]) / np.median(power[band(fx, MF_BAND) & across_y])
-    cols = np.median(power[band(fy, HF_BAND) & across_x]) / np.median(power[band(fy, MF_BAND) & across_x])
-    return float(rows), float(cols)
-
-
-def correlated(flatness: tuple[float, float]) -> bool:
-    """True when either flatness ratio lies outside FLAT_LIMITS: the split is not a valid ranking."""
-    return any(not FLAT_LIMITS[0] <= r <= FLAT_LIMITS[1] for r in flatness)
 
 
 # ---------------------------------------------------------------- scores

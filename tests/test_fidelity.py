@@ -266,6 +266,24 @@ def test_monitor_schedules_by_every_and_by_budget_and_stays_bounded():
     assert off.pending is None and off.header("a", "model") == {} and off.status() == "off"
 
 
+def test_frames_with_correlated_noise_are_left_out_not_judged(conv):
+    """A drift-corrected frame (sub-pixel linear interpolation: correlated noise) gives no valid split: the check
+    says so and the series' estimate and flag are left as they were."""
+    from scipy.ndimage import shift
+
+    raw = detector_frame(20 * (0.1 + scene("perovskite_rp", 128)), 10.0, 100.0, seed=2)
+    moved = np.clip(np.rint(shift(raw.astype(np.float64), (0.3, 0.4), order=1, mode="nearest")), 0, 65535)
+    mon = FidelityMonitor(FidelitySettings(min_over_reference_db=30.0))  # any valid check would flag
+    for frame, valid in ((moved.astype(np.uint16), False), (raw, True)):
+        plan = conv.plan(frame.shape, None, frame)
+        check = check_frame(conv, frame, conv(frame, plan=plan), plan, {"series_id": "d", "frame_id": 0},
+                            np.random.default_rng(0))
+        assert check.valid is valid
+        state = mon.record(check)
+        assert state.flagged is valid and mon.summary("d")["invalid_checks"] == 1
+        assert (mon.summary("d")["gain_db"] is None) is not valid
+
+
 def test_reference_frame_ignores_saturated_pixels():
     raw = np.full((40, 40), 100, np.uint16)
     raw[20, 20] = 65535

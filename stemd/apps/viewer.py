@@ -131,6 +131,8 @@ def fidelity_text(header: dict[str, Any]) -> str:
     over, gain = pm("over_reference_db", "over_reference_spread_db"), pm("gain_db", "gain_spread_db")
     line = (f"fidelity ({f['checks']} checks): {over} over the reference, {gain} over raw, "
             f"residual {pm('residual', 'residual_spread', '', '')}")
+    if f.get("invalid_checks"):
+        line += f"  ({f['invalid_checks']} left out: correlated noise, no valid split)"
     if f.get("flagged"):
         reasons = "; ".join(str(r) for r in f.get("reasons", []))
         shown = ", showing the reference filter" if f.get("output") == "reference" else ""

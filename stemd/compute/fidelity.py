@@ -27,6 +27,8 @@ HIGH_PASS = np.outer(A4_UNIT, A4_UNIT)
 REFERENCE_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # px: the Gaussian reference picks one per split
 CEILING_DB = 10 * math.log10(2.0)  # held-out gain of a perfect denoiser over the raw half
 MAX_GAIN_DB = 30.0  # estimated true gains are capped here (the error estimate floored at 1e-3 of the noise)
+HF_BAND, MF_BAND = (0.4, 0.5), (0.2, 0.3)  # cycles/px: where the noise-flatness ratio is measured
+FLAT_LIMITS = (0.8, 1.25)  # a white-noise frame's HF/MF power ratio lies inside; outside: correlated noise
 
 
 # ---------------------------------------------------------------- separable filters (scipy.ndimage's "reflect")
@@ -148,6 +150,32 @@ def thin(counts: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     """Binomial thinning: y1 ~ Binomial(y, 1/2), y2 = y - y1; for Poisson y, two independent half-dose frames."""
     y1 = rng.binomial(counts, 0.5)
     return y1, counts - y1
+
+
+def noise_flatness(raw: np.ndarray) -> tuple[float, float]:
+    """(along rows, along columns): median noise power near Nyquist over that at mid-high frequency.
+
+    Independent pixel noise has a flat spectrum (ratios ≈ 1); interpolation (drift correction,
+    resampling) or filtering removes power near Nyquist (< 1), sharpening adds it (> 1). Both
+    bands stay at high frequency across the other axis, where a probe-blurred signal is weak, and
+    medians ignore Bragg peaks."""
+    x = np.asarray(raw, np.float64)
+    power = np.abs(np.fft.fft2(x - x.mean())) ** 2
+    fy, fx = (np.abs(np.fft.fftfreq(n))[:, None] if i == 0 else np.abs(np.fft.fftfreq(n))[None, :]
+              for i, n in enumerate(x.shape))
+
+    def band(f: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
+        return (f >= lo_hi[0]) & (f <= lo_hi[1])
+
+    across_y, across_x = band(fy, (MF_BAND[0], HF_BAND[1])), band(fx, (MF_BAND[0], HF_BAND[1]))
+    rows = np.median(power[band(fx, HF_BAND) & across_y]) / np.median(power[band(fx, MF_BAND) & across_y])
+    cols = np.median(power[band(fy, HF_BAND) & across_x]) / np.median(power[band(fy, MF_BAND) & across_x])
+    return float(rows), float(cols)
+
+
+def correlated(flatness: tuple[float, float]) -> bool:
+    """True when either flatness ratio lies outside FLAT_LIMITS: the split is not a valid ranking."""
+    return any(not FLAT_LIMITS[0] <= r <= FLAT_LIMITS[1] for r in flatness)
 
 
 # ---------------------------------------------------------------- scores

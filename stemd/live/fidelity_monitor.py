@@ -44,6 +44,7 @@ class Check:
     fit: fid.GainFit
     detector: str  # where gain/offset came from: "header" or "fit"
     seconds: float
+    valid: bool = True  # False: the frame's noise is correlated (drift-corrected, processed): no valid split
 
 
 def saturation_of(raw: np.ndarray) -> float | None:
@@ -70,6 +71,7 @@ def check_frame(denoiser: Denoiser, raw: np.ndarray, denoised: np.ndarray, plan:
     fit, source = detector_fit(header, raw, saturation)
     counts = fid.to_counts(raw, fit)
     mask = ~fid.dilate(fid.saturated_mask(raw, saturation), 3)
+    valid = not fid.correlated(fid.noise_flatness(np.where(mask, raw, np.median(raw))))
     y1, y2 = fid.thin(counts, rng)
     with torch.inference_mode():
         half = torch.from_numpy(y1.astype(np.float32))[None].to(denoiser.device)
@@ -78,7 +80,7 @@ def check_frame(denoiser: Denoiser, raw: np.ndarray, denoised: np.ndarray, plan:
     scores, _ = fid.held_out(y1, y2, f1, mask)
     residual = fid.residual_ratio(counts, (np.asarray(denoised, np.float64) - fit.offset) / fit.gain, y1 - y2, mask)
     return Check(str(header.get("series_id", "")), int(header.get("frame_id", -1)), scores, residual, fit, source,
-                 time.perf_counter() - t0)
+                 time.perf_counter() - t0, valid)
 
 
 def reference_frame(raw: np.ndarray, sigma: float) -> np.ndarray:
@@ -100,6 +102,7 @@ class SeriesFidelity:
     over_reference: fid.Running = field(init=False)
     residual: fid.Running = field(init=False)
     checks: int = 0
+    invalid: int = 0  # checks left out: the frame's noise was correlated, so its split ranks nothing
     flagged: bool = False
     reasons: list[str] = field(default_factory=list)
     sigma: float | None = None  # the reference's sigma at the last check
@@ -204,6 +207,12 @@ class FidelityMonitor:
         while len(self.series) > MAX_SERIES:
             self.series.popitem(last=False)
         state.checks += 1
+        if not check.valid:
+            state.invalid += 1
+            if state.invalid == 1:
+                log.warning("fidelity: series %r has correlated noise (drift-corrected or processed frames?): "
+                            "its splits are not independent, so its checks are left out", check.series_id)
+            return state
         state.gain.add(check.scores.gain_db)
         state.over_reference.add(check.scores.over_reference_db)
         if check.residual is not None:
@@ -224,8 +233,6 @@ class FidelityMonitor:
                         "; ".join(reasons), action)
         elif was and not state.flagged:
             log.info("fidelity: series %r no longer flagged", check.series_id)
-        gain = state.gain.estimate()
-        assert gain is not None and over is not None  # just added
         log.debug("fidelity: series %r frame %d: %+.2f dB over raw, %+.2f over the reference (σ %g), residual %s, "
                   "%.0f ms", check.series_id, check.frame_id, check.scores.gain_db, check.scores.over_reference_db,
                   check.scores.sigma, "-" if check.residual is None else f"{check.residual:.2f}", check.seconds * 1e3)
@@ -248,7 +255,8 @@ class FidelityMonitor:
         gain, gain_s = _rounded(state.gain.estimate())
         over, over_s = _rounded(state.over_reference.estimate())
         res, res_s = _rounded(state.residual.estimate())
-        return {"checks": state.checks, "gain_db": gain, "gain_spread_db": gain_s, "over_reference_db": over,
+        return {"checks": state.checks, "invalid_checks": state.invalid, "gain_db": gain, "gain_spread_db": gain_s,
+                "over_reference_db": over,
                 "over_reference_spread_db": over_s, "residual": res, "residual_spread": res_s,
                 "reference_sigma_px": state.sigma, "flagged": state.flagged, "reasons": list(state.reasons),
                 "detector": state.detector,
