@@ -30,6 +30,8 @@ def test_messages_arrive(notify_socket, monkeypatch) -> None:
     assert sock.recv(4096) == b"READY=1\nSTATUS=up"
     n.status("fps 3\nmore")
     assert sock.recv(4096) == b"STATUS=fps 3 more"
+    n.status("stats: in 3", fidelity="FLAGGED ('run-1')")  # the live check's state leads the line
+    assert sock.recv(4096) == b"STATUS=fidelity FLAGGED ('run-1'); stats: in 3"
     n.watchdog()
     assert sock.recv(4096) == b"WATCHDOG=1"
     n.stopping()
