@@ -10,7 +10,8 @@ frames by (series_id, frame_id), and at the end prints a stats table and writes 
 PSNR: raw counts and the float denoised frame are each mapped onto the clean frame's scale
 by the least-squares gain and offset (`stemd.compute.metrics.fit_scale`, the same oracle fit for
 both), then `stemd.compute.metrics.psnr` against the clean frame with its own range as the peak;
-the table gives the mean over matched frames.
+the table gives the mean over matched frames. Beside it, the daemon's own live fidelity estimate (the last
+denoised header's `fidelity` map: held-out split-dose gains, no truth used; docs/protocol.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`stemd view`: raw and denoised frames from a running daemon, side by side.
 
 With a display (DISPLAY or WAYLAND_DISPLAY set and an interactive matplotlib backend that
-loads) it opens a window updated live with fps and latency. `--snapshot PNG` instead writes
+loads) it opens a window updated live with fps, latency and the series' live fidelity estimate.
+`--snapshot PNG` instead writes
 the latest raw/denoised pair (matched by series_id and frame_id) to a PNG and exits; it
 works headless (Agg). The pieces (`PairMatcher`, `LiveStats`, `render_panels`, `write_png`)
 are pure or file-only and shared with `stemd demo`.
