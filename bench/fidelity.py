@@ -265,7 +265,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     start = time.perf_counter()
     command = " ".join(["python -m bench.fidelity", *(sys.argv[1:] if argv is None else argv)])
     out_dir = args.out or BENCHMARKS.parent
