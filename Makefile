@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,bench,dev,dask,metrics]"
+	$(BIN)/python -m pip install -q -e ".[test,bench,dev,dask,metrics,formats]"
 	touch $@
 
 clean:
