@@ -7,6 +7,7 @@ type or one outside its range raises `ConfigError` naming the dotted key and wha
 
 from __future__ import annotations
 
+import importlib.util
 from argparse import BooleanOptionalAction
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -122,10 +123,15 @@ class LimitsSettings(_Section):
 
 
 class RecordingSettings(_Section):
-    """Optional TIFF recording, one file per series and kind."""
+    """Optional recording, one file per series and kind."""
 
     enabled: bool = Field(False, description="record the frames that pass through")
-    directory: Path = Field(Path("recordings"), description="created if missing; files are <series>_<kind>.tif")
+    directory: Path = Field(Path("recordings"), description="created if missing; files are <series>_<kind>.tif "
+                            "(.zspy, .hspy)")
+    format: Literal["tiff", "zspy", "hspy"] = Field(
+        "tiff", description="tiff: a page per frame, its header as JSON; zspy or hspy (the formats extra): a "
+        "HyperSpy (N, H, W) signal appended frame by frame, the pixel size as axis scale, the frame ids in "
+        "original_metadata.stemd (zspy: a crash loses at most the frame being written)")
     raw: bool = Field(True, description="record raw frames")
     denoised: bool = Field(True, description="record denoised frames (float32)")
     idle_close_s: float = Field(300.0, gt=0, description="a series' files are closed after this many seconds "
@@ -133,6 +139,13 @@ class RecordingSettings(_Section):
                                 "of it opens <series>_<kind>-1.tif")
     max_open: int = Field(32, ge=2, description="open recording files at most; opening one more closes the one "
                           "written least recently")
+
+    @field_validator("format")
+    @classmethod
+    def _format_installed(cls, value: str) -> str:
+        if value != "tiff" and importlib.util.find_spec("rsciio") is None:
+            raise ValueError(f"{value} needs the formats extra: pip install 'stemd[formats]'")
+        return value
 
 
 class StatsSettings(_Section):

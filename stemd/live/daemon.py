@@ -30,6 +30,7 @@ from stemd.config import MODEL_KEYS, Settings, add_setting_options, is_local_end
 from stemd.errors import ConfigError, ModelOutputError, StemdError
 from stemd.live import protocol
 from stemd.live.engine import Engine, Pending
+from stemd.live.hspy_writer import HyperSpyRecorder
 from stemd.live.notify import Notifier
 from stemd.live.recorder import Recorder
 from stemd.pipeline import Denoiser, Plan, check_finite
@@ -384,6 +385,8 @@ class Daemon:
         r = s.recording
         if not r.enabled or not (r.raw or r.denoised):
             return None
+        if r.format != "tiff":
+            return HyperSpyRecorder(r.directory, fmt=r.format, raw=r.raw, denoised=r.denoised, max_open=r.max_open)
         return Recorder(r.directory, raw=r.raw, denoised=r.denoised, max_open=r.max_open)
 
     # ---- receiving --------------------------------------------------------------------

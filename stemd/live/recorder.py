@@ -8,7 +8,8 @@ that one page (counted, logged). Any other failure on the worker thread is a bug
 its traceback too, never lost with an unread future (`errors` counts every failure). Open files are
 bounded: at most `max_open` (the least recently written one is closed to open another), and the daemon
 closes a series' files after `recording.idle_close_s` without a frame (a publisher that crashed never
-sends the series' end); a later frame of it starts `<series>_<kind>-1.tif`.
+sends the series' end); a later frame of it starts `<series>_<kind>-1.tif`. Another file format is a subclass
+that sets `suffix` and overrides `_open_writer` and `_append` (`stemd.live.hspy_writer`: HyperSpy zspy/hspy).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ async def _settled(fut: Future[None]) -> None:
 class Recorder:
     """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
 
+    suffix = ".tif"
+
     def __init__(
         self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64,
         max_open: int = 32,
@@ -70,8 +73,7 @@ class Recorder:
         self.pages = 0
         self.files: list[Path] = []
         # least recently written first; each with the monotonic time of its last page
-        self._writers: collections.OrderedDict[tuple[str, str], tuple[tifffile.TiffWriter, IO[bytes]]] = (
-            collections.OrderedDict())
+        self._writers: collections.OrderedDict[tuple[str, str], tuple[Any, Any]] = collections.OrderedDict()
         self._written: dict[tuple[str, str], float] = {}
         self._paths: dict[tuple[str, str], tuple[Path, int]] = {}  # each open file's path and complete pages
         self._failed: set[tuple[str, str]] = set()
@@ -121,11 +123,21 @@ class Recorder:
     def _open_file(self, path: Path) -> IO[bytes]:
         return open(path, "xb")
 
+    def _open_writer(self, path: Path, kind: str) -> tuple[Any, Any]:
+        """(writer, file) for a new recording of `kind`; `_close` closes both."""
+        fh = self._open_file(path)
+        return tifffile.TiffWriter(fh, bigtiff=True), fh
+
+    def _append(self, writer: Any, fh: Any, header: dict[str, Any], data: np.ndarray, description: str) -> None:
+        """One frame onto an open recording, on disk when this returns."""
+        writer.write(data, description=description, metadata=None)
+        fh.flush()
+
     def _path(self, series_id: str, kind: str) -> Path:
         stem = f"{file_stem(series_id)}_{kind}"
-        path, n = self.directory / f"{stem}.tif", 1
+        path, n = self.directory / f"{stem}{self.suffix}", 1
         while path.exists():
-            path, n = self.directory / f"{stem}-{n}.tif", n + 1
+            path, n = self.directory / f"{stem}-{n}{self.suffix}", n + 1
         return path
 
     def _write(self, kind: str, header: dict[str, Any], data: np.ndarray) -> None:
@@ -147,13 +159,11 @@ class Recorder:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 path = self._path(*key)
                 self._paths[key] = (path, 0)
-                fh = self._open_file(path)
-                self._writers[key] = (tifffile.TiffWriter(fh, bigtiff=True), fh)
+                self._writers[key] = self._open_writer(path, kind)
                 self.files.append(path)
                 log.info("recording %s frames of series %r to %s", kind, key[0], path)
             writer, fh = self._writers[key]
-            writer.write(data, description=description, metadata=None)
-            fh.flush()
+            self._append(writer, fh, header, data, description)
             self.pages += 1
             opened, pages = self._paths[key]
             self._paths[key] = (opened, pages + 1)
