@@ -42,7 +42,7 @@ def _signal(header: dict[str, Any], kind: str, data: np.ndarray) -> dict[str, An
             {"name": "y", "scale": scale, "offset": 0.0, "units": units, "size": h, "navigate": False},
             {"name": "x", "scale": scale, "offset": 0.0, "units": units, "size": w, "navigate": False}]
     series = str(header.get("series_id", ""))
-    metadata = {"General": {"title": f"{series} {kind}".strip()}, "Signal": {"signal_type": ""},
+    metadata: dict[str, Any] = {"General": {"title": f"{series} {kind}".strip()}, "Signal": {"signal_type": ""},
                 "stemd": {"series_id": series, "kind": kind}}
     if header.get("detector"):
         metadata["Acquisition_instrument"] = {"TEM": {"Detector": {"name": str(header["detector"])}}}
