@@ -105,6 +105,22 @@ async def test_memory_holds_one_frame_whatever_the_series_length(tmp_path, fmt) 
     assert peak < 4 * 2**20 and read(tmp_path / f"long_raw.{fmt}")["data"].shape == (60, 256, 256)
 
 
+@pytest.mark.parametrize("fmt", ["zspy", "hspy"])
+def test_a_killed_recorder_leaves_every_frame_it_finished(tmp_path, fmt) -> None:
+    """SIGKILL after three frames, the file never closed: all three frames and their ids read back."""
+    path = tmp_path / f"s_raw.{fmt}"
+    code = ("import os, signal, pathlib, numpy as np; from stemd.live.hspy_writer import SeriesFile\n"
+            f"f = SeriesFile(pathlib.Path({str(path)!r}), {fmt!r}, 'raw')\n"
+            "for i in range(3):\n"
+            "    f.append({'series_id': 's', 'frame_id': 5 + i}, np.full((30, 40), i, np.uint16))\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    back = read(path)
+    np.testing.assert_array_equal(back["data"], np.stack([np.full((30, 40), i, np.uint16) for i in range(3)]))
+    assert list(np.asarray(back["original_metadata"]["stemd"]["frame_ids"])) == [5, 6, 7]
+
+
 def test_format_without_the_extra_is_a_config_error() -> None:
     code = ("import sys; sys.modules['rsciio'] = None; from stemd.config import load_settings\n"
             "try:\n    load_settings(None, {'recording.format': 'zspy'})\n"

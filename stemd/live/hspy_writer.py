@@ -4,7 +4,9 @@ frame's header in original_metadata.stemd.header and every frame's id in origina
 
 Each file is laid out by RosettaSciIO's own writer from its first frame, then appended to a frame at a time, so
 memory holds one frame whatever the series' length. zspy (Zarr, a directory): each frame is its own chunk file
-and the array's size a small JSON rewrite, so a crash loses at most the frame being written; the safer choice.
+and the array's size a small JSON rewrite, so a crash loses at most the frame being written (killed between a
+frame's data and the frame axis' size, the data are one frame longer than the axis says; HyperSpy still opens it);
+the safer choice.
 hspy (HDF5): appended through h5py into resizable datasets and flushed after every frame; a crash in the middle of
 a write can leave the HDF5 file itself inconsistent, which no append-only layout avoids.
 """
