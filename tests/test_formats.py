@@ -268,3 +268,21 @@ def test_formats_stream_frame_by_frame(tmp_path, src, dst):
     back = tifffile.imread(out) if dst == "tif" else np.asarray({"hspy": hspy_reader, "zspy": zspy_reader}[dst](
         str(out))[0]["data"])
     np.testing.assert_array_equal(back, stack * 2.0)
+
+
+def test_several_images_check_each_output_name(tmp_path, capsys, checkpoint, stack):
+    """OUT itself is not written for a file of several images: only OUT_<title> outputs are refused if they exist."""
+    import h5py
+    from rsciio.emd._emd_ncem import EMD_NCEM
+
+    inp = tmp_path / "two.emd"
+    emd_writer(str(inp), signal(stack[0], "HAADF"))
+    EMD_NCEM().write_file(h5py.File(inp, "a"), signal(stack[1], "BF"))
+    (tmp_path / "out.tif").write_bytes(b"an unrelated file")
+    (tmp_path / "out_BF.tif").write_bytes(b"a previous output")
+    assert denoise(inp, tmp_path / "out.tif", "--model", checkpoint) == 2
+    assert "out_BF.tif exists" in capsys.readouterr().err and not (tmp_path / "out_HAADF.tif").exists()
+    (tmp_path / "out_BF.tif").unlink()
+    assert denoise(inp, tmp_path / "out.tif", "--model", checkpoint) == 0
+    assert (tmp_path / "out.tif").read_bytes() == b"an unrelated file"
+    assert_denoised(tifffile.imread(tmp_path / "out_BF.tif"), stack[1])

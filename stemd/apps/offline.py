@@ -93,7 +93,6 @@ def denoise_any(inp: Path, out: Path, settings: ModelSettings | None = None, *, 
         image, note = denoise_file(inp, out, settings, overwrite=overwrite, progress=progress,
                                    pixel_size_m=pixel_size_m, denoiser=denoiser)
         return [Written(out, image.shape, note)]
-    check_output(out, overwrite)
     sources, skipped = formats.open_sources(inp)
     if not sources:
         raise InputError(f"{inp} holds no image stemd denoises ({'; '.join(skipped) or 'no signal'})")
