@@ -17,6 +17,7 @@ from rsciio.zspy import file_reader as zspy_reader
 from rsciio.zspy import file_writer as zspy_writer
 
 from stemd.apps.cli import main
+from stemd.apps.formats import length_m
 from stemd.apps.tiffio import pixel_size_from_tags, read_tiff
 from stemd.pipeline import Denoiser
 from stemd.sim.lattice import NoiseSpec, corrupt, simulate_frame
@@ -286,3 +287,45 @@ def test_several_images_check_each_output_name(tmp_path, capsys, checkpoint, sta
     assert denoise(inp, tmp_path / "out.tif", "--model", checkpoint) == 0
     assert (tmp_path / "out.tif").read_bytes() == b"an unrelated file"
     assert_denoised(tifffile.imread(tmp_path / "out_BF.tif"), stack[1])
+
+
+def write_velox(path: Path, images: dict[str, np.ndarray]) -> None:
+    """A Velox EMD (rsciio has no Velox writer): the HDF5 layout its reader takes, one Data/Image group per
+    detector, frames last, each frame's metadata as JSON bytes; pixel size 27.9 pm given in metres."""
+    import json
+
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("Version", data=np.array([json.dumps({"format": "Velox", "version": 11}).encode()]))
+        for i, data in enumerate(images.values()):
+            stack = data if data.ndim == 3 else data[None]
+            group = f.create_group(f"Data/Image/{i:032x}")
+            group.create_dataset("Data", data=np.moveaxis(stack, 0, -1), chunks=(*stack.shape[1:], 1))
+            meta = {"BinaryResult": {"PixelSize": {"width": str(PIXEL_NM * 1e-9), "height": str(PIXEL_NM * 1e-9)},
+                                     "PixelUnitX": "m", "PixelUnitY": "m", "Offset": {"x": "0", "y": "0"},
+                                     "DetectorIndex": str(i)},
+                    "Detectors": {f"Detector-{j}": {"DetectorName": name} for j, name in enumerate(images)},
+                    "Scan": {"FrameTime": "1.5"}, "Optics": {"AccelerationVoltage": "300000"},
+                    "Acquisition": {"AcquisitionStartDatetime": {"DateTime": "1700000000"}},
+                    "Instrument": {"InstrumentModel": "Spectra 300"}, "CustomProperties": {}}
+            raw = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+            group.create_dataset("Metadata", data=np.repeat(raw[:, None], stack.shape[0], axis=1))
+
+
+def test_velox_emd_detectors_to_hspy(tmp_path, capsys, checkpoint, stack):
+    """HAADF and a DF4 series are denoised, each into its own HyperSpy file; the complex iDPC image is skipped."""
+    dpc = np.zeros((64, 80), dtype=[("realFloat", "<f4"), ("imagFloat", "<f4")])
+    inp = tmp_path / "velox.emd"
+    write_velox(inp, {"HAADF": stack[0], "DF4": (stack * 10).astype(np.uint16), "iDPC": dpc})
+    assert denoise(inp, tmp_path / "out.hspy", "--model", checkpoint) == 0
+    assert "skipped iDPC: its data are complex64" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out_DF4.hspy", "out_HAADF.hspy"]
+    [haadf], [df4] = hspy_reader(str(tmp_path / "out_HAADF.hspy")), hspy_reader(str(tmp_path / "out_DF4.hspy"))
+    assert_denoised(haadf["data"], stack[0])
+    assert_denoised(df4["data"], (stack * 10).astype(np.uint16))
+    for back in (haadf, df4):
+        x = back["axes"][-1]  # the reader picks nm or pm by the image's width
+        assert float(x["scale"]) * length_m(x["units"]) == pytest.approx(PIXEL_NM * 1e-9, rel=1e-5)
+        assert back["original_metadata"]["Instrument"]["InstrumentModel"] == "Spectra 300"
+    assert df4["metadata"]["General"]["title"] == "DF4" and df4["axes"][0]["name"] == "Time"
