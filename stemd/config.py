@@ -90,6 +90,9 @@ class InputSettings(_Section):
     mode: Literal["connect", "bind"] = Field("connect", description="connect (the microscope binds) | bind "
                                                                     "(the microscope connects)")
     hwm: int = Field(16, ge=1, description="receive high-water mark, messages buffered by ZeroMQ")
+    format: Literal["stemd", "array-1.0"] = Field("stemd", description="stemd (docs/protocol.md) | array-1.0 "
+                                                  "(EPICS areaDetector's ADZMQ plugin: JSON header + raw data)")
+    socket: Literal["sub", "pull"] = Field("sub", description="sub (the source PUBlishes) | pull (it PUSHes)")
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
 
