@@ -67,14 +67,20 @@ class ModelSettings(_Section):
                                     description="the specimen's projected lattice period, metres (SrTiO3 a); "
                                     "used with the pixel size when the frame's own lattice is not measured")
     outliers: bool = Field(True, strict=True, description="treat saturated pixels (the detector's maximum) and "
-                           "isolated hot pixels as missing data: replaced by their neighbourhood's median before "
-                           "normalisation, the model's estimate written there")
+                           "isolated hot pixels as missing data: replaced by the mean of their valid neighbours "
+                           "before normalisation, the model's estimate written there")
     flips: bool = Field(
         False, strict=True, description="average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB"
     )
     dejitter: int = Field(DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX,
                           description="rounds of line-jitter correction before the model (stemd.compute.dejitter); "
                                       "0: off (saves ~40 ms per 512² frame, 2 CPU threads)")
+    scan_lines: Literal["auto", "rows", "columns"] = Field(
+        "auto", description="the axis the scan lines run along, for the line-jitter correction and destripe. "
+        "auto: told by the frame's own line artefacts (stemd.compute.scanlines; rows when it shows none), "
+        "measured with the lattice")
+    destripe: bool = Field(True, strict=True, description="take each scan line's offset flicker (stripes) out "
+                           "before the model, when the frame's line means vary more than its noise allows")
     planar: bool = Field(
         True,
         strict=True,
@@ -91,6 +97,9 @@ class InputSettings(_Section):
     mode: Literal["connect", "bind"] = Field("connect", description="connect (the microscope binds) | bind "
                                                                     "(the microscope connects)")
     hwm: int = Field(16, ge=1, description="receive high-water mark, messages buffered by ZeroMQ")
+    format: Literal["stemd", "array-1.0"] = Field("stemd", description="stemd (docs/protocol.md) | array-1.0 "
+                                                  "(EPICS areaDetector's ADZMQ plugin: JSON header + raw data)")
+    socket: Literal["sub", "pull"] = Field("sub", description="sub (the source PUBlishes) | pull (it PUSHes)")
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
 

@@ -24,6 +24,7 @@ from stemd.compute.fourier import bragg_filter, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
 from stemd.compute.outliers import outlier_mask, repair
 from stemd.compute.planar import planar_guide
+from stemd.compute.scanlines import Lines, destripe, scan_lines
 from stemd.config import Device, ModelSettings, Precision, model_settings
 from stemd.errors import CheckpointError, ConfigError, ModelOutputError
 from stemd.models.base import FrameModel
@@ -73,10 +74,13 @@ class Plan:
     source: str = "none"  # what chose the factor: "frame" (its measured lattice), "pixel size", or "none"
     scale_px: float | None = None  # the frame's measured lattice scale (shortest translation, px), if measured
     lattice: bool | None = None  # whether the frame shows a lattice (None: not measured)
+    lines: Lines = "rows"  # the axis the scan lines run along (the line-jitter correction's and destripe's)
+    stripes: bool = False  # the frame's line means flicker beyond its noise: destripe before the model
 
     def describe(self) -> dict[str, Any]:
         """Plain data for output metadata and the published header."""
-        out: dict[str, Any] = {"factor": self.factor, "source": self.source}
+        out: dict[str, Any] = {"factor": self.factor, "source": self.source, "scan_lines": self.lines,
+                               "stripes": self.stripes}
         if self.scale_px is not None:
             out["lattice_scale_px"] = round(self.scale_px, 3)
         if self.pixel_size_m is not None:
@@ -164,19 +168,22 @@ class Denoiser:
         gets no line-jitter correction. Without a measured lattice the pixel size and `lattice_period_m` decide."""
         hw = (int(shape[-2]), int(shape[-1]))
         scale, lattice = None, None
+        lines: Lines = "rows" if self.settings.scan_lines == "auto" else self.settings.scan_lines
+        stripes = False
         if frames is not None:
             one = frames if frames.ndim == 2 else frames[0]
             first = self.repaired(torch.as_tensor(_writable(one) if isinstance(one, np.ndarray) else one)
                                   .to(self.device)[None])
             scale = _sampling.measure_scale(first.to(torch.float32)[:, None])[0]
             lattice = scale is not None
+            lines, stripes = scan_lines(first[0], None if self.settings.scan_lines == "auto" else lines)
         if scale is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
             factor = _sampling.plan_from_scale(scale, self.scale_range, hw, self.sampling, self.window)
-            return Plan(hw, pixel_size_m, factor, "frame", scale, lattice)
+            return Plan(hw, pixel_size_m, factor, "frame", scale, lattice, lines, stripes)
         factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
                                 min_side=self.window)
         source = "pixel size" if pixel_size_m is not None and self.sampling != "off" and self.period_range else "none"
-        return Plan(hw, pixel_size_m, factor, source, scale, lattice)
+        return Plan(hw, pixel_size_m, factor, source, scale, lattice, lines, stripes)
 
     def repaired(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, H, W) raw frames with saturated pixels (an integer dtype's maximum) and hot pixels replaced by
@@ -210,8 +217,12 @@ class Denoiser:
 
     def run(self, raw: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(B, H, W) raw frames of any real dtype on the model's device -> float32 denoised frames in the same
-        units, on the device: the whole pipeline. Saturated and hot pixels are missing data (`outliers`)."""
-        x, lo, hi = normalize(self.repaired(raw), reference=self.reference)
+        units, on the device: the whole pipeline. Saturated and hot pixels are missing data (`outliers`); line
+        offset flicker is taken out along the plan's scan lines when the plan found it (`destripe`)."""
+        x = self.repaired(raw)
+        if plan.stripes and self.settings.destripe:
+            x = destripe(x, plan.lines)
+        x, lo, hi = normalize(x, reference=self.reference)
         return denormalize(self.denoise_tensor(x[:, None], plan=plan)[:, 0], lo, hi)
 
     def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None, *,
@@ -226,7 +237,10 @@ class Denoiser:
         plan = plan or self.plan(frames.shape, pixel_size_m)
         if self.dejitter and plan.lattice is not False:  # the correction fits each line against the lattice
             with torch.autocast(frames.device.type, enabled=False):
-                frames = _dejitter(frames, self.dejitter)
+                if plan.lines == "rows":
+                    frames = _dejitter(frames, self.dejitter)
+                else:
+                    frames = _dejitter(frames.transpose(-2, -1), self.dejitter).transpose(-2, -1)
         if not self.flips:
             return self._denoise(frames, plan.factor)
         return sum((self._denoise(frames.flip(dims), plan.factor).flip(dims) for dims in FLIPS),

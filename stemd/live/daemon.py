@@ -366,10 +366,11 @@ class Daemon:
         return pub
 
     def _open_input(self, s: Settings) -> zmq.asyncio.Socket:
-        sub = self.ctx.socket(zmq.SUB)
+        sub = self.ctx.socket(zmq.PULL if s.input.socket == "pull" else zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, s.input.hwm)
-        sub.setsockopt(zmq.SUBSCRIBE, protocol.FRAME)
-        sub.setsockopt(zmq.SUBSCRIBE, protocol.SERIES)
+        if s.input.socket == "sub":
+            for topic in (protocol.FRAME, protocol.SERIES) if s.input.format == "stemd" else (b"",):
+                sub.setsockopt(zmq.SUBSCRIBE, topic)
         if s.input.mode == "bind":
             self._bind(sub, s.input.endpoint, "input.endpoint")
         else:
@@ -411,28 +412,12 @@ class Daemon:
 
     def handle_message(self, parts: list[Any]) -> None:
         """Validate one message and queue it, or count it as rejected; never raises."""
+        if self.settings.input.format == "array-1.0":
+            self._take_frame(parts, protocol.decode_array)
+            return
         topic = parts[0].bytes if hasattr(parts[0], "bytes") else bytes(parts[0])
-        now = time.time()
         if topic == protocol.FRAME:
-            self.frames_in += 1
-            lim = self.settings.limits
-            try:
-                frame = protocol.decode_frame(
-                    parts, max_side=lim.max_side, max_pixels=lim.max_pixels,
-                    min_side=max(lim.min_side, self._engine.window),
-                )
-            except protocol.ProtocolError as exc:
-                self._reject(exc.reason, exc.detail)
-                return
-            self._track_series(frame.header)
-            try:
-                plan = self._plan(frame.header, frame.data)
-            except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
-                self._refuse([Item("frame", frame.header, frame.data, now)], exc)
-                return
-            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self._engine.generation))
-            if dropped is not None:
-                self._drop(dropped, "queue_full")
+            self._take_frame(parts, protocol.decode_frame)
         elif topic == protocol.SERIES:
             try:
                 _, header = protocol.decode_event(parts)
@@ -440,9 +425,31 @@ class Daemon:
                 self._reject(exc.reason, exc.detail)
                 return
             self._last_ids.pop(header["series_id"], None)
-            self._put_event(Item("event", header, None, now))
+            self._put_event(Item("event", header, None, time.time()))
         else:
             self._reject("topic", f"unexpected topic {topic[:32]!r}")
+
+    def _take_frame(self, parts: list[Any], decode: Callable[..., protocol.Frame]) -> None:
+        """Decode a frame message with `decode` (the input format's), plan it and queue it, or count why not."""
+        now = time.time()
+        self.frames_in += 1
+        lim = self.settings.limits
+        try:
+            frame = decode(
+                parts, max_side=lim.max_side, max_pixels=lim.max_pixels, min_side=max(lim.min_side, self._engine.window)
+            )
+        except protocol.ProtocolError as exc:
+            self._reject(exc.reason, exc.detail)
+            return
+        self._track_series(frame.header)
+        try:
+            plan = self._plan(frame.header, frame.data)
+        except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
+            self._refuse([Item("frame", frame.header, frame.data, now)], exc)
+            return
+        dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self._engine.generation))
+        if dropped is not None:
+            self._drop(dropped, "queue_full")
 
     def _plan(self, header: dict[str, Any], data: np.ndarray) -> Plan:
         """The series' plan, made from its first frame's own lattice (`Denoiser.plan`) and remade every
@@ -753,7 +760,11 @@ def _described(header: dict[str, Any], data: np.ndarray) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings (config/stemd.yaml documents every key)")
-    add_setting_options(parser, ("input.endpoint", "output.endpoint", "queue.mode", "metrics.endpoint", *MODEL_KEYS))
+    add_setting_options(
+        parser,
+        ("input.endpoint", "input.format", "input.socket", "output.endpoint", "queue.mode", "metrics.endpoint",
+         *MODEL_KEYS),
+    )
     parser.add_argument("--bind-input", action="store_true", help="bind the input endpoint instead of connecting")
     parser.add_argument("--record", type=Path, metavar="DIR", help="record TIFFs into DIR (enables recording)")
 
