@@ -18,6 +18,7 @@ from typing import Any, get_args
 import numpy as np
 import torch
 
+from stemd.compute import planar as _planar
 from stemd.compute import sampling as _sampling
 from stemd.compute.dejitter import dejitter as _dejitter
 from stemd.compute.fourier import bragg_filter, bragg_spectrum, noise_level
@@ -182,11 +183,17 @@ class Denoiser:
             lattice = scale is not None
         if scale is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
             factor = _sampling.plan_from_scale(scale, self.scale_range, hw, self.sampling, self.window)
-            return Plan(hw, pixel_size_m, factor, "frame", scale, lattice, vectors)
-        factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
-                                min_side=self.window)
-        source = "pixel size" if pixel_size_m is not None and self.sampling != "off" and self.period_range else "none"
-        return Plan(hw, pixel_size_m, factor, source, scale, lattice, vectors)
+            made = Plan(hw, pixel_size_m, factor, "frame", scale, lattice, vectors)
+        else:
+            factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
+                                    min_side=self.window)
+            given = pixel_size_m is not None and self.sampling != "off" and self.period_range
+            source = "pixel size" if given else "none"
+            made = Plan(hw, pixel_size_m, factor, source, scale, lattice, vectors)
+        if vectors is not None and self.planar and "guide" in self.model.inputs:
+            for dims in FLIPS if self.flips else ((),):  # the planar guide's geometry, its host reads done here
+                _planar.prepare(hw, _flipped(vectors, dims), self.device)
+        return made
 
     def repaired(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, H, W) raw frames with saturated pixels (an integer dtype's maximum) and hot pixels replaced by

@@ -14,6 +14,7 @@ Pure torch, any device; docs/training.md, "Planar defects".
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -96,7 +97,7 @@ class _Direction:
     """One of the four `translations` as the band search sees it: which profile bin each pixel's line falls in."""
 
     norm: float  # |t|, px
-    bins: torch.Tensor  # (H * W,) long: the profile bin of each pixel (its distance across t)
+    bins: torch.Tensor  # (H * W,) int32: the profile bin of each pixel (its distance across t)
     length: int  # bins in the profile
     first: torch.Tensor  # (H * W,) float: 1 where the pixel is in the first half of its line (before the centre)
     valid: torch.Tensor  # (n,) long: the bins the robust z is taken over (`_robust_z`)
@@ -119,16 +120,26 @@ class _Geometry:
 
 
 _GEOMETRIES: OrderedDict[tuple[object, ...], _Geometry] = OrderedDict()
-GEOMETRY_CACHE = 2  # shapes x lattices kept (a 512² one holds ~25 MB, growing with the pixels)
+_GEOMETRIES_LOCK = threading.Lock()  # a plan (`prepare`) may be made on another thread than the frames' runs
+GEOMETRY_CACHE = 4  # shapes x lattices kept, e.g. one series' four flips (a 512² one holds ~20 MB, ~ pixels)
+
+
+def prepare(shape: tuple[int, int], vectors: Vectors, device: torch.device | str = "cpu") -> None:
+    """Compute and keep what `planar_blend` needs of frames of `shape` along `vectors` (host reads included),
+    so that their guides then read nothing back: made with a series' plan."""
+    _geometry(shape, vectors, REACH_PX, torch.device(device))
 
 
 def _geometry(shape: tuple[int, int], vectors: Vectors, reach: float, device: torch.device) -> _Geometry:
     """The cached `_Geometry` of frames of `shape` along `vectors` (the least recently used dropped first)."""
     key = (shape, vectors, reach, str(device))
-    geometry = _GEOMETRIES.pop(key, None) or _make_geometry(shape, vectors, reach, device)
-    _GEOMETRIES[key] = geometry
-    while len(_GEOMETRIES) > GEOMETRY_CACHE:
-        _GEOMETRIES.popitem(last=False)
+    with _GEOMETRIES_LOCK:
+        geometry = _GEOMETRIES.pop(key, None)
+    geometry = geometry or _make_geometry(shape, vectors, reach, device)
+    with _GEOMETRIES_LOCK:
+        _GEOMETRIES[key] = geometry
+        while len(_GEOMETRIES) > GEOMETRY_CACHE:
+            _GEOMETRIES.popitem(last=False)
     return geometry
 
 
@@ -177,9 +188,9 @@ def _make_geometry(shape: tuple[int, int], vectors: Vectors, reach: float, devic
         across = (xx * ty - yy * tx) / norm  # distance along the normal to t
         along = (xx * tx + yy * ty) / norm
         first = (along < along[h // 2, w // 2]).float().flatten()  # the lines' halves either side of the centre
-        bins = (across - across.min()).round().long().flatten()
+        bins = (across - across.min()).round().int().flatten()  # int32: half the memory of long
         length = int(bins.max()) + 1
-        lines = torch.bincount(bins, weight_inner, minlength=length)
+        lines = torch.bincount(bins.long(), weight_inner, minlength=length)
         enough = (lines > MIN_LINE_FRACTION * lines.max()).float()
         valid = F.max_pool1d(F.pad(1 - enough, (TRIM_PX, TRIM_PX), value=1.0)[None], 2 * TRIM_PX + 1,
                              stride=1)[0] == 0
