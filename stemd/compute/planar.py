@@ -97,7 +97,7 @@ class _Direction:
     """One of the four `translations` as the band search sees it: which profile bin each pixel's line falls in."""
 
     norm: float  # |t|, px
-    bins: torch.Tensor  # (H * W,) int32: the profile bin of each pixel (its distance across t)
+    bins: torch.Tensor  # (H * W,) long: the profile bin of each pixel (its distance across t)
     length: int  # bins in the profile
     first: torch.Tensor  # (H * W,) float: 1 where the pixel is in the first half of its line (before the centre)
     valid: torch.Tensor  # (n,) long: the bins the robust z is taken over (`_robust_z`)
@@ -121,7 +121,7 @@ class _Geometry:
 
 _GEOMETRIES: OrderedDict[tuple[object, ...], _Geometry] = OrderedDict()
 _GEOMETRIES_LOCK = threading.Lock()  # a plan (`prepare`) may be made on another thread than the frames' runs
-GEOMETRY_CACHE = 4  # shapes x lattices kept, e.g. one series' four flips (a 512² one holds ~20 MB, ~ pixels)
+GEOMETRY_CACHE = 4  # shapes x lattices kept, e.g. one series' four flips (a 512² one holds ~25 MB, ~ pixels)
 
 
 def prepare(shape: tuple[int, int], vectors: Vectors, device: torch.device | str = "cpu") -> None:
@@ -188,9 +188,9 @@ def _make_geometry(shape: tuple[int, int], vectors: Vectors, reach: float, devic
         across = (xx * ty - yy * tx) / norm  # distance along the normal to t
         along = (xx * tx + yy * ty) / norm
         first = (along < along[h // 2, w // 2]).float().flatten()  # the lines' halves either side of the centre
-        bins = (across - across.min()).round().int().flatten()  # int32: half the memory of long
+        bins = (across - across.min()).round().long().flatten()  # long: int32 takes index_add_'s slow path (100x)
         length = int(bins.max()) + 1
-        lines = torch.bincount(bins.long(), weight_inner, minlength=length)
+        lines = torch.bincount(bins, weight_inner, minlength=length)
         enough = (lines > MIN_LINE_FRACTION * lines.max()).float()
         valid = F.max_pool1d(F.pad(1 - enough, (TRIM_PX, TRIM_PX), value=1.0)[None], 2 * TRIM_PX + 1,
                              stride=1)[0] == 0
