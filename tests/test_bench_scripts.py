@@ -144,9 +144,11 @@ def test_speed_quick_writes_its_section_to_out(tmp_path, tiny_conv):
 
     out = tmp_path / "benchmarks.md"
     assert speed.main(["--quick", "--model", f"t={tiny_conv}", "--sizes", "64", "--precisions", "float32",
-                       "--peer-size", "64", "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+                       "--peer-size", "64", "--threads", str(torch.get_num_threads()), "--out", str(out),
+                       "--overlap", "--trace", str(tmp_path / "trace.json")]) == 0
     text = out.read_text()
     assert "## Speed (bench/speed.py)" in text and "| cpu | t | float32 | 64² |" in text
+    assert "Copy/compute overlap" in text and (tmp_path / "trace.json").stat().st_size > 0
     assert "Command: `python -m bench.speed --quick`" in text
     assert "BM3D" in text  # the classical peers ran
 
