@@ -213,7 +213,8 @@ def _plane_averages(frames: torch.Tensor, geometry: _Geometry, spectrum: Spectru
         x = frames.float()
         mean = x.mean((-2, -1), keepdim=True)
         values = torch.fft.rfft2(x - mean, s=size)
-    total = torch.fft.irfft2(real_times(values, geometry.kernels), s=size)[..., :h, :w]
+    rows = torch.fft.ifft(real_times(values, geometry.kernels), dim=-2)[..., :h, :]  # the frame's rows only
+    total = torch.fft.irfft(rows, n=size[1], dim=-1)[..., :w]
     return total / geometry.fraction + mean, geometry.shifts
 
 
@@ -325,12 +326,12 @@ def _null_variance(x: torch.Tensor, guide: torch.Tensor, averages: torch.Tensor,
 def _band_z(direction: _Direction, gain: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """(B, H * W) -> (B, L) per profile bin: min(z of the whole lines, sqrt 2 x z of each half), z = `_robust_z` of
     the smoothed gain over its smoothed null deviation."""
-    d = direction
-    first_gain, first_variance = _profile(d, gain * d.first), _profile(d, variance * d.first)
-    total_gain, total_variance = _profile(d, gain), _profile(d, variance)
-    zs = [_robust_z(total_gain, total_variance, d), _robust_z(first_gain, first_variance, d),
-          _robust_z(total_gain - first_gain, total_variance - first_variance, d)]
-    return torch.minimum(zs[0], math.sqrt(2) * torch.minimum(zs[1], zs[2]))
+    d, n = direction, gain.shape[0]
+    total_gain, first_gain, total_variance, first_variance = _profile(
+        d, torch.cat([gain, gain * d.first, variance, variance * d.first])).split(n)  # one scatter for the four
+    z = _robust_z(torch.cat([total_gain, first_gain, total_gain - first_gain]),
+                  torch.cat([total_variance, first_variance, total_variance - first_variance]), d).split(n)
+    return torch.minimum(z[0], math.sqrt(2) * torch.minimum(z[1], z[2]))
 
 
 def _profile(direction: _Direction, values: torch.Tensor) -> torch.Tensor:
