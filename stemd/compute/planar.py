@@ -326,11 +326,11 @@ def _null_variance(x: torch.Tensor, guide: torch.Tensor, averages: torch.Tensor,
 def _band_z(direction: _Direction, gain: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """(B, H * W) -> (B, L) per profile bin: min(z of the whole lines, sqrt 2 x z of each half), z = `_robust_z` of
     the smoothed gain over its smoothed null deviation."""
-    d, n = direction, gain.shape[0]
+    d = direction
     total_gain, first_gain, total_variance, first_variance = _profile(
-        d, torch.cat([gain, gain * d.first, variance, variance * d.first])).split(n)  # one scatter for the four
+        d, torch.cat([gain, gain * d.first, variance, variance * d.first])).chunk(4)  # one scatter for the four
     z = _robust_z(torch.cat([total_gain, first_gain, total_gain - first_gain]),
-                  torch.cat([total_variance, first_variance, total_variance - first_variance]), d).split(n)
+                  torch.cat([total_variance, first_variance, total_variance - first_variance]), d).chunk(3)
     return torch.minimum(z[0], math.sqrt(2) * torch.minimum(z[1], z[2]))
 
 
