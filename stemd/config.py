@@ -49,7 +49,9 @@ class ModelSettings(_Section):
     device: Device = Field("auto", description="auto (cuda if available) | cpu | cuda")
     step: int | None = Field(None, ge=1, le=MIN_SIDE,
                              description="window models' floating-window step in pixels; null = the checkpoint's")
-    precision: Precision = Field("float32", description="float32 | tf32 (CUDA only) | bf16 (CPU and CUDA autocast; "
+    precision: Precision = Field("float32", description="float32 (strict, TF32 off on CUDA too: the precision "
+                                 "every accuracy figure was measured at) | tf32 (CUDA only; its accuracy not yet "
+                                 "measured: bench/speed.py on a GPU) | bf16 (CPU and CUDA autocast; "
                                  "~2x faster for the conv model on CPUs with AMX or AVX512-BF16)")
     sampling: SamplingPolicy = Field("resample", description="a frame whose lattice period in px (lattice_period_m / "
                                      "its pixel size) is outside the model's trained range is resampled into it and "
@@ -62,7 +64,8 @@ class ModelSettings(_Section):
                             "period is needed; a frame without a lattice falls back on pixel size x "
                             "lattice_period_m. false: always pixel size x lattice_period_m")
     calibrate_every: int = Field(64, ge=1, description="live: the lattice is measured on a series' first frame and "
-                                 "again every this many frames (it costs ~70 ms per 512² frame on one CPU thread)")
+                                 "again every this many frames, on the engine's thread (~40 ms CPU per 512² "
+                                 "frame, 1 thread: bench.stages)")
     lattice_period_m: float = Field(SRTIO3_A_M, gt=1e-11, lt=1e-8, allow_inf_nan=False,
                                     description="the specimen's projected lattice period, metres (SrTiO3 a); "
                                     "used with the pixel size when the frame's own lattice is not measured")
@@ -74,7 +77,7 @@ class ModelSettings(_Section):
     )
     dejitter: int = Field(DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX,
                           description="rounds of line-jitter correction before the model (stemd.compute.dejitter); "
-                                      "0: off (saves ~40 ms per 512² frame, 2 CPU threads)")
+                                      "0: off (saves ~80 ms CPU per 512² frame, 1 thread: bench.stages)")
     scan_lines: Literal["auto", "rows", "columns"] = Field(
         "auto", description="the axis the scan lines run along, for the line-jitter correction and destripe. "
         "auto: told by the frame's own line artefacts (stemd.compute.scanlines; rows when it shows none), "
@@ -85,8 +88,8 @@ class ModelSettings(_Section):
         True,
         strict=True,
         description="conv models: across a planar fault the guide is the frame averaged along "
-        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60 ms "
-        "per 512² frame, 2 CPU threads)",
+        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60-140 ms "
+        "CPU per 512² frame, 1 thread, quiet to busy machine: bench.stages)",
     )
 
 

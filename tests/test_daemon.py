@@ -170,8 +170,8 @@ async def test_series_plan_is_measured_once_per_calibration_and_published(zctx, 
     """The frame tells its own sampling: the lattice is measured on a series' first frame and again every
     model.calibrate_every frames (not per frame), and the plan is in every published header."""
     calls = []
-    measure = sampling.measure_scale
-    monkeypatch.setattr(sampling, "measure_scale", lambda frames: calls.append(1) or measure(frames))
+    measure = sampling.measure_lattice
+    monkeypatch.setattr(sampling, "measure_lattice", lambda frames: calls.append(1) or measure(frames))
     pub = TestPublisher(zctx)
     settings = make_settings(checkpoint, pub.endpoint, **{"model.calibrate_every": 3, "queue.mode": "lossless"})
     async with running(settings) as d:
@@ -725,3 +725,49 @@ def test_run_options_override_the_config() -> None:
     s = load_settings(None, overrides_from_args(args))
     assert (s.model.precision, s.model.sampling, s.queue.mode, s.model.step) == ("bf16", "refuse", "lossless", 3)
     assert load_settings(None, overrides_from_args(build_parser().parse_args(["run"]))) == load_settings()
+
+
+async def test_a_new_series_plan_is_measured_off_the_event_loop(zctx) -> None:
+    """A new series' plan (its first frame's lattice measured, ~0.1-0.3 s for 1024² on a CPU) is made on the
+    engine's worker thread: a heartbeat on the loop every 5 ms never waits half as long as a plan takes (it
+    waited the whole plan while the plan was made on the loop)."""
+    eng = Engine.load(device="cpu")  # the shipped conv model: its plan also prepares the planar guide
+    timed: list[float] = []
+    plan = eng.plan
+
+    def timed_plan(*args):
+        start = time.perf_counter()
+        try:
+            return plan(*args)
+        finally:
+            timed.append(time.perf_counter() - start)
+
+    eng.plan = timed_plan  # type: ignore[method-assign]
+    side = 1024
+    raw = RNG.poisson(simulate_frame((side, side), RNG, rotation_deg=3.0).clean * 20).astype(np.uint16)
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(0.005)
+            gaps.append(time.perf_counter() - start - 0.005)
+
+    pub = TestPublisher(zctx)
+    try:
+        async with running(make_settings("", pub.endpoint, **{"model.path": None, "queue.mode": "lossless"}),
+                           engine=eng) as d:
+            sub = Sub(zctx, d.output_endpoint)
+            await sub.ready()
+            await pub.wait_subscribed()
+            beat = asyncio.create_task(heartbeat())
+            for series in ("a", "b"):
+                header = p.frame_header(series, 0, (side, side), "uint16", pixel_size_m=PIXEL_M)
+                await pub.send(p.encode_frame(p.FRAME, header, raw))
+            await sub.until(lambda m: len(denoised(m)) == 2, timeout=120.0)
+            beat.cancel()
+    finally:
+        pub.close()
+        eng.close()
+    assert len(timed) == 2 and min(timed) > 0.05  # both series measured, each long enough to tell
+    assert max(gaps) < 0.5 * min(timed), (max(gaps), timed)

@@ -55,14 +55,15 @@ class Item:
     header: dict[str, Any]
     data: np.ndarray | None = None
     received_at: float = 0.0
-    plan: Plan | None = None  # how the model runs this frame, made on arrival
+    plan: Plan | None = None  # how the model runs this frame (its series'); None: yet to be measured, by `_work`
     generation: int = 0  # the engine's model the plan was made for
+    planned: list[Any] | None = None  # its series' plan entry (`Daemon._plan`), which `_work` fills if plan is None
 
 
 def _batch_key(item: Item) -> tuple[Any, ...]:
-    """Frames batched together share this: one shape and one pixel size (one sampling plan)."""
+    """Frames batched together share this: one series, shape and pixel size (one plan: sampling and lattice)."""
     assert item.data is not None  # only frames are batched, and a frame carries its data
-    return item.data.shape, item.header.get("pixel_size_m")
+    return item.data.shape, item.header.get("pixel_size_m"), item.header.get("series_id"), id(item.planned)
 
 
 class FrameQueue:
@@ -443,32 +444,50 @@ class Daemon:
             return
         self._track_series(frame.header)
         try:
-            plan = self._plan(frame.header, frame.data)
+            entry = self._plan(frame.header, frame.data)
         except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
             self._refuse([Item("frame", frame.header, frame.data, now)], exc)
             return
-        dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self._engine.generation))
+        dropped = self.queue.put_frame(
+            Item("frame", frame.header, frame.data, now, entry[0], self._engine.generation, entry))
         if dropped is not None:
             self._drop(dropped, "queue_full")
 
-    def _plan(self, header: dict[str, Any], data: np.ndarray) -> Plan:
-        """The series' plan, made from its first frame's own lattice (`Denoiser.plan`) and remade every
-        model.calibrate_every frames or when the model changes; a refusal is kept likewise (SamplingError)."""
+    def _plan(self, header: dict[str, Any], data: np.ndarray) -> list[Any]:
+        """The series' plan entry, [plan, frames planned by it, engine generation]: the plan (`Denoiser.plan`,
+        from the first frame's own lattice) remade every model.calibrate_every frames or when the model
+        changes, a refusal raised (SamplingError, kept likewise). Its plan is None until `_work` measures it
+        on the engine's thread, never on this loop."""
         key = (header["series_id"], data.shape, header.get("pixel_size_m"))
         entry = self._plans.pop(key, None)
         if entry is None or entry[1] >= self.settings.model.calibrate_every or entry[2] != self._engine.generation:
-            try:
-                made: Plan | SamplingError = self._engine.plan(data.shape, header.get("pixel_size_m"), data)
-            except SamplingError as exc:
-                made = exc
-            entry = [made, 0, self._engine.generation]
+            entry = [None, 0, self._engine.generation]
         entry[1] += 1
         self._plans[key] = entry
         while len(self._plans) > MAX_SERIES_TRACKED:
             self._plans.popitem(last=False)
         if isinstance(entry[0], SamplingError):
             raise entry[0]
-        return entry[0]
+        return entry
+
+    async def _measured_plan(self, item: Item) -> Plan:
+        """The plan of a frame queued without one: its entry's if made meanwhile, else measured on this frame
+        on the engine's worker thread (~0.1 s per 512² frame) and kept in the entry; or SamplingError."""
+        assert item.data is not None
+        entry = item.planned
+        current = entry is not None and entry[2] == self._engine.generation
+        made: Plan | SamplingError | None = entry[0] if entry is not None and current else None
+        if made is None:
+            try:
+                made = await self._engine.run(self._engine.plan, item.data.shape, item.header.get("pixel_size_m"),
+                                              item.data)
+            except SamplingError as exc:
+                made = exc
+            if entry is not None and current:
+                entry[0] = made
+        if isinstance(made, SamplingError):
+            raise made
+        return made
 
     def _track_series(self, header: dict[str, Any]) -> None:
         """Notice frame ids going backwards in a series (a restarted publisher) and ids skipped forwards
@@ -536,9 +555,10 @@ class Daemon:
             self._inflight.extend(batch)
             try:
                 plan = batch[0].plan
-                assert batch[0].data is not None  # a frame carries its data
-                if plan is None or batch[0].generation != self._engine.generation:  # the model was reloaded
-                    plan = self._engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
+                if plan is None or batch[0].generation != self._engine.generation:  # new series, or a reload
+                    plan = await self._measured_plan(batch[0])
+                    for item in batch:
+                        item.plan = plan  # the plan the header will describe
                 handle = await self._engine.run(self._engine.submit, [it.data for it in batch], plan)
             except SamplingError as exc:  # the reloaded model refuses frames queued for the old one
                 for item in batch:

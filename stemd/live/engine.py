@@ -4,8 +4,10 @@ All model work runs on ONE dedicated worker thread, so the asyncio loop never bl
 the model is never used from two threads. A batch is `submit`ted (host staging and device
 work enqueued) and later `collect`ed (results copied back). On CUDA, submit only enqueues:
 copy-in on one stream, compute on a second, copy-out on a third, chained by events, with
-pinned host buffers; so while batch k computes, batch k+1 is already uploading. On CPU,
-submit computes directly and collect just returns the result.
+pinned host buffers; so while batch k computes, batch k+1 is already uploading. A staging slot
+whose batch is still uncollected is read out before it is reused, so any number of batches may be
+pending. Waiting for a batch sleeps (blocking events), it does not spin a core. On CPU, submit
+computes directly and collect just returns the result.
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ class Engine:
         slot.host_in.numpy()[...] = stack
         with torch.cuda.stream(copy_in):
             slot.dev_in.copy_(slot.host_in, non_blocking=True)
-            uploaded = torch.cuda.Event()
+            uploaded = torch.cuda.Event()  # waited on by a stream, on the GPU
             uploaded.record(copy_in)
         with torch.cuda.stream(compute), torch.inference_mode():
             compute.wait_event(uploaded)
@@ -199,7 +201,7 @@ class Engine:
             copy_out.wait_event(computed)
             y.record_stream(copy_out)
             slot.host_out.copy_(y, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the host waits on it: sleep, not spin
             done.record(copy_out)
         slot.pending = Pending(n=len(stack), done=done, host_out=slot.host_out, keep=[y, slot.dev_in])
         return slot.pending
