@@ -725,3 +725,128 @@ def test_run_options_override_the_config() -> None:
     s = load_settings(None, overrides_from_args(args))
     assert (s.model.precision, s.model.sampling, s.queue.mode, s.model.step) == ("bf16", "refuse", "lossless", 3)
     assert load_settings(None, overrides_from_args(build_parser().parse_args(["run"]))) == load_settings()
+
+
+def test_frame_queue_caps_a_batch_in_pixels() -> None:
+    """queue.max_batch_pixels: a batch of huge frames never builds (a frame larger than the cap still runs alone)."""
+    q = FrameQueue(10, "lossless")
+    for i in range(5):
+        q.put_frame(Item("frame", {"frame_id": i}, np.zeros((100, 100), np.uint16)))
+    assert [len(q.pop_batch(4, 25_000)) for _ in range(3)] == [2, 2, 1]
+    q.put_frame(Item("frame", {"frame_id": 5}, np.zeros((300, 300), np.uint16)))
+    assert len(q.pop_batch(4, 25_000)) == 1 and q.empty
+
+
+def _vm(pid: int, key: str) -> int:
+    """A /proc/<pid>/status memory figure in bytes (VmRSS, VmHWM: the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@contextlib.asynccontextmanager
+async def _daemon_process(checkpoint: Path, tmp_path: Path, **settings):
+    """`stemd run` as a subprocess on a test publisher; yields (process, publisher, output subscriber, log path)."""
+    ctx = zmq.asyncio.Context()
+    pub = TestPublisher(ctx, nodrop=True, hwm=1000)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.setblocking(False)
+    cfg = {"model": {"path": str(checkpoint), "device": "cpu"}, "input": {"endpoint": pub.endpoint},
+           "output": {"endpoint": "tcp://127.0.0.1:*"}, "stats": {"interval_s": 0.2}}
+    for key, value in settings.items():
+        section, name = key.split(".")
+        cfg.setdefault(section, {})[name] = value
+    (tmp_path / "stemd.yaml").write_text(json.dumps(cfg))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stemd.apps.cli", "run", "--config", str(tmp_path / "stemd.yaml")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        loop = asyncio.get_running_loop()
+        msg = await asyncio.wait_for(loop.sock_recv(listener, 4096), 60)
+        assert msg.startswith(b"READY=1"), msg
+        sub = Sub(ctx, msg.decode().split("output ")[1].split(",")[0])
+        await sub.ready()
+        await pub.wait_subscribed()
+        systemd = asyncio.create_task(_read_forever(loop, listener))  # a full notify socket would block the daemon
+        yield proc, pub, sub, log_path
+        systemd.cancel()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+        pub.close()
+        ctx.destroy(linger=0)
+
+
+async def _read_forever(loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
+    while True:
+        await loop.sock_recv(listener, 4096)
+
+
+async def _stats_until(sub: Sub, done, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        topic, header, _ = await sub.recv(max(0.1, deadline - time.monotonic()))
+        if topic == p.STATS and done(header):
+            return header
+
+
+async def test_an_oversize_message_is_refused_by_zeromq_without_memory_growth(checkpoint, tmp_path) -> None:
+    """A 64 MiB message to a daemon whose frames may have 128² pixels: ZeroMQ (MAXMSGSIZE) refuses it before
+    allocating it, so the daemon's peak RSS does not grow by its size, and frames that follow are denoised."""
+    big = 64 * 2**20
+    async with _daemon_process(checkpoint, tmp_path, **{"limits.max_pixels": 128 * 128}) as (proc, pub, sub, log):
+        await pub.send(frame_parts("before", 0))
+        await sub.until(lambda m: len(denoised(m)) == 1)
+        peak = _vm(proc.pid, "VmHWM")
+        header = p.frame_header("huge", 0, (4096, 4096), "uint32")
+        await pub.send([p.FRAME, msgpack.packb(header), np.zeros(big, np.uint8)])
+        await asyncio.sleep(1.0)
+        assert _vm(proc.pid, "VmHWM") - peak < big / 4
+        for i in range(40):  # the refused connection is made again; frames flow once it is
+            await pub.send(frame_parts("after", i))
+            with contextlib.suppress(asyncio.TimeoutError):
+                if denoised(await sub.until(lambda m: len(denoised(m)) == 1, timeout=0.5)):
+                    break
+        else:
+            raise AssertionError("no frame denoised after the oversize message")
+        assert _vm(proc.pid, "VmHWM") - peak < big / 4 and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    text = log.read_text()
+    final = next(line for line in text.splitlines() if "final stats:" in line)
+    assert "rejected a message (oversize)" in text and "{'oversize': 1}" in final, final
+
+
+async def test_sigterm_with_a_long_queue_exits_in_time_with_every_frame_counted(checkpoint, tmp_path) -> None:
+    """Lossless mode, a queue of big slow frames, SIGTERM: the daemon exits 0 within queue.stop_timeout_s (plus
+    the interpreter's exit), and every frame it received is published or counted as dropped (shutdown)."""
+    frame = (simulate_frame((768, 768), RNG).clean * 20).astype(np.uint16)
+    n, stop_s = 10, 3.0
+    async with _daemon_process(checkpoint, tmp_path, **{
+        "queue.mode": "lossless", "queue.maxsize": 32, "queue.max_batch": 1, "queue.stop_timeout_s": stop_s,
+    }) as (proc, pub, sub, log):
+        for i in range(n):
+            header = p.frame_header("long", i, frame.shape, "uint16", pixel_size_m=PIXEL_M)
+            await pub.send(p.encode_frame(p.FRAME, header, frame))
+        st = await _stats_until(sub, lambda h: h["frames_in"] == n)
+        assert st["queue_depth"] >= 3  # a long queue when the signal comes
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 30)
+        took = time.monotonic() - t0
+        out = 0  # frames published before the end
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:
+                out += len(denoised([await sub.recv(0.2)]))
+    assert rc == 0 and took < stop_s + 3.0, (rc, took)
+    final = next(line for line in log.read_text().splitlines() if "final stats:" in line)
+    fields = final.split("final stats: ")[1].split()
+    frames_in, frames_out, dropped = int(fields[1]), int(fields[3]), int(fields[5])
+    assert frames_in == n and frames_out + dropped == n and dropped >= 1, final
+    assert "shutdown" in final and frames_out == out
