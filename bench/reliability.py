@@ -562,7 +562,7 @@ def report(rows: list[Row], costs: list[tuple[int, float, float]], quick: bool) 
     lines += [
         "",
         f"The daemon's memory bound: `queue.max_batch_pixels` (0 = half the free memory at start over "
-        f"{PIXEL_COST_BYTES} B/px, stemd.live.engine.PIXEL_COST_BYTES, rounded up from the table) caps a batch "
+        f"{PIXEL_COST_BYTES} B/px, stemd.live.engine.PIXEL_COST_BYTES, the table's largest with a margin) caps a batch "
         "and so a frame; ZeroMQ's MAXMSGSIZE refuses any message part over 4 B × that many pixels + 64 KiB "
         "before allocating it; the input queue holds queue.maxsize frames, events queue.max_events.",
     ]

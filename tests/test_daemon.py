@@ -850,3 +850,57 @@ async def test_sigterm_with_a_long_queue_exits_in_time_with_every_frame_counted(
     frames_in, frames_out, dropped = int(fields[1]), int(fields[3]), int(fields[5])
     assert frames_in == n and frames_out + dropped == n and dropped >= 1, final
     assert "shutdown" in final and frames_out == out
+
+
+async def test_frames_over_the_batch_pixel_cap_are_rejected_and_the_default_cap_follows_free_memory(
+    zctx, checkpoint, engine
+) -> None:
+    """queue.max_batch_pixels caps a frame too (too_large, before the model sees it); at 0 the cap is half the free
+    memory over the measured cost per pixel, so a machine with less memory takes smaller frames."""
+    from stemd.live.engine import MEMORY_SHARE, PIXEL_COST_BYTES
+
+    pub = TestPublisher(zctx)
+    async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:
+        derived = engine.free_memory_bytes() * MEMORY_SHARE / PIXEL_COST_BYTES
+        assert 0.5 * derived < d.batch_pixels < 2 * derived
+    settings = make_settings(checkpoint, pub.endpoint, **{"queue.max_batch_pixels": 64 * 64})
+    async with running(settings, engine=engine) as d:
+        assert d.batch_pixels == 64 * 64 and d.sub.getsockopt(zmq.MAXMSGSIZE) == p.max_part_bytes(64 * 64)
+        await pub.wait_subscribed()
+        await pub.send(frame_parts("capped", 0))  # 64 x 72 pixels
+        await wait_until(lambda: d.rejected["too_large"] == 1)
+        assert d.frames_out == 0 and d.frames_in == 1
+    pub.close()
+
+
+async def test_a_reload_changing_input_publishes_no_frame_twice_and_counts_every_one(
+    zctx, checkpoint, tmp_path
+) -> None:
+    """Lossless mode, frames streaming while a reload replaces the input socket (input.hwm changed): the new socket
+    subscribes only once the old one is drained and closed, so no frame reaches the daemon twice (before, the
+    publisher fed both sockets meanwhile: frames published twice, counted as restarts), and every frame sent is
+    published or counted (what the publisher held for the closed socket as missing_upstream)."""
+    pub = TestPublisher(zctx, nodrop=True, hwm=16)
+    cfg = tmp_path / "stemd.yaml"
+    conf = {"model": {"path": str(checkpoint), "device": "cpu"}, "input": {"endpoint": pub.endpoint, "hwm": 8},
+            "output": {"endpoint": "tcp://127.0.0.1:*"}, "stats": {"interval_s": 0.2}, "queue": {"mode": "lossless"}}
+    cfg.write_text(json.dumps(conf))
+    n = 150
+    async with running(load_settings(cfg), config_path=cfg) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        reload = None
+        for i in range(n):
+            await pub.send(frame_parts("hup", i))
+            if i == n // 3:
+                cfg.write_text(json.dumps({**conf, "input": {**conf["input"], "hwm": 4}}))
+                reload = asyncio.ensure_future(d.reload())
+            await asyncio.sleep(0.002)
+        assert reload is not None and await reload is True and d.settings.input.hwm == 4
+        await wait_until(lambda: d.frames_out + sum(d.dropped.values()) + d.missing_upstream >= n and d.queue.empty,
+                         timeout=60)
+        await asyncio.sleep(0.3)
+    assert d.restarts == 0 and d.frames_in + d.missing_upstream == n  # each frame received once, or missed
+    assert d.frames_out + sum(d.dropped.values()) + d.missing_upstream == n
+    pub.close()

@@ -390,12 +390,13 @@ class Daemon:
         """The most pixels a frame may have: limits.max_pixels, and no more than one batch may hold."""
         return min(s.limits.max_pixels, self.batch_pixels)
 
-    def _open_input(self, s: Settings) -> zmq.asyncio.Socket:
+    def _open_input(self, s: Settings, subscribe: bool = True) -> zmq.asyncio.Socket:
+        """The input socket; without `subscribe`, a publisher sends it nothing until `_subscribe`."""
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, s.input.hwm)
         sub.setsockopt(zmq.MAXMSGSIZE, protocol.max_part_bytes(self._frame_pixels(s)))  # ZeroMQ refuses larger
-        sub.setsockopt(zmq.SUBSCRIBE, protocol.FRAME)
-        sub.setsockopt(zmq.SUBSCRIBE, protocol.SERIES)
+        if subscribe:
+            _subscribe(sub)
         if s.input.mode == "bind":
             self._bind(sub, s.input.endpoint, "input.endpoint")
         else:
@@ -745,7 +746,7 @@ class Daemon:
                 pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
                 try:
                     reopen = new.input != old.input or self._frame_pixels(new) != old_frame_pixels  # MAXMSGSIZE
-                    sub = self._open_input(new) if reopen else None
+                    sub = self._open_input(new, subscribe=False) if reopen else None  # no copies while both are open
                 except Exception:
                     if pub is not None:
                         pub.close(linger=0)
@@ -766,6 +767,7 @@ class Daemon:
                 await self._cancel("receiver")
                 await self._drain_socket(self._sub)  # the old input's backlog, before it is closed
                 self._sub.close(linger=0)
+                _subscribe(sub)  # what the publisher sends in between is lost there: a gap, counted as missing_upstream
                 self.sub = sub
                 self._spawn("receiver", self._receive(sub, _connected(new)))
             self.queue.maxsize, self.queue.mode = new.queue.maxsize, new.queue.mode
@@ -795,6 +797,11 @@ def start_metrics(daemon: Daemon, endpoint: str) -> MetricsServer:
             raise
         raise ConfigError("metrics.endpoint needs the metrics extra: pip install stemd[metrics]") from None
     return MetricsServer(daemon, endpoint)
+
+
+def _subscribe(sub: zmq.asyncio.Socket) -> None:
+    sub.setsockopt(zmq.SUBSCRIBE, protocol.FRAME)
+    sub.setsockopt(zmq.SUBSCRIBE, protocol.SERIES)
 
 
 def _connected(s: Settings) -> str | None:

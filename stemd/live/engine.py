@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SLOTS = 2  # staging buffers per batch shape: one batch in flight while the next uploads
-# Peak memory a batch costs per pixel, the shipped conv model on CPU (python -m bench.reliability measures it:
-# 252, 288 and 194 B/px at 512², 1024², 2048²; assumed on CUDA too, not yet measured there); the default cap on a
-# batch's pixels (and so on a frame's) is half the free memory over it.
-PIXEL_COST_BYTES = 300
+# Peak memory a batch costs per pixel, the shipped conv model on CPU, with a margin (python -m bench.reliability
+# measures it: 252-322 B/px at 512² and 1024², 194 at 2048²; assumed on CUDA too, not yet measured there); the
+# default cap on a batch's pixels (and so on a frame's) is half the free memory over it.
+PIXEL_COST_BYTES = 400
 MEMORY_SHARE = 0.5
 MIN_BATCH_PIXELS = 512 * 512
 
