@@ -206,12 +206,14 @@ class Daemon:
                    **kw)
 
     async def finish(self, settle: Callable[[dict[str, Any]], bool] = lambda st: st["queue_depth"] == 0) -> dict:
-        """Wait until the counters settle, note RSS and fds, stop; the last STATS counters (rc, took added)."""
-        await self.until(settle, timeout=60)
+        """Wait until the counters settle, note RSS and fds, stop; the counters of the last STATS message, those of
+        the final log line over them (a frame still queued at the stop is counted there, as shutdown), rc and took."""
+        await self.until(settle, timeout=180)
         await asyncio.sleep(0.5)
         self.rss_after, self.fds_after, self.peak = self.vm("VmRSS"), self.fds(), self.vm("VmHWM")
         counted = dict(self.stats)
         counted["rc"], counted["took"] = await self.stop()
+        counted.update(self.final())
         return counted
 
 
