@@ -122,6 +122,11 @@ class QueueSettings(_Section):
                                                                   "lossless: stop reading instead")
     maxsize: int = Field(4, ge=1, description="frames waiting for the model (live: more only adds latency)")
     max_batch: int = Field(4, ge=1, description="frames of one shape denoised together")
+    max_batch_pixels: int = Field(0, ge=0, description="pixels in one batch at most, and so in one frame (a larger "
+                                  "frame is rejected, too_large); 0: half the device's free memory at start over "
+                                  "the measured cost per pixel (docs/benchmarks.md, Reliability)")
+    stop_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM, seconds to finish queued frames and exit; "
+                                  "frames left are counted as dropped (shutdown); keep below systemd's TimeoutStopSec")
     max_events: int = Field(64, ge=1, description="series events waiting (they ride in order with the frames); "
                             "a flood of them drops the oldest event, counted as events_dropped, never a frame")
 

@@ -20,7 +20,7 @@ from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["borders", "dask_scaling", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real",
-           "sampling", "speed", "stages", "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
+           "reliability", "sampling", "speed", "stages", "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
 
 
 def run_module(name: str, *args: str, timeout: float = 120.0) -> str:
@@ -167,3 +167,13 @@ def test_tk_r_em_measure_without_its_venv_exits_1_with_the_setup_hint(tmp_path, 
     monkeypatch.setenv("TKREM_VENV", str(tmp_path / "none"))
     assert tk_r_em_measure.main(["--frames", "1"]) == 1
     assert "tk_r_em_setup.sh" in capsys.readouterr().err
+
+
+def test_reliability_quick_fuzz_accounts_for_every_frame(tmp_path, tiny_conv):
+    out = tmp_path / "benchmarks.md"
+    run_module("reliability", "--quick", "--only", "fuzz,config", "--fuzz", "300", "--cost-sides", "0",
+               "--model", str(tiny_conv), "--out", str(out), timeout=240)
+    text = out.read_text()
+    assert "## Reliability (bench/reliability.py)" in text
+    assert "| malformed-message fuzz | 300 | 3 / 3 | 0 |" in text  # every valid frame published, none lost
+    assert "start: exit 2, 1 line `stemd: error:" in text and "reload rejected" in text

@@ -155,3 +155,10 @@ class HyperSpyRecorder(Recorder):
 
     def _append(self, writer: Any, fh: Any, header: dict[str, Any], data: np.ndarray, description: str) -> None:
         writer.append(header, data)
+
+    def _completed(self, key: tuple[str, str], writer: Any) -> None:
+        self._paths[key].pages += 1
+
+    def _keep_complete_pages(self, key: tuple[str, str]) -> None:
+        """Nothing to cut back: `SeriesFile` keeps every frame it finished (see its docstring)."""
+        self._paths.pop(key, None)

@@ -54,9 +54,11 @@ REASONS = (
     "nonfinite",  # float32 frame with NaN or inf
     "topic",  # a topic the receiver does not take (the daemon counts these; decode_* never raise it)
     "json",  # input.format array-1.0: the header is not a JSON object within the limits
+    "oversize",  # a part over max_part_bytes: ZeroMQ refused it and dropped the connection (the daemon counts these)
 )
 
 MAX_HEADER_BYTES = 64 * 1024
+MAX_ITEMSIZE = 4  # bytes per pixel of the widest of DTYPES
 MAX_HEADER_DEPTH = 32  # maps and arrays nested in a header, the header itself counted as 1
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
@@ -91,6 +93,12 @@ _SCAN_TYPES: dict[str, tuple[type, ...]] = {
     "detector": (str,),
     "scan_rotation_deg": (int, float),
 }
+
+
+def max_part_bytes(max_pixels: int) -> int:
+    """The largest message part a frame of at most `max_pixels` pixels needs, with a header's worth to spare: the
+    input's ZMQ_MAXMSGSIZE, so ZeroMQ refuses a larger part (and drops that connection) before allocating it."""
+    return max_pixels * MAX_ITEMSIZE + MAX_HEADER_BYTES
 
 
 class ProtocolError(ValueError):

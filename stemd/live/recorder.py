@@ -3,7 +3,8 @@
 Every file operation runs on the recorder's own worker thread, never on the event loop. Each page carries
 its frame header as JSON in the TIFF ImageDescription. A write error (a full disk, named as such;
 permissions) is logged and counted, that series' recording of that kind stops, a file whose first page
-never completed is removed, and the daemon keeps running. A header that cannot be described as JSON loses
+never completed is removed, a longer one is cut back to its last complete page (every page it reports
+written stays readable), and the daemon keeps running. A header that cannot be described as JSON loses
 that one page (counted, logged). Any other failure on the worker thread is a bug: counted and logged with
 its traceback too, never lost with an unread future (`errors` counts every failure). Open files are
 bounded: at most `max_open` (the least recently written one is closed to open another), and the daemon
@@ -24,6 +25,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,6 +49,16 @@ def describe(header: dict[str, Any]) -> str:
     the description as its own shaped metadata, which would split the file into 1-page series.
     """
     return json.dumps(header, default=str).replace('"shape":', '"shape" :')
+
+
+@dataclass
+class _Written:
+    """An open recording's file and its complete part: pages, size, and where the last page's next-page pointer is."""
+
+    path: Path
+    pages: int = 0
+    size: int = 0
+    next_ifd: int = 0
 
 
 async def _settled(fut: Future[None]) -> None:
@@ -75,7 +87,7 @@ class Recorder:
         # least recently written first; each with the monotonic time of its last page
         self._writers: collections.OrderedDict[tuple[str, str], tuple[Any, Any]] = collections.OrderedDict()
         self._written: dict[tuple[str, str], float] = {}
-        self._paths: dict[tuple[str, str], tuple[Path, int]] = {}  # each open file's path and complete pages
+        self._paths: dict[tuple[str, str], _Written] = {}  # each open file's path and what it holds complete
         self._failed: set[tuple[str, str]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-recorder")
         self._inflight: collections.deque[Future[None]] = collections.deque()
@@ -133,6 +145,11 @@ class Recorder:
         writer.write(data, description=description, metadata=None)
         fh.flush()
 
+    def _completed(self, key: tuple[str, str], writer: Any) -> None:
+        """The page just written to `key`'s file is complete: what `_keep_complete_pages` keeps after a failure."""
+        done = self._paths[key]
+        done.pages, done.size, done.next_ifd = done.pages + 1, done.path.stat().st_size, writer._ifdoffset
+
     def _path(self, series_id: str, kind: str) -> Path:
         stem = f"{file_stem(series_id)}_{kind}"
         path, n = self.directory / f"{stem}{self.suffix}", 1
@@ -158,15 +175,14 @@ class Recorder:
                     self._close(next(iter(self._writers)))
                 self.directory.mkdir(parents=True, exist_ok=True)
                 path = self._path(*key)
-                self._paths[key] = (path, 0)
+                self._paths[key] = _Written(path)
                 self._writers[key] = self._open_writer(path, kind)
                 self.files.append(path)
                 log.info("recording %s frames of series %r to %s", kind, key[0], path)
             writer, fh = self._writers[key]
             self._append(writer, fh, header, data, description)
             self.pages += 1
-            opened, pages = self._paths[key]
-            self._paths[key] = (opened, pages + 1)
+            self._completed(key, writer)
             self._writers.move_to_end(key)
             self._written[key] = time.monotonic()
         except Exception as exc:  # OSError: full disk, permissions; anything else is a bug, so its traceback
@@ -175,7 +191,7 @@ class Recorder:
             log.error("recording of %s series %r stopped: %s", kind, key[0], self._cause(exc),
                       exc_info=not isinstance(exc, OSError))
             self._close(key, after_error=True)
-            self._remove_if_empty(key)
+            self._keep_complete_pages(key)
 
     def _cause(self, exc: Exception) -> str:
         """The error in words, naming a full disk (tifffile reports a short write as "N requested and M written")."""
@@ -185,14 +201,25 @@ class Recorder:
             full = False
         return f"no space left on the device of {self.directory} ({exc})" if full else str(exc)
 
-    def _remove_if_empty(self, key: tuple[str, str]) -> None:
-        """A file whose first page never completed is not a TIFF: removed, not left behind."""
-        entry = self._paths.pop(key, None)
-        if entry is not None and entry[1] == 0:
-            path = entry[0]
-            path.unlink(missing_ok=True)
-            if path in self.files:
-                self.files.remove(path)
+    def _keep_complete_pages(self, key: tuple[str, str]) -> None:
+        """After a failed write: a file whose first page never completed is not a TIFF, so it is removed; a longer
+        one is cut back to its last complete page, whose next-page pointer (already aimed at the failed page) is
+        zeroed, so every page counted in `pages` reads back intact. Both shrink the file: no space is needed."""
+        done = self._paths.pop(key, None)
+        if done is None:
+            return
+        if done.pages == 0:
+            done.path.unlink(missing_ok=True)
+            if done.path in self.files:
+                self.files.remove(done.path)
+            return
+        try:
+            with open(done.path, "r+b") as fh:
+                fh.truncate(done.size)
+                fh.seek(done.next_ifd)
+                fh.write(bytes(8))  # BigTIFF offsets are 8 bytes; 0 ends the chain of pages
+        except OSError as exc:
+            log.error("cutting %s back to its %d complete page(s) failed: %s", done.path, done.pages, exc)
 
     def _close_idle(self, idle_s: float) -> None:
         now = time.monotonic()
