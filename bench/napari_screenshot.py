@@ -150,14 +150,14 @@ def display(platform: str) -> Iterator[str]:
                 os.environ[key] = value
 
 
-def screenshot(png: Path, frames: int = 20) -> Path:
+def screenshot(png: Path, frames: int = 8) -> Path:
     """Dock the live widget in a napari window, wait for `frames` frames from the live stack, save the window."""
     import napari
     from qtpy.QtWidgets import QApplication
 
     from stemd.apps.napari_plugin import LiveWidget
 
-    with display("xcb"), LiveStack(shape=(256, 256), fps=8, stats_interval_s=0.5) as live:
+    with display("xcb"), LiveStack(shape=(256, 256), fps=2, stats_interval_s=2.0) as live:
         viewer = napari.Viewer(show=True)
         viewer.window._qt_window.resize(1400, 820)
         widget = LiveWidget(viewer, endpoint=live.endpoint)
@@ -169,14 +169,15 @@ def screenshot(png: Path, frames: int = 20) -> Path:
             time.sleep(0.01)
         if widget.shown == 0:
             raise RuntimeError("no frames arrived from the daemon")
-        viewer.grid.enabled = True  # raw and denoised side by side
-        viewer.scale_bar.visible = True
+        canvas = getattr(viewer, "canvas", viewer)  # napari >= 0.9 moved grid and overlays under viewer.canvas
+        canvas.grid.enabled = True  # raw and denoised side by side
+        getattr(canvas, "overlays", canvas).scale_bar.visible = True
         viewer.reset_view()
         for _ in range(20):
             QApplication.processEvents()
             time.sleep(0.02)
-        widget.stop()
         viewer.screenshot(str(png), canvas_only=False)
+        widget.stop()
         viewer.close()
     return png
 
@@ -184,7 +185,7 @@ def screenshot(png: Path, frames: int = 20) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("png", nargs="?", type=Path, default=Path("docs/napari.png"))
-    parser.add_argument("--frames", type=int, default=20, help="frames to show before the screenshot")
+    parser.add_argument("--frames", type=int, default=8, help="frames to show before the screenshot")
     args = parser.parse_args(argv)
     print(f"wrote {screenshot(args.png, args.frames)}")
     return 0

@@ -158,7 +158,7 @@ class LiveWidget(QWidget):
         daemon = self._stats.daemon or {}
         fps = daemon.get("fps")
         self.fps_label.setText(f"{fps if isinstance(fps, (int, float)) else self._stats.fps(now):.1f}")
-        self.latency_label.setText(self._stats.text(now).split(", ", 1)[1])
+        self.latency_label.setText(self._stats.text(now).split(", ", 1)[1].removeprefix("latency "))
         if daemon:
             dropped, rejected = daemon.get("dropped") or {}, daemon.get("rejected") or {}
             reasons = ", ".join(f"{k} {v}" for k, v in sorted({**dropped, **rejected}.items()))
