@@ -16,22 +16,41 @@ from stemd.sim.lattice import simulate_frame
 
 napari = pytest.importorskip("napari", reason="the napari extra is not installed (pip install -e '.[napari]')")
 
+from napari._app_model import get_app_model  # noqa: E402  (the app the menus and commands are registered with)
 from napari.utils.notifications import notification_manager  # noqa: E402
 
+from stemd.apps import napari_plugin  # noqa: E402
 from stemd.apps.napari_plugin import (  # noqa: E402
     DenoiseWidget,
     LiveWidget,
     denoise_layer,
-    denoise_selected,
     layer_pixel_size_m,
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def headless():
-    """QT_QPA_PLATFORM=offscreen and a DISPLAY for GLX, set before pytest-qt makes the QApplication."""
+    """QT_QPA_PLATFORM=offscreen and a DISPLAY for GLX (a private Xvfb when there is none), set before pytest-qt
+    makes its session-wide QApplication (session scope: a module-scoped fixture would come after it)."""
     with display("offscreen") as name:
         yield name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gl_capabilities(headless, qapp):
+    """napari asks OpenGL once (cached) for its extensions and texture sizes, from whatever context is current
+    then; the offscreen platform cannot make a QOpenGLWidget's (the canvas') context current, so make one current
+    for that question, through GLX on the display: the answer then does not depend on what ran before."""
+    from napari._vispy.utils.gl import get_gl_extensions, get_max_texture_sizes
+    from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
+
+    context, surface = QOpenGLContext(), QOffscreenSurface()
+    surface.create()
+    assert context.create() and context.makeCurrent(surface), f"no OpenGL context on display {headless}"
+    try:
+        assert "texture_float" in get_gl_extensions() and get_max_texture_sizes()[0] >= 4096
+    finally:
+        context.doneCurrent()
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +91,15 @@ def test_live_widget_keeps_two_layers_updated_in_place(make_napari_viewer, qtbot
     viewer = make_napari_viewer()
     inserted: list[str] = []
     viewer.layers.events.inserted.connect(lambda e: inserted.append(e.value.name))
-    widget = LiveWidget(viewer, endpoint=live.endpoint)
-    viewer.window.add_dock_widget(widget, name="stemd: live daemon")
-    widget.start()
+    _, widget = viewer.window.add_plugin_dock_widget("stemd", "Live daemon")  # Plugins > stemd > Live daemon
+    assert isinstance(widget, LiveWidget) and widget.endpoint_edit.text() == "tcp://127.0.0.1:5556"
+    widget.endpoint_edit.setText(live.endpoint)
+    widget.button.click()
     qtbot.waitUntil(lambda: widget.shown >= 1, timeout=20_000)
     raw, den = widget.layers["raw"], widget.layers["denoised"]
     first_id, first_raw, first_den = widget.header["frame_id"], raw.data.copy(), den.data.copy()
-    qtbot.waitUntil(lambda: widget.header["frame_id"] >= first_id + 3 and widget.drops_label.text() != "–",
-                    timeout=20_000)
+    qtbot.waitUntil(lambda: widget.header["frame_id"] >= first_id + 3 and widget.drops_label.text() != "–"
+                    and float(widget.fps_label.text()) > 0, timeout=20_000)  # fps: the daemon's, per interval
     widget.stop()
 
     assert inserted == ["stemd raw", "stemd denoised"] and len(viewer.layers) == 2  # no layer per frame
@@ -118,6 +138,10 @@ def test_live_widget_never_waits_and_says_when_nothing_arrives(make_napari_viewe
         widget.poll()
         assert "no frames from" in widget.status_label.text() and "output.publish_raw" in widget.status_label.text()
         assert len(viewer.layers) == 0
+        monkeypatch.setattr(napari_plugin, "feed", lambda *a: 1 / 0)
+        widget.poll()  # a failure stops the view with one error, not one per tick
+        assert not widget.connected and widget.status_label.text() == "error: division by zero"
+        assert errors == ["stemd: the live view stopped: division by zero"]
     finally:
         widget.stop()
         silent.close(0)
@@ -138,13 +162,10 @@ def test_denoise_command_on_a_stack_with_progress(make_napari_viewer, qtbot):
     raw, clean = _stack()
     layer = viewer.add_image(raw, name="stack", scale=(1, 0.039, 0.039), units=("pixel", "nm", "nm"))
     assert layer_pixel_size_m(layer) == pytest.approx(3.9e-11)
-    worker = denoise_layer(viewer, start=False)
-    steps: list[int] = []
-    worker.yielded.connect(steps.append)
-    worker.start()
+    worker = get_app_model().commands.execute_command("stemd.denoise_selected").result()  # Layers > Filter
     qtbot.waitUntil(lambda: "stack denoised" in viewer.layers, timeout=60_000)
     out = viewer.layers["stack denoised"]
-    assert steps == [1, 2, 3] and worker.pbar.total == 3  # napari's progress bar, one step a frame
+    assert worker.pbar.total == worker.pbar.n == 3  # napari's progress bar, one step a frame
     assert out.data.shape == raw.shape and out.data.dtype == np.float32
     assert tuple(out.scale) == tuple(layer.scale) and out.units == layer.units
     for r, d, c in zip(raw, out.data, clean):
@@ -166,8 +187,11 @@ def test_denoise_refuses_what_it_cannot_denoise_with_one_clear_error(make_napari
         with pytest.raises(InputError, match=message):
             denoise_layer(viewer, layer)
     viewer.layers.selection.active = cases[0][0]
-    widget = DenoiseWidget(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget("stemd", "Denoise layer")
     widget.button.click()  # the dock widget's button, as the menu command: a notification, no exception
-    assert widget.worker is None and denoise_selected(viewer) is None
-    assert len(errors) == 2 and all(re.match(r"stemd: 'spots' is a Points layer", m) for m in errors)
+    assert isinstance(widget, DenoiseWidget) and widget.worker is None
+    menu = get_app_model().menus.get_menu("napari/layers/filter")
+    assert "stemd.denoise_selected" in [getattr(item, "command", item).id for item in menu]
+    assert get_app_model().commands.execute_command("stemd.denoise_selected").result() is None
+    assert len(errors) == 2 and all(re.fullmatch(r"stemd: 'spots' is a Points layer; .*", m) for m in errors)
     assert [layer.name for layer in viewer.layers] == ["spots", "photo", "hyper", "tiny"]  # nothing added

@@ -119,17 +119,26 @@ class LiveWidget(QWidget):
             self.start()
 
     def poll(self) -> None:
-        """Take what has arrived (never waits), show the newest complete pair and the latest stats."""
+        """Take what has arrived (never waits), show the newest complete pair and the latest stats. A failure
+        stops the view with an error rather than repeating on every tick."""
         if self._sub is None:
             return
+        try:
+            self._poll(self._sub)
+        except Exception as exc:
+            self.stop()
+            self.status_label.setText(f"error: {exc}")
+            show_error(f"stemd: the live view stopped: {exc}")
+
+    def _poll(self, sub: Subscription) -> None:
         now = time.time()
-        if feed(self._sub.receive(0, limit=MAX_MESSAGES), self._matcher, self._stats, now):
+        if feed(sub.receive(0, limit=MAX_MESSAGES), self._matcher, self._stats, now):
             pair = self._matcher.latest
             assert pair is not None  # feed said a pair completed
             self._show(pair)
         elif self.shown == 0 and time.monotonic() - self._started > self.no_frames_s:
-            skipped = f", {self._sub.skipped} malformed messages skipped" if self._sub.skipped else ""
-            self.status_label.setText(f"no frames from {self._sub.endpoint} yet{skipped}: is `stemd run` running "
+            skipped = f", {sub.skipped} malformed messages skipped" if sub.skipped else ""
+            self.status_label.setText(f"no frames from {sub.endpoint} yet{skipped}: is `stemd run` running "
                                       "there with output.publish_raw on?")
         self._show_stats(now)
 
@@ -197,7 +206,8 @@ def image_data(layer: Layer | None) -> Any:
     if layer is None:
         raise InputError("no layer selected: select a single-channel image layer")
     if not isinstance(layer, Image):
-        raise InputError(f"{layer.name!r} is a {type(layer).__name__} layer; stemd denoises image layers")
+        kind = layer.__class__.__name__  # not type(): plugins get layers wrapped in napari's PublicOnlyProxy
+        raise InputError(f"{layer.name!r} is a {kind} layer; stemd denoises image layers")
     if layer.rgb:
         raise InputError(f"{layer.name!r} is an RGB image; stemd denoises single-channel (grey) images")
     data = layer.data[0] if layer.multiscale else layer.data
@@ -224,10 +234,10 @@ def _denoise_frames(data: Any, pixel_size_m: float | None) -> Generator[int, Non
     return out if data.ndim == 3 else out[0]
 
 
-def denoise_layer(viewer: Viewer, layer: Layer | None = None, start: bool = True) -> GeneratorWorker:
+def denoise_layer(viewer: Viewer, layer: Layer | None = None) -> GeneratorWorker:
     """Denoise `layer` (default: the selected one) in a worker thread with per-frame progress (the worker yields
     the frames done); the result is added as "<name> denoised" with the same scale. A layer that cannot be
-    denoised raises InputError before any work. `start=False`: the caller starts the worker."""
+    denoised raises InputError before any work."""
     layer = layer if layer is not None else viewer.layers.selection.active
     data = image_data(layer)
     assert layer is not None  # image_data refused None
@@ -237,8 +247,7 @@ def denoise_layer(viewer: Viewer, layer: Layer | None = None, start: bool = True
         data, layer_pixel_size_m(layer))
     worker.returned.connect(lambda out: viewer.add_image(out, name=f"{name} denoised", **place))
     worker.errored.connect(lambda exc: show_error(f"stemd: denoising {name!r} failed: {exc}"))
-    if start:
-        worker.start()
+    worker.start()
     return worker
 
 
