@@ -169,14 +169,17 @@ class LiveWidget(QWidget):
         self.fps_label.setText(f"{fps if isinstance(fps, (int, float)) else self._stats.fps(now):.1f}")
         self.latency_label.setText(self._stats.text(now).split(", ", 1)[1].removeprefix("latency "))
         if daemon:
-            dropped, rejected = daemon.get("dropped") or {}, daemon.get("rejected") or {}
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted({**dropped, **rejected}.items()))
-            self.drops_label.setText(f"{sum(dropped.values())} dropped, {sum(rejected.values())} rejected"
-                                     + (f" ({reasons})" if reasons else ""))
+            self.drops_label.setText(", ".join(_counts(daemon.get(key) or {}, key) for key in ("dropped", "rejected")))
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt's name)
         self.stop()
         super().closeEvent(event)
+
+
+def _counts(by_reason: dict[str, int], what: str) -> str:
+    """'3 dropped (queue_full 3)': a total and its reasons."""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items()))
+    return f"{sum(by_reason.values())} {what}" + (f" ({reasons})" if reasons else "")
 
 
 _denoiser: Denoiser | None = None
