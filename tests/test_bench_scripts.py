@@ -20,7 +20,8 @@ from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["borders", "dask_scaling", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real",
-           "reliability", "sampling", "speed", "stages", "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner"]
+           "reliability", "sampling", "scanlines", "speed", "stages", "train_conv", "peers.tk_r_em_measure",
+           "peers.tk_r_em_runner", "napari_screenshot"]
 
 
 def run_module(name: str, *args: str, timeout: float = 120.0) -> str:
