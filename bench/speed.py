@@ -4,10 +4,16 @@
     python -m bench.speed --quick --no-write   # a smoke run
 
 For each model, precision, frame size (and step, for the window AE): median time per frame after
-warm-up (batch 1), frames/s with a batch, peak memory, the model's FLOPs per frame (counted by
-torch's FlopCounterMode on the real forward pass), the device's matmul rate at that precision
-measured in the same run, and the ratio measured time / (FLOPs / matmul rate): 1.0 would be the
-floor. The model rows time the model alone (model.dejitter 0, the plain Bragg guide); the line-jitter
+warm-up (batch 1), wall and CPU (process time over all torch threads), frames/s with a batch, peak memory,
+the model's useful FLOPs per frame (torch's FlopCounterMode on the real forward pass of an un-banded
+frame: the conv model's row bands recompute their margins, which are not counted), the device's matmul
+rate at that precision measured just before and after the row (interleaved, so a machine whose load
+changes during the run is compared with itself), and the ratio measured time / (FLOPs / matmul rate):
+1.0 would be the floor. On a GPU each precision's accuracy against float32 is in its row (tf32 is
+timed there by default), and `--overlap` compares the engine's pipelined batches (copy-in, compute and
+copy-out on three streams) with the same batches one at a time, `--trace` writes the profiler timeline.
+When a GPU is lent: `python -m bench.speed --sizes 512,1024 --overlap --trace docs/gpu_trace.json`.
+The model rows time the model alone (model.dejitter 0, the plain Bragg guide); the line-jitter
 correction and the planar-defect guide that run by default are timed on their own (their FFTs are not
 matmul FLOPs). Side by side on one Poisson frame: every model and precision as shipped (with the
 correction and the guide), non-local means and BM3D (time and PSNR), the classical peers a
@@ -56,25 +62,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+def _timed(fn, device: torch.device, repeats: int, warmup: int = 1, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds of `repeats` calls after `warmup`; their CPU seconds appended to `cpu` if given."""
     for _ in range(warmup):
         fn()
     _sync(device)
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         _sync(device)
         out.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return out
 
 
+UNBANDED_PIXELS = 1024 * 1024  # the conv model runs a frame this size whole (conv_unet.DEFAULT_BAND_PIXELS)
+
+
 def frame_flops(den: Denoiser, size: int) -> float:
-    """FLOPs of one size x size frame through the model (convolutions and matmuls, as run)."""
-    x = torch.rand(1, 1, size, size, device=den.device)
+    """Useful FLOPs of one size x size frame through the model (convolutions and matmuls): counted on a
+    frame the conv model runs whole, scaled by pixels (its convolutions' FLOPs are linear in them), so the
+    margins its row bands recompute on a larger frame are not counted; the window AE's as run."""
+    counted = size if is_window_model(den) or size * size <= UNBANDED_PIXELS else int(UNBANDED_PIXELS ** 0.5)
+    x = torch.rand(1, 1, counted, counted, device=den.device)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         den.denoise_tensor(x)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()) * (size / counted) ** 2
 
 
 def peak_rss_reset() -> None:
@@ -101,8 +116,10 @@ def _repeats(size: int, repeats: int) -> int:
 
 
 def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], batch: int, repeats: int,
-                rate: float) -> list[dict]:
-    """Rows of time, throughput, memory and floor for one model at its current precision."""
+                rate_n: int, reference: dict[tuple[str, int, int | None], torch.Tensor] | None = None) -> list[dict]:
+    """Rows of time, throughput, memory and floor for one model at its current precision; the matmul rate
+    (`rate_n`² matmuls) measured before and after each row. On a GPU, with `reference` (outputs of float32 runs
+    by (model, size, step), filled by the float32 rows) each row's PSNR against float32 on a fixed frame."""
     rows = []
     dev = den.device
     for size in sizes:
@@ -115,24 +132,99 @@ def bench_model(name: str, den: Denoiser, sizes: list[int], steps: list[int], ba
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             peak_rss_reset()
+            rate_before = matmul_rate(dev, den.precision, n=rate_n)
+            cpu: list[float] = []
             with torch.inference_mode():
-                single = _timed(lambda x1=x1: den.denoise_tensor(x1), dev, reps)
+                single = _timed(lambda x1=x1: den.denoise_tensor(x1), dev, reps, cpu=cpu)
                 batched = _timed(lambda xb=xb: den.denoise_tensor(xb), dev, max(1, reps // 2))
             peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()
+            rate = statistics.fmean([rate_before, matmul_rate(dev, den.precision, n=rate_n)])
             flops = frame_flops(den, size)
             t = statistics.median(single)
             rows.append(dict(device=dev.type, model=name, precision=den.precision, size=size, step=step, ms=1e3 * t,
-                             fps_batched=batch / statistics.median(batched), gflop=flops / 1e9,
-                             floor_ms=1e3 * flops / rate, ratio=t / (flops / rate), peak_mb=peak))
+                             cpu_ms=1e3 * statistics.median(cpu), fps_batched=batch / statistics.median(batched),
+                             gflop=flops / 1e9, rate=rate, floor_ms=1e3 * flops / rate, ratio=t / (flops / rate),
+                             peak_mb=peak, vs_float32=None))
             r = rows[-1]
+            if reference is not None and dev.type == "cuda" and size <= 1024:
+                r["vs_float32"] = _vs_float32(den, (name, size, step), reference)
             print(
                 f"{r['device']:>4} {name:<9} {den.precision:<7} {size:>5}² step {step or '-'}: "
-                f"{r['ms']:9.1f} ms/frame  {r['fps_batched']:8.2f} fps (batch {batch})  "
+                f"{r['ms']:9.1f} ms/frame (CPU {r['cpu_ms']:.1f})  {r['fps_batched']:8.2f} fps (batch {batch})  "
                 f"{r['gflop']:7.1f} GFLOP  floor {r['floor_ms']:8.1f} ms  "
                 f"ratio {r['ratio']:5.2f}  peak {r['peak_mb']:7.0f} MB",
                 flush=True,
             )
     return rows
+
+
+def _vs_float32(den: Denoiser, key: tuple[str, int, int | None],
+                reference: dict[tuple[str, int, int | None], torch.Tensor]) -> float | None:
+    """PSNR (dB, the float32 output's range as peak) of this precision's output against float32's on one
+    Poisson lattice frame; None for the float32 row itself, which becomes the reference."""
+    size = key[1]
+    rng = np.random.default_rng(size)
+    clean = synthetic.simulate_frame((size, size), rng).clean
+    noisy = torch.from_numpy(synthetic.corrupt(clean, synthetic.NoiseSpec(kind="poisson", dose=20.0), rng))
+    with torch.inference_mode():
+        out = den.denoise_tensor(noisy[None, None].to(den.device)).float().cpu()[0, 0].numpy()
+    if den.precision == "float32":
+        reference[key] = out
+        return None
+    if key not in reference:
+        return None
+    expected = reference[key]
+    return metrics.psnr(out, expected, float(np.ptp(expected)))
+
+
+def bench_overlap(path: Path, size: int, batch: int, batches: int, trace: Path | None) -> dict:
+    """The engine's batches pipelined (batch k+1 submitted before k is collected: on a GPU its upload overlaps
+    k's compute) against the same batches one at a time: frames/s of each and their ratio; with `trace` the
+    pipelined run's profiler timeline (chrome://tracing) is written there."""
+    from stemd.live.engine import Engine
+
+    engine = Engine.load(path=path, device="auto")
+    rng = np.random.default_rng(0)
+    frames = [rng.poisson(synthetic.simulate_frame((size, size), rng).clean * 20).astype(np.uint16)
+              for _ in range(batch)]
+    plan = engine.plan(frames[0].shape, None, frames[0])
+
+    def pipelined() -> None:
+        pending = None
+        for _ in range(batches):
+            handle = engine.submit(frames, plan)
+            if pending is not None:
+                engine.collect(pending)
+            pending = handle
+        engine.collect(pending)
+
+    def serial() -> None:
+        for _ in range(batches):
+            engine.collect(engine.submit(frames, plan))
+
+    try:
+        pipelined()  # warm-up: cuDNN's choice of kernels, the planar guide's geometry
+        t0 = time.perf_counter()
+        serial()
+        t_serial = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pipelined()
+        t_pipelined = time.perf_counter() - t0
+        if trace is not None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if engine.cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                pipelined()
+            prof.export_chrome_trace(str(trace))
+    finally:
+        engine.close()
+    n = batches * batch
+    out = dict(device=engine.device_name, size=size, batch=batch, fps_serial=n / t_serial,
+               fps_pipelined=n / t_pipelined, ratio=t_serial / t_pipelined)
+    print(f"overlap {out['device']} {size}² batch {batch}: serial {out['fps_serial']:.1f} fps, pipelined "
+          f"{out['fps_pipelined']:.1f} fps ({out['ratio']:.2f}x)", flush=True)
+    return out
 
 
 def bench_stage(label: str, fn, frame, device: torch.device, sizes: list[int], repeats: int) -> list[dict]:
@@ -215,29 +307,35 @@ def bench_peers(models: dict[str, Denoiser], precisions: list[str], size: int, d
     return out
 
 
-def to_markdown(rows: list[dict], peers: list[dict], rates: dict[tuple[str, str], float], args,
-                jitter: list[dict] = (), planar: list[dict] = ()) -> str:
+def to_markdown(rows: list[dict], peers: list[dict], args, jitter: list[dict] = (), planar: list[dict] = (),
+                overlap: dict | None = None) -> str:
     lines = [
         f"Machine: {machine_line()}. Measured {datetime.date.today()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads.",
         f"Command: `python -m bench.speed{' --quick' if args.quick else ''}`.",
         "",
-        "Measured matmul rate (2048², same run): "
-        + ", ".join(f"{d} {p}: {r / 1e9:.0f} GFLOP/s" for (d, p), r in rates.items())
-        + ". The floor is the model's FLOPs (torch's FlopCounterMode on the real forward pass) at the rate of its "
-        "device and precision; ratio = measured / floor. A window-AE row has a step; the conv model has none. "
+        "The floor is the model's useful FLOPs (torch's FlopCounterMode on the real forward pass of a frame run "
+        "whole; the conv model's row bands recompute margins, not counted) at the matmul rate of its device and "
+        "precision measured just before and after the row (its column); ratio = measured / floor. CPU ms: process "
+        "time over all torch threads, beside the wall time. A window-AE row has a step; the conv model has none. "
         "On the CPU the window AE runs slower in bf16 than in float32 (its 28×28 strided convolutions), so its "
-        "bf16 rows stop at 512².",
+        "bf16 rows stop at 512². vs float32: on a GPU, PSNR of the output against float32's (its range as peak).",
         "",
-        f"| device | model | precision | frame | step | ms/frame (median, batch 1) | frames/s (batch {args.batch}) | "
-        "GFLOP/frame | floor ms | ratio | peak MB |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| device | model | precision | frame | step | ms/frame (median, batch 1) | CPU ms | frames/s (batch "
+        f"{args.batch}) | GFLOP/frame | matmul GFLOP/s | floor ms | ratio | peak MB | vs float32 dB |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        vs = "–" if r["vs_float32"] is None else f"{r['vs_float32']:.1f}"
         lines.append(
             f"| {r['device']} | {r['model']} | {r['precision']} | {r['size']}² | {r['step'] or '–'} | {r['ms']:.1f} | "
-            f"{r['fps_batched']:.2f} | {r['gflop']:.1f} | {r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |"
+            f"{r['cpu_ms']:.1f} | {r['fps_batched']:.2f} | {r['gflop']:.1f} | {r['rate'] / 1e9:.0f} | "
+            f"{r['floor_ms']:.1f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} | {vs} |"
         )
+    if overlap:
+        lines += ["", f"Copy/compute overlap (`--overlap`, {overlap['device']}, {overlap['size']}², batch "
+                  f"{overlap['batch']}): batches one at a time {overlap['fps_serial']:.1f} frames/s, pipelined "
+                  f"(the engine's three streams) {overlap['fps_pipelined']:.1f} frames/s: {overlap['ratio']:.2f}x."]
     def timed(what: str, stage: list[dict]) -> list[str]:
         return [
             "",
@@ -285,13 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=None)
     p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[2, 3])
-    p.add_argument("--precisions", type=lambda s: s.split(","), default=["float32", "bf16"])
+    p.add_argument("--precisions", type=lambda s: s.split(","), default=["float32", "bf16"],
+                   help="float32 first (the reference); on a GPU tf32 is added unless listed")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--peer-size", type=int, default=512)
     p.add_argument("--dose", type=float, default=20.0)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--overlap", action="store_true", help="the engine's pipelined batches against one at a time")
+    p.add_argument("--overlap-size", type=int, default=1024)
+    p.add_argument("--trace", type=Path, default=None, help="with --overlap: write the profiler timeline here")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch docs/benchmarks.md")
     p.add_argument("--out", type=Path, default=BENCHMARKS)
     args = p.parse_args(argv)
@@ -311,24 +413,27 @@ def main(argv: list[str] | None = None) -> int:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(resolve_device("cuda"))
-    rows, rates, jitter, planar = [], {}, [], []
+    rows, jitter, planar = [], [], []
+    reference: dict[tuple[str, int, int | None], torch.Tensor] = {}
     for dev in devices:
         precisions = [x for x in args.precisions if dev.type == "cuda" or x != "tf32"]  # tf32 is a CUDA mode
-        for precision in precisions:
-            rates[dev.type, precision] = matmul_rate(dev, precision, n=512 if args.quick else 2048)
+        if dev.type == "cuda" and "tf32" not in precisions:
+            precisions.append("tf32")
         for name, path in paths.items():
             den = Denoiser.load(path, device=dev.type, dejitter=0, planar=False)
             for precision in precisions:
                 den.precision = precision
                 slow = dev.type == "cpu" and precision == "bf16" and is_window_model(den)
                 rows += bench_model(name, den, [x for x in sizes if x <= 512] if slow else sizes, args.steps,
-                                    args.batch, repeats, rates[dev.type, precision])
+                                    args.batch, repeats, 512 if args.quick else 2048, reference)
         jitter += bench_dejitter(dev, sizes, repeats)
         planar += bench_planar(dev, sizes, repeats)
     peers = [] if args.no_peers else bench_peers(
         {name: Denoiser.load(path, device="cpu") for name, path in paths.items()},
         [x for x in args.precisions if x != "tf32"], args.peer_size, args.dose, seed=1)
-    text = to_markdown(rows, peers, rates, args, jitter, planar)
+    overlap = bench_overlap(paths[next(iter(paths))], 64 if args.quick else args.overlap_size, args.batch,
+                            3 if args.quick else 10, args.trace) if args.overlap else None
+    text = to_markdown(rows, peers, args, jitter, planar, overlap)
     publish(text, args.out, "Speed (bench/speed.py)", write=not args.no_write)
     return 0
 

@@ -7,6 +7,7 @@ type or one outside its range raises `ConfigError` naming the dotted key and wha
 
 from __future__ import annotations
 
+import importlib.util
 from argparse import BooleanOptionalAction
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -48,7 +49,9 @@ class ModelSettings(_Section):
     device: Device = Field("auto", description="auto (cuda if available) | cpu | cuda")
     step: int | None = Field(None, ge=1, le=MIN_SIDE,
                              description="window models' floating-window step in pixels; null = the checkpoint's")
-    precision: Precision = Field("float32", description="float32 | tf32 (CUDA only) | bf16 (CPU and CUDA autocast; "
+    precision: Precision = Field("float32", description="float32 (strict, TF32 off on CUDA too: the precision "
+                                 "every accuracy figure was measured at) | tf32 (CUDA only; its accuracy not yet "
+                                 "measured: bench/speed.py on a GPU) | bf16 (CPU and CUDA autocast; "
                                  "~2x faster for the conv model on CPUs with AMX or AVX512-BF16)")
     sampling: SamplingPolicy = Field("resample", description="a frame whose lattice period in px (lattice_period_m / "
                                      "its pixel size) is outside the model's trained range is resampled into it and "
@@ -61,25 +64,32 @@ class ModelSettings(_Section):
                             "period is needed; a frame without a lattice falls back on pixel size x "
                             "lattice_period_m. false: always pixel size x lattice_period_m")
     calibrate_every: int = Field(64, ge=1, description="live: the lattice is measured on a series' first frame and "
-                                 "again every this many frames (it costs ~70 ms per 512² frame on one CPU thread)")
+                                 "again every this many frames, on the engine's thread (~40 ms CPU per 512² "
+                                 "frame, 1 thread: bench.stages)")
     lattice_period_m: float = Field(SRTIO3_A_M, gt=1e-11, lt=1e-8, allow_inf_nan=False,
                                     description="the specimen's projected lattice period, metres (SrTiO3 a); "
                                     "used with the pixel size when the frame's own lattice is not measured")
     outliers: bool = Field(True, strict=True, description="treat saturated pixels (the detector's maximum) and "
-                           "isolated hot pixels as missing data: replaced by their neighbourhood's median before "
-                           "normalisation, the model's estimate written there")
+                           "isolated hot pixels as missing data: replaced by the mean of their valid neighbours "
+                           "before normalisation, the model's estimate written there")
     flips: bool = Field(
         False, strict=True, description="average the model over the frame's 4 flips: 4x the compute, +0.1-0.4 dB"
     )
     dejitter: int = Field(DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX,
                           description="rounds of line-jitter correction before the model (stemd.compute.dejitter); "
-                                      "0: off (saves ~40 ms per 512² frame, 2 CPU threads)")
+                                      "0: off (saves ~80 ms CPU per 512² frame, 1 thread: bench.stages)")
+    scan_lines: Literal["auto", "rows", "columns"] = Field(
+        "auto", description="the axis the scan lines run along, for the line-jitter correction and destripe. "
+        "auto: told by the frame's own line artefacts (stemd.compute.scanlines; rows when it shows none), "
+        "measured with the lattice")
+    destripe: bool = Field(True, strict=True, description="take each scan line's offset flicker (stripes) out "
+                           "before the model, when the frame's line means vary more than its noise allows")
     planar: bool = Field(
         True,
         strict=True,
         description="conv models: across a planar fault the guide is the frame averaged along "
-        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60 ms "
-        "per 512² frame, 2 CPU threads)",
+        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60-140 ms "
+        "CPU per 512² frame, 1 thread, quiet to busy machine: bench.stages)",
     )
 
 
@@ -90,6 +100,9 @@ class InputSettings(_Section):
     mode: Literal["connect", "bind"] = Field("connect", description="connect (the microscope binds) | bind "
                                                                     "(the microscope connects)")
     hwm: int = Field(16, ge=1, description="receive high-water mark, messages buffered by ZeroMQ")
+    format: Literal["stemd", "array-1.0"] = Field("stemd", description="stemd (docs/protocol.md) | array-1.0 "
+                                                  "(EPICS areaDetector's ADZMQ plugin: JSON header + raw data)")
+    socket: Literal["sub", "pull"] = Field("sub", description="sub (the source PUBlishes) | pull (it PUSHes)")
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
 
@@ -109,6 +122,11 @@ class QueueSettings(_Section):
                                                                   "lossless: stop reading instead")
     maxsize: int = Field(4, ge=1, description="frames waiting for the model (live: more only adds latency)")
     max_batch: int = Field(4, ge=1, description="frames of one shape denoised together")
+    max_batch_pixels: int = Field(0, ge=0, description="pixels in one batch at most, and so in one frame (a larger "
+                                  "frame is rejected, too_large); 0: half the device's free memory at start over "
+                                  "the measured cost per pixel (docs/benchmarks.md, Reliability)")
+    stop_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM, seconds to finish queued frames and exit; "
+                                  "frames left are counted as dropped (shutdown); keep below systemd's TimeoutStopSec")
     max_events: int = Field(64, ge=1, description="series events waiting (they ride in order with the frames); "
                             "a flood of them drops the oldest event, counted as events_dropped, never a frame")
 
@@ -122,10 +140,15 @@ class LimitsSettings(_Section):
 
 
 class RecordingSettings(_Section):
-    """Optional TIFF recording, one file per series and kind."""
+    """Optional recording, one file per series and kind."""
 
     enabled: bool = Field(False, description="record the frames that pass through")
-    directory: Path = Field(Path("recordings"), description="created if missing; files are <series>_<kind>.tif")
+    directory: Path = Field(Path("recordings"), description="created if missing; files are <series>_<kind>.tif "
+                            "(.zspy, .hspy)")
+    format: Literal["tiff", "zspy", "hspy"] = Field(
+        "tiff", description="tiff: a page per frame, its header as JSON; zspy or hspy (the formats extra): a "
+        "HyperSpy (N, H, W) signal appended frame by frame, the pixel size as axis scale, the frame ids in "
+        "original_metadata.stemd (zspy: a crash loses at most the frame being written)")
     raw: bool = Field(True, description="record raw frames")
     denoised: bool = Field(True, description="record denoised frames (float32)")
     idle_close_s: float = Field(300.0, gt=0, description="a series' files are closed after this many seconds "
@@ -133,6 +156,13 @@ class RecordingSettings(_Section):
                                 "of it opens <series>_<kind>-1.tif")
     max_open: int = Field(32, ge=2, description="open recording files at most; opening one more closes the one "
                           "written least recently")
+
+    @field_validator("format")
+    @classmethod
+    def _format_installed(cls, value: str) -> str:
+        if value != "tiff" and importlib.util.find_spec("rsciio") is None:
+            raise ValueError(f"{value} needs the formats extra: pip install 'stemd[formats]'")
+        return value
 
 
 class StatsSettings(_Section):

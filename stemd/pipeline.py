@@ -18,12 +18,14 @@ from typing import Any, get_args
 import numpy as np
 import torch
 
+from stemd.compute import planar as _planar
 from stemd.compute import sampling as _sampling
 from stemd.compute.dejitter import dejitter as _dejitter
-from stemd.compute.fourier import bragg_filter, noise_level
+from stemd.compute.fourier import bragg_filter, bragg_spectrum, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
 from stemd.compute.outliers import outlier_mask, repair
-from stemd.compute.planar import planar_guide
+from stemd.compute.planar import Vectors, planar_guide
+from stemd.compute.scanlines import Lines, destripe, scan_lines
 from stemd.config import Device, ModelSettings, Precision, model_settings
 from stemd.errors import CheckpointError, ConfigError, ModelOutputError
 from stemd.models.base import FrameModel
@@ -73,10 +75,14 @@ class Plan:
     source: str = "none"  # what chose the factor: "frame" (its measured lattice), "pixel size", or "none"
     scale_px: float | None = None  # the frame's measured lattice scale (shortest translation, px), if measured
     lattice: bool | None = None  # whether the frame shows a lattice (None: not measured)
+    vectors: Vectors | None = None  # its two lattice translations (px), if measured and found: the planar guide's
+    lines: Lines = "rows"  # the axis the scan lines run along (the line-jitter correction's and destripe's)
+    stripes: bool = False  # the frame's line means flicker beyond its noise: destripe before the model
 
     def describe(self) -> dict[str, Any]:
         """Plain data for output metadata and the published header."""
-        out: dict[str, Any] = {"factor": self.factor, "source": self.source}
+        out: dict[str, Any] = {"factor": self.factor, "source": self.source, "scan_lines": self.lines,
+                               "stripes": self.stripes}
         if self.scale_px is not None:
             out["lattice_scale_px"] = round(self.scale_px, 3)
         if self.pixel_size_m is not None:
@@ -94,6 +100,13 @@ def check_finite(frames: np.ndarray) -> None:
     if not np.isfinite(frames).all():
         bad = int(np.count_nonzero(~np.isfinite(frames)))
         raise ModelOutputError(f"the model produced {bad} non-finite pixel(s) (NaN or inf); output discarded")
+
+
+def _flipped(vectors: Vectors, dims: tuple[int, ...]) -> Vectors:
+    """Lattice translations (y, x) of a frame flipped along `dims` (-2: y, -1: x)."""
+    sy, sx = (-1.0 if -2 in dims else 1.0), (-1.0 if -1 in dims else 1.0)
+    (uy, ux), (vy, vx) = vectors
+    return (sy * uy, sx * ux), (sy * vy, sx * vx)
 
 
 class Denoiser:
@@ -116,6 +129,8 @@ class Denoiser:
         self.device = resolve_device(self.settings.device)
         if self.settings.threads and self.device.type == "cpu":
             torch.set_num_threads(self.settings.threads)  # process-wide: the resident model sets it
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # a series' frames share one shape: the fastest kernels, found once
         self.model = model.to(self.device).eval()
         self.metadata = dict(metadata)
         self.window = int(model.arch()["window"])
@@ -163,20 +178,29 @@ class Denoiser:
         (`sampling.measure_scale`): with `calibrate` its scale chooses the factor, and a frame without a lattice
         gets no line-jitter correction. Without a measured lattice the pixel size and `lattice_period_m` decide."""
         hw = (int(shape[-2]), int(shape[-1]))
-        scale, lattice = None, None
+        scale, lattice, vectors = None, None, None
+        lines: Lines = "rows" if self.settings.scan_lines == "auto" else self.settings.scan_lines
+        stripes = False
         if frames is not None:
             one = frames if frames.ndim == 2 else frames[0]
             first = self.repaired(torch.as_tensor(_writable(one) if isinstance(one, np.ndarray) else one)
                                   .to(self.device)[None])
-            scale = _sampling.measure_scale(first.to(torch.float32)[:, None])[0]
+            scale, vectors = _sampling.measure_lattice(first.to(torch.float32)[:, None])[0]
             lattice = scale is not None
+            lines, stripes = scan_lines(first[0], None if self.settings.scan_lines == "auto" else lines)
         if scale is not None and self.settings.calibrate and self.sampling != "off" and self.scale_range:
             factor = _sampling.plan_from_scale(scale, self.scale_range, hw, self.sampling, self.window)
-            return Plan(hw, pixel_size_m, factor, "frame", scale, lattice)
-        factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
-                                min_side=self.window)
-        source = "pixel size" if pixel_size_m is not None and self.sampling != "off" and self.period_range else "none"
-        return Plan(hw, pixel_size_m, factor, source, scale, lattice)
+            made = Plan(hw, pixel_size_m, factor, "frame", scale, lattice, vectors, lines, stripes)
+        else:
+            factor = _sampling.plan(pixel_size_m, self.lattice_period_m, self.period_range, hw, self.sampling,
+                                    min_side=self.window)
+            given = pixel_size_m is not None and self.sampling != "off" and self.period_range
+            source = "pixel size" if given else "none"
+            made = Plan(hw, pixel_size_m, factor, source, scale, lattice, vectors, lines, stripes)
+        if vectors is not None and self.planar and "guide" in self.model.inputs:
+            for dims in FLIPS if self.flips else ((),):  # the planar guide's geometry, its host reads done here
+                _planar.prepare(hw, _flipped(vectors, dims), self.device)
+        return made
 
     def repaired(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, H, W) raw frames with saturated pixels (an integer dtype's maximum) and hot pixels replaced by
@@ -210,8 +234,12 @@ class Denoiser:
 
     def run(self, raw: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(B, H, W) raw frames of any real dtype on the model's device -> float32 denoised frames in the same
-        units, on the device: the whole pipeline. Saturated and hot pixels are missing data (`outliers`)."""
-        x, lo, hi = normalize(self.repaired(raw), reference=self.reference)
+        units, on the device: the whole pipeline. Saturated and hot pixels are missing data (`outliers`); line
+        offset flicker is taken out along the plan's scan lines when the plan found it (`destripe`)."""
+        x = self.repaired(raw)
+        if plan.stripes and self.settings.destripe:
+            x = destripe(x, plan.lines)
+        x, lo, hi = normalize(x, reference=self.reference)
         return denormalize(self.denoise_tensor(x[:, None], plan=plan)[:, 0], lo, hi)
 
     def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None, *,
@@ -226,32 +254,48 @@ class Denoiser:
         plan = plan or self.plan(frames.shape, pixel_size_m)
         if self.dejitter and plan.lattice is not False:  # the correction fits each line against the lattice
             with torch.autocast(frames.device.type, enabled=False):
-                frames = _dejitter(frames, self.dejitter)
+                if plan.lines == "rows":
+                    frames = _dejitter(frames, self.dejitter)
+                else:
+                    frames = _dejitter(frames.transpose(-2, -1), self.dejitter).transpose(-2, -1)
         if not self.flips:
-            return self._denoise(frames, plan.factor)
-        return sum((self._denoise(frames.flip(dims), plan.factor).flip(dims) for dims in FLIPS),
+            return self._denoise(frames, plan)
+        return sum((self._denoise(frames.flip(dims), plan, dims).flip(dims) for dims in FLIPS),
                    torch.zeros_like(frames, dtype=torch.float32)) / len(FLIPS)
 
-    def _denoise(self, frames: torch.Tensor, factor: float) -> torch.Tensor:
-        """One pass of the model under `precision`, resampled by `factor` and back. With precision tf32 the
-        CUDA backends may use TF32 (a process-wide switch, set here each call)."""
+    def _denoise(self, frames: torch.Tensor, plan: Plan, flipped: tuple[int, ...] = ()) -> torch.Tensor:
+        """One pass of the model under `precision`, resampled by the plan's factor and back (`flipped`: the
+        frames are flipped along these dims). With precision tf32 the CUDA backends may use TF32 (a
+        process-wide switch, set here each call); float32 stays strict float32, the precision the accuracy
+        figures were measured at (TF32's has not been: docs/benchmarks.md)."""
+        factor = plan.factor
         x = frames if factor == 1.0 else _sampling.resample(frames.float(), factor)
-        aux = self._aux_inputs(frames, factor)
+        aux = self._aux_inputs(frames, factor, plan, flipped)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             y = self.model.denoise_frames(x, self.step, **aux).float()
         return y if factor == 1.0 else _sampling.restore(y, (frames.shape[-2], frames.shape[-1]))
 
-    def _aux_inputs(self, frames: torch.Tensor, factor: float) -> dict[str, torch.Tensor]:
+    def _aux_inputs(self, frames: torch.Tensor, factor: float, plan: Plan | None = None,
+                    flipped: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
         """The auxiliary inputs the model declares (`FrameModel.inputs`): the guide (the planar-defect guide
         with `planar`, else the Bragg guide) and the noise level, taken at the frame's own sampling (the guide
         then resampled with it): interpolation correlates the noise, so on an upsampled frame the guide's noise
-        floor and the noise level would be underestimated (docs/benchmarks.md, "Sampling")."""
+        floor and the noise level would be underestimated (docs/benchmarks.md, "Sampling"). The planar guide
+        takes the lattice the plan measured (once per series) when it has one, and shares the Bragg guide's
+        Fourier transform; without a measured lattice it measures each frame's own."""
         aux: dict[str, torch.Tensor] = {}
         with torch.autocast(frames.device.type, enabled=False):
             if "guide" in self.model.inputs:
-                guide = planar_guide(frames.float()) if self.planar else bragg_filter(frames.float())
+                x = frames.float()
+                spectrum = bragg_spectrum(x)
+                guide = bragg_filter(x, spectrum=spectrum)
+                vectors = plan.vectors if plan is not None else None
+                if self.planar and (plan is None or plan.lattice is None):
+                    guide = planar_guide(x, guide, spectrum=spectrum)
+                elif self.planar and vectors is not None:
+                    guide = planar_guide(x, guide, _flipped(vectors, flipped), spectrum)
                 aux["guide"] = _sampling.resample(guide, factor)
             if "level" in self.model.inputs:
                 aux["level"] = noise_level(frames)

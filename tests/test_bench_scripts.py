@@ -20,7 +20,8 @@ from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["borders", "dask_scaling", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real",
-           "sampling", "speed", "stages", "train_conv", "peers.tk_r_em_measure", "peers.tk_r_em_runner", "fidelity"]
+           "reliability", "sampling", "scanlines", "speed", "stages", "train_conv", "peers.tk_r_em_measure",
+           "peers.tk_r_em_runner", "napari_screenshot", "fidelity"]
 
 
 def run_module(name: str, *args: str, timeout: float = 120.0) -> str:
@@ -125,7 +126,7 @@ def test_dask_scaling_quick_times_one_process_and_two_clusters(tmp_path):
 def test_stages_smoke_run_times_every_stage():
     out = run_module("stages", "--size", "96", "--repeats", "1")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
-    assert len(rows) == 8 and all(float(r.split("|")[2]) >= 0 for r in rows)
+    assert len(rows) == 9 and all(float(r.split("|")[2].split()[0]) >= 0 for r in rows)
     assert any(r.startswith("| whole Denoiser.run") for r in rows)
 
 
@@ -144,9 +145,11 @@ def test_speed_quick_writes_its_section_to_out(tmp_path, tiny_conv):
 
     out = tmp_path / "benchmarks.md"
     assert speed.main(["--quick", "--model", f"t={tiny_conv}", "--sizes", "64", "--precisions", "float32",
-                       "--peer-size", "64", "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+                       "--peer-size", "64", "--threads", str(torch.get_num_threads()), "--out", str(out),
+                       "--overlap", "--trace", str(tmp_path / "trace.json")]) == 0
     text = out.read_text()
     assert "## Speed (bench/speed.py)" in text and "| cpu | t | float32 | 64² |" in text
+    assert "Copy/compute overlap" in text and (tmp_path / "trace.json").stat().st_size > 0
     assert "Command: `python -m bench.speed --quick`" in text
     assert "BM3D" in text  # the classical peers ran
 
@@ -165,3 +168,13 @@ def test_tk_r_em_measure_without_its_venv_exits_1_with_the_setup_hint(tmp_path, 
     monkeypatch.setenv("TKREM_VENV", str(tmp_path / "none"))
     assert tk_r_em_measure.main(["--frames", "1"]) == 1
     assert "tk_r_em_setup.sh" in capsys.readouterr().err
+
+
+def test_reliability_quick_fuzz_accounts_for_every_frame(tmp_path, tiny_conv):
+    out = tmp_path / "benchmarks.md"
+    run_module("reliability", "--quick", "--only", "fuzz,config", "--fuzz", "300", "--cost-sides", "0",
+               "--model", str(tiny_conv), "--out", str(out), timeout=240)
+    text = out.read_text()
+    assert "## Reliability (bench/reliability.py)" in text
+    assert "| malformed-message fuzz | 300 | 3 / 3 | 0 |" in text  # every valid frame published, none lost
+    assert "start: exit 2, 1 line `stemd: error:" in text and "reload rejected" in text

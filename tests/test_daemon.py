@@ -171,8 +171,8 @@ async def test_series_plan_is_measured_once_per_calibration_and_published(zctx, 
     """The frame tells its own sampling: the lattice is measured on a series' first frame and again every
     model.calibrate_every frames (not per frame), and the plan is in every published header."""
     calls = []
-    measure = sampling.measure_scale
-    monkeypatch.setattr(sampling, "measure_scale", lambda frames: calls.append(1) or measure(frames))
+    measure = sampling.measure_lattice
+    monkeypatch.setattr(sampling, "measure_lattice", lambda frames: calls.append(1) or measure(frames))
     pub = TestPublisher(zctx)
     settings = make_settings(checkpoint, pub.endpoint, **{"model.calibrate_every": 3, "queue.mode": "lossless"})
     async with running(settings) as d:
@@ -726,6 +726,230 @@ def test_run_options_override_the_config() -> None:
     s = load_settings(None, overrides_from_args(args))
     assert (s.model.precision, s.model.sampling, s.queue.mode, s.model.step) == ("bf16", "refuse", "lossless", 3)
     assert load_settings(None, overrides_from_args(build_parser().parse_args(["run"]))) == load_settings()
+
+
+async def test_a_new_series_plan_is_measured_off_the_event_loop(zctx) -> None:
+    """A new series' plan (its first frame's lattice measured, ~0.1-0.3 s for 1024² on a CPU) is made on the
+    engine's worker thread: a heartbeat on the loop every 5 ms never waits half as long as a plan takes (it
+    waited the whole plan while the plan was made on the loop)."""
+    eng = Engine.load(device="cpu")  # the shipped conv model: its plan also prepares the planar guide
+    timed: list[float] = []
+    plan = eng.plan
+
+    def timed_plan(*args):
+        start = time.perf_counter()
+        try:
+            return plan(*args)
+        finally:
+            timed.append(time.perf_counter() - start)
+
+    eng.plan = timed_plan  # type: ignore[method-assign]
+    side = 1024
+    raw = RNG.poisson(simulate_frame((side, side), RNG, rotation_deg=3.0).clean * 20).astype(np.uint16)
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(0.005)
+            gaps.append(time.perf_counter() - start - 0.005)
+
+    pub = TestPublisher(zctx)
+    try:
+        async with running(make_settings("", pub.endpoint, **{"model.path": None, "queue.mode": "lossless"}),
+                           engine=eng) as d:
+            sub = Sub(zctx, d.output_endpoint)
+            await sub.ready()
+            await pub.wait_subscribed()
+            beat = asyncio.create_task(heartbeat())
+            for series in ("a", "b"):
+                header = p.frame_header(series, 0, (side, side), "uint16", pixel_size_m=PIXEL_M)
+                await pub.send(p.encode_frame(p.FRAME, header, raw))
+            await sub.until(lambda m: len(denoised(m)) == 2, timeout=120.0)
+            beat.cancel()
+    finally:
+        pub.close()
+        eng.close()
+    assert len(timed) == 2 and min(timed) > 0.05  # both series measured, each long enough to tell
+    assert max(gaps) < 0.5 * min(timed), (max(gaps), timed)
+
+
+def test_frame_queue_caps_a_batch_in_pixels() -> None:
+    """queue.max_batch_pixels: a batch of huge frames never builds (a frame larger than the cap still runs alone)."""
+    q = FrameQueue(10, "lossless")
+    for i in range(5):
+        q.put_frame(Item("frame", {"frame_id": i}, np.zeros((100, 100), np.uint16)))
+    assert [len(q.pop_batch(4, 25_000)) for _ in range(3)] == [2, 2, 1]
+    q.put_frame(Item("frame", {"frame_id": 5}, np.zeros((300, 300), np.uint16)))
+    assert len(q.pop_batch(4, 25_000)) == 1 and q.empty
+
+
+def _vm(pid: int, key: str) -> int:
+    """A /proc/<pid>/status memory figure in bytes (VmRSS, VmHWM: the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@contextlib.asynccontextmanager
+async def _daemon_process(checkpoint: Path, tmp_path: Path, **settings):
+    """`stemd run` as a subprocess on a test publisher; yields (process, publisher, output subscriber, log path)."""
+    ctx = zmq.asyncio.Context()
+    pub = TestPublisher(ctx, nodrop=True, hwm=1000)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.setblocking(False)
+    cfg = {"model": {"path": str(checkpoint), "device": "cpu"}, "input": {"endpoint": pub.endpoint},
+           "output": {"endpoint": "tcp://127.0.0.1:*"}, "stats": {"interval_s": 0.2}}
+    for key, value in settings.items():
+        section, name = key.split(".")
+        cfg.setdefault(section, {})[name] = value
+    (tmp_path / "stemd.yaml").write_text(json.dumps(cfg))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stemd.apps.cli", "run", "--config", str(tmp_path / "stemd.yaml")],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        loop = asyncio.get_running_loop()
+        msg = await asyncio.wait_for(loop.sock_recv(listener, 4096), 60)
+        assert msg.startswith(b"READY=1"), msg
+        sub = Sub(ctx, msg.decode().split("output ")[1].split(",")[0])
+        await sub.ready()
+        await pub.wait_subscribed()
+        systemd = asyncio.create_task(_read_forever(loop, listener))  # a full notify socket would block the daemon
+        yield proc, pub, sub, log_path
+        systemd.cancel()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+        pub.close()
+        ctx.destroy(linger=0)
+
+
+async def _read_forever(loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
+    while True:
+        await loop.sock_recv(listener, 4096)
+
+
+async def _stats_until(sub: Sub, done, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        topic, header, _ = await sub.recv(max(0.1, deadline - time.monotonic()))
+        if topic == p.STATS and done(header):
+            return header
+
+
+async def test_an_oversize_message_is_refused_by_zeromq_without_memory_growth(checkpoint, tmp_path) -> None:
+    """A 64 MiB message to a daemon whose frames may have 128² pixels: ZeroMQ (MAXMSGSIZE) refuses it before
+    allocating it, so the daemon's peak RSS does not grow by its size, and frames that follow are denoised."""
+    big = 64 * 2**20
+    async with _daemon_process(checkpoint, tmp_path, **{"limits.max_pixels": 128 * 128}) as (proc, pub, sub, log):
+        await pub.send(frame_parts("before", 0))
+        await sub.until(lambda m: len(denoised(m)) == 1)
+        peak = _vm(proc.pid, "VmHWM")
+        header = p.frame_header("huge", 0, (4096, 4096), "uint32")
+        await pub.send([p.FRAME, msgpack.packb(header), np.zeros(big, np.uint8)])
+        await asyncio.sleep(1.0)
+        assert _vm(proc.pid, "VmHWM") - peak < big / 4
+        for i in range(40):  # the refused connection is made again; frames flow once it is
+            await pub.send(frame_parts("after", i))
+            with contextlib.suppress(asyncio.TimeoutError):
+                if denoised(await sub.until(lambda m: len(denoised(m)) == 1, timeout=0.5)):
+                    break
+        else:
+            raise AssertionError("no frame denoised after the oversize message")
+        assert _vm(proc.pid, "VmHWM") - peak < big / 4 and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    text = log.read_text()
+    final = next(line for line in text.splitlines() if "final stats:" in line)
+    assert "rejected a message (oversize)" in text and "{'oversize': 1}" in final, final
+
+
+async def test_sigterm_with_a_long_queue_exits_in_time_with_every_frame_counted(checkpoint, tmp_path) -> None:
+    """Lossless mode, a queue of big slow frames, SIGTERM: the daemon exits 0 within queue.stop_timeout_s (plus
+    the interpreter's exit), and every frame it received is published or counted as dropped (shutdown)."""
+    frame = (simulate_frame((768, 768), RNG).clean * 20).astype(np.uint16)
+    n, stop_s = 10, 3.0
+    async with _daemon_process(checkpoint, tmp_path, **{
+        "queue.mode": "lossless", "queue.maxsize": 32, "queue.max_batch": 1, "queue.stop_timeout_s": stop_s,
+    }) as (proc, pub, sub, log):
+        for i in range(n):
+            header = p.frame_header("long", i, frame.shape, "uint16", pixel_size_m=PIXEL_M)
+            await pub.send(p.encode_frame(p.FRAME, header, frame))
+        st = await _stats_until(sub, lambda h: h["frames_in"] == n)
+        assert st["queue_depth"] >= 3  # a long queue when the signal comes
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 30)
+        took = time.monotonic() - t0
+        out = 0  # frames published before the end
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:
+                out += len(denoised([await sub.recv(0.2)]))
+    assert rc == 0 and took < stop_s + 3.0, (rc, took)
+    final = next(line for line in log.read_text().splitlines() if "final stats:" in line)
+    fields = final.split("final stats: ")[1].split()
+    frames_in, frames_out, dropped = int(fields[1]), int(fields[3]), int(fields[5])
+    assert frames_in == n and frames_out + dropped == n and dropped >= 1, final
+    assert "shutdown" in final and frames_out == out
+
+
+async def test_frames_over_the_batch_pixel_cap_are_rejected_and_the_default_cap_follows_free_memory(
+    zctx, checkpoint, engine
+) -> None:
+    """queue.max_batch_pixels caps a frame too (too_large, before the model sees it); at 0 the cap is half the free
+    memory over the measured cost per pixel, so a machine with less memory takes smaller frames."""
+    from stemd.live.engine import MEMORY_SHARE, PIXEL_COST_BYTES
+
+    pub = TestPublisher(zctx)
+    async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:
+        derived = engine.free_memory_bytes() * MEMORY_SHARE / PIXEL_COST_BYTES
+        assert 0.5 * derived < d.batch_pixels < 2 * derived
+    settings = make_settings(checkpoint, pub.endpoint, **{"queue.max_batch_pixels": 64 * 64})
+    async with running(settings, engine=engine) as d:
+        assert d.batch_pixels == 64 * 64 and d.sub.getsockopt(zmq.MAXMSGSIZE) == p.max_part_bytes(64 * 64)
+        await pub.wait_subscribed()
+        await pub.send(frame_parts("capped", 0))  # 64 x 72 pixels
+        await wait_until(lambda: d.rejected["too_large"] == 1)
+        assert d.frames_out == 0 and d.frames_in == 1
+    pub.close()
+
+
+async def test_a_reload_changing_input_publishes_no_frame_twice_and_counts_every_one(
+    zctx, checkpoint, tmp_path
+) -> None:
+    """Lossless mode, frames streaming while a reload replaces the input socket (input.hwm changed): the new socket
+    subscribes only once the old one is drained and closed, so no frame reaches the daemon twice (before, the
+    publisher fed both sockets meanwhile: frames published twice, counted as restarts), and every frame sent is
+    published or counted (what the publisher held for the closed socket as missing_upstream)."""
+    pub = TestPublisher(zctx, nodrop=True, hwm=16)
+    cfg = tmp_path / "stemd.yaml"
+    conf = {"model": {"path": str(checkpoint), "device": "cpu"}, "input": {"endpoint": pub.endpoint, "hwm": 8},
+            "output": {"endpoint": "tcp://127.0.0.1:*"}, "stats": {"interval_s": 0.2}, "queue": {"mode": "lossless"}}
+    cfg.write_text(json.dumps(conf))
+    n = 150
+    async with running(load_settings(cfg), config_path=cfg) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        reload = None
+        for i in range(n):
+            await pub.send(frame_parts("hup", i))
+            if i == n // 3:
+                cfg.write_text(json.dumps({**conf, "input": {**conf["input"], "hwm": 4}}))
+                reload = asyncio.ensure_future(d.reload())
+            await asyncio.sleep(0.002)
+        assert reload is not None and await reload is True and d.settings.input.hwm == 4
+        await wait_until(lambda: d.frames_out + sum(d.dropped.values()) + d.missing_upstream >= n and d.queue.empty,
+                         timeout=60)
+        await asyncio.sleep(0.3)
+    assert d.restarts == 0 and d.frames_in + d.missing_upstream == n  # each frame received once, or missed
+    assert d.frames_out + sum(d.dropped.values()) + d.missing_upstream == n
 
 
 async def test_fidelity_figures_in_headers_stats_and_status(zctx, checkpoint, engine, tmp_path) -> None:

@@ -1,5 +1,7 @@
 """Device choice, input checks, normalisation and the Denoiser front end."""
 
+import collections
+import contextlib
 import math
 from pathlib import Path
 
@@ -421,3 +423,76 @@ def test_threads_setting_sets_torch_threads_on_the_cpu():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu", "nonzero",
+              "masked_select")
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Count what would read a device tensor back to the host (each a CUDA sync): the Tensor methods in
+    HOST_READS and indexing by a boolean mask (its size is data). Yields a Counter of method names."""
+    seen: collections.Counter[str] = collections.Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in (*HOST_READS, "__getitem__", "__setitem__")}
+
+    def counted(name):
+        original = saved[name]
+
+        def wrapper(self, *args, **kwargs):
+            if name in HOST_READS:
+                seen[name] += 1
+            else:
+                index = args[0] if isinstance(args[0], tuple) else (args[0],)
+                if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                    seen[f"{name} by a mask"] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, counted(name))
+        yield seen
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_the_per_frame_path_reads_nothing_back_once_the_plan_is_made(one_torch_thread):
+    """After a series' plan (its lattice measured once), `Denoiser.run` of a batch reads no device value back
+    to the host: line-jitter correction, the planar guide with the plan's lattice, the model, all as tensor
+    operations. With outliers on, one read per batch: `repair`'s shortcut for a frame without outliers, taken
+    only on the CPU (where it is no device sync)."""
+    noisy = scenes.named_frame("perovskite_rp", (256, 256), seed=3, dose=5.0)[0]
+    frames = torch.from_numpy(np.stack([noisy, noisy[::-1].copy()]).astype(np.uint16))
+    for outliers, per_batch in ((False, 0), (True, 1)):
+        den = Denoiser.load(device="cpu", outliers=outliers)
+        plan = den.plan(frames.shape, None, frames.numpy())
+        assert plan.vectors is not None
+        with torch.inference_mode(), counting_host_reads() as seen:
+            out = den.run(frames, plan)
+            den.run(frames, plan)
+        assert sum(seen.values()) == 2 * per_batch, dict(seen)
+        assert torch.isfinite(out).all()
+    with counting_host_reads() as seen:  # the counter sees a read when there is one
+        assert float(torch.ones(())) == 1.0 and torch.arange(4)[torch.arange(4) > 1].tolist() == [2, 3]
+    assert seen == {"__float__": 1, "__getitem__ by a mask": 1, "tolist": 1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device tool's machines)")
+def test_the_per_frame_path_does_not_sync_on_cuda():
+    """As above on the GPU, checked by torch itself: `set_sync_debug_mode("error")` raises on any sync."""
+    noisy = scenes.named_frame("perovskite_rp", (256, 256), seed=3, dose=5.0)[0]
+    frames = torch.from_numpy(np.stack([noisy, noisy]).astype(np.uint16))
+    den = Denoiser.load(device="cuda")
+    plan = den.plan(frames.shape, None, frames.numpy())
+    raw = frames.cuda()
+    with torch.inference_mode():
+        den.run(raw, plan)  # first call: cuDNN's benchmark, cached geometry
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = den.run(raw, plan)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()

@@ -328,3 +328,59 @@ def test_bad_dejitter_is_a_usage_error(tmp_path, checkpoint, capsys, bad):
     err = capsys.readouterr().err
     assert err.startswith("stemd: error:") and "--dejitter" in err and err.count("\n") == 1
     assert not (tmp_path / "out.tif").exists()
+
+
+# ---- many files, output names, formats chosen by name
+
+
+def test_batch_inputs_take_known_files_and_leave_ser_to_their_emi(tmp_path):
+    from stemd.apps.offline import batch_inputs
+
+    for name in ("a.tif", "b.DM4", "c.emi", "c_1.ser", "c_2.ser", "d_1.ser", "e.txt", ".f.tif.1234.tmp", ".g.tif"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "h.zspy").mkdir()
+    (tmp_path / "sub").mkdir()
+    assert [p.name for p in batch_inputs(tmp_path)] == ["a.tif", "b.DM4", "c.emi", "d_1.ser", "h.zspy"]
+    # a glob of .ser alone names the ser files: no .emi among them to read them with
+    assert [p.name for p in batch_inputs(tmp_path / "*.ser")] == ["c_1.ser", "c_2.ser", "d_1.ser"]
+    assert [p.name for p in batch_inputs(tmp_path / "[ab]*")] == ["a.tif", "b.DM4"]
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["{dir}", "{tmp}/out.tif"], "names a file; for many inputs give a directory"),
+    (["{dir}/*.png", "{tmp}/out"], "no file to denoise"),
+    (["{dir}", "{tmp}/missing/out"], "output directory"),
+    (["{dir}/in.tif", "{tmp}/out.png"], "name it .tif, .tiff, .hspy or .zspy"),
+    (["{dir}/in.tif", "{tmp}/out.tif", "--format", "zspy"], "--format zspy but OUT"),
+    (["{dir}/in.tif", "{dir}/in.tif", "--overwrite"], "is the input itself"),
+    (["{dir}/in.tif", "{tmp}/out.zspy", "--scheduler", "local"], "--scheduler reads and writes TIFF only"),
+    (["{dir}", "{tmp}/out", "--scheduler", "local"], "--scheduler takes one TIFF file"),
+])
+def test_bad_names_and_modes_are_one_line(tmp_path, capsys, checkpoint, frames, args, fragment):
+    src = tmp_path / "src"
+    src.mkdir()
+    tifffile.imwrite(src / "in.tif", frames[1][0])
+    before = (src / "in.tif").read_bytes()
+    argv = [a.format(dir=src, tmp=tmp_path) for a in args]
+    assert denoise(*argv, "--model", checkpoint) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stemd: error:") and fragment in err and err.count("\n") == 1
+    assert (src / "in.tif").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"] and sorted(p.name for p in src.iterdir()) == ["in.tif"]
+
+
+def test_batch_of_tiffs_one_bar_a_line_each_and_a_summary(tmp_path, capsys, checkpoint, frames):
+    src, outdir = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        tifffile.imwrite(src / f"f{i}.tif", frames[1][i])
+    assert main(["denoise", "--device", "cpu", str(src), str(outdir), "--model", str(checkpoint)]) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in outdir.iterdir()) == ["f0.tif", "f1.tif", "f2.tif"]
+    for i in range(3):
+        out = tifffile.imread(outdir / f"f{i}.tif")
+        assert out.shape == frames[1][i].shape and not np.allclose(out, frames[1][i])
+    assert [line.split(" ->")[0] for line in captured.out.splitlines()[:3]] == [f"ok {src / f'f{i}.tif'}"
+                                                                               for i in range(3)]
+    assert "denoised 3 of 3 file(s)" in captured.out
+    assert "3/3" in captured.err  # the one progress bar, over files

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from stemd.compute import planar
 from stemd.compute.fourier import bragg_filter
 from stemd.compute.planar import lattice_vectors, planar_guide, plane_averages, switch_mask
 from stemd.sim import scenes
@@ -126,3 +127,57 @@ def test_planar_guide_on_cuda_matches_the_cpu():
     cpu = planar_guide(x)
     assert (cpu - bragg_filter(x)).abs().max() > 0.05  # the fault's band is taken
     torch.testing.assert_close(planar_guide(x.cuda()).cpu(), cpu, rtol=0, atol=1e-3)
+
+
+def test_a_series_lattice_gives_the_guide_the_frames_own_gives():
+    """The planar guide from the lattice a series' plan measured on its first frame (and the Bragg spectrum
+    shared with the Bragg guide) is the guide measured on a later frame's own lattice, within noise: RMS 0.002
+    (the column peak is 1; 0.2 % of pixels, at the band's edges, differ by over 0.02), the same pixels switched
+    to the plane average, the fault's columns as close (measured 0.041 against 0.040)."""
+    from stemd.compute.fourier import bragg_spectrum
+
+    first, _ = _frame(dose=5.0, seed=2)
+    later, f = _frame(dose=5.0, seed=1)
+    (vectors,) = lattice_vectors(bragg_filter(first))
+    (own,) = lattice_vectors(bragg_filter(later))
+    assert vectors is not None and vectors != own  # measured on different noise: not the same floats
+    spectrum = bragg_spectrum(later)
+    cached, cached_blend = planar.planar_blend(later, bragg_filter(later, spectrum=spectrum), vectors, spectrum)
+    fresh, fresh_blend = planar.planar_blend(later)
+    difference = (cached - fresh).abs()
+    assert difference.square().mean().sqrt() < 0.005 and (difference > 0.02).float().mean() < 0.005
+    switched, fresh_switched = cached_blend > 0, fresh_blend > 0
+    assert fresh_switched.sum() > 1000  # the fault's band
+    assert (switched & fresh_switched).sum() >= 0.98 * (switched | fresh_switched).sum()
+    assert _fault_error(cached[0, 0], f) < 1.05 * _fault_error(fresh[0, 0], f)
+
+
+def test_frames_sharing_a_lattice_are_searched_as_a_batch_as_each_alone():
+    """A batch given one lattice is searched in tensor operations over the batch: each frame's guide is the one
+    it gets alone (a fault-free frame beside an RP frame stays its Bragg guide)."""
+    rp, _ = _frame(dose=5.0, seed=1)
+    plain, _ = _frame(defect=None, dose=5.0, seed=3)
+    (vectors,) = lattice_vectors(bragg_filter(rp))
+    batch = planar_guide(torch.cat([rp, plain]), vectors=vectors)
+    torch.testing.assert_close(batch[:1], planar_guide(rp, vectors=vectors), rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch[1:], bragg_filter(plain), rtol=0, atol=1e-5)
+    assert (batch[:1] - bragg_filter(rp)).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("size", [256, 600])
+def test_plane_averages_from_the_bragg_spectrum_are_those_of_a_larger_padding(size):
+    """The plane averages taken from the Bragg filter's 2H x 2W transform are those from a larger zero padding,
+    also where the shifts reach past the frame (256 < REACH_PX): no shift wraps into the frame. Sub-pixel Fourier
+    shifts ring at the frame's edges, differently for each padding (two larger paddings differ as much): RMS
+    under 1e-3 of a frame whose std is 0.2, and under 3e-3 BORDER_PX inside, where the band search looks."""
+    from stemd.compute.fourier import bragg_spectrum
+
+    x, _ = _frame(size=size, dose=20.0)
+    (vectors,) = lattice_vectors(bragg_filter(x))
+    geometry = planar._geometry((size, size), vectors, planar.REACH_PX, x.device)
+    larger = planar._make_geometry((size, size), vectors, planar.REACH_PX, x.device, (3 * size, 3 * size + 4))
+    assert geometry.size == (2 * size, 2 * size)
+    shared = planar._plane_averages(x, geometry, bragg_spectrum(x))[0]
+    difference = shared - planar._plane_averages(x, larger, None)[0]
+    assert difference.square().mean().sqrt() < 1e-3
+    assert difference[..., planar.BORDER_PX:-planar.BORDER_PX, planar.BORDER_PX:-planar.BORDER_PX].abs().max() < 3e-3

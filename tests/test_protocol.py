@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import numpy as np
 import pytest
@@ -175,3 +177,78 @@ def test_every_reason_is_documented() -> None:
     documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
     assert documented == set(p.REASONS)
     assert "topic" in p.REASONS and "header_schema" in p.REASONS
+
+
+def adzmq_parts(data: np.ndarray, frame_id: int, *, legacy: bool = False, **extra) -> list[bytes]:
+    """An areaDetector NDPluginZMQ message as the plugin composes it: before 1.4 `htype` is a list and
+    `shape` is x first; since 1.4 `htype` is a string and `shape` is slowest axis first."""
+    rows, cols = data.shape
+    header = {
+        "htype": ["array-1.0"] if legacy else "array-1.0", "type": data.dtype.name,
+        "shape": [cols, rows] if legacy else [rows, cols], "frame": frame_id, "timeStamp": 1.0e9,
+        "encoding": "", "ndattr": {"ColdHead": 12.5, "Detector": "HAADF"},
+    }
+    header.update(extra)
+    return [json.dumps(header).encode(), data.tobytes()]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint16", "int32", "uint32", "float32", "float64"])
+def test_array_1_0_decodes_both_conventions(legacy: bool, dtype: str) -> None:
+    data = (np.arange(40 * 56).reshape(40, 56) % 200).astype(dtype)
+    f = p.decode_array(adzmq_parts(data, 7, legacy=legacy))
+    assert f.topic == p.FRAME and f.data.shape == (40, 56)
+    assert f.data.dtype.name in p.DTYPES and f.data.dtype.name == (dtype if dtype in p.DTYPES else "float32")
+    np.testing.assert_array_equal(f.data, data)
+    assert f.header["frame_id"] == 7 and f.header["series_id"] == p.ARRAY_SERIES
+    assert f.header["ndattr"] == {"ColdHead": 12.5, "Detector": "HAADF"}
+    assert f.header["shape"] == [40, 56] and f.header["v"] == p.PROTOCOL_VERSION
+
+
+def test_array_1_0_big_endian_and_singleton_axes() -> None:
+    data = np.arange(32 * 48, dtype=">u2").reshape(32, 48)
+    f = p.decode_array(adzmq_parts(data, 0, endianness="big", shape=[1, 32, 48]))
+    assert f.data.dtype.isnative and f.data.shape == (32, 48)
+    np.testing.assert_array_equal(f.data, data.astype("u2"))
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"htype": "chunk-2.0"}, "version"),
+        ({"htype": []}, "version"),
+        ({"type": "complex64"}, "dtype"),
+        ({"frame": -1}, "field_type"),
+        ({"frame": "3"}, "field_type"),
+        ({"shape": [2, 40, 56]}, "field_type"),
+        ({"shape": "40x56"}, "field_type"),
+        ({"shape": [40, 57]}, "size_mismatch"),
+        ({"shape": [8, 8]}, "too_small"),
+        ({"encoding": "lz4"}, "field_type"),
+        ({"endianness": "middle"}, "byte_order"),
+    ],
+)
+def test_array_1_0_malformed_rejected_with_reason(change: dict, reason: str) -> None:
+    parts = adzmq_parts(np.zeros((40, 56), np.uint16), 1, **change)
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode_array(parts)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    "parts, reason",
+    [
+        ([b"{not json", b""], "json"),
+        ([b"[1, 2]", b""], "json"),
+        ([b"\xff\xfe", b""], "json"),
+        ([b"[" * 60_000, b""], "json"),
+        ([b"{}", b"", b""], "parts"),
+        ([b'{"htype": "array-1.0", "a": ' + b"[" * 40 + b"]" * 40 + b"}", b""], "header_schema"),
+        ([b'{"htype": "array-1.0"}', b""], "missing_field"),
+        ([b" " * (p.MAX_HEADER_BYTES + 1), b""], "header_size"),
+    ],
+)
+def test_array_1_0_bad_headers(parts: list[bytes], reason: str) -> None:
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode_array(parts)
+    assert err.value.reason == reason

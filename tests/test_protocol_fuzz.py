@@ -96,3 +96,37 @@ def test_decode_event_raises_only_protocol_error(topic: bytes, obj: object, bin_
         assert exc.reason in p.REASONS
         return
     _assert_plain(header)
+
+
+_json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=40,
+)
+
+
+@st.composite
+def _array_messages(draw) -> list:
+    """areaDetector array-1.0 messages: a valid header with fuzzed fields, or raw bytes, and odd part counts."""
+    if draw(st.integers(0, 4)):
+        header = {"htype": draw(st.sampled_from(["array-1.0", ["array-1.0"], "chunk-1.0"])), "type": "uint8",
+                  "shape": [4, 4], "frame": 0}
+        header.update(draw(st.dictionaries(st.sampled_from(["htype", "type", "shape", "frame", "ndattr", "encoding",
+                                                            "endianness"]), _json_values, max_size=3)))
+        raw = json.dumps(header).encode()
+    else:
+        raw = draw(st.binary(max_size=200))
+    pixels = bytes(16) if draw(st.integers(0, 3)) else draw(st.binary(max_size=64))
+    return [raw, pixels, b"x"][: draw(st.sampled_from([2] * 8 + [1, 3]))]
+
+
+@FUZZ
+@given(_array_messages())
+def test_decode_array_raises_only_protocol_error(parts: list) -> None:
+    try:
+        frame = p.decode_array(parts, min_side=1)
+    except p.ProtocolError as exc:
+        assert exc.reason in p.REASONS
+        return
+    assert isinstance(frame.data, np.ndarray) and frame.data.dtype.name in p.DTYPES
+    _assert_plain(frame.header)

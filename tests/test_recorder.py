@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 from pathlib import Path
 
@@ -159,10 +160,15 @@ class _Budget:
         self._fh, self._left = open(path, "xb"), budget
 
     def write(self, data) -> int:
-        if len(data) > self._left:
+        if len(data) > self._left:  # what fits is written, as a short write to a full disk does
+            self._fh.write(bytes(memoryview(data).cast("B")[: self._left]))
+            self._left = 0
             raise OSError(errno.ENOSPC, "No space left on device")
         self._left -= len(data)
         return self._fh.write(data)
+
+    def fileno(self) -> int:  # no descriptor: numpy's tofile would write past the budget
+        raise io.UnsupportedOperation("fileno")
 
     def __getattr__(self, name):
         return getattr(self._fh, name)
@@ -182,3 +188,23 @@ async def test_a_full_disk_is_named_and_leaves_no_empty_file(tmp_path: Path, cap
     assert rec.errors == 1 and rec.pages == 0 and rec.files == []
     assert list((tmp_path / "rec").iterdir()) == []  # the file whose first page never completed is gone
     assert any("no space left" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_disk_full_mid_file_keeps_every_complete_page_readable(tmp_path: Path, caplog) -> None:
+    """The disk fills while a page is half written: the file is cut back to its complete pages, each reads back
+    intact with its header (before, the previous page pointed at the torn one and reading it failed)."""
+    for budget in (50_000, 81_234, 120_001):  # the disk fills in different places of a page
+        SmallDisk.budget = budget
+        rec = SmallDisk(tmp_path / str(budget), denoised=False)
+        frames = [np.full((100, 120), 7 * i + 1, np.uint16) for i in range(8)]  # 24 KB each
+        for i, f in enumerate(frames):
+            await rec.write("raw", {"series_id": "s", "frame_id": i}, f)
+        await rec.close()
+        assert rec.errors == 1 and 1 <= rec.pages < len(frames)
+        with tifffile.TiffFile(tmp_path / str(budget) / "s_raw.tif") as tf:
+            assert len(tf.pages) == rec.pages
+            for i, page in enumerate(tf.pages):
+                np.testing.assert_array_equal(page.asarray(), frames[i])
+                assert json.loads(page.description)["frame_id"] == i
+        assert tifffile.imread(tmp_path / str(budget) / "s_raw.tif").shape == (rec.pages, 100, 120)
+        assert any("no space left" in r.getMessage() for r in caplog.records)

@@ -24,3 +24,11 @@ def test_unit_notifies_watches_and_bounds_the_daemon():
     assert d["SystemCallFilter"] == ["@system-service"] and d["ProtectProc"] == ["invisible"]
     assert "OMP_WAIT_POLICY=PASSIVE" in d["Environment"]
     assert "MemoryDenyWriteExecute" not in d  # PyTorch and the CUDA driver JIT-compile code
+
+
+def test_sigterm_finishes_inside_the_units_stop_timeout():
+    """The daemon's own stop deadline (queue.stop_timeout_s) plus the interpreter's exit fit in TimeoutStopSec."""
+    from stemd.config import Settings
+
+    stop = Settings().queue.stop_timeout_s
+    assert stop + 5.0 <= float(_directives()["TimeoutStopSec"][0])

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("stemd.live.daemon", "the live denoising daemon (ZeroMQ in, ZeroMQ out)"),
     "simulate": ("stemd.apps.simulate", "publish simulated fast-scan frames like a microscope"),
     "view": ("stemd.apps.viewer", "show raw and denoised frames from a running daemon"),
-    "denoise": ("stemd.apps.offline", "denoise a TIFF file (frame or stack) offline"),
+    "denoise": ("stemd.apps.offline", "denoise files offline: TIFF; dm3/dm4, emd, ser, mrc, hspy (formats extra)"),
     "train": ("stemd.apps.training", "train a model on synthetic lattice windows"),
 }
 

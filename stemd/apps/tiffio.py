@@ -183,9 +183,10 @@ def read_tiff(path: Path) -> TiffImage:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an OUT that exists (unless overwrite), is a directory, or whose directory is missing."""
+    """Refuse an OUT that exists (unless overwrite), is a directory (but a .zspy, which is one), or whose directory
+    is missing."""
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() and out.suffix.lower() != ".zspy":
         raise InputError(f"output {out} is a directory; give a file name")
     if out.exists() and not overwrite:
         raise InputError(f"output file {out} exists; pass --overwrite to replace it")

@@ -225,12 +225,13 @@ class Subscription:
             self._sock.close()
             raise ConfigError(f"--endpoint: cannot connect to {endpoint}: {exc}") from None
 
-    def receive(self, timeout_s: float) -> list[tuple[bytes, Any]]:
-        """Everything waiting (after up to `timeout_s` for the first): (topic, Frame or header)."""
+    def receive(self, timeout_s: float, limit: int | None = None) -> list[tuple[bytes, Any]]:
+        """Everything waiting, at most `limit` messages (after up to `timeout_s` for the first; 0: never
+        waits): (topic, Frame or header)."""
         out: list[tuple[bytes, Any]] = []
-        wait_ms = max(0, int(timeout_s * 1000))
-        while self._sock.poll(wait_ms):
-            wait_ms = 0
+        wait_ms, taken = max(0, int(timeout_s * 1000)), 0
+        while (limit is None or taken < limit) and self._sock.poll(wait_ms):
+            wait_ms, taken = 0, taken + 1
             parts = self._sock.recv_multipart(copy=False)
             topic = bytes(parts[0].buffer)
             try:
@@ -247,7 +248,7 @@ class Subscription:
         self._sock.close(linger=0)
 
 
-def _feed(messages: list[tuple[bytes, Any]], matcher: PairMatcher, stats: LiveStats, now: float) -> bool:
+def feed(messages: list[tuple[bytes, Any]], matcher: PairMatcher, stats: LiveStats, now: float) -> bool:
     """Route received messages; True when a new matched pair completed."""
     new = False
     for topic, item in messages:
@@ -274,7 +275,7 @@ def snapshot(endpoint: str, png: Path | str, timeout_s: float = 10.0,
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NoFramesError(_nothing_message(endpoint, timeout_s, sub.skipped))
-            _feed(sub.receive(min(left, 0.2)), matcher, stats, time.time())
+            feed(sub.receive(min(left, 0.2)), matcher, stats, time.time())
     finally:
         sub.close()
     pair = matcher.latest
@@ -322,10 +323,10 @@ def show(endpoint: str, timeout_s: float = 10.0, duration_s: float | None = None
         while plt.fignum_exists(fig.number):
             if duration_s is not None and time.monotonic() - started > duration_s:
                 break
-            if _feed(sub.receive(0.02), matcher, stats, time.time()):
+            if feed(sub.receive(0.02), matcher, stats, time.time()):
                 shown += 1
                 pair = matcher.latest
-                assert pair is not None  # _feed said a pair completed
+                assert pair is not None  # feed said a pair completed
                 if images is None:
                     images = [ax.imshow(pair[k].data, cmap="gray") for ax, k in zip(axes, ("raw", "denoised"))]
                     for ax, k in zip(axes, ("raw", "denoised")):

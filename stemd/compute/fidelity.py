@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stemd.compute.fourier import bragg_gain
+from stemd.compute.fourier import bragg_gain, bragg_spectrum
 
 A4 = np.array([1.0, -4.0, 6.0, -4.0, 1.0])  # 4th difference: kills smooth signal, passes noise near Nyquist
 A4_UNIT = A4 / math.sqrt(float(A4 @ A4))  # HIGH_PASS = outer(A4_UNIT, A4_UNIT): unit noise gain, sum of squares 1
@@ -241,12 +241,12 @@ def residual_ratio(counts: np.ndarray, denoised: np.ndarray, noise: np.ndarray, 
         stack[2:, ~mask] = 0.0
     x = torch.from_numpy(stack)[:, None]
     h, w = counts.shape
-    spectra = torch.fft.rfft2(x - x.mean((-2, -1), keepdim=True), s=(2 * h, 2 * w))
-    band = (bragg_gain(spectra[:2]) > 0).any(0)
+    spectra = torch.fft.rfft2(x[2:] - x[2:].mean((-2, -1), keepdim=True), s=(2 * h, 2 * w))
+    band = (bragg_gain(bragg_spectrum(x[:2])) > 0).any(0)
     band[..., 0, 0] = False
     if not bool(band.any()):
         return None
-    power = spectra[2:].abs().square()[:, band].sum(-1)
+    power = spectra.abs().square()[:, band].sum(-1)
     return float(power[0] / power[1].clamp_min(torch.finfo(power.dtype).tiny))
 
 

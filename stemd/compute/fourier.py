@@ -4,37 +4,80 @@ planar-defect guide are built on them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 
 BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their power exceeds this x the noise floor
+SMOOTH_RADIUS = 2  # the power spectrum is averaged over (2 r + 1)² bins before it is compared with the floor
+FLOOR_STRIDE = 2  # the floor is the median of every 2nd smoothed bin along each axis: within 0.2 %, 3x faster
 
 
-def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0) -> torch.Tensor:
+@dataclass(frozen=True)
+class Spectrum:
+    """A frame's Fourier transform as `bragg_filter` takes it: computed once, shared by the Bragg guide and the
+    planar guide's plane averages (`stemd.compute.planar`) of the same frames."""
+
+    shape: tuple[int, int]  # the frames' (H, W); the transform is of the frame zero-padded to 2H x 2W
+    mean: torch.Tensor  # (B, 1, 1, 1) each frame's mean, removed before the transform
+    values: torch.Tensor  # (B, 1, 2H, W + 1) complex: rfft2 of the mean-free, zero-padded frame
+    power: torch.Tensor  # (B, 1, 2H, W + 1) its power, averaged over the bins within SMOOTH_RADIUS
+
+
+def bragg_spectrum(frames: torch.Tensor) -> Spectrum:
+    """(B, 1, H, W) -> their `Spectrum` (float32 arithmetic)."""
+    h, w = frames.shape[-2:]
+    x = frames.float()
+    mean = x.mean((-2, -1), keepdim=True)
+    values = torch.fft.rfft2(x - mean, s=(2 * h, 2 * w))
+    return Spectrum((h, w), mean, values, _box_mean(torch.view_as_real(values).square().sum(-1), SMOOTH_RADIUS))
+
+
+def real_times(values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """complex `values` x real `factor` (broadcast), without making `factor` complex first (half the work)."""
+    return torch.view_as_complex(torch.view_as_real(values) * factor[..., None])
+
+
+def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(..., H, W) -> the mean over the (2 r + 1)² window around each bin, of the bins inside: as
+    `avg_pool2d(count_include_pad=False)`, separably (5x faster on the CPU, equal to float32 rounding)."""
+    h, w = x.shape[-2:]
+    k = 2 * r + 1
+    total = F.pad(x, (0, 0, r, r)).unfold(-2, k, 1).sum(-1)
+    total = F.pad(total, (r, r)).unfold(-1, k, 1).sum(-1)
+    iy = torch.arange(h, device=x.device)
+    ix = torch.arange(w, device=x.device)
+    cy = (iy.clamp(max=h - 1 - r) + r - (iy - r).clamp(min=0) + 1).to(x.dtype)
+    cx = (ix.clamp(max=w - 1 - r) + r - (ix - r).clamp(min=0) + 1).to(x.dtype)
+    return total / (cy[:, None] * cx[None, :])
+
+
+def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0,
+                 spectrum: Spectrum | None = None) -> torch.Tensor:
     """(B, 1, H, W) -> same: each frame with its Fourier components shrunk by a Wiener-like gain.
 
     The frame (mean removed) is zero-padded to 2H x 2W, so a lattice need not fit the frame a whole
     number of times (no wrapped, out-of-phase lattice along the borders: it fades out instead). Its
-    power spectrum, averaged over 5x5 bins, is compared with its median, the white-noise floor:
+    power spectrum, averaged over 5x5 bins, is compared with its median (`FLOOR_STRIDE`), the white-noise floor:
     gain = clip(1 - strength * floor / power, 0, 1) keeps the lattice's Bragg peaks and drops the
     noise between them; the filtered frame is cropped back and the mean restored. `dynamic_range` > 0
     raises the floor to that fraction of the strongest (smoothed) bin: only the main peaks pass, not the
-    faint streaks that line jitter spreads from them (`stemd.compute.dejitter`).
+    faint streaks that line jitter spreads from them (`stemd.compute.dejitter`). `spectrum`: the frames'
+    `bragg_spectrum`, if already computed.
     """
     h, w = frames.shape[-2:]
-    x = frames.float()
-    mean = x.mean((-2, -1), keepdim=True)
-    spectrum = torch.fft.rfft2(x - mean, s=(2 * h, 2 * w))
-    gain = bragg_gain(spectrum, strength, dynamic_range)
-    out: torch.Tensor = torch.fft.irfft2(spectrum * gain, s=(2 * h, 2 * w))[..., :h, :w] + mean
+    s = bragg_spectrum(frames) if spectrum is None else spectrum
+    gain = bragg_gain(s, strength, dynamic_range)
+    out: torch.Tensor = torch.fft.irfft2(real_times(s.values, gain), s=(2 * h, 2 * w))[..., :h, :w] + s.mean
     return out.to(frames.dtype)
 
 
-def bragg_gain(spectrum: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0) -> torch.Tensor:
-    """The Bragg filter's gain on a frame's (zero-padded, mean-removed) rfft2 `spectrum`, in [0, 1]: > 0 on
-    the lattice's Bragg band (`bragg_filter`; `stemd.compute.fidelity` measures a residual's power there)."""
-    power = F.avg_pool2d(spectrum.abs().square(), 5, stride=1, padding=2, count_include_pad=False)
-    floor = power.flatten(-2).median(-1).values[..., None, None]
+def bragg_gain(s: Spectrum, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0) -> torch.Tensor:
+    """The Bragg filter's gain on a `Spectrum`, in [0, 1], shaped as its bins: > 0 on the lattice's Bragg band
+    (`bragg_filter`; `stemd.compute.fidelity` measures a residual's power there)."""
+    power = s.power
+    floor = power[..., ::FLOOR_STRIDE, ::FLOOR_STRIDE].flatten(-2).median(-1).values[..., None, None]
     if dynamic_range > 0:
         floor = torch.maximum(floor, dynamic_range * power.flatten(-2).amax(-1)[..., None, None])
     return (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)

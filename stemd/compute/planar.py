@@ -14,11 +14,14 @@ Pure torch, any device; docs/training.md, "Planar defects".
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from stemd.compute.fourier import bragg_filter
+from stemd.compute.fourier import Spectrum, bragg_filter, real_times
 
 REACH_PX = 512.0  # plane averages take shifts k t with |k t| up to this (the whole of a 512² frame)
 LAGS_PX = (3.0, 48.0)  # lattice translations are sought among autocorrelation peaks this long
@@ -85,45 +88,141 @@ def plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float = REACH_P
     """(H, W) -> (4, H, W): the frame averaged over its shifts by k t, |k t| <= reach, for each of the four
     `translations`; Fourier (sub-pixel) shifts of the zero-padded frame, each pixel averaged over the shifts
     that land inside the frame."""
-    return _plane_averages(frame, vectors, reach)[0]
+    geometry = _geometry((frame.shape[-2], frame.shape[-1]), vectors, reach, frame.device)
+    return _plane_averages(frame[None, None], geometry, None)[0][0]
 
 
-def _plane_averages(frame: torch.Tensor, vectors: Vectors, reach: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`plane_averages` and (4, H, W) how many shifts each pixel's average took (its noise variance is the
-    pixel's over that many)."""
-    from scipy.fft import next_fast_len
+@dataclass(frozen=True)
+class _Direction:
+    """One of the four `translations` as the band search sees it: which profile bin each pixel's line falls in."""
 
-    h, w = frame.shape
-    x = frame.float()
-    mean = x.mean()
-    size = (next_fast_len(h + int(reach) + 1, real=True), next_fast_len(w + int(reach) + 1, real=True))  # no wrap
-    spectrum = torch.fft.rfft2(x - mean, s=size)
-    qy = torch.fft.fftfreq(size[0], device=x.device)[:, None]
-    qx = torch.fft.rfftfreq(size[1], device=x.device)[None, :]
-    rows = torch.arange(h, device=x.device, dtype=torch.float32)
-    cols = torch.arange(w, device=x.device, dtype=torch.float32)
-    kernels, counts, sizes = [], [], []
+    norm: float  # |t|, px
+    bins: torch.Tensor  # (H * W,) long: the profile bin of each pixel (its distance across t)
+    length: int  # bins in the profile
+    first: torch.Tensor  # (H * W,) float: 1 where the pixel is in the first half of its line (before the centre)
+    valid: torch.Tensor  # (n,) long: the bins the robust z is taken over (`_robust_z`)
+    valid_mask: torch.Tensor  # (length,) bool: the same as a mask
+    searched: bool  # whether the profile has MIN_PROFILE_BINS valid bins (else this direction finds nothing)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What `planar_blend` needs of a frame shape and its lattice vectors, apart from the frame: computed once
+    per series (the vectors come with the `Plan`) and kept (`_geometry`'s cache), so a frame costs only its
+    transforms and the band search, with no host reads."""
+
+    size: tuple[int, int]  # the zero-padded transform's size: (2H, 2W), the Bragg spectrum's, where it is as cheap
+    kernels: torch.Tensor  # (4, size[0], size[1] // 2 + 1) the Dirichlet kernel of each direction's shifts
+    shifts: torch.Tensor  # (4, H, W) how many shifts land inside the frame at each pixel (at least 1)
+    fraction: torch.Tensor  # (4, H, W) those as a fraction of the shifts the kernel sums (its 1 / n)
+    directions: tuple[_Direction, ...]
+    weight_inner: torch.Tensor  # (H * W,) 1 on pixels BORDER_PX inside the frame
+
+
+_GEOMETRIES: OrderedDict[tuple[object, ...], _Geometry] = OrderedDict()
+_GEOMETRIES_LOCK = threading.Lock()  # a plan (`prepare`) may be made on another thread than the frames' runs
+GEOMETRY_CACHE = 4  # shapes x lattices kept, e.g. one series' four flips (a 512² one holds ~25 MB, ~ pixels)
+
+
+def prepare(shape: tuple[int, int], vectors: Vectors, device: torch.device | str = "cpu") -> None:
+    """Compute and keep what `planar_blend` needs of frames of `shape` along `vectors` (host reads included),
+    so that their guides then read nothing back: made with a series' plan."""
+    _geometry(shape, vectors, REACH_PX, torch.device(device))
+
+
+def _geometry(shape: tuple[int, int], vectors: Vectors, reach: float, device: torch.device) -> _Geometry:
+    """The cached `_Geometry` of frames of `shape` along `vectors` (the least recently used dropped first)."""
+    key = (shape, vectors, reach, str(device))
+    with _GEOMETRIES_LOCK:
+        geometry = _GEOMETRIES.pop(key, None)
+    geometry = geometry or _make_geometry(shape, vectors, reach, device)
+    with _GEOMETRIES_LOCK:
+        _GEOMETRIES[key] = geometry
+        while len(_GEOMETRIES) > GEOMETRY_CACHE:
+            _GEOMETRIES.popitem(last=False)
+    return geometry
+
+
+def _make_geometry(shape: tuple[int, int], vectors: Vectors, reach: float, device: torch.device,
+                   size: tuple[int, int] | None = None) -> _Geometry:
+    """Per direction t: shifts k t, |k| <= half, half = reach // |t| but no more than still overlap the frame
+    (a shift that leaves it adds nothing to any pixel's average, so the averages are the same), their Dirichlet
+    kernel on the transform's grid (`size`, default the smallest that does not wrap, or 2H x 2W if not much
+    larger), and how many land inside at each pixel; the band search's bins."""
+    from scipy.fft import next_fast_len  # imported on first use: scipy.fft adds ~0.2 s to start-up
+
+    h, w = shape
+    halves = []
     for ty, tx in translations(vectors):
-        half = max(1, int(reach // math.hypot(ty, tx)))
+        limit = min((h - 1) / abs(ty) if abs(ty) > 1e-9 else math.inf,
+                    (w - 1) / abs(tx) if abs(tx) > 1e-9 else math.inf)  # a lattice vector is never 0
+        halves.append(max(1, min(int(reach // math.hypot(ty, tx)), int(limit))))
+    sy = max(math.ceil(half * abs(t[0])) for half, t in zip(halves, translations(vectors)))
+    sx = max(math.ceil(half * abs(t[1])) for half, t in zip(halves, translations(vectors)))
+    own = (next_fast_len(h + sy + 1, real=True), next_fast_len(w + sx + 1, real=True))  # no wrap into the frame
+    if size is None:
+        size = (2 * h, 2 * w) if own[0] * own[1] >= 0.75 * 4 * h * w else own  # 2H x 2W never wraps either
+    qy = torch.fft.fftfreq(size[0], device=device, dtype=torch.float64)[:, None]
+    qx = torch.fft.rfftfreq(size[1], device=device, dtype=torch.float64)[None, :]
+    rows = torch.arange(h, device=device, dtype=torch.float32)
+    cols = torch.arange(w, device=device, dtype=torch.float32)
+    kernels, counts, fractions = [], [], []
+    for half, (ty, tx) in zip(halves, translations(vectors)):
         n = 2 * half + 1
-        sizes.append(float(n))
-        phase = math.pi * (qy * ty + qx * tx)  # the mean of exp(2 pi i k q.t) over |k| <= half (Dirichlet)
-        s = torch.sin(phase)
-        small = s.abs() < 1e-6
-        kernels.append(torch.where(small, 1.0, torch.sin(n * phase) / (n * torch.where(small, 1.0, s))))
-        k = torch.arange(-half, half + 1, device=x.device, dtype=torch.float32)[:, None]
+        phase = (math.pi * (qy * ty + qx * tx)).float()  # the mean of exp(2 pi i k q.t) over |k| <= half
+        sine = torch.sin(phase)
+        small = sine.abs() < 1e-6
+        kernels.append(torch.where(small, 1.0, torch.sin(n * phase) / (n * torch.where(small, 1.0, sine))))
+        k = torch.arange(-half, half + 1, device=device, dtype=torch.float32)[:, None]
         inside_y = ((rows + k * ty >= 0) & (rows + k * ty <= h - 1)).float()  # (n, H): shift k keeps row y inside
         inside_x = ((cols + k * tx >= 0) & (cols + k * tx <= w - 1)).float()
-        counts.append((inside_y.T @ inside_x).clamp_min(1.0) / n)  # shifts inside, as a fraction of n
-    # (complex x complex: faster)
-    total: torch.Tensor = torch.fft.irfft2(spectrum * torch.stack(kernels).to(spectrum.dtype), s=size)[:, :h, :w]
-    fraction = torch.stack(counts)
-    return total / fraction + mean, fraction * torch.tensor(sizes, device=x.device)[:, None, None]
+        counts.append((inside_y.T @ inside_x).clamp_min(1.0))
+        fractions.append(counts[-1] / n)
+    inner = torch.zeros(h, w, dtype=torch.bool, device=device)
+    inner[BORDER_PX:h - BORDER_PX, BORDER_PX:w - BORDER_PX] = True
+    weight_inner = inner.float().flatten()
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")
+    directions = []
+    for ty, tx in translations(vectors):
+        norm = math.hypot(ty, tx)
+        across = (xx * ty - yy * tx) / norm  # distance along the normal to t
+        along = (xx * tx + yy * ty) / norm
+        first = (along < along[h // 2, w // 2]).float().flatten()  # the lines' halves either side of the centre
+        bins = (across - across.min()).round().long().flatten()  # long: int32 takes index_add_'s slow path (100x)
+        length = int(bins.max()) + 1
+        lines = torch.bincount(bins, weight_inner, minlength=length)
+        enough = (lines > MIN_LINE_FRACTION * lines.max()).float()
+        valid = F.max_pool1d(F.pad(1 - enough, (TRIM_PX, TRIM_PX), value=1.0)[None], 2 * TRIM_PX + 1,
+                             stride=1)[0] == 0
+        directions.append(_Direction(norm, bins, length, first, valid.nonzero()[:, 0], valid,
+                                     int(valid.sum()) >= MIN_PROFILE_BINS))
+    return _Geometry(size, torch.stack(kernels), torch.stack(counts), torch.stack(fractions), tuple(directions),
+                     weight_inner)
 
 
-def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1, H, W) -> the Bragg `guide` (computed if None), replaced by a plane average across planar faults."""
-    return planar_blend(frames, guide)[0]
+def _plane_averages(frames: torch.Tensor, geometry: _Geometry, spectrum: Spectrum | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, H, W) -> (B, 4, H, W) `plane_averages` and (4, H, W) how many shifts each pixel's average took
+    (its noise variance is the pixel's over that many). `spectrum`: the frames' `bragg_spectrum`, used where the
+    transform's size is the Bragg filter's."""
+    h, w = frames.shape[-2:]
+    size = geometry.size
+    if spectrum is not None and size == (2 * h, 2 * w):
+        values, mean = spectrum.values, spectrum.mean
+    else:
+        x = frames.float()
+        mean = x.mean((-2, -1), keepdim=True)
+        values = torch.fft.rfft2(x - mean, s=size)
+    rows = torch.fft.ifft(real_times(values, geometry.kernels), dim=-2)[..., :h, :]  # the frame's rows only
+    total = torch.fft.irfft(rows, n=size[1], dim=-1)[..., :w]
+    return total / geometry.fraction + mean, geometry.shifts
+
+
+def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None, vectors: Vectors | None = None,
+                 spectrum: Spectrum | None = None) -> torch.Tensor:
+    """(B, 1, H, W) -> the Bragg `guide` (computed if None), replaced by a plane average across planar faults
+    (`planar_blend`, which says what `vectors` and `spectrum` are)."""
+    return planar_blend(frames, guide, vectors, spectrum)[0]
 
 
 def switch_mask(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +231,8 @@ def switch_mask(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torc
     return planar_blend(frames, guide)[1] > 0
 
 
-def planar_blend(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def planar_blend(frames: torch.Tensor, guide: torch.Tensor | None = None, vectors: Vectors | None = None,
+                 spectrum: Spectrum | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, H, W) -> (the planar guide, its weight 0..1 on the plane average per pixel; 0: the Bragg guide).
 
     For each direction t of `translations`: the gain (x - guide)^2 - (x - average_t)^2, summed over lines
@@ -144,100 +244,118 @@ def planar_blend(frames: torch.Tensor, guide: torch.Tensor | None = None) -> tup
     gain). A band is a run of bins above Z_EXTENT whose peak exceeds Z_SCALE x sqrt(2 ln(bins searched over the
     four directions)), widened by WIDEN translation lengths (a running maximum); there the guide ramps to the
     best direction's average (from Z_EXTENT, fully 1 above). A frame without a lattice, or without such a
-    band, keeps its Bragg guide."""
+    band, keeps its Bragg guide.
+
+    `vectors`: the lattice of every frame in the batch (a series' `Plan` carries it, measured once), so the
+    frames are searched together with no host read; None: each frame's own, measured here (`lattice_vectors`,
+    which reads values back). `spectrum`: the frames' `bragg_spectrum`, shared with their Bragg guide."""
     x = frames.float()
-    guide = bragg_filter(x) if guide is None else guide.float()
-    out = guide.clone()
-    blend = torch.zeros_like(guide)
+    guide = bragg_filter(x, spectrum=spectrum) if guide is None else guide.float()
     h, w = x.shape[-2:]
-    yy, xx = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float32),
-                            torch.arange(w, device=x.device, dtype=torch.float32), indexing="ij")
-    inner = torch.zeros(h, w, dtype=torch.bool, device=x.device)
-    inner[BORDER_PX:h - BORDER_PX, BORDER_PX:w - BORDER_PX] = True
-    if not inner.any():
-        return out.to(frames.dtype), blend
-    weight_inner = inner.float().flatten()
-    for b, vectors in enumerate(lattice_vectors(guide)):
-        if vectors is None:
+    if h <= 2 * BORDER_PX or w <= 2 * BORDER_PX:
+        return guide.to(frames.dtype), torch.zeros_like(guide)
+    if vectors is not None:
+        return _blend(x, guide, _geometry((h, w), vectors, REACH_PX, x.device), spectrum, frames.dtype)
+    outs, blends = [], []
+    for b, found in enumerate(lattice_vectors(guide)):
+        if found is None:
+            outs.append(guide[b:b + 1].to(frames.dtype))
+            blends.append(torch.zeros_like(guide[b:b + 1]))
+        else:
+            out, blend = _blend(x[b:b + 1], guide[b:b + 1], _geometry((h, w), found, REACH_PX, x.device), None,
+                                frames.dtype)
+            outs.append(out)
+            blends.append(blend)
+    return torch.cat(outs), torch.cat(blends)
+
+
+def _blend(x: torch.Tensor, guide: torch.Tensor, geometry: _Geometry, spectrum: Spectrum | None,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`planar_blend` of (B, 1, H, W) frames that share one lattice: batched tensor operations, no host read."""
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    averages, shifts = _plane_averages(x, geometry, spectrum)  # (B, 4, H, W), (4, H, W)
+    variance = _null_variance(x, guide, averages, shifts)  # (B, 4, H, W)
+    residual = (x - guide).square().flatten(-2)[:, 0]  # (B, H * W)
+    best_z = x.new_full((n, h * w), -math.inf)
+    best = guide.flatten(-2)[:, 0]
+    for c, d in enumerate(geometry.directions):
+        if not d.searched:
             continue
-        frame, g = x[b, 0], guide[b, 0]
-        averages, shifts = _plane_averages(frame, vectors, REACH_PX)
-        variance = _null_variance(frame, g, averages, shifts, inner)
-        best_z = torch.full((h, w), -math.inf, device=x.device)
-        best = g
-        for c, (ty, tx) in enumerate(translations(vectors)):
-            gain = ((frame - g).square() - (frame - averages[c]).square()).flatten() * weight_inner
-            norm = math.hypot(ty, tx)
-            across = (xx * ty - yy * tx) / norm  # distance along the normal to t
-            along = (xx * tx + yy * ty) / norm
-            first = (along < along[h // 2, w // 2]).float().flatten()  # the lines' halves either side of the centre
-            bins = (across - across.min()).round().long()
-            flat, length = bins.flatten(), int(bins.max()) + 1
-            z = _band_z(flat, length, gain, variance[c].flatten() * weight_inner, weight_inner, first)
-            z = _bands(z, Z_SCALE * math.sqrt(2 * math.log(4 * length)))
-            k = round(WIDEN * norm)
-            z = F.max_pool1d(z[None, None], 2 * k + 1, stride=1, padding=k)[0, 0][bins] if k else z[bins]
-            better = z > best_z
-            best_z = torch.where(better, z, best_z)
-            best = torch.where(better, averages[c], best)
-        weight = (best_z - Z_EXTENT).clamp(0, 1)
-        out[b, 0] = g + weight * (best - g)
-        blend[b, 0] = weight
-    return out.to(frames.dtype), blend
+        average = averages[:, c].flatten(-2)
+        gain = (residual - (x.flatten(-2)[:, 0] - average).square()) * geometry.weight_inner
+        z = _band_z(d, gain, variance[:, c].flatten(-2) * geometry.weight_inner)
+        z = _bands(z, Z_SCALE * math.sqrt(2 * math.log(4 * d.length)))
+        k = round(WIDEN * d.norm)
+        z = (F.max_pool1d(z[:, None], 2 * k + 1, stride=1, padding=k)[:, 0] if k else z)[:, d.bins]
+        better = z > best_z
+        best_z = torch.where(better, z, best_z)
+        best = torch.where(better, average, best)
+    weight = (best_z - Z_EXTENT).clamp(0, 1)
+    g = guide.flatten(-2)[:, 0]
+    out = (g + weight * (best - g)).reshape(n, 1, h, w)
+    return out.to(dtype), weight.reshape(n, 1, h, w)
 
 
 def _bands(z: torch.Tensor, threshold: float) -> torch.Tensor:
-    """z where it lies in a run of bins above Z_EXTENT whose peak exceeds `threshold`, -inf elsewhere: a band's
-    extent is where it stands out, its detection the search-size-corrected test (no host read)."""
+    """(B, L) z where it lies in a run of bins above Z_EXTENT whose peak exceeds `threshold`, -inf elsewhere: a
+    band's extent is where it stands out, its detection the search-size-corrected test (no host read)."""
     above = z > Z_EXTENT
-    run = torch.cumsum((~above).long(), 0)  # the bins of one run above share an id
-    peak = z.new_full((z.numel() + 1,), -math.inf).scatter_reduce(0, run, z, "amax")
-    return torch.where(above & (peak[run] > threshold), z, -math.inf)
+    run = torch.cumsum((~above).long(), -1)  # the bins of one run above share an id
+    peak = z.new_full((z.shape[0], z.shape[-1] + 1), -math.inf).scatter_reduce(-1, run, z, "amax")
+    return torch.where(above & (peak.gather(-1, run) > threshold), z, -math.inf)
 
 
-def _null_variance(frame: torch.Tensor, guide: torch.Tensor, averages: torch.Tensor, shifts: torch.Tensor,
-                   inner: torch.Tensor) -> torch.Tensor:
-    """(4, H, W) the variance of each pixel's gain were there no fault, 4 s^4 / shifts, up to a constant
+def _null_variance(x: torch.Tensor, guide: torch.Tensor, averages: torch.Tensor, shifts: torch.Tensor
+                   ) -> torch.Tensor:
+    """(B, 4, H, W) the variance of each pixel's gain were there no fault, 4 s^4 / shifts, up to a constant
     factor: s^2 = alpha guide + beta, the noise variance fitted to (x - guide)^2 over the inner frame (photon
     noise grows with the signal). Without it bright planes and short lines (fewer pixels) looked like bands."""
-    r2, gi = (frame - guide).square()[inner], guide[inner]
-    centred = gi - gi.mean()
-    alpha = (centred * r2).mean() / centred.square().mean().clamp_min(torch.finfo(torch.float32).tiny)
-    beta = r2.mean() - alpha * gi.mean()
-    s2 = (alpha * averages + beta).clamp_min(1e-3 * r2.mean() + torch.finfo(torch.float32).tiny)
+    h, w = x.shape[-2:]
+    inner = (..., slice(BORDER_PX, h - BORDER_PX), slice(BORDER_PX, w - BORDER_PX))
+    r2, gi = (x - guide).square()[inner], guide[inner]
+    g_mean = gi.mean((-2, -1), keepdim=True)
+    centred = gi - g_mean
+    tiny = torch.finfo(torch.float32).tiny
+    alpha = (centred * r2).mean((-2, -1), keepdim=True) / centred.square().mean((-2, -1), keepdim=True).clamp_min(tiny)
+    r2_mean = r2.mean((-2, -1), keepdim=True)
+    beta = r2_mean - alpha * g_mean
+    s2 = (alpha * averages + beta).clamp_min(1e-3 * r2_mean + tiny)
     return 4 * s2.square() / shifts
 
 
-def _band_z(flat: torch.Tensor, length: int, gain: torch.Tensor, variance: torch.Tensor, count: torch.Tensor,
-            first: torch.Tensor) -> torch.Tensor:
-    """Per profile bin: min(z of the whole lines, sqrt 2 x z of each half), z = `_robust_z` of the smoothed
-    gain over its smoothed null deviation; -inf where the profile is too short or its bins too few."""
-    lines = torch.bincount(flat, count, minlength=length)
-    enough = (lines > MIN_LINE_FRACTION * lines.max()).float()
-    valid = F.max_pool1d(F.pad(1 - enough, (TRIM_PX, TRIM_PX), value=1.0)[None], 2 * TRIM_PX + 1, stride=1)[0] == 0
-    if int(valid.sum()) < MIN_PROFILE_BINS:
-        return torch.full((length,), -math.inf, device=gain.device)
-    zs = [_robust_z(torch.bincount(flat, gain * part, minlength=length),
-                    torch.bincount(flat, variance * part, minlength=length), valid)
-          for part in (torch.ones_like(first), first, 1 - first)]
-    return torch.minimum(zs[0], math.sqrt(2) * torch.minimum(zs[1], zs[2]))
+def _band_z(direction: _Direction, gain: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """(B, H * W) -> (B, L) per profile bin: min(z of the whole lines, sqrt 2 x z of each half), z = `_robust_z` of
+    the smoothed gain over its smoothed null deviation."""
+    d = direction
+    total_gain, first_gain, total_variance, first_variance = _profile(
+        d, torch.cat([gain, gain * d.first, variance, variance * d.first])).chunk(4)  # one scatter for the four
+    z = _robust_z(torch.cat([total_gain, first_gain, total_gain - first_gain]),
+                  torch.cat([total_variance, first_variance, total_variance - first_variance]), d).chunk(3)
+    return torch.minimum(z[0], math.sqrt(2) * torch.minimum(z[1], z[2]))
 
 
-def _robust_z(total: torch.Tensor, variance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per bin: the smoothed gain over its smoothed null deviation, as a robust z-score (median, 1.4826 MAD)
-    over the `valid` bins; -inf elsewhere, and everywhere if the profile is flat."""
+def _profile(direction: _Direction, values: torch.Tensor) -> torch.Tensor:
+    """(B, H * W) -> (B, L): the values summed per profile bin (a batched bincount)."""
+    out = values.new_zeros(values.shape[0], direction.length)
+    return out.index_add_(1, direction.bins, values)
+
+
+def _robust_z(total: torch.Tensor, variance: torch.Tensor, direction: _Direction) -> torch.Tensor:
+    """(B, L) per bin: the smoothed gain over its smoothed null deviation, as a robust z-score (median, 1.4826 MAD)
+    over the direction's valid bins; -inf elsewhere, and everywhere if the profile is flat."""
     radius = int(3 * PROFILE_SIGMA_PX)
     taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=total.device) / PROFILE_SIGMA_PX) ** 2)
 
     def smooth(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(v.float()[None, None], t[None, None], padding=radius)[0, 0]
+        return F.conv1d(v.float()[:, None], t[None, None], padding=radius)[:, 0]
 
     deviation = smooth(variance, taps.square()).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
     profile = smooth(total, taps) / deviation
-    median = profile[valid].median()
-    spread = 1.4826 * (profile[valid] - median).abs().median()
-    return torch.where(valid & (spread > 0), (profile - median) / spread.clamp_min(torch.finfo(torch.float32).tiny),
-                       -math.inf)
+    inside = profile[:, direction.valid]
+    median = inside.median(-1, keepdim=True).values
+    spread = 1.4826 * (inside - median).abs().median(-1, keepdim=True).values
+    return torch.where(direction.valid_mask & (spread > 0),
+                       (profile - median) / spread.clamp_min(torch.finfo(torch.float32).tiny), -math.inf)
 
 
 def _vertex(left: float, mid: float, right: float) -> float:

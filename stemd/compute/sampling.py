@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from stemd.compute.fourier import bragg_filter
-from stemd.compute.planar import lattice_vectors
+from stemd.compute.planar import Vectors, lattice_vectors
 from stemd.config import MAX_SIDE, MIN_SIDE
 from stemd.errors import CheckpointError, ConfigError, InputError
 
@@ -93,11 +93,17 @@ def measure_scale(frames: torch.Tensor) -> list[float | None]:
     (`planar.lattice_vectors` of its Bragg guide), or None where the frame shows no lattice: the guide holds
     under MIN_LATTICE_POWER of the frame's variance (noise, amorphous, vacuum) or no two translations. With
     several lattices (grains, particles) the strongest one's."""
+    return [scale for scale, _ in measure_lattice(frames)]
+
+
+def measure_lattice(frames: torch.Tensor) -> list[tuple[float | None, Vectors | None]]:
+    """(B, 1, H, W) -> per frame (`measure_scale`'s scale, the two lattice translations `lattice_vectors` found
+    whatever the lattice's power, None if none): the lattice analysis a series' plan carries for its frames."""
     x = frames.float()
     guide = bragg_filter(x)
     power = guide.var((-2, -1)).flatten() / x.var((-2, -1)).flatten().clamp_min(torch.finfo(torch.float32).tiny)
     strong = (power >= MIN_LATTICE_POWER).tolist()
-    return [None if v is None or not ok else min(math.hypot(*v[0]), math.hypot(*v[1]))
+    return [(None if v is None or not ok else min(math.hypot(*v[0]), math.hypot(*v[1])), v)
             for v, ok in zip(lattice_vectors(guide), strong)]
 
 

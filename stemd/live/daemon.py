@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from stemd.compute.sampling import SamplingError
 from stemd.config import MODEL_KEYS, Settings, add_setting_options, is_local_endpoint, load_settings, setting_overrides
@@ -31,6 +34,7 @@ from stemd.errors import ConfigError, ModelOutputError, StemdError
 from stemd.live import protocol
 from stemd.live.engine import Engine, Pending
 from stemd.live.fidelity_monitor import FidelityMonitor, reference_frame
+from stemd.live.hspy_writer import HyperSpyRecorder
 from stemd.live.notify import Notifier
 from stemd.live.recorder import Recorder
 from stemd.pipeline import Denoiser, Plan, check_finite
@@ -40,10 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 5.0  # on shutdown, frames still queued after this are counted as dropped
+STOP_CLOSE_SHARE = 0.25  # of queue.stop_timeout_s kept for closing recordings and sockets after the drain
 LINGER_MS = 500  # how long closing sockets may keep flushing
 DRAIN_QUIET_S, DRAIN_SOCKET_S = 0.05, 2.0  # an input socket is drained until quiet this long, at most that long
 MAX_SERIES_TRACKED = 64
+RECONNECT_WAIT_S = 1.0  # a dropped input connection ZeroMQ does not retry within this was refused, not closed
 EVENT_LOG_PER_S = 5.0  # series-event log lines per second at most: a flood of events is counted, not logged
 
 
@@ -55,14 +60,15 @@ class Item:
     header: dict[str, Any]
     data: np.ndarray | None = None
     received_at: float = 0.0
-    plan: Plan | None = None  # how the model runs this frame, made on arrival
+    plan: Plan | None = None  # how the model runs this frame (its series'); None: yet to be measured, by `_work`
     generation: int = 0  # the engine's model the plan was made for
+    planned: list[Any] | None = None  # its series' plan entry (`Daemon._plan`), which `_work` fills if plan is None
 
 
 def _batch_key(item: Item) -> tuple[Any, ...]:
-    """Frames batched together share this: one shape and one pixel size (one sampling plan)."""
+    """Frames batched together share this: one series, shape and pixel size (one plan: sampling and lattice)."""
     assert item.data is not None  # only frames are batched, and a frame carries its data
-    return item.data.shape, item.header.get("pixel_size_m")
+    return item.data.shape, item.header.get("pixel_size_m"), item.header.get("series_id"), id(item.planned)
 
 
 class FrameQueue:
@@ -116,13 +122,17 @@ class FrameQueue:
         self._changed.set()
         return item
 
-    def pop_batch(self, max_batch: int) -> list[Item]:
-        """Leading frames of the head frame's shape and pixel size, at most `max_batch`."""
+    def pop_batch(self, max_batch: int, max_pixels: int | None = None) -> list[Item]:
+        """Leading frames of the head frame's shape and pixel size, at most `max_batch` and (but for the first)
+        `max_pixels` pixels in all."""
         key = _batch_key(self._items[0])
+        assert self._items[0].data is not None
+        size = self._items[0].data.size
         batch: list[Item] = []
         while (
             self._items
             and len(batch) < max_batch
+            and (max_pixels is None or not batch or (len(batch) + 1) * size <= max_pixels)
             and self._items[0].kind == "frame"
             and _batch_key(self._items[0]) == key
         ):
@@ -214,6 +224,8 @@ class Daemon:
         self._stopping = False
         self._reload_lock = asyncio.Lock()
         self._sampling_said = ""  # the last sampling refusal logged (a new one is logged when it changes)
+        self.batch_pixels = settings.queue.max_batch_pixels  # set by start: the pixels a batch may hold
+        self._derived_batch_pixels = 0
         self.metrics: MetricsServer | None = None  # /metrics when metrics.endpoint is set (start to stop)
         self.latency_observer: Callable[[float], None] | None = None  # given each published frame's latency_s
         self.fidelity = FidelityMonitor(settings.fidelity)  # live split-dose checks, run when the engine is idle
@@ -229,12 +241,14 @@ class Daemon:
         if s.metrics.endpoint is not None:
             self.metrics = start_metrics(self, s.metrics.endpoint)
             self.latency_observer = self.metrics.latency.observe
+        self._derived_batch_pixels = self.engine.batch_pixels()
+        self.batch_pixels = s.queue.max_batch_pixels or self._derived_batch_pixels
         self.pub = self._open_output(s)
         self.sub = self._open_input(s)
         self.recorder = self._make_recorder(s)
         self._started_at = time.time()
         self._last_stats = (time.monotonic(), 0)
-        self._spawn("receiver", self._receive(self.sub))
+        self._spawn("receiver", self._receive(self.sub, _connected(s)))
         self._spawn("worker", self._work())
         self._spawn("stats", self._stats_loop())
         interval = self.notifier.watchdog_interval()
@@ -243,7 +257,8 @@ class Daemon:
         line = (
             f"ready: input {self.input_endpoint} ({s.input.mode}), output {self.output_endpoint}, {s.queue.mode} mode"
         )
-        log.info("%s; model %s on %s", line, self.engine.model_id, self.engine.device_name)
+        log.info("%s; model %s on %s; at most %d pixels a frame and %d a batch", line, self.engine.model_id,
+                 self.engine.device_name, self._frame_pixels(s), self.batch_pixels)
         self.notifier.ready(line)
 
     def _apply_log_level(self, s: Settings) -> None:
@@ -262,22 +277,28 @@ class Daemon:
         return 1 if self.failed else 0
 
     async def stop(self) -> None:
-        """Stop receiving, drain the queue (up to DRAIN_TIMEOUT_S), close recordings and sockets."""
+        """Stop receiving, drain the queue, close recordings and sockets, all within queue.stop_timeout_s:
+        what the drain cannot finish in time is counted as dropped (shutdown)."""
         if self._stopping:
             return
         self._stopping = True
+        timeout = self.settings.queue.stop_timeout_s
+        deadline = time.monotonic() + timeout
         self.notifier.stopping()
         log.info("stopping: draining %d queued frames", len(self.queue))
         await self._cancel("receiver")
-        if self.sub is not None:
-            await self._drain_socket(self.sub)  # frames already handed to ZeroMQ are taken, not lost uncounted
+        if self.sub is not None:  # frames already handed to ZeroMQ are taken, not lost uncounted
+            await self._drain_socket(self.sub, min(DRAIN_SOCKET_S, timeout * STOP_CLOSE_SHARE))
         self.queue.close()
         worker = self._tasks.pop("worker", None)
+        abandoned = False
         if worker is not None:
+            left = deadline - time.monotonic() - timeout * STOP_CLOSE_SHARE
             try:
-                await asyncio.wait_for(asyncio.shield(worker), DRAIN_TIMEOUT_S)
+                await asyncio.wait_for(asyncio.shield(worker), max(left, 0.0))
             except asyncio.TimeoutError:
-                log.warning("drain took over %.0f s; dropping what is left", DRAIN_TIMEOUT_S)
+                log.warning("drain would take over queue.stop_timeout_s (%g s); dropping what is left", timeout)
+                abandoned = True
                 worker.cancel()
                 await asyncio.gather(worker, return_exceptions=True)
             except Exception:
@@ -290,7 +311,10 @@ class Daemon:
         await self._cancel("watchdog")
         log.info("final %s", self.stats_line(self.stats()))
         if self.recorder is not None:
-            await self.recorder.close()
+            try:
+                await asyncio.wait_for(self.recorder.close(), max(deadline - time.monotonic(), 1.0))
+            except asyncio.TimeoutError:
+                log.error("recordings still being written at queue.stop_timeout_s; the last pages may be cut")
         for sock in (self.sub, self.pub):
             if sock is not None:
                 sock.close(linger=LINGER_MS)
@@ -299,7 +323,7 @@ class Daemon:
             self.latency_observer = None
             await asyncio.to_thread(self.metrics.close)
         if self.engine is not None and self._owns_engine:
-            await asyncio.to_thread(self.engine.close)
+            await asyncio.to_thread(self.engine.close, not abandoned)  # a batch still running is left behind
         self.notifier.close()
         log.info("stopped")
 
@@ -366,11 +390,18 @@ class Daemon:
         self._bind(pub, s.output.endpoint, "output.endpoint")
         return pub
 
-    def _open_input(self, s: Settings) -> zmq.asyncio.Socket:
-        sub = self.ctx.socket(zmq.SUB)
+    def _frame_pixels(self, s: Settings) -> int:
+        """The most pixels a frame may have: limits.max_pixels, and no more than one batch may hold."""
+        return min(s.limits.max_pixels, self.batch_pixels)
+
+    def _open_input(self, s: Settings, subscribe: bool = True) -> zmq.asyncio.Socket:
+        """The input socket (SUB or PULL, input.socket); without `subscribe`, a publisher sends a SUB nothing
+        until `_subscribe`."""
+        sub = self.ctx.socket(zmq.PULL if s.input.socket == "pull" else zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, s.input.hwm)
-        sub.setsockopt(zmq.SUBSCRIBE, protocol.FRAME)
-        sub.setsockopt(zmq.SUBSCRIBE, protocol.SERIES)
+        sub.setsockopt(zmq.MAXMSGSIZE, protocol.max_part_bytes(self._frame_pixels(s)))  # ZeroMQ refuses larger
+        if subscribe:
+            _subscribe(sub, s)
         if s.input.mode == "bind":
             self._bind(sub, s.input.endpoint, "input.endpoint")
         else:
@@ -386,14 +417,16 @@ class Daemon:
         r = s.recording
         if not r.enabled or not (r.raw or r.denoised):
             return None
+        if r.format != "tiff":
+            return HyperSpyRecorder(r.directory, fmt=r.format, raw=r.raw, denoised=r.denoised, max_open=r.max_open)
         return Recorder(r.directory, raw=r.raw, denoised=r.denoised, max_open=r.max_open)
 
     # ---- receiving --------------------------------------------------------------------
 
-    async def _drain_socket(self, sub: zmq.asyncio.Socket) -> int:
+    async def _drain_socket(self, sub: zmq.asyncio.Socket, limit_s: float = DRAIN_SOCKET_S) -> int:
         """Take every message a socket already holds (until it has been quiet DRAIN_QUIET_S, at most
-        DRAIN_SOCKET_S): each is handled, so a frame is queued or counted, never dropped by closing the socket."""
-        taken, deadline = 0, time.monotonic() + DRAIN_SOCKET_S
+        `limit_s`): each is handled, so a frame is queued or counted, never dropped by closing the socket."""
+        taken, deadline = 0, time.monotonic() + limit_s
         while time.monotonic() < deadline and await sub.poll(DRAIN_QUIET_S * 1e3):
             self.handle_message(await sub.recv_multipart(copy=False))
             taken += 1
@@ -401,37 +434,47 @@ class Daemon:
             log.info("took %d message(s) still buffered on the input socket", taken)
         return taken
 
-    async def _receive(self, sub: zmq.asyncio.Socket) -> None:
-        while True:
-            if self.settings.queue.mode == "lossless":
-                await self.queue.wait_for(lambda: len(self.queue) < self.queue.maxsize)
-            parts = await sub.recv_multipart(copy=False)
-            self.handle_message(parts)
+    async def _receive(self, sub: zmq.asyncio.Socket, connected: str | None) -> None:
+        """Messages from `sub` (connected to the endpoint `connected`, or None when bound) to `handle_message`."""
+        watch = asyncio.create_task(self._watch_input(sub, connected)) if connected else None
+        try:
+            while True:
+                if self.settings.queue.mode == "lossless":
+                    await self.queue.wait_for(lambda: len(self.queue) < self.queue.maxsize)
+                parts = await sub.recv_multipart(copy=False)
+                self.handle_message(parts)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+
+    async def _watch_input(self, sub: zmq.asyncio.Socket, endpoint: str) -> None:
+        """A connection ZeroMQ ends for breaking its rules (a part over MAXMSGSIZE) is never made again on its own,
+        unlike one the peer closed: counted as rejected (oversize), said, and connected again."""
+        mon = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECT_DELAYED)
+        try:
+            while True:
+                event = parse_monitor_message(await mon.recv_multipart())
+                if event["event"] != zmq.EVENT_DISCONNECTED or await mon.poll(RECONNECT_WAIT_S * 1e3):
+                    continue  # a retry follows a disconnect ZeroMQ recovers from by itself
+                self._reject("oversize", f"ZeroMQ refused a message part over {int(sub.getsockopt(zmq.MAXMSGSIZE))} "
+                             f"bytes from {endpoint} (limits.max_pixels, queue.max_batch_pixels) and dropped the "
+                             f"connection; connecting again")
+                with contextlib.suppress(zmq.ZMQError):
+                    sub.disconnect(endpoint)
+                sub.connect(endpoint)
+        finally:
+            sub.disable_monitor()
+            mon.close(linger=0)
 
     def handle_message(self, parts: list[Any]) -> None:
         """Validate one message and queue it, or count it as rejected; never raises."""
+        if self.settings.input.format == "array-1.0":
+            self._take_frame(parts, protocol.decode_array)
+            return
         topic = parts[0].bytes if hasattr(parts[0], "bytes") else bytes(parts[0])
-        now = time.time()
         if topic == protocol.FRAME:
-            self.frames_in += 1
-            lim = self.settings.limits
-            try:
-                frame = protocol.decode_frame(
-                    parts, max_side=lim.max_side, max_pixels=lim.max_pixels,
-                    min_side=max(lim.min_side, self._engine.window),
-                )
-            except protocol.ProtocolError as exc:
-                self._reject(exc.reason, exc.detail)
-                return
-            self._track_series(frame.header)
-            try:
-                plan = self._plan(frame.header, frame.data)
-            except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
-                self._refuse([Item("frame", frame.header, frame.data, now)], exc)
-                return
-            dropped = self.queue.put_frame(Item("frame", frame.header, frame.data, now, plan, self._engine.generation))
-            if dropped is not None:
-                self._drop(dropped, "queue_full")
+            self._take_frame(parts, protocol.decode_frame)
         elif topic == protocol.SERIES:
             try:
                 _, header = protocol.decode_event(parts)
@@ -439,28 +482,69 @@ class Daemon:
                 self._reject(exc.reason, exc.detail)
                 return
             self._last_ids.pop(header["series_id"], None)
-            self._put_event(Item("event", header, None, now))
+            self._put_event(Item("event", header, None, time.time()))
         else:
             self._reject("topic", f"unexpected topic {topic[:32]!r}")
 
-    def _plan(self, header: dict[str, Any], data: np.ndarray) -> Plan:
-        """The series' plan, made from its first frame's own lattice (`Denoiser.plan`) and remade every
-        model.calibrate_every frames or when the model changes; a refusal is kept likewise (SamplingError)."""
+    def _take_frame(self, parts: list[Any], decode: Callable[..., protocol.Frame]) -> None:
+        """Decode a frame message with `decode` (the input format's), plan it and queue it, or count why not."""
+        now = time.time()
+        self.frames_in += 1
+        lim = self.settings.limits
+        try:
+            frame = decode(
+                parts, max_side=lim.max_side, max_pixels=self._frame_pixels(self.settings),
+                min_side=max(lim.min_side, self._engine.window),
+            )
+        except protocol.ProtocolError as exc:
+            self._reject(exc.reason, exc.detail)
+            return
+        self._track_series(frame.header)
+        try:
+            entry = self._plan(frame.header, frame.data)
+        except SamplingError as exc:  # never queued, so it takes no place from a frame the model can take
+            self._refuse([Item("frame", frame.header, frame.data, now)], exc)
+            return
+        dropped = self.queue.put_frame(
+            Item("frame", frame.header, frame.data, now, entry[0], self._engine.generation, entry))
+        if dropped is not None:
+            self._drop(dropped, "queue_full")
+
+    def _plan(self, header: dict[str, Any], data: np.ndarray) -> list[Any]:
+        """The series' plan entry, [plan, frames planned by it, engine generation]: the plan (`Denoiser.plan`,
+        from the first frame's own lattice) remade every model.calibrate_every frames or when the model
+        changes, a refusal raised (SamplingError, kept likewise). Its plan is None until `_work` measures it
+        on the engine's thread, never on this loop."""
         key = (header["series_id"], data.shape, header.get("pixel_size_m"))
         entry = self._plans.pop(key, None)
         if entry is None or entry[1] >= self.settings.model.calibrate_every or entry[2] != self._engine.generation:
-            try:
-                made: Plan | SamplingError = self._engine.plan(data.shape, header.get("pixel_size_m"), data)
-            except SamplingError as exc:
-                made = exc
-            entry = [made, 0, self._engine.generation]
+            entry = [None, 0, self._engine.generation]
         entry[1] += 1
         self._plans[key] = entry
         while len(self._plans) > MAX_SERIES_TRACKED:
             self._plans.popitem(last=False)
         if isinstance(entry[0], SamplingError):
             raise entry[0]
-        return entry[0]
+        return entry
+
+    async def _measured_plan(self, item: Item) -> Plan:
+        """The plan of a frame queued without one: its entry's if made meanwhile, else measured on this frame
+        on the engine's worker thread (~0.1 s per 512² frame) and kept in the entry; or SamplingError."""
+        assert item.data is not None
+        entry = item.planned
+        current = entry is not None and entry[2] == self._engine.generation
+        made: Plan | SamplingError | None = entry[0] if entry is not None and current else None
+        if made is None:
+            try:
+                made = await self._engine.run(self._engine.plan, item.data.shape, item.header.get("pixel_size_m"),
+                                              item.data)
+            except SamplingError as exc:
+                made = exc
+            if entry is not None and current:
+                entry[0] = made
+        if isinstance(made, SamplingError):
+            raise made
+        return made
 
     def _track_series(self, header: dict[str, Any]) -> None:
         """Notice frame ids going backwards in a series (a restarted publisher) and ids skipped forwards
@@ -527,13 +611,14 @@ class Daemon:
                     pending = None
                 await self._handle_event(self.queue.pop())
                 continue
-            batch = self.queue.pop_batch(self.settings.queue.max_batch)
+            batch = self.queue.pop_batch(self.settings.queue.max_batch, self.batch_pixels)
             self._inflight.extend(batch)
             try:
                 plan = batch[0].plan
-                assert batch[0].data is not None  # a frame carries its data
-                if plan is None or batch[0].generation != self._engine.generation:  # the model was reloaded
-                    plan = self._engine.plan(batch[0].data.shape, batch[0].header.get("pixel_size_m"))
+                if plan is None or batch[0].generation != self._engine.generation:  # new series, or a reload
+                    plan = await self._measured_plan(batch[0])
+                    for item in batch:
+                        item.plan = plan  # the plan the header will describe
                 started = time.perf_counter()
                 handle = await self._engine.run(self._engine.submit, [it.data for it in batch], plan)
                 self.fidelity.note_model_time(time.perf_counter() - started)
@@ -714,19 +799,23 @@ class Daemon:
         async with self._reload_lock:
             if self._stopping:
                 return False
+            old_batch_pixels = self.batch_pixels
             try:
                 new = await asyncio.to_thread(load_settings, self.config_path, self.overrides, self.environ)
                 denoiser = await asyncio.to_thread(Denoiser.load, None, new.model)
-                old = self.settings
+                old, old_frame_pixels = self.settings, self._frame_pixels(self.settings)
+                self.batch_pixels = new.queue.max_batch_pixels or self._derived_batch_pixels
                 pub = self._open_output(new) if new.output.endpoint != old.output.endpoint else None
                 try:
-                    sub = self._open_input(new) if new.input != old.input else None
+                    reopen = new.input != old.input or self._frame_pixels(new) != old_frame_pixels  # MAXMSGSIZE
+                    sub = self._open_input(new, subscribe=False) if reopen else None  # no copies while both are open
                 except Exception:
                     if pub is not None:
                         pub.close(linger=0)
                     raise
             except Exception as exc:  # StemdError, OSError; anything else is a bug: its traceback too
                 self.reload_failures += 1
+                self.batch_pixels = old_batch_pixels
                 log.error("reload rejected, keeping the running config and model: %s", exc,
                           exc_info=not isinstance(exc, (StemdError, OSError)))
                 return False
@@ -741,8 +830,9 @@ class Daemon:
                 await self._cancel("receiver")
                 await self._drain_socket(self._sub)  # the old input's backlog, before it is closed
                 self._sub.close(linger=0)
+                _subscribe(sub, new)  # what the publisher sent meanwhile is lost there: counted as missing_upstream
                 self.sub = sub
-                self._spawn("receiver", self._receive(sub))
+                self._spawn("receiver", self._receive(sub, _connected(new)))
             self.queue.maxsize, self.queue.mode = new.queue.maxsize, new.queue.mode
             if new.recording != old.recording:
                 if self.recorder is not None:
@@ -772,6 +862,18 @@ def start_metrics(daemon: Daemon, endpoint: str) -> MetricsServer:
     return MetricsServer(daemon, endpoint)
 
 
+def _subscribe(sub: zmq.asyncio.Socket, s: Settings) -> None:
+    """A SUB input takes the stemd topics, or every message for array-1.0 (no topic part); PULL needs nothing."""
+    if s.input.socket == "sub":
+        for topic in (protocol.FRAME, protocol.SERIES) if s.input.format == "stemd" else (b"",):
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+
+
+def _connected(s: Settings) -> str | None:
+    """The input endpoint the daemon connects to; None when it binds."""
+    return s.input.endpoint if s.input.mode == "connect" else None
+
+
 def _described(header: dict[str, Any], data: np.ndarray) -> dict[str, Any]:
     """The header as recorded beside `data`: its own dtype, native byte order."""
     return {**header, "dtype": data.dtype.name, "byte_order": protocol.NATIVE_BYTE_ORDER}
@@ -782,7 +884,11 @@ def _described(header: dict[str, Any], data: np.ndarray) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings (config/stemd.yaml documents every key)")
-    add_setting_options(parser, ("input.endpoint", "output.endpoint", "queue.mode", "metrics.endpoint", *MODEL_KEYS))
+    add_setting_options(
+        parser,
+        ("input.endpoint", "input.format", "input.socket", "output.endpoint", "queue.mode", "metrics.endpoint",
+         *MODEL_KEYS),
+    )
     parser.add_argument("--bind-input", action="store_true", help="bind the input endpoint instead of connecting")
     parser.add_argument("--record", type=Path, metavar="DIR", help="record TIFFs into DIR (enables recording)")
 
@@ -828,5 +934,14 @@ async def serve(settings: Settings, config_path: Path | None = None, overrides: 
 def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     settings = load_settings(args.config, overrides, os.environ)
-    return asyncio.run(serve(settings, args.config, overrides, manage_log_level=not getattr(args, "verbose", False),
-                             environ=os.environ))
+    rc = asyncio.run(serve(settings, args.config, overrides, manage_log_level=not getattr(args, "verbose", False),
+                           environ=os.environ))
+    ours = [t for t in threading.enumerate() if t.name.startswith("stemd-")]
+    for t in ours:
+        t.join(0.5)
+    left = [t for t in ours if t.is_alive()]
+    if left:  # a batch that missed queue.stop_timeout_s (its frames counted as dropped) must not hold up the exit
+        log.warning("exiting without waiting for %s", ", ".join(t.name for t in left))
+        logging.shutdown()
+        os._exit(rc)
+    return rc

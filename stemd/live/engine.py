@@ -4,8 +4,10 @@ All model work runs on ONE dedicated worker thread, so the asyncio loop never bl
 the model is never used from two threads. A batch is `submit`ted (host staging and device
 work enqueued) and later `collect`ed (results copied back). On CUDA, submit only enqueues:
 copy-in on one stream, compute on a second, copy-out on a third, chained by events, with
-pinned host buffers; so while batch k computes, batch k+1 is already uploading. On CPU,
-submit computes directly and collect just returns the result.
+pinned host buffers; so while batch k computes, batch k+1 is already uploading. A staging slot
+whose batch is still uncollected is read out before it is reused, so any number of batches may be
+pending. Waiting for a batch sleeps (blocking events), it does not spin a core. On CPU, submit
+computes directly and collect just returns the result.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import resource
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,6 +32,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SLOTS = 2  # staging buffers per batch shape: one batch in flight while the next uploads
+# Peak memory a batch costs per pixel, the shipped conv model on CPU, with a margin (python -m bench.reliability
+# measures it: 252-322 B/px at 512² and 1024², 194 at 2048²; assumed on CUDA too, not yet measured there); the
+# default cap on a batch's pixels (and so on a frame's) is half the free memory over it.
+PIXEL_COST_BYTES = 400
+MEMORY_SHARE = 0.5
+MIN_BATCH_PIXELS = 512 * 512
 
 
 @dataclass
@@ -133,6 +142,25 @@ class Engine:
         except (OSError, ValueError, IndexError):
             return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
+    def free_memory_bytes(self) -> int:
+        """Memory a batch can use: the GPU's free memory, or the host's available memory within this cgroup's limit."""
+        if self.cuda:
+            return int(torch.cuda.mem_get_info(self.denoiser.device)[0])
+        free = []
+        try:
+            with open("/proc/meminfo") as f:
+                free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+            limit, used = (Path("/sys/fs/cgroup", n).read_text().strip() for n in ("memory.max", "memory.current"))
+            if limit != "max":
+                free.append(int(limit) - int(used))
+        except (OSError, ValueError):
+            pass
+        return min(free) if free else int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+    def batch_pixels(self) -> int:
+        """The most pixels one batch may hold by default: MEMORY_SHARE of the free memory at PIXEL_COST_BYTES each."""
+        return max(MIN_BATCH_PIXELS, int(self.free_memory_bytes() * MEMORY_SHARE / PIXEL_COST_BYTES))
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the engine's worker thread without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -188,7 +216,7 @@ class Engine:
         slot.host_in.numpy()[...] = stack
         with torch.cuda.stream(copy_in):
             slot.dev_in.copy_(slot.host_in, non_blocking=True)
-            uploaded = torch.cuda.Event()
+            uploaded = torch.cuda.Event()  # waited on by a stream, on the GPU
             uploaded.record(copy_in)
         with torch.cuda.stream(compute), torch.inference_mode():
             compute.wait_event(uploaded)
@@ -199,7 +227,7 @@ class Engine:
             copy_out.wait_event(computed)
             y.record_stream(copy_out)
             slot.host_out.copy_(y, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the host waits on it: sleep, not spin
             done.record(copy_out)
         slot.pending = Pending(n=len(stack), done=done, host_out=slot.host_out, keep=[y, slot.dev_in])
         return slot.pending
@@ -219,6 +247,7 @@ class Engine:
             pending.result = self._read(pending)
         return pending.result
 
-    def close(self) -> None:
-        """Finish queued work and stop the worker thread."""
-        self._executor.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Finish queued work and stop the worker thread; with `wait` False, cancel queued work and return at once
+        (a batch already running finishes on its own: the process may exit without it)."""
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)

@@ -7,12 +7,13 @@ Message = [topic, msgpack(header)] or [topic, msgpack(header), pixel buffer] for
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import msgpack
 import numpy as np
@@ -52,9 +53,12 @@ REASONS = (
     "too_large",  # a side above max_side, or H * W above max_pixels
     "nonfinite",  # float32 frame with NaN or inf
     "topic",  # a topic the receiver does not take (the daemon counts these; decode_* never raise it)
+    "json",  # input.format array-1.0: the header is not a JSON object within the limits
+    "oversize",  # a part over max_part_bytes: ZeroMQ refused it and dropped the connection (the daemon counts these)
 )
 
 MAX_HEADER_BYTES = 64 * 1024
+MAX_ITEMSIZE = 4  # bytes per pixel of the widest of DTYPES
 MAX_HEADER_DEPTH = 32  # maps and arrays nested in a header, the header itself counted as 1
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
@@ -89,6 +93,12 @@ _SCAN_TYPES: dict[str, tuple[type, ...]] = {
     "detector": (str,),
     "scan_rotation_deg": (int, float),
 }
+
+
+def max_part_bytes(max_pixels: int) -> int:
+    """The largest message part a frame of at most `max_pixels` pixels needs, with a header's worth to spare: the
+    input's ZMQ_MAXMSGSIZE, so ZeroMQ refuses a larger part (and drops that connection) before allocating it."""
+    return max_pixels * MAX_ITEMSIZE + MAX_HEADER_BYTES
 
 
 class ProtocolError(ValueError):
@@ -300,3 +310,91 @@ def decode_event(parts: Sequence[Any]) -> tuple[bytes, dict[str, Any]]:
         if header["event"] not in SERIES_EVENTS:
             raise ProtocolError("field_type", f"series 'event' must be one of {SERIES_EVENTS}, got {header['event']!r}")
     return topic, header
+
+
+# EPICS areaDetector's ADZMQ plugin (NDPluginZMQ): [JSON header, raw bytes], no topic part, over PUB or PUSH.
+ARRAY_HTYPES = ("array-1.0", "chunk-1.0")
+ARRAY_SERIES = "areadetector"  # the series id given to its frames: the stream has no series of its own
+_ARRAY_TYPES = {"int8", "uint8", "int16", "uint16", "int32", "uint32", "float32", "float64"}
+_ENDIANNESS: dict[str, Literal["<", ">"]] = {"little": "<", "big": ">"}
+
+
+def _array_header(part: Any) -> dict[str, Any]:
+    buf = _buffer(part)
+    if buf.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("header_size", f"header of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(buf).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("json", f"header is not valid UTF-8 JSON: {str(exc)[:80]}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("json", f"header must be a JSON object, got {type(header).__name__}")
+    _check_plain(header)
+    return header
+
+
+def _array_shape(header: dict[str, Any], legacy: bool) -> tuple[int, int]:
+    """(H, W) from `shape`: x first before ADZMQ 1.4 (htype a list, or chunk-1.0), slowest axis first since;
+    axes of length 1 beyond two are dropped."""
+    shape = header.get("shape")
+    if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        raise ProtocolError("field_type", f"'shape' must be a list of non-negative integers, got {shape!r:.60}")
+    dims = list(reversed(shape)) if legacy else list(shape)
+    while len(dims) > 2 and 1 in dims:
+        dims.remove(1)
+    if len(dims) != 2:
+        raise ProtocolError("field_type", f"'shape' {shape} is not a 2D image")
+    return dims[0], dims[1]
+
+
+def decode_array(
+    parts: Sequence[Any], *, max_side: int = MAX_SIDE, max_pixels: int = MAX_SIDE * MAX_SIDE, min_side: int = MIN_SIDE
+) -> Frame:
+    """Validate and decode an areaDetector ADZMQ `array-1.0` message into a stemd frame.
+
+    `frame` becomes frame_id, `ndattr` (the NDArray's attributes) rides along as a pass-through field,
+    the series is ARRAY_SERIES. Signed integers and float64 become float32 (the daemon's frame dtypes);
+    compressed arrays (a non-empty `encoding` or `compression`) are refused."""
+    if len(parts) != 2:
+        raise ProtocolError("parts", f"an array-1.0 message has 2 parts (JSON header, data), got {len(parts)}")
+    header = _array_header(parts[0])
+    htype = header.get("htype")
+    name = htype[0] if isinstance(htype, list) and htype else htype
+    if name not in ARRAY_HTYPES:
+        raise ProtocolError("version", f"htype {htype!r:.60} is not 'array-1.0'")
+    legacy = isinstance(htype, list) or name == "chunk-1.0"
+    for key in ("type", "shape", "frame"):
+        if key not in header:
+            raise ProtocolError("missing_field", f"array-1.0 header lacks '{key}'")
+    frame_id = header["frame"]
+    if isinstance(frame_id, bool) or not isinstance(frame_id, int) or frame_id < 0:
+        raise ProtocolError("field_type", f"'frame' must be an integer >= 0, got {frame_id!r:.60}")
+    if not isinstance(header["type"], str) or header["type"] not in _ARRAY_TYPES:
+        raise ProtocolError("dtype", f"type {header['type']!r:.60} not one of {sorted(_ARRAY_TYPES)}")
+    for key in ("encoding", "compression"):
+        if header.get(key) not in (None, "", "none"):
+            raise ProtocolError("field_type", f"compressed arrays ({key} {header[key]!r:.40}) are not supported")
+    endianness = header.get("endianness", "little")
+    order = _ENDIANNESS.get(endianness) if isinstance(endianness, str) else None
+    if order is None:
+        raise ProtocolError("byte_order", f"endianness {header['endianness']!r:.40} must be 'little' or 'big'")
+    h, w = _array_shape(header, legacy)
+    if min(h, w) < min_side:
+        raise ProtocolError("too_small", f"frame {h}x{w} has a side below {min_side}")
+    if max(h, w) > max_side or h * w > max_pixels:
+        raise ProtocolError("too_large", f"frame {h}x{w} exceeds {max_side} per side or {max_pixels} pixels")
+    dtype = np.dtype(header["type"]).newbyteorder(order)
+    buf = _buffer(parts[1])
+    if buf.nbytes != h * w * dtype.itemsize:
+        raise ProtocolError(
+            "size_mismatch", f"data has {buf.nbytes} bytes, {h}x{w} {dtype.name} needs {h * w * dtype.itemsize}"
+        )
+    data = np.frombuffer(buf, dtype=dtype).reshape(h, w)
+    native = dtype.name if dtype.name in DTYPES else "float32"
+    if native != dtype.name or not dtype.isnative:
+        data = data.astype(native)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise ProtocolError("nonfinite", "frame holds NaN or inf")
+    out = frame_header(ARRAY_SERIES, frame_id, (h, w), data.dtype.name)
+    out["ndattr"] = header.get("ndattr", {})
+    return Frame(topic=FRAME, header=out, data=data)

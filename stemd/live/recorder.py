@@ -3,12 +3,14 @@
 Every file operation runs on the recorder's own worker thread, never on the event loop. Each page carries
 its frame header as JSON in the TIFF ImageDescription. A write error (a full disk, named as such;
 permissions) is logged and counted, that series' recording of that kind stops, a file whose first page
-never completed is removed, and the daemon keeps running. A header that cannot be described as JSON loses
+never completed is removed, a longer one is cut back to its last complete page (every page it reports
+written stays readable), and the daemon keeps running. A header that cannot be described as JSON loses
 that one page (counted, logged). Any other failure on the worker thread is a bug: counted and logged with
 its traceback too, never lost with an unread future (`errors` counts every failure). Open files are
 bounded: at most `max_open` (the least recently written one is closed to open another), and the daemon
 closes a series' files after `recording.idle_close_s` without a frame (a publisher that crashed never
-sends the series' end); a later frame of it starts `<series>_<kind>-1.tif`.
+sends the series' end); a later frame of it starts `<series>_<kind>-1.tif`. Another file format is a subclass
+that sets `suffix` and overrides `_open_writer` and `_append` (`stemd.live.hspy_writer`: HyperSpy zspy/hspy).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +51,16 @@ def describe(header: dict[str, Any]) -> str:
     return json.dumps(header, default=str).replace('"shape":', '"shape" :')
 
 
+@dataclass
+class _Written:
+    """An open recording's file and its complete part: pages, size, and where the last page's next-page pointer is."""
+
+    path: Path
+    pages: int = 0
+    size: int = 0
+    next_ifd: int = 0
+
+
 async def _settled(fut: Future[None]) -> None:
     """Wait for a scheduled call; a failure was already counted and logged by `Recorder._check`."""
     try:
@@ -58,6 +71,8 @@ async def _settled(fut: Future[None]) -> None:
 
 class Recorder:
     """Appends frames to `<directory>/<series>_<kind>.tif`; async methods schedule, never block."""
+
+    suffix = ".tif"
 
     def __init__(
         self, directory: Path | str, *, raw: bool = True, denoised: bool = True, max_backlog: int = 64,
@@ -70,10 +85,9 @@ class Recorder:
         self.pages = 0
         self.files: list[Path] = []
         # least recently written first; each with the monotonic time of its last page
-        self._writers: collections.OrderedDict[tuple[str, str], tuple[tifffile.TiffWriter, IO[bytes]]] = (
-            collections.OrderedDict())
+        self._writers: collections.OrderedDict[tuple[str, str], tuple[Any, Any]] = collections.OrderedDict()
         self._written: dict[tuple[str, str], float] = {}
-        self._paths: dict[tuple[str, str], tuple[Path, int]] = {}  # each open file's path and complete pages
+        self._paths: dict[tuple[str, str], _Written] = {}  # each open file's path and what it holds complete
         self._failed: set[tuple[str, str]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stemd-recorder")
         self._inflight: collections.deque[Future[None]] = collections.deque()
@@ -121,11 +135,26 @@ class Recorder:
     def _open_file(self, path: Path) -> IO[bytes]:
         return open(path, "xb")
 
+    def _open_writer(self, path: Path, kind: str) -> tuple[Any, Any]:
+        """(writer, file) for a new recording of `kind`; `_close` closes both."""
+        fh = self._open_file(path)
+        return tifffile.TiffWriter(fh, bigtiff=True), fh
+
+    def _append(self, writer: Any, fh: Any, header: dict[str, Any], data: np.ndarray, description: str) -> None:
+        """One frame onto an open recording, on disk when this returns."""
+        writer.write(data, description=description, metadata=None)
+        fh.flush()
+
+    def _completed(self, key: tuple[str, str], writer: Any) -> None:
+        """The page just written to `key`'s file is complete: what `_keep_complete_pages` keeps after a failure."""
+        done = self._paths[key]
+        done.pages, done.size, done.next_ifd = done.pages + 1, done.path.stat().st_size, writer._ifdoffset
+
     def _path(self, series_id: str, kind: str) -> Path:
         stem = f"{file_stem(series_id)}_{kind}"
-        path, n = self.directory / f"{stem}.tif", 1
+        path, n = self.directory / f"{stem}{self.suffix}", 1
         while path.exists():
-            path, n = self.directory / f"{stem}-{n}.tif", n + 1
+            path, n = self.directory / f"{stem}-{n}{self.suffix}", n + 1
         return path
 
     def _write(self, kind: str, header: dict[str, Any], data: np.ndarray) -> None:
@@ -146,17 +175,14 @@ class Recorder:
                     self._close(next(iter(self._writers)))
                 self.directory.mkdir(parents=True, exist_ok=True)
                 path = self._path(*key)
-                self._paths[key] = (path, 0)
-                fh = self._open_file(path)
-                self._writers[key] = (tifffile.TiffWriter(fh, bigtiff=True), fh)
+                self._paths[key] = _Written(path)
+                self._writers[key] = self._open_writer(path, kind)
                 self.files.append(path)
                 log.info("recording %s frames of series %r to %s", kind, key[0], path)
             writer, fh = self._writers[key]
-            writer.write(data, description=description, metadata=None)
-            fh.flush()
+            self._append(writer, fh, header, data, description)
             self.pages += 1
-            opened, pages = self._paths[key]
-            self._paths[key] = (opened, pages + 1)
+            self._completed(key, writer)
             self._writers.move_to_end(key)
             self._written[key] = time.monotonic()
         except Exception as exc:  # OSError: full disk, permissions; anything else is a bug, so its traceback
@@ -165,7 +191,7 @@ class Recorder:
             log.error("recording of %s series %r stopped: %s", kind, key[0], self._cause(exc),
                       exc_info=not isinstance(exc, OSError))
             self._close(key, after_error=True)
-            self._remove_if_empty(key)
+            self._keep_complete_pages(key)
 
     def _cause(self, exc: Exception) -> str:
         """The error in words, naming a full disk (tifffile reports a short write as "N requested and M written")."""
@@ -175,14 +201,25 @@ class Recorder:
             full = False
         return f"no space left on the device of {self.directory} ({exc})" if full else str(exc)
 
-    def _remove_if_empty(self, key: tuple[str, str]) -> None:
-        """A file whose first page never completed is not a TIFF: removed, not left behind."""
-        entry = self._paths.pop(key, None)
-        if entry is not None and entry[1] == 0:
-            path = entry[0]
-            path.unlink(missing_ok=True)
-            if path in self.files:
-                self.files.remove(path)
+    def _keep_complete_pages(self, key: tuple[str, str]) -> None:
+        """After a failed write: a file whose first page never completed is not a TIFF, so it is removed; a longer
+        one is cut back to its last complete page, whose next-page pointer (already aimed at the failed page) is
+        zeroed, so every page counted in `pages` reads back intact. Both shrink the file: no space is needed."""
+        done = self._paths.pop(key, None)
+        if done is None:
+            return
+        if done.pages == 0:
+            done.path.unlink(missing_ok=True)
+            if done.path in self.files:
+                self.files.remove(done.path)
+            return
+        try:
+            with open(done.path, "r+b") as fh:
+                fh.truncate(done.size)
+                fh.seek(done.next_ifd)
+                fh.write(bytes(8))  # BigTIFF offsets are 8 bytes; 0 ends the chain of pages
+        except OSError as exc:
+            log.error("cutting %s back to its %d complete page(s) failed: %s", done.path, done.pages, exc)
 
     def _close_idle(self, idle_s: float) -> None:
         now = time.monotonic()
