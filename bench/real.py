@@ -10,8 +10,9 @@ thinning of the counts, y1 ~ Binomial(y, 1/2), y2 = y - y1, gives two independen
 frames, so E|f(y1) - y2|^2 = E|f(y1) - x/2|^2 + E|y2 - x/2|^2: the held-out error of a method on half
 A against half B ranks methods as their true error at half dose does. Reported per method: the
 held-out gain 10 log10(MSE(y1, y2) / MSE(f(y1), y2)) in dB (ceiling ~3.01 dB, a perfect denoiser),
-plain and line-registered (each output line shifted onto the target's line first, so scan jitter
-that both halves share is not counted as signal). The thinning argument needs independent pixel
+plain and line-registered (each output line, along the scan axis the frame shows, shifted and levelled
+onto the target's line first, so scan jitter and stripes that both halves share are not counted as
+signal). The thinning argument needs independent pixel
 noise: frames whose raw noise is correlated (drift-corrected, resampled, processed) are flagged and
 their split is not a valid ranking. A validation on simulated frames with a known truth and a known
 gain/offset checks that the split ranking matches the true-error ranking.
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from matplotlib.figure import Figure  # no pyplot: no backend or global state needed to write a PNG
 
 from bench import classical
@@ -58,6 +60,7 @@ from stemd.compute.fidelity import (
     thin,
     to_counts,
 )
+from stemd.compute.scanlines import scan_lines
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
 
@@ -163,12 +166,17 @@ def shift_lines(image: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return np.fft.irfft(spec, n=w, axis=1)
 
 
-def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """`mse` after shifting each line of `out` onto `target`'s (`line_shifts`), line ends left out."""
+def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray, lines: str = "rows") -> float:
+    """`mse` after each scan line of `out` (rows, or columns) is shifted (`line_shifts`) and levelled (given the
+    offset that fits it) onto `target`'s, line ends left out: scan jitter and stripes that both halves share
+    are not counted as signal."""
     out, target = np.asarray(out, np.float64), np.asarray(target, np.float64)
+    if lines == "columns":
+        out, target, mask = out.T, target.T, mask.T
     moved = shift_lines(out, line_shifts(out, target))
     inner = mask.copy()
     inner[:, :REG_BORDER] = inner[:, -REG_BORDER:] = False
+    moved += ((target - moved) * inner).sum(1, keepdims=True) / np.maximum(inner.sum(1, keepdims=True), 1)
     return mse(moved, target, inner)
 
 
@@ -178,11 +186,11 @@ def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray) -> flo
 Method = Callable[[np.ndarray], np.ndarray]  # half A in counts -> the estimate of its mean, in counts
 
 
-def make_methods(denoiser: Denoiser, raw_dejitter: Denoiser, bm3d: bool, tk_r_em: bool) -> dict[str, Method]:
-    """The methods that need only half A (Gaussian is chosen with half B and handled apart)."""
+def make_methods(denoisers: dict[str, Denoiser], bm3d: bool, tk_r_em: bool) -> dict[str, Method]:
+    """The methods that need only half A (Gaussian is chosen with half B and handled apart): each labelled
+    stemd configuration, then the peers asked for."""
     methods: dict[str, Method] = {
-        "stemd": lambda y: denoiser(y.astype(np.float32)),
-        "stemd dejitter=0": lambda y: raw_dejitter(y.astype(np.float32)),
+        label: (lambda y, den=den: den(y.astype(np.float32))) for label, den in denoisers.items()
     }
     if bm3d:
         methods["Anscombe+BM3D"] = lambda y: classical.bm3d_denoise(y.astype(np.float64))
@@ -203,6 +211,7 @@ class FrameResult:
     fit: GainFit
     flatness: tuple[float, float]
     mean_counts: float
+    lines: str = "rows"  # the scan-line axis the frame shows (stemd.compute.scanlines), registered along
     plain: dict[str, list[float]] = field(default_factory=dict)  # dB
     registered: dict[str, list[float]] = field(default_factory=dict)  # dB
     true: dict[str, list[float]] = field(default_factory=dict)  # dB against the truth (simulated frames)
@@ -224,7 +233,9 @@ def evaluate(name: str, raw: np.ndarray, methods: dict[str, Method], splits: int
     counts = to_counts(raw, fit)
     mask = ~dilate(saturated_mask(raw, saturation), 3)
     flatness = noise_flatness(np.where(mask, raw, np.median(raw)))
-    res = FrameResult(name, raw.shape, fit, flatness, float(counts[mask].mean()))
+    filled = np.where(mask, raw, np.median(raw)).astype(np.float32)
+    lines = scan_lines(torch.as_tensor(filled))[0]
+    res = FrameResult(name, raw.shape, fit, flatness, float(counts[mask].mean()), lines)
     for split in range(splits):
         rng = np.random.default_rng([seed, split])
         y1i, y2i = thin(counts, rng)
@@ -237,7 +248,7 @@ def evaluate(name: str, raw: np.ndarray, methods: dict[str, Method], splits: int
             t0 = time.perf_counter()
             outs[label] = np.asarray(method(y1), np.float64)
             print(f"  {name} split {split}: {label} {time.perf_counter() - t0:.1f} s", flush=True)
-        ref, ref_reg = mse(y1, y2, mask), registered_mse(y1, y2, mask)
+        ref, ref_reg = mse(y1, y2, mask), registered_mse(y1, y2, mask, lines)
         if truth_raw is not None:
             half_truth = 0.5 * (truth_raw - fit.offset) / fit.gain
             ref_true = mse(y1, half_truth, mask)
@@ -245,7 +256,7 @@ def evaluate(name: str, raw: np.ndarray, methods: dict[str, Method], splits: int
             if label == "half A":
                 continue
             res.plain.setdefault(label, []).append(gain_db(ref, mse(out, y2, mask)))
-            res.registered.setdefault(label, []).append(gain_db(ref_reg, registered_mse(out, y2, mask)))
+            res.registered.setdefault(label, []).append(gain_db(ref_reg, registered_mse(out, y2, mask, lines)))
             if truth_raw is not None:
                 res.true.setdefault(label, []).append(gain_db(ref_true, mse(out, half_truth, mask)))
         if split == 0:
@@ -301,14 +312,14 @@ def pm(values: list[float]) -> str:
 
 def frame_table(results: list[FrameResult], labels: list[str]) -> str:
     """Per frame: the fit, the flag, and each method's held-out gain (plain / line-registered)."""
-    head = ("| frame | px | gain (raw/count) | offset (raw) | mean counts | noise HF/MF rows, cols | split valid | "
-            + " | ".join(labels) + " |")
-    lines = [head, "|" + "---|" * (7 + len(labels))]
+    head = ("| frame | px | gain (raw/count) | offset (raw) | mean counts | noise HF/MF rows, cols | scan lines | "
+            "split valid | " + " | ".join(labels) + " |")
+    lines = [head, "|" + "---|" * (8 + len(labels))]
     for r in results:
         cells = [f"{pm(r.plain[k])} / {pm(r.registered[k])}" if k in r.plain else "—" for k in labels]
         valid = "**no: correlated noise**" if r.flagged else "yes"
         lines.append(f"| {r.name} | {r.shape[0]}² | {r.fit.gain:.1f} | {r.fit.offset:.0f} | {r.mean_counts:.1f} | "
-                     f"{r.flatness[0]:.2f}, {r.flatness[1]:.2f} | {valid} | " + " | ".join(cells) + " |")
+                     f"{r.flatness[0]:.2f}, {r.flatness[1]:.2f} | {r.lines} | {valid} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -397,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = out_dir / "benchmarks.md" if args.out else BENCHMARKS
     tk = tk_r_em_bridge.available()
-    methods = make_methods(Denoiser.load(), Denoiser.load(dejitter=0), not args.no_bm3d, tk)
+    methods = make_methods({"stemd": Denoiser.load(), "stemd dejitter=0": Denoiser.load(dejitter=0)},
+                           not args.no_bm3d, tk)
     labels = ["stemd", "stemd dejitter=0", "Gaussian"] + [k for k in ("Anscombe+BM3D", "tk_r_em") if k in methods]
 
     real: list[FrameResult] = []
@@ -438,8 +450,9 @@ def report(real: list[FrameResult], sims: list[FrameResult], labels: list[str], 
         "to the frame itself, are thinned into two independent half-dose frames (y1 ~ Binomial(y, ½), "
         "y2 = y − y1); each method denoises half A and is scored against half B. Cells: held-out gain "
         "10·log10(MSE(y1, y2) / MSE(f(y1), y2)) in dB, mean ± half-range over "
-        f"{args.splits} split(s), plain / line-registered (each output line shifted by ≤ {MAX_SHIFT} px onto "
-        f"the target's line first). A perfect denoiser scores {CEILING_DB:.2f} dB. Gaussian: σ from "
+        f"{args.splits} split(s), plain / line-registered (each output line, along the frame's scan lines, shifted "
+        f"by ≤ {MAX_SHIFT} px and given the offset that fits it onto the target's line first: jitter and stripes "
+        f"that both halves share are not signal). A perfect denoiser scores {CEILING_DB:.2f} dB. Gaussian: σ from "
         f"{REFERENCE_SIGMAS} with the lowest held-out error. Saturated pixels (≥ {SATURATION}) are "
         "left out of fits and scores. tk_r_em: " + ("run." if tk else "its venv is absent here, not run (—)."),
         "",

@@ -32,23 +32,12 @@ import torch
 from matplotlib.figure import Figure
 from scipy.ndimage import binary_dilation
 
-from bench import classical
 from bench._report import BENCHMARKS, machine_line, write_section
 from bench.peers import tk_r_em_bridge
-from bench.real import (
-    cache_dir,
-    central_crop,
-    fit_gain_offset,
-    gain_db,
-    gaussian_held_out,
-    load_real_frames,
-    mse,
-    saturated_mask,
-    thin,
-    to_counts,
-)
+from bench.real import SATURATION, cache_dir, central_crop, load_real_frames, make_methods
+from stemd.compute.fidelity import fit_gain_offset, gain_db, gaussian_held_out, mse, saturated_mask, thin, to_counts
 from stemd.compute.metrics import psnr
-from stemd.compute.scanlines import line_excess, line_flicker
+from stemd.compute.scanlines import DOMINANCE, MIN_EXCESS, line_excess, line_flicker
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
 
@@ -77,23 +66,10 @@ def stripe_left(out: np.ndarray, ref: np.ndarray, axis: int) -> float:
     return power(out) / power(ref)
 
 
-def methods(bm3d: bool, tk: bool) -> dict[str, object]:
-    now, before = Denoiser.load(), Denoiser.load(scan_lines="rows", destripe=False)
-    out: dict[str, object] = {
-        "stemd": lambda y: now(y.astype(np.float32)),
-        "stemd (before)": lambda y: before(y.astype(np.float32)),
-    }
-    if bm3d:
-        out["Anscombe+BM3D"] = lambda y: classical.bm3d_denoise(y.astype(np.float64))
-    if tk:
-        out["tk_r_em"] = lambda y: tk_r_em_bridge.restore(y[None].astype(np.float32))[0][0]
-    return out
-
-
 def real_frame(name: str, raw: np.ndarray, ms: dict, splits: int, seed: int) -> dict:
-    fit = fit_gain_offset(raw)
+    fit = fit_gain_offset(raw, SATURATION)
     counts = to_counts(raw, fit)
-    mask = ~binary_dilation(saturated_mask(raw), np.ones((3, 3), bool))
+    mask = ~binary_dilation(saturated_mask(raw, SATURATION), np.ones((3, 3), bool))
     excess = line_excess(torch.as_tensor(np.where(mask, raw, np.median(raw)).astype(np.float32))[None])[0].tolist()
     lines = Denoiser.load().plan(raw.shape, None, raw).lines
     axis = 1 if lines == "columns" else 0
@@ -183,8 +159,10 @@ def report(real: list[dict], sims: list[dict], labels: list[str], command: str, 
         "",
         "Cells: split-dose held-out gain, plain / line-levelled (dB, mean ± half-range over splits), then the "
         "stripe power left (the line-to-line part of the output's line means over half A's, along the chosen "
-        "scan axis). Excess: line-mean variance over what pixel noise gives (≈ 1: no line artefacts); "
-        "`columns` is chosen when its excess is ≥ 3 and ≥ 2× the rows'.",
+        "scan axis). Excess: the line flicker's variance (common to the segments of a line) over what pixel "
+        f"noise gives a line mean (≈ 0: no line artefacts); `columns` is chosen when its excess is ≥ {MIN_EXCESS:g} "
+        f"and ≥ {DOMINANCE:g}× the rows', and stripes are taken out when the chosen axis' excess is ≥ {MIN_EXCESS:g}. "
+        "stemd plans on half A, whose excess is half the frame's.",
         "",
         *rows,
         "",
@@ -212,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or BENCHMARKS.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     tk = tk_r_em_bridge.available()
-    ms = methods(not args.no_bm3d, tk)
+    ms = make_methods({"stemd": Denoiser.load(), "stemd (before)": Denoiser.load(scan_lines="rows", destripe=False)},
+                      not args.no_bm3d, tk)
     frames = load_real_frames(cache_dir())
     if args.quick:
         frames = dict(list(frames.items())[2:3])

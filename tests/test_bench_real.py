@@ -34,6 +34,17 @@ def test_line_registration_undoes_known_line_shifts():
     assert real.registered_mse(moved, target, mask) < 0.01 * fidelity.mse(moved, target, mask)
 
 
+def test_line_registration_levels_stripes_along_the_scan_axis():
+    """Stripes both halves share (a column offset each, when the lines are columns) are not scored as error,
+    and only along the axis the lines run."""
+    rng = np.random.default_rng(3)
+    image = gaussian_filter(rng.normal(size=(64, 80)), 2.0)
+    striped = image + rng.normal(0, 0.5, 80)[None, :]
+    mask = np.ones(image.shape, bool)
+    assert real.registered_mse(image, striped, mask, "columns") < 1e-3 * real.mse(image, striped, mask)
+    assert real.registered_mse(image, striped, mask, "rows") > 0.5 * real.mse(image, striped, mask)
+
+
 def test_held_out_error_is_the_true_error_plus_the_noise():
     """E|f(y1) - y2|² = E|f(y1) - x/2|² + mean(x/2): the identity the split ranking rests on."""
     raw, mean_raw = real.simulated_frame("interface", 256, seed=6, read=0.0)
