@@ -70,3 +70,17 @@ def test_watchdog_interval(monkeypatch) -> None:
     assert Notifier("").watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_USEC")
     assert Notifier("").watchdog_interval() is None
+
+
+@pytest.mark.timeout(30)
+def test_a_notify_socket_nobody_reads_never_blocks(tmp_path: Path) -> None:
+    """A listener that never reads fills up; sends then fail at once (counted as not sent), never wait."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    n = Notifier(str(tmp_path / "notify"))
+    try:
+        sent = [n.status("x" * 1000) for _ in range(5000)]  # far more than a datagram queue holds
+        assert sent[0] and not all(sent)
+    finally:
+        n.close()
+        listener.close()

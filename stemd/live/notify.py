@@ -22,6 +22,7 @@ class Notifier:
         self._warned = False
         if self.address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)  # a notify socket nobody reads must never stall the event loop
 
     @property
     def enabled(self) -> bool:
@@ -36,7 +37,8 @@ class Notifier:
         return int(usec) / 2e6
 
     def notify(self, *fields: str) -> bool:
-        """Send "KEY=value" lines in one datagram; False (logged once) if it could not be sent."""
+        """Send "KEY=value" lines in one datagram; False (logged once) if it could not be sent, a full socket
+        included (the message is dropped: a later STATUS= replaces it)."""
         if self._sock is None or not self.address:  # the socket exists only for an address
             return False
         try:
