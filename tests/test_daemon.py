@@ -906,10 +906,10 @@ async def test_frames_over_the_batch_pixel_cap_are_rejected_and_the_default_cap_
     memory over the measured cost per pixel, so a machine with less memory takes smaller frames."""
     from stemd.live.engine import MEMORY_SHARE, PIXEL_COST_BYTES
 
-    pub = TestPublisher(zctx)
-    async with running(make_settings(checkpoint, pub.endpoint), engine=engine) as d:
+    async with running(make_settings(checkpoint, "tcp://127.0.0.1:9"), engine=engine) as d:
         derived = engine.free_memory_bytes() * MEMORY_SHARE / PIXEL_COST_BYTES
         assert 0.5 * derived < d.batch_pixels < 2 * derived
+    pub = TestPublisher(zctx)  # a publisher of its own: an earlier daemon's subscription would pass wait_subscribed
     settings = make_settings(checkpoint, pub.endpoint, **{"queue.max_batch_pixels": 64 * 64})
     async with running(settings, engine=engine) as d:
         assert d.batch_pixels == 64 * 64 and d.sub.getsockopt(zmq.MAXMSGSIZE) == p.max_part_bytes(64 * 64)
