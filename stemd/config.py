@@ -190,9 +190,10 @@ class FidelitySettings(_Section):
     min_over_reference_db: float = Field(0.0, ge=-30, le=30, description="flag a series whose running gain over "
                                          "the reference is below this (dB)")
     max_residual: float = Field(3.0, gt=0, description="flag a series whose running residual ratio (Bragg-band "
-                                "power of raw - denoised over that of noise alone) is above this: lattice removed "
-                                "or invented (measured: the conv model 0.4-1.9 on simulated and real frames, the "
-                                "paper AE run as is where it misfits 20-270; docs/benchmarks.md, Fidelity)")
+                                "power of the corrected raw frame - denoised over that of noise alone) is above "
+                                "this: lattice removed or invented (measured: the conv model 0.4-1.9 on simulated "
+                                "and real frames, the paper AE run as is where it misfits 20-270; "
+                                "docs/benchmarks.md, Fidelity)")
     warn_interval_s: float = Field(60.0, gt=0, description="a flagged series is warned about in the log when "
                                    "flagged and again at most this often")
 

@@ -236,28 +236,41 @@ class Denoiser:
         """(B, H, W) raw frames of any real dtype on the model's device -> float32 denoised frames in the same
         units, on the device: the whole pipeline. Saturated and hot pixels are missing data (`outliers`); line
         offset flicker is taken out along the plan's scan lines when the plan found it (`destripe`)."""
-        x = self.repaired(raw)
-        if plan.stripes and self.settings.destripe:
-            x = destripe(x, plan.lines)
-        x, lo, hi = normalize(x, reference=self.reference)
+        x, lo, hi = normalize(self._destriped(raw, plan), reference=self.reference)
         return denormalize(self.denoise_tensor(x[:, None], plan=plan)[:, 0], lo, hi)
+
+    def prepared(self, raw: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """(B, H, W) raw frames after the pipeline's own corrections (outliers, stripes, line jitter), float32 in
+        the same units: what the model is asked to denoise, so `prepared - run` is what the model alone took out
+        (the live fidelity check's residual)."""
+        x, lo, hi = normalize(self._destriped(raw, plan), reference=self.reference)
+        return denormalize(self._dejittered(x[:, None], plan)[:, 0], lo, hi)
+
+    def _destriped(self, raw: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Outliers repaired, then line offset flicker taken out along the plan's scan lines when it found some."""
+        x = self.repaired(raw)
+        return destripe(x, plan.lines) if plan.stripes and self.settings.destripe else x
+
+    def _dejittered(self, frames: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """(B, 1, H, W) normalised frames with the line-jitter correction along the plan's scan lines (unless the
+        plan found no lattice to fit lines against: on real frames of particles without a measurable lattice it
+        moved lines the wrong way, docs/benchmarks.md "Real data")."""
+        if not self.dejitter or plan.lattice is False:
+            return frames
+        with torch.autocast(frames.device.type, enabled=False):
+            if plan.lines == "rows":
+                return _dejitter(frames, self.dejitter)
+            return _dejitter(frames.transpose(-2, -1), self.dejitter).transpose(-2, -1)
 
     def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None, *,
                        plan: Plan | None = None) -> torch.Tensor:
         """(B, 1, H, W) normalised float tensor on self.device -> float32, same shape, on the device.
 
-        The line-jitter correction (unless the plan found no lattice to fit lines against: on real frames of
-        particles without a measurable lattice it moved lines the wrong way, docs/benchmarks.md "Real data"),
-        then the model resampled by the plan's factor and back (`plan`, or one made from `pixel_size_m`). With
-        `flips` the output is the mean over the frame's FLIPS (4x the compute: a self-ensemble that averages out
-        part of the model's own error)."""
+        The line-jitter correction (`_dejittered`), then the model resampled by the plan's factor and back (`plan`,
+        or one made from `pixel_size_m`). With `flips` the output is the mean over the frame's FLIPS (4x the
+        compute: a self-ensemble that averages out part of the model's own error)."""
         plan = plan or self.plan(frames.shape, pixel_size_m)
-        if self.dejitter and plan.lattice is not False:  # the correction fits each line against the lattice
-            with torch.autocast(frames.device.type, enabled=False):
-                if plan.lines == "rows":
-                    frames = _dejitter(frames, self.dejitter)
-                else:
-                    frames = _dejitter(frames.transpose(-2, -1), self.dejitter).transpose(-2, -1)
+        frames = self._dejittered(frames, plan)
         if not self.flips:
             return self._denoise(frames, plan)
         return sum((self._denoise(frames.flip(dims), plan, dims).flip(dims) for dims in FLIPS),

@@ -3,10 +3,11 @@
 Every N-th frame of a series (or as often as a budget in % of the model's time allows) a published frame is
 split into two independent half-dose frames (`stemd.compute.fidelity`); one half is denoised by the resident
 `Denoiser` and scored against the other, beside a Gaussian reference whose sigma is chosen on the same split;
-the residual raw - denoised is checked for lattice. The check runs after the frame is published, on the engine's
-thread when it is idle (or once it has waited OVERDUE_FRAMES frames). A series whose running estimate is below
-the reference, or whose residual holds lattice, is flagged: a WARNING (rate-limited), `fidelity.flagged` in its
-frames' header, the STATUS= line, and with action `fallback` the reference's output published instead.
+the residual (the frame as the model was given it, less the output) is checked for lattice. The check runs
+after the frame is published, on the engine's thread when it is idle (or once it has waited OVERDUE_FRAMES
+frames). A series whose running estimate is below the reference, or whose residual holds lattice, is flagged:
+a WARNING (rate-limited), `fidelity.flagged` in its frames' header, the STATUS= line, and with action
+`fallback` the reference's output published instead.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def detector_fit(header: dict[str, Any], raw: np.ndarray, saturation: float | No
 def check_frame(denoiser: Denoiser, raw: np.ndarray, denoised: np.ndarray, plan: Plan, header: dict[str, Any],
                 rng: np.random.Generator) -> Check:
     """Split `raw`, denoise half A with `denoiser` run by `plan`, score it against half B beside the reference,
-    and check the residual `raw - denoised` (the published output) for lattice. Engine thread only."""
+    and check the residual for lattice: the frame as the model was given it (`Denoiser.prepared`: the line-jitter
+    and stripe corrections are the pipeline's, not signal lost) less the published output. Engine thread only."""
     t0 = time.perf_counter()
     saturation = saturation_of(raw)
     fit, source = detector_fit(header, raw, saturation)
@@ -76,9 +78,11 @@ def check_frame(denoiser: Denoiser, raw: np.ndarray, denoised: np.ndarray, plan:
     with torch.inference_mode():
         half = torch.from_numpy(y1.astype(np.float32))[None].to(denoiser.device)
         f1 = denoiser.run(half, plan)[0].cpu().numpy()
+        given = denoiser.prepared(torch.from_numpy(np.ascontiguousarray(raw))[None].to(denoiser.device), plan)
     check_finite(f1)
     scores, _ = fid.held_out(y1, y2, f1, mask)
-    residual = fid.residual_ratio(counts, (np.asarray(denoised, np.float64) - fit.offset) / fit.gain, y1 - y2, mask)
+    residual = fid.residual_ratio((given[0].cpu().numpy().astype(np.float64) - fit.offset) / fit.gain,
+                                  (np.asarray(denoised, np.float64) - fit.offset) / fit.gain, y1 - y2, mask)
     return Check(str(header.get("series_id", "")), int(header.get("frame_id", -1)), scores, residual, fit, source,
                  time.perf_counter() - t0, valid)
 
