@@ -35,7 +35,16 @@ from scipy.ndimage import binary_dilation
 from bench._report import BENCHMARKS, machine_line, write_section
 from bench.peers import tk_r_em_bridge
 from bench.real import SATURATION, cache_dir, central_crop, load_real_frames, make_methods
-from stemd.compute.fidelity import fit_gain_offset, gain_db, gaussian_held_out, mse, saturated_mask, thin, to_counts
+from stemd.compute.fidelity import (
+    fit_gain_offset,
+    gain_db,
+    gaussian_held_out,
+    levelled,
+    mse,
+    saturated_mask,
+    thin,
+    to_counts,
+)
 from stemd.compute.metrics import psnr
 from stemd.compute.scanlines import DOMINANCE, MIN_EXCESS, line_excess, line_flicker
 from stemd.pipeline import Denoiser
@@ -47,15 +56,9 @@ SIM_DOSE, SIM_LINE_OFFSET, SIM_LINE_GAIN = 20.0, 0.05, 0.05
 SEED = 20_261_203
 
 
-def levelled(out: np.ndarray, target: np.ndarray, mask: np.ndarray, axis: int) -> float:
-    """MSE after each line of `out` (rows for axis 0, columns for axis 1) gets the offset that fits it to
-    `target`'s line over the pixels of `mask`."""
-    o, t, m = (np.asarray(a, np.float64) for a in (out, target, mask))
-    if axis == 1:
-        o, t, m = o.T, t.T, m.T
-    n = np.maximum(m.sum(1, keepdims=True), 1)
-    shift = ((t - o) * m).sum(1, keepdims=True) / n
-    return mse(o + shift, t, m.astype(bool))
+def levelled_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray, lines: str) -> float:
+    """MSE after each scan line of `out` gets the offset that fits it to `target`'s line (`fidelity.levelled`)."""
+    return mse(levelled(out, target, mask, lines), target, mask)
 
 
 def stripe_left(out: np.ndarray, ref: np.ndarray, axis: int) -> float:
@@ -82,10 +85,10 @@ def real_frame(name: str, raw: np.ndarray, ms: dict, splits: int, seed: int) -> 
             t0 = time.perf_counter()
             outs[label] = np.asarray(f(y1), np.float64)
             print(f"  {name} split {split}: {label} {time.perf_counter() - t0:.1f} s", flush=True)
-        ref, ref_lev = mse(y1, y2, mask), levelled(y1, y2, mask, axis)
+        ref, ref_lev = mse(y1, y2, mask), levelled_mse(y1, y2, mask, lines)
         for label, out in outs.items():
             res["plain"].setdefault(label, []).append(gain_db(ref, mse(out, y2, mask)))
-            res["level"].setdefault(label, []).append(gain_db(ref_lev, levelled(out, y2, mask, axis)))
+            res["level"].setdefault(label, []).append(gain_db(ref_lev, levelled_mse(out, y2, mask, lines)))
             res["stripe"].setdefault(label, []).append(stripe_left(out, y1, axis))
         if split == 0:
             res["shown"] = {"half A": y1, **outs}

@@ -306,3 +306,18 @@ def test_the_pipelines_own_corrections_are_not_flagged(conv):
     y1, y2 = fid.thin(raw.astype(np.int64), np.random.default_rng(2))
     against_raw = fid.residual_ratio(raw.astype(np.float64), out.astype(np.float64), (y1 - y2).astype(np.float64))
     assert against_raw is not None and against_raw > FidelitySettings().max_residual, (against_raw, check.residual)
+
+
+def test_levelled_scores_ignore_line_offsets_both_halves_share():
+    """Stripes in both halves (the frame's) are signal to a plain score, so removing them costs a model; levelled
+    along the scan lines, a model that removes them scores as one that keeps them."""
+    rng = np.random.default_rng(8)
+    x = 20 * (0.2 + scene("perovskite_rp", 128))
+    stripes = rng.normal(0, 2.0, 128)[None, :]  # one offset per column: lines are columns
+    y1, y2 = (rng.poisson(np.clip(x / 2 + stripes / 2, 0, None)).astype(np.float64) for _ in range(2))
+    mask = np.ones(x.shape, bool)
+    kept, removed = gaussian_filter(y1, 1.0), gaussian_filter(y1, 1.0) - stripes / 2
+    plain = [fid.held_out(y1, y2, f, mask)[0].gain_db for f in (kept, removed)]
+    level = [fid.held_out(y1, y2, f, mask, level="columns")[0].gain_db for f in (kept, removed)]
+    assert plain[1] < plain[0] - 0.5
+    assert level[1] == pytest.approx(level[0], abs=0.05)

@@ -191,6 +191,17 @@ def gain_db(reference_mse: float, method_mse: float) -> float:
     return float(10 * np.log10(reference_mse / method_mse))
 
 
+def levelled(out: np.ndarray, target: np.ndarray, mask: np.ndarray, lines: str = "rows") -> np.ndarray:
+    """`out` with each scan line (rows, or columns) given the offset that fits it to `target`'s line over the
+    pixels of `mask`: line offsets both halves share (stripes, which the pipeline takes out on purpose) are then
+    not scored as error."""
+    o, t, m = (np.asarray(a, np.float64) for a in (out, target, mask))
+    axis = 1 if lines == "rows" else 0
+    shift = ((t - o) * m).sum(axis, keepdims=True) / np.maximum(m.sum(axis, keepdims=True), 1)
+    moved: np.ndarray = o + shift
+    return moved
+
+
 def gaussian_held_out(y1: np.ndarray, y2: np.ndarray, mask: np.ndarray,
                       sigmas: Sequence[float] = REFERENCE_SIGMAS) -> tuple[np.ndarray, float]:
     """The reference: a Gaussian filter of `y1` with the sigma of `sigmas` that has the lowest held-out error
@@ -215,12 +226,17 @@ class HeldOut:
 
 
 def held_out(y1: np.ndarray, y2: np.ndarray, denoised1: np.ndarray, mask: np.ndarray,
-             sigmas: Sequence[float] = REFERENCE_SIGMAS) -> tuple[HeldOut, np.ndarray]:
+             sigmas: Sequence[float] = REFERENCE_SIGMAS, level: str | None = None) -> tuple[HeldOut, np.ndarray]:
     """Score `denoised1` (the model's output for half `y1`, in counts) against half `y2`, and the Gaussian
     reference likewise; returns the scores and the reference's output. The noise variance of a half is
-    MSE(y1, y2) / 2 (independent halves of equal variance), so E MSE(f, y2) - noise = MSE(f, x/2)."""
+    MSE(y1, y2) / 2 (independent halves of equal variance), so E MSE(f, y2) - noise = MSE(f, x/2). With `level`
+    ("rows" or "columns": the scan lines) every estimate is `levelled` onto y2 first."""
     ref, sigma = gaussian_held_out(y1, y2, mask, sigmas)
-    raw_err, model_err, ref_err = mse(y1, y2, mask), mse(denoised1, y2, mask), mse(ref, y2, mask)
+
+    def err(estimate: np.ndarray) -> float:
+        return mse(estimate if level is None else levelled(estimate, y2, mask, level), y2, mask)
+
+    raw_err, model_err, ref_err = err(y1), err(denoised1), err(ref)
     noise = raw_err / 2
     floor = noise * 10 ** (-MAX_GAIN_DB / 10)
     model_true, ref_true = max(model_err - noise, floor), max(ref_err - noise, floor)

@@ -80,7 +80,8 @@ def check_frame(denoiser: Denoiser, raw: np.ndarray, denoised: np.ndarray, plan:
         f1 = denoiser.run(half, plan)[0].cpu().numpy()
         given = denoiser.prepared(torch.from_numpy(np.ascontiguousarray(raw))[None].to(denoiser.device), plan)
     check_finite(f1)
-    scores, _ = fid.held_out(y1, y2, f1, mask)
+    level = plan.lines if plan.stripes and denoiser.settings.destripe else None  # stripes removed on purpose
+    scores, _ = fid.held_out(y1, y2, f1, mask, level=level)
     residual = fid.residual_ratio((given[0].cpu().numpy().astype(np.float64) - fit.offset) / fit.gain,
                                   (np.asarray(denoised, np.float64) - fit.offset) / fit.gain, y1 - y2, mask)
     return Check(str(header.get("series_id", "")), int(header.get("frame_id", -1)), scores, residual, fit, source,
