@@ -878,7 +878,7 @@ POINT_SEED = 20_250_017  # not a seed any trainer draws from
 POINT_SIZE = 256
 DISC_FRAC = 0.3  # disc radius / period for column intensities (B sites are 0.71 periods from A sites)
 POINT_SCENE = {"vacancy_frac": 0.04, "dopant_frac": 0.06}  # half the vacancies empty, half 0.2-0.6 kept
-GUIDE_SWAPS = ("flat", "zero", "noisy")
+GUIDE_SWAPS = ("flat", "zero", "noisy", "truth", "host")
 
 
 def point_defect_frame(size: int, seed: int, dose: float) -> Frame:
@@ -964,9 +964,13 @@ def point_scores(output: np.ndarray, scene: scenes.Scene, host: np.ndarray,
 
 class GuideSwapDenoiser(Denoiser):
     """A Denoiser whose guide input is replaced (ablation: where the pull towards the host lattice comes from):
-    "flat" the guide's mean, "zero" zeros, "noisy" the frame itself (no lattice prior in the guide)."""
+    "flat" the guide's mean, "zero" zeros, "noisy" the frame itself (no lattice prior in the guide), "truth" /
+    "host" the image in `target` (the clean frame, or the same with every defect undone) mapped onto the
+    normalised frame by a least-squares gain and offset (oracles: a guide as clean as possible, with or without
+    the defects)."""
 
     swap = "flat"
+    target: np.ndarray | None = None
 
     def _aux_inputs(self, frames: torch.Tensor, factor: float, plan: Plan | None = None,
                     flipped: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
@@ -977,6 +981,15 @@ class GuideSwapDenoiser(Denoiser):
                 aux["guide"] = torch.zeros_like(g)
             elif self.swap == "noisy":
                 aux["guide"] = _sampling.resample(frames.float(), factor)
+            elif self.swap in ("truth", "host"):
+                if self.target is None:
+                    raise ValueError(f"guide swap {self.swap!r} needs a target image")
+                x = frames.float()
+                t = torch.as_tensor(self.target, dtype=x.dtype, device=x.device).expand_as(x)
+                a = torch.stack([t.flatten(1), torch.ones_like(t.flatten(1))], dim=-1)  # (B, N, 2)
+                coef = torch.linalg.lstsq(a, x.flatten(1)[..., None]).solution  # (B, 2, 1)
+                mapped = t * coef[:, 0, 0].view(-1, *[1] * (x.dim() - 1)) + coef[:, 1, 0].view(-1, *[1] * (x.dim() - 1))
+                aux["guide"] = _sampling.resample(mapped, factor)
             else:
                 aux["guide"] = g.mean(dim=(-2, -1), keepdim=True).expand_as(g).contiguous()
         return aux
@@ -1001,7 +1014,13 @@ def point_methods(args: argparse.Namespace) -> list[Method]:
     if paper.is_file():
         variants.append(("paper AE", Denoiser.load(paper, device="cpu")))
     for label, den in variants:
-        methods.append(Method(label, label, _each(lambda f, den=den: den(f.noisy)), den.model_id))
+        if isinstance(den, GuideSwapDenoiser) and den.swap in ("truth", "host"):
+            def one(f: Frame, den: GuideSwapDenoiser = den) -> np.ndarray:
+                den.target = f.scene.clean if den.swap == "truth" else scenes.host_clean(f.scene)
+                return den(f.noisy)
+            methods.append(Method(label, label, _each(one), den.model_id))
+        else:
+            methods.append(Method(label, label, _each(lambda f, den=den: den(f.noisy)), den.model_id))
     if not args.no_tkrem:
         tk = tkrem_method()
         if tk is not None:
@@ -1127,6 +1146,7 @@ def point_findings(frames: list[Frame], scores: dict[str, list[PointScore]], dos
             f"{label} {med(name, 'partial_fill', dose):.2f} / {med(name, 'dopant_dim', dose):.2f}"
             for name, label in (("stemd", "stemd"), ("stemd, planar off (Bragg guide)", "planar off"),
                                 ("stemd, flat guide", "flat guide"), ("stemd, noisy guide", "noisy guide"),
+                                ("stemd, truth guide", "truth guide"), ("stemd, host guide", "host guide"),
                                 ("bm3d", "BM3D"))
             if name in scores
         )
@@ -1164,8 +1184,11 @@ def point_report(args: argparse.Namespace, size: int, doses: list[float], method
         f"{EDGE_MARGIN_PX} px inside the frame, and over the defect columns alone, in % of an intact A column's "
         "disc mean. The *clean* row is the check (0 by construction). Guide ablation: *planar off* is the "
         "Bragg guide everywhere (`planar=False`); *flat / zero / noisy guide* replace the model's guide input "
-        "(`GuideSwapDenoiser`) by its mean, by zeros, or by the noisy frame itself, the network unchanged and "
-        "not retrained (off its training distribution, so PSNR falls; what matters here is the defects' share).\n\n"
+        "(`GuideSwapDenoiser`) by its mean, by zeros, or by the noisy frame itself; *truth / host guide* by the "
+        "clean frame, or the clean frame with every defect undone (`host_clean`), each mapped onto the normalised "
+        "frame by a least-squares gain and offset (oracles no user has: the truth guide asks whether the network "
+        "keeps defects a perfect guide shows, the host guide how far a defect-free guide pulls). The network is "
+        "unchanged and not retrained (flat and zero guides are off its training distribution).\n\n"
         + table
         + f"\n\n![raw / stemd / BM3D / truth around point defects at dose {doses[0]:g}](defects.png)"
     )

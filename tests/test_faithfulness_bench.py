@@ -300,6 +300,12 @@ def test_guide_swap_changes_only_the_guide() -> None:
         aux = d._aux_inputs(x, 1.0)
         torch.testing.assert_close(aux["guide"], expect.reshape(aux["guide"].shape))
         assert set(aux) == set(ref) and all(torch.equal(aux[k], ref[k]) for k in ref if k != "guide")
+    oracle = fb.GuideSwapDenoiser.load(device="cpu")
+    oracle.swap = "truth"
+    with pytest.raises(ValueError, match="target"):
+        oracle._aux_inputs(x, 1.0)
+    oracle.target = (x[0].numpy() - 0.5) / 4.0  # an affine image of the frame: mapped back onto it exactly
+    torch.testing.assert_close(oracle._aux_inputs(x, 1.0)["guide"].reshape(x.shape), x, atol=1e-3, rtol=1e-4)
 
 
 def test_point_defect_run_writes_its_section_and_figure(tmp_path) -> None:
