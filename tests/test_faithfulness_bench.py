@@ -6,10 +6,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
 from bench import faithfulness as fb
 from bench import near_far_seeds
 from stemd.compute import metrics
+from stemd.pipeline import Denoiser
 from stemd.sim import scenes
 
 
@@ -238,3 +241,77 @@ def test_near_far_seeds_errors_are_zero_on_the_clean_frame_and_grow_with_a_shift
     expected = 0.1 * fb.pm_per_px(scene)
     assert np.sqrt(near.mean()) == pytest.approx(expected, rel=0.15)
     assert np.sqrt(far.mean()) == pytest.approx(expected, rel=0.15)
+
+
+# ---------------------------------------------------------------- point defects (issue 17)
+
+
+@pytest.fixture(scope="module")
+def defects() -> tuple[scenes.Scene, np.ndarray]:
+    frame = fb.point_defect_frame(128, seed=3, dose=20.0)
+    return frame.scene, scenes.host_clean(frame.scene)
+
+
+def test_disc_means_average_the_pixels_inside_the_disc() -> None:
+    img = np.zeros((20, 20))
+    img[10, 10], img[10, 12] = 5.0, 7.0  # 1 px and 2 px from the point
+    got = fb.disc_means(img, np.array([[10.0, 10.0], [0.0, 0.0]]), 1.5)
+    assert got[0] == pytest.approx(5.0 / 9)  # the 3 x 3 block lies within 1.5 px; (10, 12) does not
+    assert got[1] == 0.0
+
+
+def test_the_truth_scores_zero_and_the_host_lattice_one(defects) -> None:
+    scene, host = defects
+    kinds = np.bincount(scene.params["defects"]["kind"], minlength=4)
+    assert min(kinds[1:]) >= 3
+    truth = fb.point_scores(scene.clean.astype(np.float64), scene, host)
+    assert max(abs(v) for v in (truth.vacancy_fill, truth.partial_fill, truth.dopant_dim)) < 1e-6
+    assert truth.error_all < 1e-6 and truth.error_defect < 1e-6
+    filled = fb.point_scores(host.astype(np.float64), scene, host)
+    assert filled.vacancy_fill == pytest.approx(1.0) and filled.partial_fill == pytest.approx(1.0)
+    assert filled.dopant_dim == pytest.approx(1.0)
+    assert filled.error_defect > 20 and filled.error_defect > 2 * filled.error_all
+    # a global gain is calibrated away on the intact columns
+    scaled = fb.point_scores(3.0 * host.astype(np.float64), scene, host)
+    assert scaled.vacancy_fill == pytest.approx(1.0) and scaled.dopant_dim == pytest.approx(1.0)
+
+
+def test_a_blur_scores_between_and_more_blur_more(defects) -> None:
+    scene, host = defects
+    fills = []
+    for sigma in (1.5, 3.0):
+        s = fb.point_scores(ndimage.gaussian_filter(scene.clean.astype(np.float64), sigma), scene, host)
+        for v in (s.vacancy_fill, s.partial_fill, s.dopant_dim):
+            assert 0.02 < v < 1.0
+        fills.append(s)
+    assert fills[1].vacancy_fill > fills[0].vacancy_fill and fills[1].dopant_dim > fills[0].dopant_dim
+
+
+def test_guide_swap_changes_only_the_guide() -> None:
+    base = Denoiser.load(device="cpu")
+    if "guide" not in base.model.inputs:
+        pytest.fail("the default model takes no guide: the ablation has nothing to swap")
+    x = torch.from_numpy(np.random.default_rng(0).poisson(5.0, (1, 64, 64)).astype(np.float32))
+    ref = base._aux_inputs(x, 1.0)
+    for swap, expect in (("zero", torch.zeros_like(ref["guide"])), ("noisy", x),
+                         ("flat", ref["guide"].mean().expand_as(ref["guide"]))):
+        d = fb.GuideSwapDenoiser.load(device="cpu")
+        d.swap = swap
+        aux = d._aux_inputs(x, 1.0)
+        torch.testing.assert_close(aux["guide"], expect.reshape(aux["guide"].shape))
+        assert set(aux) == set(ref) and all(torch.equal(aux[k], ref[k]) for k in ref if k != "guide")
+    oracle = fb.GuideSwapDenoiser.load(device="cpu")
+    oracle.swap = "truth"
+    with pytest.raises(ValueError, match="target"):
+        oracle._aux_inputs(x, 1.0)
+    oracle.target = (x[0].numpy() - 0.5) / 4.0  # an affine image of the frame: mapped back onto it exactly
+    torch.testing.assert_close(oracle._aux_inputs(x, 1.0)["guide"].reshape(x.shape), x, atol=1e-3, rtol=1e-4)
+
+
+def test_point_defect_run_writes_its_section_and_figure(tmp_path) -> None:
+    rc = fb.main(["--point-defects", "--quick", "--no-tkrem", "--size", "96", "--out", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "## Point defects" in text and "| stemd, zero guide | vacancy fill |" in text
+    assert "| clean (check: 0) | dopant dim | 0.00 |" in text or "| clean (check: 0) | dopant dim | -0.00 |" in text
+    assert (tmp_path / "defects.png").stat().st_size > 5000

@@ -7,10 +7,20 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from stemd.sim import scenes
 from stemd.sim.lattice import _basis
-from stemd.sim.scenes import Cut, Phase, build_scene, corrupt_scene, named_frame, random_scene
+from stemd.sim.scenes import (
+    DEFECT_KINDS,
+    Cut,
+    Phase,
+    build_scene,
+    corrupt_scene,
+    host_clean,
+    named_frame,
+    random_scene,
+)
 
 
 def _maxima(img: np.ndarray, threshold: float, size: int = 3) -> np.ndarray:
@@ -253,3 +263,27 @@ def test_named_frames_are_deterministic_with_ground_truth():
     assert np.all(flat == scenes.NOISE_ONLY_LEVEL)
     with pytest.raises(ValueError, match="kind"):
         named_frame("perfect")
+
+
+def test_dopants_are_brighter_a_sites_and_host_clean_undoes_every_defect():
+    phase = Phase("perovskite", 10.0, 15.0, (2.0, 3.0))
+    kw = dict(sigma_px=1.3, blur_px=0.6, drift_px=(0.8, 0.5), intensity_cv=0.04)
+    s = build_scene((160, 160), [phase], [], np.random.default_rng(5), vacancy_frac=0.05, dopant_frac=0.08, **kw)
+    plain = build_scene((160, 160), [phase], [], np.random.default_rng(5), **kw)
+    d = s.params["defects"]
+    counts = np.bincount(d["kind"], minlength=len(DEFECT_KINDS))
+    assert counts[1] > 3 and counts[2] > 3 and counts[3] > 5  # empty, partial, dopant
+    assert np.all(d["missing"][d["kind"] == 3] < 0) and np.all(d["missing"][d["kind"] != 3] > 0)
+    dop = cKDTree(d["seen"][d["kind"] == 3]).query(s.columns)[0] < 1e-6
+    assert dop.sum() > 5 and np.all(s.intensities[dop] > 1.3) and s.intensities[dop].min() > s.intensities[~dop].max()
+    assert np.abs(s.clean - plain.clean).max() > 0.3
+    np.testing.assert_allclose(host_clean(s), plain.clean, atol=1e-5)  # the defect-free scene, same seed
+    np.testing.assert_array_equal(host_clean(plain), plain.clean)
+
+
+def test_dopant_options_are_checked():
+    phase = Phase("perovskite", 10.0, 0.0)
+    with pytest.raises(ValueError, match="dopant_frac"):
+        build_scene((64, 64), [phase], [], np.random.default_rng(0), sigma_px=1.3, dopant_frac=1.5)
+    with pytest.raises(ValueError, match="dopant_gain"):
+        build_scene((64, 64), [phase], [], np.random.default_rng(0), sigma_px=1.3, dopant_gain=(2.0, 1.0))

@@ -46,6 +46,8 @@ SECOND_DEFAULTS = {"perovskite": 0.7, "dumbbell": 0.9, "hexagonal": 0.6}  # SrTi
 AMORPHOUS_SPACING = 0.4  # mean blob spacing of an amorphous phase, in its period_px
 AMORPHOUS_INTENSITY = (0.1, 0.4)  # blob peak heights, uniform
 NEAR_PERIODS = 1.05  # near_defect radius around a vacancy, in periods (nearest neighbours included)
+DEFECT_KINDS = ("intact", "vacancy", "partial", "dopant")  # params["defects"]["kind"] indexes this
+DOPANT_GAIN = (1.4, 2.0)  # a heavier substitution's intensity / the host column's (La, Bi on Sr-like)
 MIN_SEPARATION = 0.3  # columns of a later phase closer than this (x its period) to an earlier one are dropped
 
 # Default ranges. A (lo, hi) tuple is drawn uniformly (log-uniformly for period_px and dose);
@@ -308,6 +310,8 @@ def build_scene(
     vacancy_frac: float = 0.0,
     intensity_cv: float = 0.0,
     layout: str = "custom",
+    dopant_frac: float = 0.0,
+    dopant_gain: tuple[float, float] = DOPANT_GAIN,
 ) -> Scene:
     """A scene of `phases` separated by `cuts` (phase k + 1 beyond cut k), rendered as the target.
 
@@ -316,12 +320,18 @@ def build_scene(
     synthetic's row-by-row drift: row r sees the specimen displaced by drift * r / (H - 1).
     A fraction `vacancy_frac` of the crystal columns are vacancies: half removed, half kept at
     0.2-0.6 of their intensity; each column's intensity is scaled by 1 + N(0, intensity_cv).
+    A fraction `dopant_frac` of the remaining brightest-sublattice columns are heavier substitutions,
+    their intensity times uniform `dopant_gain` (drawn last: a scene without dopants is unchanged).
+    params["defects"] lists every point defect for `host_clean`.
     """
     h, w = (int(v) for v in shape)
     if h < 2 or w < 2:
         raise ValueError(f"shape: need at least 2 x 2 pixels, got {shape!r}")
     if len(phases) != len(cuts) + 1:
         raise ValueError(f"phases: need one more phase than cuts, got {len(phases)} and {len(cuts)}")
+    if not 0 <= dopant_frac <= 1 or not 0 < dopant_gain[0] <= dopant_gain[1]:
+        raise ValueError(f"need 0 <= dopant_frac <= 1 and 0 < dopant_gain[0] <= dopant_gain[1]; got "
+                         f"{dopant_frac!r}, {dopant_gain!r}")
     if not (sigma_px > 0 and blur_px >= 0 and 0 <= vacancy_frac <= 1 and intensity_cv >= 0):
         raise ValueError(f"need sigma_px > 0, blur_px >= 0, 0 <= vacancy_frac <= 1, intensity_cv >= 0; got "
                          f"{sigma_px!r}, {blur_px!r}, {vacancy_frac!r}, {intensity_cv!r}")
@@ -331,7 +341,7 @@ def build_scene(
     sigma = math.hypot(sigma_px, blur_px)
     margin = math.ceil(4.5 * sigma) + 2 + abs(drift_px[0]) + abs(drift_px[1])
 
-    pos_l, amp_l, near_l, per_l, lab_l = [], [], [], [], []
+    pos_l, amp_l, near_l, per_l, lab_l, site_l = [], [], [], [], [], []
     blobs = []
     for index, phase in enumerate(phases):
         if phase.kind == "vacuum":
@@ -348,11 +358,13 @@ def build_scene(
         near_l.append(near[mine])
         per_l.append(np.full(int(mine.sum()), float(phase.period_px)))
         lab_l.append(np.full(int(mine.sum()), index, dtype=np.int8))
+        site_l.append(sub[mine])
     pos = np.concatenate(pos_l) if pos_l else np.zeros((0, 2))
     amp = np.concatenate(amp_l) if amp_l else np.zeros(0)
     near = np.concatenate(near_l) if near_l else np.zeros(0, dtype=bool)
     period = np.concatenate(per_l) if per_l else np.zeros(0)
     lab = np.concatenate(lab_l) if lab_l else np.zeros(0, dtype=np.int8)
+    site = np.concatenate(site_l) if site_l else np.zeros(0, dtype=np.int8)
 
     # a later phase's columns that crowd an earlier phase's are dropped (boundaries in place of overlaps)
     if len(pos) and len(cuts):
@@ -362,19 +374,31 @@ def build_scene(
             if earlier.any():
                 d, _ = cKDTree(pos[earlier]).query(pos[lab == index])
                 keep[np.flatnonzero(lab == index)[d < MIN_SEPARATION * period[lab == index]]] = False
-        pos, amp, near, period, lab = pos[keep], amp[keep], near[keep], period[keep], lab[keep]
+        pos, amp, near, period, lab, site = pos[keep], amp[keep], near[keep], period[keep], lab[keep], site[keep]
     near |= _near_boundary(pos, lab, period, cuts)
     amp = amp * np.clip(1 + intensity_cv * rng.standard_normal(len(amp)), 0.5, 1.5)
 
     vacancies = weakened = np.zeros((0, 2))
+    host = amp.copy()
+    kind = np.zeros(len(pos), dtype=np.int8)  # index into DEFECT_KINDS, 0: intact
     if vacancy_frac > 0 and len(pos):
         hit = rng.random(len(pos)) < vacancy_frac
         removed = hit & (rng.random(len(pos)) < 0.5)
         amp = np.where(hit & ~removed, amp * rng.uniform(0.2, 0.6, len(pos)), amp)
         if hit.any():
             near |= cKDTree(pos[hit]).query(pos)[0] <= NEAR_PERIODS * period
+        kind[removed], kind[hit & ~removed] = 1, 2
         vacancies, weakened = pos[removed], pos[hit & ~removed]
-        pos, amp, near = pos[~removed], amp[~removed], near[~removed]
+    if dopant_frac > 0 and len(pos):
+        dope = (site == 0) & (kind == 0) & (rng.random(len(pos)) < dopant_frac)
+        amp = np.where(dope, amp * rng.uniform(*dopant_gain, len(pos)), amp)
+        if dope.any():
+            near |= cKDTree(pos[dope]).query(pos)[0] <= NEAR_PERIODS * period
+        kind[dope] = 3
+    missing = np.where(kind == 1, host, host - amp)
+    defect_pos, defect_delta, defect_kind = pos[kind > 0], missing[kind > 0], kind[kind > 0]
+    if vacancy_frac > 0 and len(pos):
+        pos, amp, near = pos[kind != 1], amp[kind != 1], near[kind != 1]
 
     blob_pos = np.concatenate(blobs) if blobs else np.zeros((0, 2))
     if len(blob_pos) and len(pos):
@@ -410,6 +434,14 @@ def build_scene(
         "intensity_cv": float(intensity_cv),
         "vacancies": _in_frame(seen(vacancies), (h, w)),  # (M, 2) where removed columns would be seen
         "weakened": _in_frame(seen(weakened), (h, w)),  # (M, 2) columns kept at 0.2-0.6 of their intensity
+        "dopant_frac": float(dopant_frac),
+        "dopant_gain": (float(dopant_gain[0]), float(dopant_gain[1])),
+        "defects": {  # every point defect, also outside the frame: `host_clean` undoes them
+            "specimen": defect_pos,  # (M, 2) specimen (undrifted) position
+            "seen": seen(defect_pos),  # (M, 2) where the target shows it
+            "kind": defect_kind,  # (M,) index into DEFECT_KINDS
+            "missing": defect_delta,  # (M,) host peak - actual peak, before blur (< 0: a dopant)
+        },
     }
     return Scene(
         clean=clean,
@@ -421,6 +453,15 @@ def build_scene(
         region=region,
         params=params,
     )
+
+
+def host_clean(scene: Scene) -> np.ndarray:
+    """The scene's clean image with every point defect undone: vacancies filled, dopants back to host."""
+    d = scene.params["defects"]
+    h, w = scene.clean.shape
+    k = (scene.params["drift_px"][0] / (h - 1), scene.params["drift_px"][1] / (h - 1))
+    add = _render((h, w), d["specimen"], d["missing"] * scene.params["peak_scale"], scene.params["target_sigma_px"], k)
+    return scene.clean + add
 
 
 def _choose(name: str, options: Any, allowed: tuple[str, ...], rng: np.random.Generator) -> str:
