@@ -54,6 +54,7 @@ from stemd.compute.fidelity import (
     fit_gain_offset,
     gain_db,
     gaussian_held_out,
+    levelled,
     mse,
     noise_flatness,
     saturated_mask,
@@ -176,8 +177,7 @@ def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray, lines:
     moved = shift_lines(out, line_shifts(out, target))
     inner = mask.copy()
     inner[:, :REG_BORDER] = inner[:, -REG_BORDER:] = False
-    moved += ((target - moved) * inner).sum(1, keepdims=True) / np.maximum(inner.sum(1, keepdims=True), 1)
-    return mse(moved, target, inner)
+    return mse(levelled(moved, target, inner), target, inner)
 
 
 # ---------------------------------------------------------------- methods

@@ -34,7 +34,7 @@ from scipy.ndimage import binary_dilation
 
 from bench._report import BENCHMARKS, machine_line, write_section
 from bench.peers import tk_r_em_bridge
-from bench.real import SATURATION, cache_dir, central_crop, load_real_frames, make_methods
+from bench.real import SATURATION, cache_dir, central_crop, load_real_frames, make_methods, pm
 from stemd.compute.fidelity import (
     fit_gain_offset,
     gain_db,
@@ -46,7 +46,7 @@ from stemd.compute.fidelity import (
     to_counts,
 )
 from stemd.compute.metrics import psnr
-from stemd.compute.scanlines import DOMINANCE, MIN_EXCESS, line_excess, line_flicker
+from stemd.compute.scanlines import DOMINANCE, MIN_EXCESS, line_excess, line_flicker, scan_lines
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
 
@@ -61,11 +61,11 @@ def levelled_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray, lines: s
     return mse(levelled(out, target, mask, lines), target, mask)
 
 
-def stripe_left(out: np.ndarray, ref: np.ndarray, axis: int) -> float:
-    """The line flicker power of `out` over that of `ref`, lines along `axis` (0: rows)."""
+def stripe_left(out: np.ndarray, ref: np.ndarray, lines: str) -> float:
+    """The line flicker power of `out` over that of `ref`, scan lines along `lines` (rows or columns)."""
     def power(a: np.ndarray) -> float:
         t = torch.as_tensor(np.asarray(a, np.float32))[None]
-        return float(line_flicker(t if axis == 0 else t.transpose(-2, -1)).square().mean())
+        return float(line_flicker(t if lines == "rows" else t.transpose(-2, -1)).square().mean())
     return power(out) / power(ref)
 
 
@@ -73,9 +73,9 @@ def real_frame(name: str, raw: np.ndarray, ms: dict, splits: int, seed: int) -> 
     fit = fit_gain_offset(raw, SATURATION)
     counts = to_counts(raw, fit)
     mask = ~binary_dilation(saturated_mask(raw, SATURATION), np.ones((3, 3), bool))
-    excess = line_excess(torch.as_tensor(np.where(mask, raw, np.median(raw)).astype(np.float32))[None])[0].tolist()
-    lines = Denoiser.load().plan(raw.shape, None, raw).lines
-    axis = 1 if lines == "columns" else 0
+    filled = torch.as_tensor(np.where(mask, raw, np.median(raw)).astype(np.float32))
+    excess = line_excess(filled[None])[0].tolist()
+    lines = scan_lines(filled)[0]
     res: dict = {"name": name, "excess": excess, "lines": lines, "plain": {}, "level": {}, "stripe": {}, "shown": {}}
     for split in range(splits):
         y1i, y2i = thin(counts, np.random.default_rng([seed, split]))
@@ -89,15 +89,15 @@ def real_frame(name: str, raw: np.ndarray, ms: dict, splits: int, seed: int) -> 
         for label, out in outs.items():
             res["plain"].setdefault(label, []).append(gain_db(ref, mse(out, y2, mask)))
             res["level"].setdefault(label, []).append(gain_db(ref_lev, levelled_mse(out, y2, mask, lines)))
-            res["stripe"].setdefault(label, []).append(stripe_left(out, y1, axis))
+            res["stripe"].setdefault(label, []).append(stripe_left(out, y1, lines))
         if split == 0:
             res["shown"] = {"half A": y1, **outs}
     return res
 
 
-def simulated(size: int, seed: int) -> list[dict]:
-    """True PSNR gains on scenes with line flicker (and on the same scenes without), as they are and turned."""
-    now, before = Denoiser.load(), Denoiser.load(scan_lines="rows", destripe=False)
+def simulated(now: Denoiser, before: Denoiser, size: int, seed: int) -> list[dict]:
+    """True PSNR gains of stemd `now` and `before` on scenes with line flicker (and on the same scenes without), as
+    they are and turned."""
     out = []
     for i, kind in enumerate(SIM_KINDS):
         for flicker in (True, False):
@@ -116,10 +116,6 @@ def simulated(size: int, seed: int) -> list[dict]:
                     "before": psnr(before(x), c, data_range=span) - raw_psnr,
                 })
     return out
-
-
-def pm(values: list[float], fmt: str = "{:.2f}") -> str:
-    return fmt.format(np.mean(values)) + (f" ± {fmt.format(np.ptp(values) / 2)}" if len(values) > 1 else "")
 
 
 def figure(res: dict, path: Path, crop: int = 160) -> None:
@@ -193,15 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or BENCHMARKS.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     tk = tk_r_em_bridge.available()
-    ms = make_methods({"stemd": Denoiser.load(), "stemd (before)": Denoiser.load(scan_lines="rows", destripe=False)},
-                      not args.no_bm3d, tk)
+    now, before = Denoiser.load(), Denoiser.load(scan_lines="rows", destripe=False)
+    ms = make_methods({"stemd": now, "stemd (before)": before}, not args.no_bm3d, tk)
     frames = load_real_frames(cache_dir())
     if args.quick:
         frames = dict(list(frames.items())[2:3])
     real = [real_frame(name, central_crop(f, args.crop), ms, args.splits, SEED + i)
             for i, (name, f) in enumerate(frames.items())]
     figure(next((r for r in real if r["name"] == "exp_hrstem_2"), real[0]), out_dir / "scanlines.png")
-    sims = simulated(args.sim_size, SEED)
+    sims = simulated(now, before, args.sim_size, SEED)
     labels = ["Gaussian", *ms]
     body = report(real, sims, labels, command, time.perf_counter() - start, tk)
     print(body)
