@@ -272,21 +272,29 @@ def decode_frame(
     topic = bytes(_buffer(parts[0]))
     header = _unpack_header(parts[1])
     h, w, dtype = _check_frame_header(header)
+    data = _pixels(parts[2], h, w, dtype, dtype.name, max_side=max_side, max_pixels=max_pixels, min_side=min_side)
+    return Frame(topic=topic, header=header, data=data)
+
+
+def _pixels(part: Any, h: int, w: int, dtype: np.dtype, as_dtype: str, *, max_side: int, max_pixels: int,
+            min_side: int) -> np.ndarray:
+    """The (H, W) frame a pixel part holds, as `as_dtype` in native byte order: its sides within the limits, its
+    size that of H x W `dtype`, and finite if floating point (checked after the cast); else ProtocolError."""
     if min(h, w) < min_side:
         raise ProtocolError("too_small", f"frame {h}x{w} has a side below {min_side}")
     if max(h, w) > max_side or h * w > max_pixels:
         raise ProtocolError("too_large", f"frame {h}x{w} exceeds {max_side} per side or {max_pixels} pixels")
-    buf = _buffer(parts[2])
+    buf = _buffer(part)
     if buf.nbytes != h * w * dtype.itemsize:
         raise ProtocolError(
             "size_mismatch", f"pixel buffer has {buf.nbytes} bytes, {h}x{w} {dtype.name} needs {h * w * dtype.itemsize}"
         )
     data = np.frombuffer(buf, dtype=dtype).reshape(h, w)
-    if not dtype.isnative:
-        data = data.astype(dtype.newbyteorder("="))
+    if as_dtype != dtype.name or not dtype.isnative:
+        data = data.astype(as_dtype)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise ProtocolError("nonfinite", "frame holds NaN or inf")
-    return Frame(topic=topic, header=header, data=data)
+    return data
 
 
 def encode_event(topic: bytes, header: dict[str, Any]) -> list[bytes]:
@@ -379,22 +387,9 @@ def decode_array(
     if order is None:
         raise ProtocolError("byte_order", f"endianness {header['endianness']!r:.40} must be 'little' or 'big'")
     h, w = _array_shape(header, legacy)
-    if min(h, w) < min_side:
-        raise ProtocolError("too_small", f"frame {h}x{w} has a side below {min_side}")
-    if max(h, w) > max_side or h * w > max_pixels:
-        raise ProtocolError("too_large", f"frame {h}x{w} exceeds {max_side} per side or {max_pixels} pixels")
     dtype = np.dtype(header["type"]).newbyteorder(order)
-    buf = _buffer(parts[1])
-    if buf.nbytes != h * w * dtype.itemsize:
-        raise ProtocolError(
-            "size_mismatch", f"data has {buf.nbytes} bytes, {h}x{w} {dtype.name} needs {h * w * dtype.itemsize}"
-        )
-    data = np.frombuffer(buf, dtype=dtype).reshape(h, w)
-    native = dtype.name if dtype.name in DTYPES else "float32"
-    if native != dtype.name or not dtype.isnative:
-        data = data.astype(native)
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise ProtocolError("nonfinite", "frame holds NaN or inf")
+    data = _pixels(parts[1], h, w, dtype, dtype.name if dtype.name in DTYPES else "float32",
+                   max_side=max_side, max_pixels=max_pixels, min_side=min_side)
     out = frame_header(ARRAY_SERIES, frame_id, (h, w), data.dtype.name)
     out["ndattr"] = header.get("ndattr", {})
     return Frame(topic=FRAME, header=out, data=data)
