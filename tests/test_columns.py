@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
-from stemd.compute.columns import blur, keep_columns
+from stemd.compute.columns import blur, keep_columns, max_filter
 from stemd.sim import scenes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,6 +49,11 @@ def test_blur_keeps_the_mean_and_matches_a_gaussians_spread():
     rows = torch.arange(65, dtype=torch.float32) - 32
     variance = float((y.sum(1) * rows.square()).sum())
     assert variance == pytest.approx(4.0, rel=0.05)
+
+
+def test_max_filter_is_max_pooling_over_the_square_inside_the_frame():
+    x = torch.randn(2, 1, 37, 41)
+    torch.testing.assert_close(max_filter(x, 3), F.max_pool2d(x, 7, stride=1, padding=3))
 
 
 @pytest.mark.parametrize("dose", [5.0, 20.0])

@@ -33,6 +33,26 @@ def _kernel(sigma: float, device: torch.device) -> torch.Tensor:
     return w / w.sum()
 
 
+def _along(x: torch.Tensor, weights: torch.Tensor, dim: int, pad: str = "reflect") -> torch.Tensor:
+    """Correlate (B, 1, H, W) `x` with odd-length `weights` along `dim` (-2 or -1) as a sum of shifted copies:
+    on the CPU 4x faster than a single-channel conv2d. pad "reflect" mirrors the edges; "max" takes the
+    running maximum instead of the weighted sum (weights ignored but their length)."""
+    r = len(weights) // 2
+    n = x.shape[dim]
+    widths = (0, 0, r, r) if dim == -2 else (r, r, 0, 0)
+    if pad == "max":
+        p = F.pad(x, widths, value=float("-inf"))
+        out = p.narrow(dim, 0, n)
+        for i in range(1, 2 * r + 1):
+            out = torch.maximum(out, p.narrow(dim, i, n))
+        return out
+    p = F.pad(x, widths, mode="reflect")
+    out = weights[0] * p.narrow(dim, 0, n)
+    for i in range(1, 2 * r + 1):
+        out = out + weights[i] * p.narrow(dim, i, n)
+    return out
+
+
 def blur(x: torch.Tensor, sigma: float, power: int = 1) -> torch.Tensor:
     """(B, 1, H, W) -> same: a separable Gaussian of std `sigma` px, edges mirrored (`power` 2 or 3: the
     kernel's square or cube, for the variance or third cumulant of a blurred field)."""
@@ -41,8 +61,13 @@ def blur(x: torch.Tensor, sigma: float, power: int = 1) -> torch.Tensor:
     h, wd = x.shape[-2:]
     if r >= min(h, wd):
         return x.mean((-2, -1), keepdim=True).expand_as(x) * w.sum() ** 2
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), w.view(1, 1, -1, 1))
-    return F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), w.view(1, 1, 1, -1))
+    return _along(_along(x, w, -2), w, -1)
+
+
+def max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, 1, H, W) -> the maximum over the (2 radius + 1)² square around each pixel (inside the frame)."""
+    k = torch.empty(2 * radius + 1)
+    return _along(_along(x, k, -2, "max"), k, -1, "max")
 
 
 def _noise_variance(residual: torch.Tensor, level: torch.Tensor, threshold: float
@@ -84,7 +109,7 @@ def keep_columns(frames: torch.Tensor, guide: torch.Tensor, scale_px: float, thr
     t = THRESHOLD if threshold is None else threshold
     x, g = frames.float(), guide.float()
     r = max(1, round(BACKGROUND_FRAC * scale_px))
-    floor = blur(-F.max_pool2d(-g, 2 * r + 1, stride=1, padding=r), BACKGROUND_FRAC * scale_px / 2)
+    floor = blur(-max_filter(-g, r), BACKGROUND_FRAC * scale_px / 2)
     profile = (g - floor).clamp_min(0)  # the guide's columns above the floor between them
     residual = x - g
     v, b = _noise_variance(residual, g, t)
@@ -98,5 +123,5 @@ def keep_columns(frames: torch.Tensor, guide: torch.Tensor, scale_px: float, thr
     edge = min(math.ceil(EDGE_FRAC * scale_px), min(gate.shape[-2:]) // 2)
     gate = F.pad(gate[..., edge:-edge or None, edge:-edge or None], (edge,) * 4) if edge else gate
     reach = max(1, round(SPREAD_FRAC * scale_px))
-    gate = F.max_pool2d(gate, 2 * reach + 1, stride=1, padding=reach)  # one decision over the whole column
+    gate = max_filter(gate, reach)  # one decision over the whole column
     return (g + gate * beta * profile).to(guide.dtype)
