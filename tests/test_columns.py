@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from stemd.compute.columns import blur, keep_columns, max_filter
+from stemd.compute.columns import _fdr_threshold, blur, keep_columns, max_filter
 from stemd.sim import scenes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,6 +54,21 @@ def test_blur_keeps_the_mean_and_matches_a_gaussians_spread():
 def test_max_filter_is_max_pooling_over_the_square_inside_the_frame():
     x = torch.randn(2, 1, 37, 41)
     torch.testing.assert_close(max_filter(x, 3), F.max_pool2d(x, 7, stride=1, padding=3))
+
+
+def test_the_threshold_drops_only_when_many_tests_are_far_out():
+    """Benjamini-Hochberg: pure noise keeps the highest threshold; a tenth of the frame at z = 6 lowers it to
+    where about a fifth of what passes is noise."""
+    g = torch.Generator().manual_seed(0)
+    null = torch.randn(1, 1, 200, 200, generator=g)
+    assert float(_fdr_threshold(null, 0.2, 2.0, 3.5)) == 3.5
+    signal = null.clone()
+    signal[..., :20, :] += 6.0
+    cut = float(_fdr_threshold(signal, 0.2, 2.0, 3.5))
+    assert 2.0 < cut < 3.0
+    passed = signal.abs() > cut
+    false = float(passed[..., 20:, :].sum() / passed.sum())
+    assert 0.05 < false < 0.25
 
 
 @pytest.mark.parametrize("dose", [5.0, 20.0])

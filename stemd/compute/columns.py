@@ -5,8 +5,10 @@ vacancy, a partly empty column or a dopant it shows a host column, and the model
 fills the vacancy and dims the dopant (issue 17, docs/benchmarks.md "Point defects"). `keep_columns` fits,
 around every pixel, the scale by which the frame's columns differ from the guide's (a least-squares fit of
 the residual onto the guide's column profile over one column's footprint, so its noise is one column's), tests
-it against its own noise and puts the columns it is sure of back into the guide at their own height.
-Elementwise, convolutions and pooling only: no host sync.
+it against its own noise and puts the columns it is sure of back into the guide at their own height. How sure
+adapts to the frame (Benjamini-Hochberg): on a frame with many defects the threshold drops until a fifth of
+what it puts back may be noise; on a frame with none it stays where noise alone is rarely put back.
+Tensor operations only: no host sync.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch.nn import functional as F
 FOOTPRINT_FRAC = 0.25  # Gaussian weight sigma of a column's footprint, in lattice scales (the shortest translation)
 BACKGROUND_FRAC = 0.5  # the floor between columns: the guide's minimum within this radius (lattice scales)
 THRESHOLD = 3.5  # the fitted scale's z at which a column starts to be put back (3.0 cost fault-free frames 0.4 dB)
+FDR = 0.2  # ... or lower, down to LOWEST, where that keeps the share of false discoveries under FDR
+LOWEST = 2.5
 RAMP = 1.0  # ... and is put back whole at threshold + RAMP
 SPREAD_FRAC = 0.3  # a column's decision spreads over this radius (lattice scales) around it
 EDGE_FRAC = 1.5  # no column within this many lattice scales of the border is put back: the guide fades there
@@ -101,6 +105,18 @@ def _unskewed(z: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
     return zc - g * (zc.square() - 1) / 6
 
 
+def _fdr_threshold(z: torch.Tensor, q: float, low: float, high: float) -> torch.Tensor:
+    """(B, 1, H, W) standard scores -> (B, 1, 1, 1): the |z| above which the share of false discoveries is `q`
+    (Benjamini-Hochberg over every 2nd pixel along each axis; a column's pixels count alike for true and false
+    ones, so the share is the columns'), within [low, high]: many defects lower it, none leave it at `high`."""
+    p = torch.special.erfc(z[..., ::2, ::2].abs().flatten(1) / math.sqrt(2)).sort(1).values
+    m = p.shape[1]
+    k = torch.arange(1, m + 1, device=z.device, dtype=p.dtype)
+    found = (torch.where(p <= q * k / m, k, 0)).amax(1)
+    cut: torch.Tensor = torch.special.ndtri(1 - q * found / (2 * m))
+    return cut.clamp(low, high).view(-1, 1, 1, 1)
+
+
 def keep_columns(frames: torch.Tensor, guide: torch.Tensor, scale_px: float, threshold: float | None = None
                  ) -> torch.Tensor:
     """(B, 1, H, W) frames and their lattice `guide` (same units) -> the guide with each column the frame
@@ -119,9 +135,10 @@ def keep_columns(frames: torch.Tensor, guide: torch.Tensor, scale_px: float, thr
     spread = blur(v * profile.square(), s, 2).clamp_min(1e-12)  # the variance of beta x norm
     skew = blur(b.square() * g.clamp_min(0) * profile.pow(3), s, 3) / spread.pow(1.5)
     z = _unskewed(beta * norm / spread.sqrt(), skew)
-    gate = (z.abs() - t).div(RAMP).clamp(0, 1)
-    edge = min(math.ceil(EDGE_FRAC * scale_px), min(gate.shape[-2:]) // 2)
-    gate = F.pad(gate[..., edge:-edge or None, edge:-edge or None], (edge,) * 4) if edge else gate
+    edge = min(math.ceil(EDGE_FRAC * scale_px), min(z.shape[-2:]) // 2)
+    inner = z[..., edge:-edge or None, edge:-edge or None]
+    gate = (inner.abs() - _fdr_threshold(inner, FDR, LOWEST, t)).div(RAMP).clamp(0, 1)
+    gate = F.pad(gate, (edge,) * 4) if edge else gate
     reach = max(1, round(SPREAD_FRAC * scale_px))
     gate = max_filter(gate, reach)  # one decision over the whole column
     return (g + gate * beta * profile).to(guide.dtype)
