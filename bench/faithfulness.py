@@ -1003,8 +1003,11 @@ def point_methods(args: argparse.Namespace) -> list[Method]:
         Method("bm3d", "GAT + BM3D", _each(bm3d_gat)),
     ]
     base = Denoiser.load(device="cpu")
-    variants: list[tuple[str, Denoiser]] = [("stemd", base), ("stemd, planar off (Bragg guide)",
-                                                              Denoiser.load(device="cpu", planar=False))]
+    variants: list[tuple[str, Denoiser]] = [
+        ("stemd", base),
+        ("stemd, keep_defects off", Denoiser.load(device="cpu", keep_defects=False)),
+        ("stemd, planar off (Bragg guide)", Denoiser.load(device="cpu", planar=False)),
+    ]
     if "guide" in base.model.inputs:
         for swap in GUIDE_SWAPS:
             d = GuideSwapDenoiser.load(device="cpu")
@@ -1144,7 +1147,8 @@ def point_findings(frames: list[Frame], scores: dict[str, list[PointScore]], dos
     for dose in (doses[0], doses[-1]):
         row = "; ".join(
             f"{label} {med(name, 'partial_fill', dose):.2f} / {med(name, 'dopant_dim', dose):.2f}"
-            for name, label in (("stemd", "stemd"), ("stemd, planar off (Bragg guide)", "planar off"),
+            for name, label in (("stemd", "stemd"), ("stemd, keep_defects off", "keep_defects off"),
+                                ("stemd, planar off (Bragg guide)", "planar off"),
                                 ("stemd, flat guide", "flat guide"), ("stemd, noisy guide", "noisy guide"),
                                 ("stemd, truth guide", "truth guide"), ("stemd, host guide", "host guide"),
                                 ("bm3d", "BM3D"))
@@ -1182,7 +1186,9 @@ def point_report(args: argparse.Namespace, size: int, doses: list[float], method
         "over the partly empty ones, *dopant dim* = Σ(T − O) / Σ(T − H) over the dopants (0: as bright as it is; "
         "1: host-like). *Intensity error*: RMS of calibrated O − T over every column (and empty site) at least "
         f"{EDGE_MARGIN_PX} px inside the frame, and over the defect columns alone, in % of an intact A column's "
-        "disc mean. The *clean* row is the check (0 by construction). Guide ablation: *planar off* is the "
+        "disc mean. The *clean* row is the check (0 by construction). *keep_defects off*: without the guide "
+        "stepping aside at the columns the frame contradicts (`stemd.compute.columns`). Guide ablation (each with "
+        "keep_defects, whose guide they replace): *planar off* is the "
         "Bragg guide everywhere (`planar=False`); *flat / zero / noisy guide* replace the model's guide input "
         "(`GuideSwapDenoiser`) by its mean, by zeros, or by the noisy frame itself; *truth / host guide* by the "
         "clean frame, or the clean frame with every defect undone (`host_clean`), each mapped onto the normalised "
