@@ -1,0 +1,36 @@
+"""stemd.compute.fourier: the transposed, pruned transforms are rfft2 / irfft2 to the bit; the Bragg gain is laid
+out as rfft2's bins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stemd.compute import fourier
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("shape, size", [((2, 1, 64, 64), (128, 128)), ((1, 1, 97, 130), (194, 260)),
+                                         ((3, 1, 40, 56), (101, 75))])
+def test_padded_transform_and_cropped_inverse_are_rfft2_and_irfft2(shape, size):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    values = fourier.padded_transform(x, size)
+    reference = torch.fft.rfft2(x, s=size)
+    assert values.shape == (*shape[:2], size[1] // 2 + 1, size[0])
+    torch.testing.assert_close(values, reference.transpose(-2, -1), rtol=0, atol=0)
+    gain = torch.rand(reference.shape, generator=torch.Generator().manual_seed(1))
+    back = fourier.cropped_inverse(values * gain.transpose(-2, -1), size, shape[-2:])
+    torch.testing.assert_close(back, torch.fft.irfft2(reference * gain, s=size)[..., :shape[-2], :shape[-1]],
+                               rtol=0, atol=0)
+
+
+def test_bragg_gain_is_laid_out_as_rfft2_bins_and_passes_the_lattice_peak():
+    """A cosine of 8 px period along x, 64² zero-padded to 128²: its peak is at rfft2 bin (0, 16), and the
+    filter keeps it."""
+    x = torch.cos(2 * torch.pi * torch.arange(64) / 8.0).expand(1, 1, 64, 64)
+    gain = fourier.bragg_gain(fourier.bragg_spectrum(x))
+    assert gain.shape == (1, 1, 128, 65)
+    assert gain[0, 0, 0, 16] > 0.9 and gain[0, 0, 64, 40] == 0
+    inner = (..., slice(8, -8), slice(8, -8))  # the filtered lattice fades towards the edges
+    torch.testing.assert_close(fourier.bragg_filter(x)[inner], x[inner], rtol=0, atol=0.05)
