@@ -34,3 +34,9 @@ def test_bragg_gain_is_laid_out_as_rfft2_bins_and_passes_the_lattice_peak():
     assert gain[0, 0, 0, 16] > 0.9 and gain[0, 0, 64, 40] == 0
     inner = (..., slice(8, -8), slice(8, -8))  # the filtered lattice fades towards the edges
     torch.testing.assert_close(fourier.bragg_filter(x)[inner], x[inner], rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 1001])
+def test_lower_median_is_torch_median(n):
+    x = torch.rand(3, 2, n, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(fourier.lower_median(x), x.median(-1).values, rtol=0, atol=0)

