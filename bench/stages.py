@@ -11,8 +11,8 @@ and CPU time, medians. The run's share beyond the model and its ratio to the mod
 the two measured in the same round. The frame is the perovskite_rp named frame in detector counts (uint16). With
 several sizes each stage's exponent b of CPU time ~ pixels^b is fitted (least squares on logs; CPU time, as wall
 time on a shared machine also counts other processes' turns); rounds shrink with the pixels (at least 1).
-`--keep-freed-memory` first tells glibc's malloc to keep freed blocks (no trimming, no fresh mmap below 32 MB):
-the difference is the time the pipeline spends having the kernel map and zero fresh pages for its temporaries.
+`--keep-freed-memory` first tells glibc's malloc to keep freed memory for reuse (no trimming, no mmap): the
+difference is the time the pipeline spends having the kernel map and zero fresh pages for its temporaries.
 """
 
 from __future__ import annotations
@@ -37,15 +37,14 @@ TITLE = "Per-stage cost"
 MODEL = "model alone"
 RUN = "whole Denoiser.run, plan given"
 DOSE = 20.0
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-MMAP_MAX = 32 << 20  # glibc's largest mmap threshold on 64-bit
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse; False where there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 62))
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 62))
     except (OSError, AttributeError):
         return False
 
