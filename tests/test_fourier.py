@@ -37,6 +37,7 @@ def test_bragg_gain_is_laid_out_as_rfft2_bins_and_passes_the_lattice_peak():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 1001])
-def test_lower_median_is_torch_median(n):
-    x = torch.rand(3, 2, n, generator=torch.Generator().manual_seed(n))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_lower_median_is_torch_median(n, dtype):
+    x = torch.rand(3, 2, n, generator=torch.Generator().manual_seed(n)).to(dtype)
     torch.testing.assert_close(fourier.lower_median(x), x.median(-1).values, rtol=0, atol=0)

@@ -117,7 +117,7 @@ def lower_median(x: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (...): the median along the last dim, the lower middle value for even N, as `Tensor.median`; on
     the CPU by numpy's selection (10x faster than torch's on 1e5 values)."""
     k = (x.shape[-1] - 1) // 2
-    if x.device.type != "cpu" or x.requires_grad:
+    if x.device.type != "cpu" or x.requires_grad or x.dtype not in (torch.float32, torch.float64):
         return x.kthvalue(k + 1, -1).values
     return torch.from_numpy(np.partition(x.detach().numpy(), k, axis=-1)[..., k]).to(x.dtype)
 
