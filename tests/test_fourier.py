@@ -41,3 +41,18 @@ def test_bragg_gain_is_laid_out_as_rfft2_bins_and_passes_the_lattice_peak():
 def test_lower_median_is_torch_median(n, dtype):
     x = torch.rand(3, 2, n, generator=torch.Generator().manual_seed(n)).to(dtype)
     torch.testing.assert_close(fourier.lower_median(x), x.median(-1).values, rtol=0, atol=0)
+
+
+def test_fast_size_is_the_smallest_2_3_5_smooth_length():
+    from scipy.fft import next_fast_len
+
+    assert [fourier.fast_size(n) for n in range(1, 2000)] == [next_fast_len(n, real=True) for n in range(1, 2000)]
+
+
+def test_a_smaller_grid_is_a_different_filter_and_the_default_grid_the_same():
+    wave = lambda n, period: torch.cos(2 * torch.pi * torch.arange(n) / period)  # noqa: E731
+    lattice = wave(80, 7.3) * wave(64, 6.1)[:, None]
+    x = lattice + 0.3 * torch.randn(2, 1, 64, 80, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fourier.bragg_filter(x, size=(128, 160)), fourier.bragg_filter(x), rtol=0, atol=0)
+    assert fourier.bragg_spectrum(x, (80, 100)).values.shape == (2, 1, 51, 80)
+    assert not torch.equal(fourier.bragg_filter(x, size=(80, 100)), fourier.bragg_filter(x))

@@ -21,20 +21,39 @@ class Spectrum:
     planar guide's plane averages (`stemd.compute.planar`) of the same frames. Its bins are stored transposed,
     x frequency by y frequency, so the transforms along y run over contiguous memory (3x faster on the CPU)."""
 
-    shape: tuple[int, int]  # the frames' (H, W); the transform is of the frame zero-padded to 2H x 2W
+    shape: tuple[int, int]  # the frames' (H, W)
+    size: tuple[int, int]  # the grid the frame is zero-padded to before the transform: (2H, 2W) unless asked
     mean: torch.Tensor  # (B, 1, 1, 1) each frame's mean, removed before the transform
     values: torch.Tensor  # (B, 1, W + 1, 2H) complex: rfft2 of the mean-free, zero-padded frame, transposed
     power: torch.Tensor  # (B, 1, W + 1, 2H) its power, averaged over the bins within SMOOTH_RADIUS
 
 
-def bragg_spectrum(frames: torch.Tensor) -> Spectrum:
-    """(B, 1, H, W) -> their `Spectrum` (float32 arithmetic)."""
+def bragg_spectrum(frames: torch.Tensor, size: tuple[int, int] | None = None) -> Spectrum:
+    """(B, 1, H, W) -> their `Spectrum` (float32 arithmetic) on the (2H, 2W) grid, or `size`."""
     h, w = frames.shape[-2:]
+    size = (2 * h, 2 * w) if size is None else size
     x = frames.float()
     mean = x.mean((-2, -1), keepdim=True)
-    values = padded_transform(x - mean, (2 * h, 2 * w))
+    values = padded_transform(x - mean, size)
     parts = torch.view_as_real(values)
-    return Spectrum((h, w), mean, values, _box_mean(parts[..., 0].square() + parts[..., 1].square(), SMOOTH_RADIUS))
+    power = _box_mean(parts[..., 0].square() + parts[..., 1].square(), SMOOTH_RADIUS)
+    return Spectrum((h, w), size, mean, values, power)
+
+
+def fast_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n: a transform length the FFT takes fast."""
+    best = 1 << max(n - 1, 0).bit_length()
+    p3 = 1
+    while p3 < best:
+        p5 = p3
+        while p5 < best:
+            p2 = p5
+            while p2 < n:
+                p2 *= 2
+            best = min(best, p2)
+            p5 *= 5
+        p3 *= 3
+    return best
 
 
 def padded_transform(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -79,7 +98,7 @@ def _window_sum(x: torch.Tensor, dim: int, r: int) -> torch.Tensor:
 
 
 def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic_range: float = 0.0,
-                 spectrum: Spectrum | None = None) -> torch.Tensor:
+                 spectrum: Spectrum | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
     """(B, 1, H, W) -> same: each frame with its Fourier components shrunk by a Wiener-like gain.
 
     The frame (mean removed) is zero-padded to 2H x 2W, so a lattice need not fit the frame a whole
@@ -89,12 +108,13 @@ def bragg_filter(frames: torch.Tensor, strength: float = BRAGG_STRENGTH, dynamic
     noise between them; the filtered frame is cropped back and the mean restored. `dynamic_range` > 0
     raises the floor to that fraction of the strongest (smoothed) bin: only the main peaks pass, not the
     faint streaks that line jitter spreads from them (`stemd.compute.dejitter`). `spectrum`: the frames'
-    `bragg_spectrum`, if already computed.
+    `bragg_spectrum`, if already computed; `size`: a smaller zero-padded grid than 2H x 2W (cheaper; its
+    lattice fades less towards the edges and wraps a little).
     """
     h, w = frames.shape[-2:]
-    s = bragg_spectrum(frames) if spectrum is None else spectrum
+    s = bragg_spectrum(frames, size) if spectrum is None else spectrum
     gain = _gain(s, strength, dynamic_range)
-    out = cropped_inverse(s.values * gain, (2 * h, 2 * w), (h, w)) + s.mean
+    out = cropped_inverse(s.values * gain, s.size, (h, w)) + s.mean
     return out.to(frames.dtype)
 
 

@@ -220,7 +220,7 @@ def _transform(frames: torch.Tensor, geometry: _Geometry, spectrum: Spectrum | N
     """(the mean-free frames' `padded_transform` on the geometry's grid, their means): the Bragg `spectrum`'s
     where the grid is its own."""
     h, w = frames.shape[-2:]
-    if spectrum is not None and geometry.size == (2 * h, 2 * w):
+    if spectrum is not None and spectrum.size == geometry.size:
         return spectrum.values, spectrum.mean
     x = frames.float()
     mean = x.mean((-2, -1), keepdim=True)
