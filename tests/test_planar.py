@@ -181,3 +181,31 @@ def test_plane_averages_from_the_bragg_spectrum_are_those_of_a_larger_padding(si
     difference = shared - planar._plane_averages(x, larger, None)[0]
     assert difference.square().mean().sqrt() < 1e-3
     assert difference[..., planar.BORDER_PX:-planar.BORDER_PX, planar.BORDER_PX:-planar.BORDER_PX].abs().max() < 3e-3
+
+
+@pytest.mark.parametrize("defect", ["rp", None])
+def test_the_band_search_skips_directions_without_a_band_at_no_change(monkeypatch, defect):
+    """On the CPU a direction without a band skips its per-pixel blend: the guide is the one the device path (every
+    direction blended, as on a GPU) gives, to the bit; a fault-free frame gets its Bragg guide back as is."""
+    x, _ = _frame(defect=defect, dose=5.0)
+    (vectors,) = lattice_vectors(bragg_filter(x))
+    bragg = bragg_filter(x)
+    skipped = planar.planar_blend(x, bragg, vectors)
+    monkeypatch.setattr(planar, "_host_reads_free", lambda device: False)
+    every = planar.planar_blend(x, bragg, vectors)
+    torch.testing.assert_close(skipped, every, rtol=0, atol=0)
+    assert (skipped[0] is bragg) == (defect is None)
+    assert bool((every[1] > 0).any()) == (defect == "rp")
+
+
+def test_plane_averages_are_those_of_the_whole_padded_transform():
+    """One direction at a time on the transposed transform: the averages of rfft2 x kernel, irfft2 (the former
+    computation), to float32 rounding."""
+    x, _ = _frame(dose=20.0)
+    (vectors,) = lattice_vectors(bragg_filter(x))
+    geometry = planar._geometry((256, 256), vectors, planar.REACH_PX, x.device)
+    mean = x.mean((-2, -1), keepdim=True)
+    values = torch.fft.rfft2(x - mean, s=geometry.size)
+    former = torch.fft.irfft2(values * geometry.kernels.transpose(-2, -1), s=geometry.size)[..., :256, :256]
+    torch.testing.assert_close(planar._plane_averages(x, geometry, None)[0], former / geometry.fraction + mean,
+                               rtol=0, atol=1e-6)
