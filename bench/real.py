@@ -54,7 +54,6 @@ from stemd.compute.fidelity import (
     fit_gain_offset,
     gain_db,
     gaussian_held_out,
-    levelled,
     mse,
     noise_flatness,
     saturated_mask,
@@ -62,6 +61,7 @@ from stemd.compute.fidelity import (
     to_counts,
 )
 from stemd.compute.scanlines import scan_lines
+from stemd.compute.selfcheck import MAX_SHIFT, registered_mse
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
 
@@ -71,8 +71,6 @@ SDIST = "tk_r_em-1.0.4.tar.gz"
 REQUIREMENT = "tk-r-em==1.0.4"
 MEMBERS = ("exp_hrstem.h5", "sgl_exp_hrstem.h5")  # under tk_r_em-1.0.4/tk_r_em/test_data/
 SATURATION = 65535  # uint16 detector maximum: excluded from fits and scores
-MAX_SHIFT = 1.5  # px: the largest line shift the registered score allows
-REG_BORDER = 2  # px at each end of a line left out of the registered score (the shift wraps there)
 SIM_KINDS = ("perovskite_rp", "interface", "vacuum_edge")
 SIM_GAIN, SIM_OFFSET, SIM_READ = 40.0, 500.0, 8.0  # raw units per count, raw offset, raw read noise (std)
 SIM_DOSE = 60.0  # counts per unit of the clean scene (column peak 1): half-dose frames at 30
@@ -139,59 +137,27 @@ def central_crop(image: np.ndarray, size: int | None) -> np.ndarray:
 # ---------------------------------------------------------------- scores
 
 
-def line_shifts(out: np.ndarray, target: np.ndarray, max_shift: float = MAX_SHIFT) -> np.ndarray:
-    """Per line, the shift s (px, |s| <= max_shift) that moves `out`'s line onto `target`'s: the integer
-    peak of their circular cross-correlation refined by a parabola."""
-    o = out - out.mean(1, keepdims=True)
-    t = target - target.mean(1, keepdims=True)
-    spec = np.fft.rfft(t, axis=1) * np.conj(np.fft.rfft(o, axis=1))
-    cc = np.fft.irfft(spec, n=o.shape[1], axis=1)  # cc[s] = Σ_x t(x) o(x - s), circular
-    k = int(np.ceil(max_shift))
-    lags = np.arange(-k - 1, k + 2)
-    c = cc[:, lags % o.shape[1]]
-    inner = c[:, 1:-1]
-    best = np.argmax(inner, 1) + 1
-    rows = np.arange(c.shape[0])
-    left, mid, right = c[rows, best - 1], c[rows, best], c[rows, best + 1]
-    denom = left - 2 * mid + right
-    frac = np.where(denom < 0, 0.5 * (left - right) / np.where(denom < 0, denom, -1.0), 0.0)
-    return np.clip(lags[best] + np.clip(frac, -0.5, 0.5), -max_shift, max_shift)
-
-
-def shift_lines(image: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """Each line moved by its shift (px, positive: to larger x), in Fourier: the noise power is kept (linear
-    interpolation would average neighbours and flatter a noisy line)."""
-    w = image.shape[1]
-    k = np.fft.rfftfreq(w)
-    spec = np.fft.rfft(image, axis=1) * np.exp(-2j * np.pi * k[None, :] * shifts[:, None])
-    return np.fft.irfft(spec, n=w, axis=1)
-
-
-def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray, lines: str = "rows") -> float:
-    """`mse` after each scan line of `out` (rows, or columns) is shifted (`line_shifts`) and levelled (given the
-    offset that fits it) onto `target`'s, line ends left out: scan jitter and stripes that both halves share
-    are not counted as signal."""
-    out, target = np.asarray(out, np.float64), np.asarray(target, np.float64)
-    if lines == "columns":
-        out, target, mask = out.T, target.T, mask.T
-    moved = shift_lines(out, line_shifts(out, target))
-    inner = mask.copy()
-    inner[:, :REG_BORDER] = inner[:, -REG_BORDER:] = False
-    return mse(levelled(moved, target, inner), target, inner)
-
-
 # ---------------------------------------------------------------- methods
 
 
 Method = Callable[[np.ndarray], np.ndarray]  # half A in counts -> the estimate of its mean, in counts
 
 
-def make_methods(denoisers: dict[str, Denoiser], bm3d: bool, tk_r_em: bool) -> dict[str, Method]:
+def make_methods(denoisers: dict[str, Denoiser], bm3d: bool, tk_r_em: bool,
+                 blends: dict[str, list[float]] | None = None) -> dict[str, Method]:
     """The methods that need only half A (Gaussian is chosen with half B and handled apart): each labelled
-    stemd configuration, then the peers asked for."""
-    methods: dict[str, Method] = {
-        label: (lambda y, den=den: den(y.astype(np.float32))) for label, den in denoisers.items()
-    }
+    stemd configuration (the blend its plan's self-check chose appended to `blends[label]`), then the peers."""
+    def stemd(label: str, den: Denoiser) -> Method:
+        def run(y: np.ndarray) -> np.ndarray:
+            x = y.astype(np.float32)
+            plan = den.plan(x.shape, None, x)
+            if blends is not None:
+                blends.setdefault(label, []).append(plan.blend)
+            out: np.ndarray = den(x, plan=plan)
+            return out
+        return run
+
+    methods: dict[str, Method] = {label: stemd(label, den) for label, den in denoisers.items()}
     if bm3d:
         methods["Anscombe+BM3D"] = lambda y: classical.bm3d_denoise(y.astype(np.float64))
     if tk_r_em:
@@ -216,6 +182,7 @@ class FrameResult:
     registered: dict[str, list[float]] = field(default_factory=dict)  # dB
     true: dict[str, list[float]] = field(default_factory=dict)  # dB against the truth (simulated frames)
     sigmas: list[float] = field(default_factory=list)  # the Gaussian's chosen sigma per split
+    blends: dict[str, list[float]] = field(default_factory=dict)  # stemd's self-check blend per split, by label
     shown: dict[str, np.ndarray] = field(default_factory=dict)  # split 0: half A, outputs, half B
 
     @property
@@ -408,9 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = out_dir / "benchmarks.md" if args.out else BENCHMARKS
     tk = tk_r_em_bridge.available()
-    methods = make_methods({"stemd": Denoiser.load(), "stemd dejitter=0": Denoiser.load(dejitter=0)},
-                           not args.no_bm3d, tk)
-    labels = ["stemd", "stemd dejitter=0", "Gaussian"] + [k for k in ("Anscombe+BM3D", "tk_r_em") if k in methods]
+    blends: dict[str, list[float]] = {}
+    methods = make_methods({"stemd": Denoiser.load(), "stemd self_check=0": Denoiser.load(self_check=False),
+                            "stemd dejitter=0": Denoiser.load(dejitter=0)}, not args.no_bm3d, tk, blends)
+    labels = ["stemd", "stemd self_check=0", "stemd dejitter=0", "Gaussian"] + [
+        k for k in ("Anscombe+BM3D", "tk_r_em") if k in methods]
 
     real: list[FrameResult] = []
     if not args.sim_only:
@@ -419,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             frames = dict(list(frames.items())[:1])
         for i, (name, frame) in enumerate(frames.items()):
             res = evaluate(name, central_crop(frame, args.crop), methods, args.splits, args.seed + i)
+            res.blends = dict(blends)
+            blends.clear()
             real.append(res)
             montage(res, out_dir / f"real_{name}.png")
             print(frame_table([res], labels), flush=True)
@@ -429,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, kind in enumerate(SIM_KINDS[:1] if args.quick else SIM_KINDS):
         raw, truth = simulated_frame(kind, args.sim_size, args.seed + 100 + i)
         sims.append(evaluate(f"sim {kind}", raw, methods, args.splits, args.seed + 200 + i, truth_raw=truth))
+        sims[-1].blends = dict(blends)
+        blends.clear()
         print(validation_table(sims[-1:], labels), flush=True)
     if args.sim_only:
         montage(sims[0], out_dir / "real_sim.png")
@@ -465,6 +438,9 @@ def report(real: list[FrameResult], sims: list[FrameResult], labels: list[str], 
         parts += ["", f"### Experimental frames (tk_r_em 1.0.4 test data, central {args.crop}² crops)", "",
                   frame_table(real, labels), "",
                   "Gaussian σ chosen: " + ", ".join(f"{r.name} {'/'.join(f'{s:g}' for s in r.sigmas)}" for r in real)
+                  + ".",
+                  "stemd's self-check blend (the model output's weight, the rest its input; one per split): "
+                  + ", ".join(f"{r.name} {'/'.join(f'{b:g}' for b in r.blends.get('stemd', []))}" for r in real)
                   + ".",
                   "Montages: " + ", ".join(f"`real_{r.name}.png`" for r in real)
                   + " (half A | stemd | tk_r_em | half B)."]

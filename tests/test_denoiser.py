@@ -496,3 +496,42 @@ def test_the_per_frame_path_does_not_sync_on_cuda():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+class _Flattener(_ShapeSpy):
+    """A stand-in model that is clearly wrong: it returns each frame's mean, keeping nothing of the lattice."""
+
+    def denoise_frames(self, frames: torch.Tensor, step: int) -> torch.Tensor:
+        return frames.mean((-2, -1), keepdim=True).expand_as(frames)
+
+
+def _counted(shape=(192, 192), counts=60.0, seed=3) -> np.ndarray:
+    """A lattice counted as Poisson at `counts` per unit through a detector (gain 30, offset 400), uint16."""
+    mean = (_lattice(shape, seed) + 0.2) * counts
+    return (30 * np.random.default_rng(seed).poisson(mean) + 400).astype(np.uint16)
+
+
+def test_self_check_blends_the_input_back_where_the_model_is_clearly_wrong():
+    den = Denoiser(_Flattener(), {}, device="cpu")
+    raw = _counted()
+    plan = den.plan(raw.shape, None, raw)
+    assert plan.checked == "yes" and plan.blend == 0.5
+    assert plan.describe()["self_check"] == {"result": "yes", "blend": 0.5}
+    with torch.inference_mode():
+        given = den.prepared(torch.from_numpy(raw)[None], plan)[0].numpy()
+    np.testing.assert_allclose(den(raw, plan=plan), 0.5 * given + 0.5 * given.mean(), rtol=1e-4, atol=1e-2)
+    off = Denoiser(_Flattener(), {}, device="cpu", self_check=False).plan(raw.shape, None, raw)
+    assert off.checked == "no" and off.blend == 1.0 and "self_check" not in off.describe()
+
+
+def test_self_check_keeps_the_shipped_model_alone_on_a_simulated_frame():
+    """Where the model is right (its own simulated frames) the check keeps its output (true PSNR within 0.05 dB),
+    and at under one count per pixel, where the gain fit is unreliable, it does not run."""
+    den = Denoiser.load(device="cpu")
+    noisy, scene, _ = scenes.named_frame("interface", (192, 192), dose=200.0)
+    plan = den.plan(noisy.shape, None, noisy)
+    assert plan.checked == "yes" and plan.blend >= 0.95
+    alone = den(noisy, plan=Denoiser.load(device="cpu", self_check=False).plan(noisy.shape, None, noisy))
+    assert psnr(den(noisy, plan=plan), scene.clean, 1.0) > psnr(alone, scene.clean, 1.0) - 0.05
+    low, _, _ = scenes.named_frame("interface", (192, 192), dose=0.5)
+    assert den.plan(low.shape, None, low).checked.startswith("skipped")
