@@ -31,7 +31,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -61,7 +61,7 @@ from stemd.compute.fidelity import (
     to_counts,
 )
 from stemd.compute.scanlines import scan_lines
-from stemd.compute.selfcheck import MAX_SHIFT, registered_mse
+from stemd.compute.selfcheck import BLENDS, MAX_SHIFT, registered_mse
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
 
@@ -75,6 +75,12 @@ SIM_KINDS = ("perovskite_rp", "interface", "vacuum_edge")
 SIM_GAIN, SIM_OFFSET, SIM_READ = 40.0, 500.0, 8.0  # raw units per count, raw offset, raw read noise (std)
 SIM_DOSE = 60.0  # counts per unit of the clean scene (column peak 1): half-dose frames at 30
 SEED = 20_260_501
+KNOBS_TITLE = "Real data: pipeline knobs (bench/real.py --knobs)"
+KNOBS: dict[str, dict[str, object]] = {  # Denoiser settings per row of the knob sweep
+    "as shipped": {}, "self_check off": {"self_check": False}, "dejitter 0": {"dejitter": 0},
+    "planar off": {"planar": False}, "destripe off": {"destripe": False}, "outliers off": {"outliers": False},
+    "flips (4 passes)": {"flips": True}}
+FACTORS = (0.7, 0.85, 1.2, 1.4)  # the knob sweep's resampling factors, times the planned one
 
 
 # ---------------------------------------------------------------- data
@@ -327,6 +333,81 @@ def montage(res: FrameResult, path: Path, crop: int = 160) -> None:
     fig.savefig(path, dpi=80)
 
 
+# ---------------------------------------------------------------- knob sweep
+
+
+def knob_sweep(frames: dict[str, np.ndarray], crop: int, seed: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """{row: {frame: (plain, registered) held-out gain dB}} on split 0 of each frame with a valid split (the same
+    split `evaluate` draws first): stemd with one setting changed (KNOBS), its resampling factor scaled (FACTORS,
+    self-check off), and, as an upper bound no pipeline reaches, the blend with the input chosen on half B."""
+    dens = {label: Denoiser.load(**opts) for label, opts in KNOBS.items()}  # type: ignore[arg-type]
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    for i, (name, frame) in enumerate(frames.items()):
+        for label, cells in knob_rows(central_crop(frame, crop), seed + i, dens).items():
+            rows.setdefault(label, {})[name] = cells
+        print(f"  knobs {name} done", flush=True)
+    return rows
+
+
+def knob_rows(raw: np.ndarray, seed: int, dens: dict[str, Denoiser]) -> dict[str, tuple[float, float]]:
+    """One frame's knob sweep (`knob_sweep`); empty when its split is not valid (correlated noise)."""
+    fit = fit_gain_offset(raw, SATURATION)
+    mask = ~dilate(saturated_mask(raw, SATURATION), 3)
+    filled = np.where(mask, raw, np.median(raw))
+    if correlated(noise_flatness(filled)):
+        return {}
+    lines = scan_lines(torch.as_tensor(filled.astype(np.float32)))[0]
+    y1i, y2i = thin(to_counts(raw, fit), np.random.default_rng([seed, 0]))
+    y1, y2 = y1i.astype(np.float64), y2i.astype(np.float64)
+    ref, ref_reg = mse(y1, y2, mask), registered_mse(y1, y2, mask, lines)
+
+    def score(out: np.ndarray) -> tuple[float, float]:
+        return gain_db(ref, mse(out, y2, mask)), gain_db(ref_reg, registered_mse(out, y2, mask, lines))
+
+    x = y1.astype(np.float32)
+    rows = {label: score(den(x).astype(np.float64)) for label, den in dens.items()}
+    alone = dens["self_check off"]
+    plan = alone.plan(x.shape, None, x)
+    for f in FACTORS:
+        rows[f"resampling x{f:g} (self-check off)"] = score(
+            alone(x, plan=replace(plan, factor=plan.factor * f)).astype(np.float64))
+    model = alone(x, plan=plan).astype(np.float64)
+    blends = {w: score(w * model + (1 - w) * y1) for w in BLENDS}
+    w = max(blends, key=lambda k: blends[k][0])
+    rows["blend with the input, weight chosen on half B (bound)"] = blends[w]
+    rows["its weight"] = (w, w)
+    return rows
+
+
+def knob_table(rows: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """The knob sweep's rows by frame, plain / registered dB (the weight row: the model's weight)."""
+    names = list(next(iter(rows.values()), {}))
+    lines = ["| stemd, split 0 | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, cells in rows.items():
+        fmt = (lambda v: f"{v[0]:g}") if label.strip() == "its weight" else (lambda v: f"{v[0]:.2f} / {v[1]:.2f}")
+        lines.append(f"| {label} | " + " | ".join(fmt(cells[n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def knobs_main(args: argparse.Namespace, command: str) -> int:
+    """--knobs: the knob sweep on the experimental frames, written as its own section."""
+    start = time.perf_counter()
+    doc = args.out / "benchmarks.md" if args.out else BENCHMARKS
+    frames = load_real_frames(args.cache or cache_dir(), args.sdist)
+    rows = knob_sweep(frames, args.crop, args.seed)
+    body = "\n".join([
+        f"Machine: {machine_line()}. Command: `{command}` ({(time.perf_counter() - start) / 60:.1f} min).", "",
+        "What the pipeline's own settings do on the experimental frames (valid splits only, central "
+        f"{args.crop}² crops, split 0 of `python -m bench.real`): held-out gain in dB, plain / line-registered, of "
+        "stemd with one setting changed; its resampling factor scaled around the planned one (self-check off); and "
+        "the blend of the model's output with its input whose weight is chosen on half B itself (an upper bound: "
+        "the self-check chooses it on a further split of half A).", "", knob_table(rows)])
+    print(body)
+    write_section(doc, KNOBS_TITLE, body)
+    print(f"wrote {doc}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -361,6 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sim-size", type=int, default=256, help="side of the simulated validation frames (px)")
     p.add_argument("--out", type=Path, default=None, help="write OUT/benchmarks.md and OUT/real_*.png (default: docs/)")
     p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--knobs", action="store_true",
+                   help="instead: stemd's settings swept on the experimental frames (its own section)")
     args = p.parse_args(argv)
     if args.quick:
         args.crop, args.splits, args.no_bm3d, args.sim_size = 128, 1, True, 128
@@ -371,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     command = " ".join(["python -m bench.real", *(sys.argv[1:] if argv is None else argv)])
+    if args.knobs:
+        return knobs_main(args, command)
     out_dir = args.out or BENCHMARKS.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = out_dir / "benchmarks.md" if args.out else BENCHMARKS

@@ -50,3 +50,15 @@ def test_quick_sim_only_run_writes_the_section(tmp_path):
     agree, compared = (int(v) for v in rows[1].split("|")[4].strip().split("/"))
     assert agree == compared >= 2  # every pair not tied in truth (stemd's against Gaussian at least) ranked right
     assert (tmp_path / "real_sim.png").stat().st_size > 0
+
+
+def test_knob_rows_on_a_simulated_frame():
+    """Every knob row is scored; the blend bound includes weight 1 so never trails the model alone; a frame with
+    correlated noise gets no rows."""
+    raw, _ = real.simulated_frame("interface", 128, seed=3)
+    dens = {label: real.Denoiser.load(device="cpu", **opts) for label, opts in real.KNOBS.items()}
+    rows = real.knob_rows(raw, 1, dens)
+    assert set(real.KNOBS) <= set(rows) and len(rows) == len(real.KNOBS) + len(real.FACTORS) + 2
+    bound = rows["blend with the input, weight chosen on half B (bound)"]
+    assert bound[0] >= rows["self_check off"][0] and rows["its weight"][0] in real.BLENDS
+    assert real.knob_rows(gaussian_filter(raw.astype(np.float64), 1.0), 1, dens) == {}
