@@ -88,7 +88,7 @@ class ModelSettings(_Section):
                              "and at each recalibration): its counts are split into two half-dose frames, the model "
                              "run on one and scored against the other (lines registered), and the blend of the "
                              "model's output with its input (weight 1 to 0.5) that scores best is kept for the "
-                             "series; one model pass on one frame (a central crop of at most 512²). Skipped where "
+                             "series; one model pass on one frame (a central crop of at most 256²). Skipped where "
                              "the noise is not counting noise, is correlated, or is under 2 counts per pixel. "
                              "false: the model's output as is")
     planar: bool = Field(

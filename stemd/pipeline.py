@@ -10,6 +10,7 @@ correction -> resample into the model's period range (the `Plan`) -> the model's
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ DEVICES: tuple[str, ...] = get_args(Device)
 PRECISIONS: tuple[str, ...] = get_args(Precision)  # tf32: CUDA matmuls/convolutions only; bf16: CPU and CUDA autocast
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: each keeps scan lines rows
 DEFAULT_STEP = 2
-CHECK_SIDE = 512  # px: the self-check runs the model on a central crop of at most this side
+CHECK_SIDE = 256  # px: the self-check runs the model on a central crop of at most this side
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -215,12 +216,13 @@ class Denoiser:
     def self_checked(self, plan: Plan, raw: np.ndarray) -> Plan:
         """`plan` with the blend of the model's output and its input that does best on `raw` (one frame of the
         series) by split dose (`stemd.compute.selfcheck`): the model runs on a half-dose split of a central crop
-        of at most CHECK_SIDE², scored against the other half. The plan as it is, marked with the reason, where a
-        split would not rank blends."""
+        (CHECK_SIDE², more where the plan shrinks it below the window), scored against the other half. The plan
+        as it is, marked with the reason, where a split would not rank blends."""
         h, w = raw.shape
-        top, left = max((h - CHECK_SIDE) // 2, 0), max((w - CHECK_SIDE) // 2, 0)
-        crop = raw[top:top + CHECK_SIDE, left:left + CHECK_SIDE]
-        if min(crop.shape) < self.window:
+        side = max(CHECK_SIDE, math.ceil(self.window / plan.factor))  # resampled, still the model's window at least
+        top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
+        crop = raw[top:top + side, left:left + side]
+        if min(crop.shape) * min(plan.factor, 1.0) < self.window:
             return replace(plan, checked="skipped: frame smaller than the model's window")
         saturation = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "iu" and self.settings.outliers else None
         half = _selfcheck.split(crop, saturation)
