@@ -878,20 +878,27 @@ POINT_SEED = 20_250_017  # not a seed any trainer draws from
 POINT_SIZE = 256
 DISC_FRAC = 0.3  # disc radius / period for column intensities (B sites are 0.71 periods from A sites)
 POINT_SCENE = {"vacancy_frac": 0.04, "dopant_frac": 0.06}  # half the vacancies empty, half 0.2-0.6 kept
+POINT_STRUCTURES = {  # name -> (phase kind, period px, second sublattice's peak, dopant gain); scene as POINT_SCENE
+    "SrTiO3": ("perovskite", 10.0, 0.7, scenes.DOPANT_GAIN),  # Sr (1) and Ti-O (0.7) columns; La / Bi on Sr
+    "MoS2": ("hexagonal", 12.0, 0.4, (2.4, 2.8)),  # Mo (1) and S2 (0.4, Z^1.7); W on Mo (74 / 42)^1.7 = 2.6
+}
 GUIDE_SWAPS = ("flat", "zero", "noisy", "truth", "host")
 
 
-def point_defect_frame(size: int, seed: int, dose: float) -> Frame:
-    """SrTiO3-like perovskite (period 10 px, 15°) with empty and partial vacancies and heavier A-site
-    dopants (`POINT_SCENE`), instrument NAMED_NOISE at `dose`; the scene depends on `seed` only."""
-    rng = np.random.default_rng([seed, 17])
-    phase = scenes.Phase("perovskite", 10.0, 15.0, (float(rng.uniform(0, 10)), float(rng.uniform(0, 10))))
+def point_defect_frame(size: int, seed: int, dose: float, structure: str = "SrTiO3") -> Frame:
+    """A crystal of `structure` (POINT_STRUCTURES; rotated 15°) with empty and partial vacancies and heavier
+    substitutions on its bright sublattice (`POINT_SCENE`), instrument NAMED_NOISE at `dose`; the scene depends on
+    `seed` and `structure` only."""
+    kind, period, second, gain = POINT_STRUCTURES[structure]
+    rng = np.random.default_rng([seed, 17] if structure == "SrTiO3" else [seed, 17, len(structure)])
+    offset = (float(rng.uniform(0, period)), float(rng.uniform(0, period)))
+    phase = scenes.Phase(kind, period, 15.0, offset, second)
     scene = scenes.build_scene((size, size), [phase], [], rng, sigma_px=1.3, blur_px=0.6,
                                drift_px=(0.006 * size, 0.004 * size), intensity_cv=0.04, layout="point_defects",
-                               **POINT_SCENE)
+                               dopant_gain=gain, **POINT_SCENE)
     noisy, noise = scenes.corrupt_scene(scene, np.random.default_rng([seed, 17, int(dose * 1000)]), dose=dose,
                                         **scenes.NAMED_NOISE)
-    return Frame("point_defects", dose, noisy, scene, noise)
+    return Frame(structure, dose, noisy, scene, noise)
 
 
 def disc_means(image: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
@@ -1003,8 +1010,11 @@ def point_methods(args: argparse.Namespace) -> list[Method]:
         Method("bm3d", "GAT + BM3D", _each(bm3d_gat)),
     ]
     base = Denoiser.load(device="cpu")
-    variants: list[tuple[str, Denoiser]] = [("stemd", base), ("stemd, planar off (Bragg guide)",
-                                                              Denoiser.load(device="cpu", planar=False))]
+    variants: list[tuple[str, Denoiser]] = [
+        ("stemd", base),
+        ("stemd, keep_defects off", Denoiser.load(device="cpu", keep_defects=False)),
+        ("stemd, planar off (Bragg guide)", Denoiser.load(device="cpu", planar=False)),
+    ]
     if "guide" in base.model.inputs:
         for swap in GUIDE_SWAPS:
             d = GuideSwapDenoiser.load(device="cpu")
@@ -1097,7 +1107,9 @@ def point_main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     doses = sorted(args.doses or ([POINT_DOSES[0]] if args.quick else list(POINT_DOSES)))
     size = args.size or (128 if args.quick else POINT_SIZE)
-    frames = [point_defect_frame(size, POINT_SEED + args.seed + k, d) for k in range(args.seeds) for d in doses]
+    structures = list(POINT_STRUCTURES)[:1] if args.quick else list(POINT_STRUCTURES)
+    frames = [point_defect_frame(size, POINT_SEED + args.seed + k, d, st) for st in structures
+              for k in range(args.seeds) for d in doses]
     hosts = {id(f): scenes.host_clean(f.scene) for f in frames}
     try:
         methods = point_methods(args)
@@ -1114,12 +1126,16 @@ def point_main(args: argparse.Namespace) -> int:
         scores[m.name] = [nan if o is None else point_scores(np.asarray(o, np.float64), f.scene, hosts[id(f)])
                           for f, o in zip(frames, outs)]
         print(f"{m.label}: {len(frames)} frames, {time.perf_counter() - t0:.0f} s", flush=True)
-    truth = [point_scores(f.scene.clean.astype(np.float64), f.scene, hosts[id(f)]) for f in frames]
-    table = point_table(frames, {**scores, "truth": truth}, [*methods, Method("truth", "clean (check: 0)", _each(
-        lambda f: f.scene.clean))])
+    scores["truth"] = [point_scores(f.scene.clean.astype(np.float64), f.scene, hosts[id(f)]) for f in frames]
+    listed = [*methods, Method("truth", "clean (check: 0)", _each(lambda f: f.scene.clean))]
+    parts = []
+    for st in structures:
+        idx = [i for i, f in enumerate(frames) if f.kind == st]
+        mine = {name: [sc[i] for i in idx] for name, sc in scores.items()}
+        parts.append(f"**{st}.**\n\n" + point_table([frames[i] for i in idx], mine, listed) + "\n\n"
+                     + point_findings([frames[i] for i in idx], mine, doses))
+    table = "\n\n".join(parts)
     print(table)
-    findings = point_findings(frames, scores, doses)
-    print(findings)
     elapsed = (time.perf_counter() - start) / 60
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -1128,7 +1144,7 @@ def point_main(args: argparse.Namespace) -> int:
         sc0 = {m.label: scores[m.name][first] for m in methods}
         point_figure(frames[first], outs0, sc0, args.out / "defects.png")
         write_section(args.out / "benchmarks.md", "Point defects",
-                      point_report(args, size, doses, methods, table + "\n\n" + findings, elapsed))
+                      point_report(args, size, doses, methods, table, elapsed))
         print(f"wrote {args.out / 'benchmarks.md'} (## Point defects) and {args.out / 'defects.png'}")
     print(f"done in {elapsed:.1f} min")
     return 0
@@ -1144,7 +1160,8 @@ def point_findings(frames: list[Frame], scores: dict[str, list[PointScore]], dos
     for dose in (doses[0], doses[-1]):
         row = "; ".join(
             f"{label} {med(name, 'partial_fill', dose):.2f} / {med(name, 'dopant_dim', dose):.2f}"
-            for name, label in (("stemd", "stemd"), ("stemd, planar off (Bragg guide)", "planar off"),
+            for name, label in (("stemd", "stemd"), ("stemd, keep_defects off", "keep_defects off"),
+                                ("stemd, planar off (Bragg guide)", "planar off"),
                                 ("stemd, flat guide", "flat guide"), ("stemd, noisy guide", "noisy guide"),
                                 ("stemd, truth guide", "truth guide"), ("stemd, host guide", "host guide"),
                                 ("bm3d", "BM3D"))
@@ -1155,7 +1172,7 @@ def point_findings(frames: list[Frame], scores: dict[str, list[PointScore]], dos
                                                                                "dopant_dim")) > 0.1]
     lines.append("- Issue 17's target (vacancy fill, partial fill and dopant dim <= 0.1): stemd misses it at doses "
                  + (", ".join(misses) or "none") + ".")
-    return "**Findings (from the medians above).**\n\n" + "\n".join(lines)
+    return "Findings (from the medians above):\n\n" + "\n".join(lines)
 
 
 def point_report(args: argparse.Namespace, size: int, doses: list[float], methods: list[Method], table: str,
@@ -1166,11 +1183,13 @@ def point_report(args: argparse.Namespace, size: int, doses: list[float], method
         ("**Quick smoke run, not the reference numbers.**\n\n" if args.quick else "")
         + f"Measured {datetime.date.today().isoformat()} on {machine_line()} ({torch.get_num_threads()} torch "
         f"threads) by `{cmd}` ({elapsed:.1f} min; {args.seeds} seed(s), medians over seeds). Models: {ids}.\n\n"
-        f"**Frames.** `point_defect_frame`: a {size}² SrTiO3-like perovskite (period 10 px, column σ 1.3 px, probe "
-        f"blur 0.6 px, drift, intensity cv 0.04) from `scenes.build_scene` with vacancy_frac "
+        f"**Frames.** `point_defect_frame`, {size}²: an SrTiO3-like perovskite (period 10 px; Sr-like columns 1, "
+        f"Ti-O 0.7) and an MoS2-like hexagonal crystal (period 12 px; Mo 1, S2 0.4), column σ 1.3 px, probe "
+        f"blur 0.6 px, drift, intensity cv 0.04, from `scenes.build_scene` with vacancy_frac "
         f"{POINT_SCENE['vacancy_frac']} (half empty, half kept at 0.2–0.6 of the host's intensity) and dopant_frac "
-        f"{POINT_SCENE['dopant_frac']} (A-site columns × {scenes.DOPANT_GAIN[0]}–{scenes.DOPANT_GAIN[1]}), "
-        f"instrument NAMED_NOISE at doses {', '.join(f'{d:g}' for d in doses)} counts at the brightest host column.\n\n"
+        f"{POINT_SCENE['dopant_frac']} (bright-sublattice columns × {scenes.DOPANT_GAIN[0]}–{scenes.DOPANT_GAIN[1]}: "
+        f"La, Bi on Sr; × 2.4–2.8 in MoS2: W on Mo), instrument NAMED_NOISE at doses "
+        f"{', '.join(f'{d:g}' for d in doses)} counts at the brightest host column.\n\n"
         f"**Metrics** (`point_scores`). A column's intensity is the mean over a disc of radius {DISC_FRAC} period "
         "around its true position. Each output is calibrated on the intact columns far from any defect: divided by "
         "the gain (least squares through 0) that maps the clean image's disc means onto the output's. A gain "
@@ -1182,7 +1201,9 @@ def point_report(args: argparse.Namespace, size: int, doses: list[float], method
         "over the partly empty ones, *dopant dim* = Σ(T − O) / Σ(T − H) over the dopants (0: as bright as it is; "
         "1: host-like). *Intensity error*: RMS of calibrated O − T over every column (and empty site) at least "
         f"{EDGE_MARGIN_PX} px inside the frame, and over the defect columns alone, in % of an intact A column's "
-        "disc mean. The *clean* row is the check (0 by construction). Guide ablation: *planar off* is the "
+        "disc mean. The *clean* row is the check (0 by construction). *keep_defects off*: without the guide "
+        "stepping aside at the columns the frame contradicts (`stemd.compute.columns`). Guide ablation (each with "
+        "keep_defects, whose guide they replace): *planar off* is the "
         "Bragg guide everywhere (`planar=False`); *flat / zero / noisy guide* replace the model's guide input "
         "(`GuideSwapDenoiser`) by its mean, by zeros, or by the noisy frame itself; *truth / host guide* by the "
         "clean frame, or the clean frame with every defect undone (`host_clean`), each mapped onto the normalised "
@@ -1206,7 +1227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=model_option,
         default=[],
         metavar="NAME=PATH",
-        help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar] "
+        help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar][+nokeep] "
         "(repeatable; default: those of "
         f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)",
     )

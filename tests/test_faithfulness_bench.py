@@ -315,3 +315,14 @@ def test_point_defect_run_writes_its_section_and_figure(tmp_path) -> None:
     assert "## Point defects" in text and "| stemd, zero guide | vacancy fill |" in text
     assert "| clean (check: 0) | dopant dim | 0.00 |" in text or "| clean (check: 0) | dopant dim | -0.00 |" in text
     assert (tmp_path / "defects.png").stat().st_size > 5000
+
+
+def test_the_mos2_frame_carries_each_defect_kind_and_scores_like_the_perovskite() -> None:
+    frame = fb.point_defect_frame(160, seed=3, dose=20.0, structure="MoS2")
+    scene, host = frame.scene, scenes.host_clean(frame.scene)
+    assert frame.kind == "MoS2" and scene.params["phases"][0]["kind"] == "hexagonal"
+    assert min(np.bincount(scene.params["defects"]["kind"], minlength=4)[1:]) >= 3
+    truth = fb.point_scores(scene.clean.astype(np.float64), scene, host)
+    filled = fb.point_scores(host.astype(np.float64), scene, host)
+    assert max(abs(v) for v in (truth.vacancy_fill, truth.partial_fill, truth.dopant_dim)) < 1e-6
+    assert min(filled.vacancy_fill, filled.partial_fill, filled.dopant_dim) == pytest.approx(1.0)
