@@ -31,7 +31,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -54,7 +54,6 @@ from stemd.compute.fidelity import (
     fit_gain_offset,
     gain_db,
     gaussian_held_out,
-    levelled,
     mse,
     noise_flatness,
     saturated_mask,
@@ -62,6 +61,7 @@ from stemd.compute.fidelity import (
     to_counts,
 )
 from stemd.compute.scanlines import scan_lines
+from stemd.compute.selfcheck import BLENDS, MAX_SHIFT, registered_mse
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
 
@@ -71,12 +71,16 @@ SDIST = "tk_r_em-1.0.4.tar.gz"
 REQUIREMENT = "tk-r-em==1.0.4"
 MEMBERS = ("exp_hrstem.h5", "sgl_exp_hrstem.h5")  # under tk_r_em-1.0.4/tk_r_em/test_data/
 SATURATION = 65535  # uint16 detector maximum: excluded from fits and scores
-MAX_SHIFT = 1.5  # px: the largest line shift the registered score allows
-REG_BORDER = 2  # px at each end of a line left out of the registered score (the shift wraps there)
 SIM_KINDS = ("perovskite_rp", "interface", "vacuum_edge")
 SIM_GAIN, SIM_OFFSET, SIM_READ = 40.0, 500.0, 8.0  # raw units per count, raw offset, raw read noise (std)
 SIM_DOSE = 60.0  # counts per unit of the clean scene (column peak 1): half-dose frames at 30
 SEED = 20_260_501
+KNOBS_TITLE = "Real data: pipeline knobs (bench/real.py --knobs)"
+KNOBS: dict[str, dict[str, object]] = {  # Denoiser settings per row of the knob sweep
+    "as shipped": {}, "self_check on": {"self_check": True}, "dejitter 0": {"dejitter": 0},
+    "planar off": {"planar": False}, "destripe off": {"destripe": False}, "outliers off": {"outliers": False},
+    "flips (4 passes)": {"flips": True}}
+FACTORS = (0.7, 0.85, 1.2, 1.4)  # the knob sweep's resampling factors, times the planned one
 
 
 # ---------------------------------------------------------------- data
@@ -139,59 +143,27 @@ def central_crop(image: np.ndarray, size: int | None) -> np.ndarray:
 # ---------------------------------------------------------------- scores
 
 
-def line_shifts(out: np.ndarray, target: np.ndarray, max_shift: float = MAX_SHIFT) -> np.ndarray:
-    """Per line, the shift s (px, |s| <= max_shift) that moves `out`'s line onto `target`'s: the integer
-    peak of their circular cross-correlation refined by a parabola."""
-    o = out - out.mean(1, keepdims=True)
-    t = target - target.mean(1, keepdims=True)
-    spec = np.fft.rfft(t, axis=1) * np.conj(np.fft.rfft(o, axis=1))
-    cc = np.fft.irfft(spec, n=o.shape[1], axis=1)  # cc[s] = Σ_x t(x) o(x - s), circular
-    k = int(np.ceil(max_shift))
-    lags = np.arange(-k - 1, k + 2)
-    c = cc[:, lags % o.shape[1]]
-    inner = c[:, 1:-1]
-    best = np.argmax(inner, 1) + 1
-    rows = np.arange(c.shape[0])
-    left, mid, right = c[rows, best - 1], c[rows, best], c[rows, best + 1]
-    denom = left - 2 * mid + right
-    frac = np.where(denom < 0, 0.5 * (left - right) / np.where(denom < 0, denom, -1.0), 0.0)
-    return np.clip(lags[best] + np.clip(frac, -0.5, 0.5), -max_shift, max_shift)
-
-
-def shift_lines(image: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """Each line moved by its shift (px, positive: to larger x), in Fourier: the noise power is kept (linear
-    interpolation would average neighbours and flatter a noisy line)."""
-    w = image.shape[1]
-    k = np.fft.rfftfreq(w)
-    spec = np.fft.rfft(image, axis=1) * np.exp(-2j * np.pi * k[None, :] * shifts[:, None])
-    return np.fft.irfft(spec, n=w, axis=1)
-
-
-def registered_mse(out: np.ndarray, target: np.ndarray, mask: np.ndarray, lines: str = "rows") -> float:
-    """`mse` after each scan line of `out` (rows, or columns) is shifted (`line_shifts`) and levelled (given the
-    offset that fits it) onto `target`'s, line ends left out: scan jitter and stripes that both halves share
-    are not counted as signal."""
-    out, target = np.asarray(out, np.float64), np.asarray(target, np.float64)
-    if lines == "columns":
-        out, target, mask = out.T, target.T, mask.T
-    moved = shift_lines(out, line_shifts(out, target))
-    inner = mask.copy()
-    inner[:, :REG_BORDER] = inner[:, -REG_BORDER:] = False
-    return mse(levelled(moved, target, inner), target, inner)
-
-
 # ---------------------------------------------------------------- methods
 
 
 Method = Callable[[np.ndarray], np.ndarray]  # half A in counts -> the estimate of its mean, in counts
 
 
-def make_methods(denoisers: dict[str, Denoiser], bm3d: bool, tk_r_em: bool) -> dict[str, Method]:
+def make_methods(denoisers: dict[str, Denoiser], bm3d: bool, tk_r_em: bool,
+                 blends: dict[str, list[float]] | None = None) -> dict[str, Method]:
     """The methods that need only half A (Gaussian is chosen with half B and handled apart): each labelled
-    stemd configuration, then the peers asked for."""
-    methods: dict[str, Method] = {
-        label: (lambda y, den=den: den(y.astype(np.float32))) for label, den in denoisers.items()
-    }
+    stemd configuration (the blend its plan's self-check chose appended to `blends[label]`), then the peers."""
+    def stemd(label: str, den: Denoiser) -> Method:
+        def run(y: np.ndarray) -> np.ndarray:
+            x = y.astype(np.float32)
+            plan = den.plan(x.shape, None, x)
+            if blends is not None:
+                blends.setdefault(label, []).append(plan.blend)
+            out: np.ndarray = den(x, plan=plan)
+            return out
+        return run
+
+    methods: dict[str, Method] = {label: stemd(label, den) for label, den in denoisers.items()}
     if bm3d:
         methods["Anscombe+BM3D"] = lambda y: classical.bm3d_denoise(y.astype(np.float64))
     if tk_r_em:
@@ -216,6 +188,7 @@ class FrameResult:
     registered: dict[str, list[float]] = field(default_factory=dict)  # dB
     true: dict[str, list[float]] = field(default_factory=dict)  # dB against the truth (simulated frames)
     sigmas: list[float] = field(default_factory=list)  # the Gaussian's chosen sigma per split
+    blends: dict[str, list[float]] = field(default_factory=dict)  # stemd's self-check blend per split, by label
     shown: dict[str, np.ndarray] = field(default_factory=dict)  # split 0: half A, outputs, half B
 
     @property
@@ -360,6 +333,81 @@ def montage(res: FrameResult, path: Path, crop: int = 160) -> None:
     fig.savefig(path, dpi=80)
 
 
+# ---------------------------------------------------------------- knob sweep
+
+
+def knob_sweep(frames: dict[str, np.ndarray], crop: int, seed: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """{row: {frame: (plain, registered) held-out gain dB}} on split 0 of each frame with a valid split (the same
+    split `evaluate` draws first): stemd with one setting changed (KNOBS), its resampling factor scaled (FACTORS,
+    self-check off), and, as an upper bound no pipeline reaches, the blend with the input chosen on half B."""
+    dens = {label: Denoiser.load(**opts) for label, opts in KNOBS.items()}  # type: ignore[arg-type]
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    for i, (name, frame) in enumerate(frames.items()):
+        for label, cells in knob_rows(central_crop(frame, crop), seed + i, dens).items():
+            rows.setdefault(label, {})[name] = cells
+        print(f"  knobs {name} done", flush=True)
+    return rows
+
+
+def knob_rows(raw: np.ndarray, seed: int, dens: dict[str, Denoiser]) -> dict[str, tuple[float, float]]:
+    """One frame's knob sweep (`knob_sweep`); empty when its split is not valid (correlated noise)."""
+    fit = fit_gain_offset(raw, SATURATION)
+    mask = ~dilate(saturated_mask(raw, SATURATION), 3)
+    filled = np.where(mask, raw, np.median(raw))
+    if correlated(noise_flatness(filled)):
+        return {}
+    lines = scan_lines(torch.as_tensor(filled.astype(np.float32)))[0]
+    y1i, y2i = thin(to_counts(raw, fit), np.random.default_rng([seed, 0]))
+    y1, y2 = y1i.astype(np.float64), y2i.astype(np.float64)
+    ref, ref_reg = mse(y1, y2, mask), registered_mse(y1, y2, mask, lines)
+
+    def score(out: np.ndarray) -> tuple[float, float]:
+        return gain_db(ref, mse(out, y2, mask)), gain_db(ref_reg, registered_mse(out, y2, mask, lines))
+
+    x = y1.astype(np.float32)
+    rows = {label: score(den(x).astype(np.float64)) for label, den in dens.items()}
+    alone = dens["as shipped"]
+    plan = alone.plan(x.shape, None, x)
+    for f in FACTORS:
+        rows[f"resampling x{f:g} (self-check off)"] = score(
+            alone(x, plan=replace(plan, factor=plan.factor * f)).astype(np.float64))
+    model = alone(x, plan=plan).astype(np.float64)
+    blends = {w: score(w * model + (1 - w) * y1) for w in BLENDS}
+    w = max(blends, key=lambda k: blends[k][0])
+    rows["blend with the input, weight chosen on half B (bound)"] = blends[w]
+    rows["its weight"] = (w, w)
+    return rows
+
+
+def knob_table(rows: dict[str, dict[str, tuple[float, float]]]) -> str:
+    """The knob sweep's rows by frame, plain / registered dB (the weight row: the model's weight)."""
+    names = list(next(iter(rows.values()), {}))
+    lines = ["| stemd, split 0 | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, cells in rows.items():
+        fmt = (lambda v: f"{v[0]:g}") if label.strip() == "its weight" else (lambda v: f"{v[0]:.2f} / {v[1]:.2f}")
+        lines.append(f"| {label} | " + " | ".join(fmt(cells[n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def knobs_main(args: argparse.Namespace, command: str) -> int:
+    """--knobs: the knob sweep on the experimental frames, written as its own section."""
+    start = time.perf_counter()
+    doc = args.out / "benchmarks.md" if args.out else BENCHMARKS
+    frames = load_real_frames(args.cache or cache_dir(), args.sdist)
+    rows = knob_sweep(frames, args.crop, args.seed)
+    body = "\n".join([
+        f"Machine: {machine_line()}. Command: `{command}` ({(time.perf_counter() - start) / 60:.1f} min).", "",
+        "What the pipeline's own settings do on the experimental frames (valid splits only, central "
+        f"{args.crop}² crops, split 0 of `python -m bench.real`): held-out gain in dB, plain / line-registered, of "
+        "stemd with one setting changed; its resampling factor scaled around the planned one (self-check off); and "
+        "the blend of the model's output with its input whose weight is chosen on half B itself (an upper bound: "
+        "the self-check chooses it on a further split of half A).", "", knob_table(rows)])
+    print(body)
+    write_section(doc, KNOBS_TITLE, body)
+    print(f"wrote {doc}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -394,6 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sim-size", type=int, default=256, help="side of the simulated validation frames (px)")
     p.add_argument("--out", type=Path, default=None, help="write OUT/benchmarks.md and OUT/real_*.png (default: docs/)")
     p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--knobs", action="store_true",
+                   help="instead: stemd's settings swept on the experimental frames (its own section)")
     args = p.parse_args(argv)
     if args.quick:
         args.crop, args.splits, args.no_bm3d, args.sim_size = 128, 1, True, 128
@@ -404,13 +454,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     command = " ".join(["python -m bench.real", *(sys.argv[1:] if argv is None else argv)])
+    if args.knobs:
+        return knobs_main(args, command)
     out_dir = args.out or BENCHMARKS.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = out_dir / "benchmarks.md" if args.out else BENCHMARKS
     tk = tk_r_em_bridge.available()
-    methods = make_methods({"stemd": Denoiser.load(), "stemd dejitter=0": Denoiser.load(dejitter=0)},
-                           not args.no_bm3d, tk)
-    labels = ["stemd", "stemd dejitter=0", "Gaussian"] + [k for k in ("Anscombe+BM3D", "tk_r_em") if k in methods]
+    blends: dict[str, list[float]] = {}
+    methods = make_methods({"stemd": Denoiser.load(), "stemd self_check": Denoiser.load(self_check=True),
+                            "stemd dejitter=0": Denoiser.load(dejitter=0)}, not args.no_bm3d, tk, blends)
+    labels = ["stemd", "stemd self_check", "stemd dejitter=0", "Gaussian"] + [
+        k for k in ("Anscombe+BM3D", "tk_r_em") if k in methods]
 
     real: list[FrameResult] = []
     if not args.sim_only:
@@ -419,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             frames = dict(list(frames.items())[:1])
         for i, (name, frame) in enumerate(frames.items()):
             res = evaluate(name, central_crop(frame, args.crop), methods, args.splits, args.seed + i)
+            res.blends = dict(blends)
+            blends.clear()
             real.append(res)
             montage(res, out_dir / f"real_{name}.png")
             print(frame_table([res], labels), flush=True)
@@ -429,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, kind in enumerate(SIM_KINDS[:1] if args.quick else SIM_KINDS):
         raw, truth = simulated_frame(kind, args.sim_size, args.seed + 100 + i)
         sims.append(evaluate(f"sim {kind}", raw, methods, args.splits, args.seed + 200 + i, truth_raw=truth))
+        sims[-1].blends = dict(blends)
+        blends.clear()
         print(validation_table(sims[-1:], labels), flush=True)
     if args.sim_only:
         montage(sims[0], out_dir / "real_sim.png")
@@ -466,6 +524,10 @@ def report(real: list[FrameResult], sims: list[FrameResult], labels: list[str], 
                   frame_table(real, labels), "",
                   "Gaussian σ chosen: " + ", ".join(f"{r.name} {'/'.join(f'{s:g}' for s in r.sigmas)}" for r in real)
                   + ".",
+                  "The self-check's blend (`model.self_check`, off by default; the model output's weight, the rest "
+                  "its input; one per split): "
+                  + ", ".join(f"{r.name} {'/'.join(f'{b:g}' for b in r.blends.get('stemd self_check', []))}"
+                              for r in real) + ".",
                   "Montages: " + ", ".join(f"`real_{r.name}.png`" for r in real)
                   + " (half A | stemd | tk_r_em | half B)."]
     parts += ["", f"### Validation on simulated frames ({args.sim_size}², truth known)", "",

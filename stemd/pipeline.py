@@ -10,8 +10,9 @@ correction -> resample into the model's period range (the `Plan`) -> the model's
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -20,6 +21,7 @@ import torch
 
 from stemd.compute import planar as _planar
 from stemd.compute import sampling as _sampling
+from stemd.compute import selfcheck as _selfcheck
 from stemd.compute.columns import keep_columns
 from stemd.compute.dejitter import dejitter as _dejitter
 from stemd.compute.fourier import bragg_filter, bragg_spectrum, noise_level
@@ -36,6 +38,7 @@ DEVICES: tuple[str, ...] = get_args(Device)
 PRECISIONS: tuple[str, ...] = get_args(Precision)  # tf32: CUDA matmuls/convolutions only; bf16: CPU and CUDA autocast
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: each keeps scan lines rows
 DEFAULT_STEP = 2
+CHECK_SIDE = 256  # px: the self-check runs the model on a central crop of at most this side
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -79,6 +82,8 @@ class Plan:
     vectors: Vectors | None = None  # its two lattice translations (px), if measured and found: the planar guide's
     lines: Lines = "rows"  # the axis the scan lines run along (the line-jitter correction's and destripe's)
     stripes: bool = False  # the frame's line means flicker beyond its noise: destripe before the model
+    blend: float = 1.0  # the model output's weight; the rest is the frame as given to the model (the self-check's)
+    checked: str = "no"  # the self-check: "yes" (it chose the blend), "no" (not run), or why it was skipped
 
     def describe(self) -> dict[str, Any]:
         """Plain data for output metadata and the published header."""
@@ -88,6 +93,8 @@ class Plan:
             out["lattice_scale_px"] = round(self.scale_px, 3)
         if self.pixel_size_m is not None:
             out["pixel_size_m"] = self.pixel_size_m
+        if self.checked != "no":
+            out["self_check"] = {"result": self.checked, "blend": self.blend}
         return out
 
 
@@ -177,7 +184,8 @@ class Denoiser:
 
         With `frames` (a 2D frame or a stack; the first is measured) the frame's lattice is measured
         (`sampling.measure_scale`): with `calibrate` its scale chooses the factor, and a frame without a lattice
-        gets no line-jitter correction. Without a measured lattice the pixel size and `lattice_period_m` decide."""
+        gets no line-jitter correction. Without a measured lattice the pixel size and `lattice_period_m` decide.
+        With `self_check` the frame also chooses the blend of the model's output with its input (`self_checked`)."""
         hw = (int(shape[-2]), int(shape[-1]))
         scale, lattice, vectors = None, None, None
         lines: Lines = "rows" if self.settings.scan_lines == "auto" else self.settings.scan_lines
@@ -201,7 +209,33 @@ class Denoiser:
         if vectors is not None and self.planar and "guide" in self.model.inputs:
             for dims in FLIPS if self.flips else ((),):  # the planar guide's geometry, its host reads done here
                 _planar.prepare(hw, _flipped(vectors, dims), self.device)
+        if frames is not None and self.settings.self_check:
+            one = frames if frames.ndim == 2 else frames[0]
+            made = self.self_checked(made, one if isinstance(one, np.ndarray) else one.detach().cpu().numpy())
         return made
+
+    def self_checked(self, plan: Plan, raw: np.ndarray) -> Plan:
+        """`plan` with the blend of the model's output and its input that does best on `raw` (one frame of the
+        series) by split dose (`stemd.compute.selfcheck`): the model runs on a half-dose split of a central crop
+        (CHECK_SIDE², more where the plan shrinks it below the window), scored against the other half. The plan
+        as it is, marked with the reason, where a split would not rank blends."""
+        h, w = raw.shape
+        side = max(CHECK_SIDE, math.ceil(self.window / plan.factor))  # resampled, still the model's window at least
+        top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
+        crop = raw[top:top + side, left:left + side]
+        if min(crop.shape) * min(plan.factor, 1.0) < self.window:
+            return replace(plan, checked="skipped: frame smaller than the model's window")
+        saturation = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "iu" and self.settings.outliers else None
+        half = _selfcheck.split(crop, saturation)
+        if half is None:
+            return replace(plan, checked="skipped: no counting noise to split (or too few counts)")
+        given = torch.from_numpy(half.a.astype(np.float32))[None].to(self.device)
+        trial = replace(plan, shape=(int(crop.shape[0]), int(crop.shape[1])))
+        with torch.inference_mode():
+            outputs = {"model": (self.run(given, trial)[0].double().cpu().numpy(),
+                                 self.prepared(given, trial)[0].double().cpu().numpy())}
+        _, blend, _ = _selfcheck.best(outputs, half, plan.lines)
+        return replace(plan, blend=blend, checked="yes")
 
     def repaired(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, H, W) raw frames with saturated pixels (an integer dtype's maximum) and hot pixels replaced by
@@ -269,13 +303,16 @@ class Denoiser:
 
         The line-jitter correction (`_dejittered`), then the model resampled by the plan's factor and back (`plan`,
         or one made from `pixel_size_m`). With `flips` the output is the mean over the frame's FLIPS (4x the
-        compute: a self-ensemble that averages out part of the model's own error)."""
+        compute: a self-ensemble that averages out part of the model's own error). Last, the plan's `blend` of
+        the output with the frame as given to the model (`self_checked`)."""
         plan = plan or self.plan(frames.shape, pixel_size_m)
         frames = self._dejittered(frames, plan)
         if not self.flips:
-            return self._denoise(frames, plan)
-        return sum((self._denoise(frames.flip(dims), plan, dims).flip(dims) for dims in FLIPS),
-                   torch.zeros_like(frames, dtype=torch.float32)) / len(FLIPS)
+            out = self._denoise(frames, plan)
+        else:
+            out = sum((self._denoise(frames.flip(dims), plan, dims).flip(dims) for dims in FLIPS),
+                      torch.zeros_like(frames, dtype=torch.float32)) / len(FLIPS)
+        return out if plan.blend == 1.0 else plan.blend * out + (1.0 - plan.blend) * frames.float()
 
     def _denoise(self, frames: torch.Tensor, plan: Plan, flipped: tuple[int, ...] = ()) -> torch.Tensor:
         """One pass of the model under `precision`, resampled by the plan's factor and back (`flipped`: the

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from stemd.compute import hostsync
 from stemd.compute.metrics import fit_scale, psnr
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, mean_and_signal_std, normalize
 from stemd.errors import CheckpointError, ConfigError, InputError, ModelOutputError
@@ -458,22 +459,26 @@ def counting_host_reads():
             setattr(torch.Tensor, name, original)
 
 
-def test_the_per_frame_path_reads_nothing_back_once_the_plan_is_made(one_torch_thread):
+def test_the_per_frame_path_reads_nothing_back_once_the_plan_is_made(one_torch_thread, monkeypatch):
     """After a series' plan (its lattice measured once), `Denoiser.run` of a batch reads no device value back
-    to the host: line-jitter correction, the planar guide with the plan's lattice, the model, all as tensor
-    operations. With outliers on, one read per batch: `repair`'s shortcut for a frame without outliers, taken
-    only on the CPU (where it is no device sync)."""
+    to the host where a read is a sync (`hostsync.free` false, as on a GPU): outliers, line-jitter correction,
+    the planar guide with the plan's lattice, the point-defect guide, the model, all as tensor operations. On the
+    CPU the shortcuts `hostsync.free` allows read some back, and give the same output."""
     noisy = scenes.named_frame("perovskite_rp", (256, 256), seed=3, dose=5.0)[0]
     frames = torch.from_numpy(np.stack([noisy, noisy[::-1].copy()]).astype(np.uint16))
-    for outliers, per_batch in ((False, 0), (True, 1)):
-        den = Denoiser.load(device="cpu", outliers=outliers)
-        plan = den.plan(frames.shape, None, frames.numpy())
-        assert plan.vectors is not None
-        with torch.inference_mode(), counting_host_reads() as seen:
-            out = den.run(frames, plan)
-            den.run(frames, plan)
-        assert sum(seen.values()) == 2 * per_batch, dict(seen)
-        assert torch.isfinite(out).all()
+    den = Denoiser.load(device="cpu")
+    plan = den.plan(frames.shape, None, frames.numpy())
+    assert plan.vectors is not None
+    with torch.inference_mode(), counting_host_reads() as seen:
+        shortcut = den.run(frames, plan)
+    assert sum(seen.values()) > 0, "the CPU shortcuts read values back (else this test checks nothing)"
+    monkeypatch.setattr(hostsync, "free", lambda device: False)
+    with torch.inference_mode(), counting_host_reads() as seen:
+        out = den.run(frames, plan)
+        den.run(frames, plan)
+    assert sum(seen.values()) == 0, dict(seen)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, shortcut)
     with counting_host_reads() as seen:  # the counter sees a read when there is one
         assert float(torch.ones(())) == 1.0 and torch.arange(4)[torch.arange(4) > 1].tolist() == [2, 3]
     assert seen == {"__float__": 1, "__getitem__ by a mask": 1, "tolist": 1}
@@ -519,3 +524,42 @@ def test_the_default_model_keeps_dopants_the_guide_would_dim(one_torch_thread):
     assert np.abs(height(kept, dopants) - truth).mean() < 0.75 * np.abs(height(pulled, dopants) - truth).mean()
     intact = scene.columns[~scene.near_defect & ((scene.columns > 12) & (scene.columns < 180)).all(1)]
     assert np.abs(height(kept, intact) - height(pulled, intact)).mean() < 0.02
+
+
+class _Flattener(_ShapeSpy):
+    """A stand-in model that is clearly wrong: it returns each frame's mean, keeping nothing of the lattice."""
+
+    def denoise_frames(self, frames: torch.Tensor, step: int) -> torch.Tensor:
+        return frames.mean((-2, -1), keepdim=True).expand_as(frames)
+
+
+def _counted(shape=(192, 192), counts=60.0, seed=3) -> np.ndarray:
+    """A lattice counted as Poisson at `counts` per unit through a detector (gain 30, offset 400), uint16."""
+    mean = (_lattice(shape, seed) + 0.2) * counts
+    return (30 * np.random.default_rng(seed).poisson(mean) + 400).astype(np.uint16)
+
+
+def test_self_check_blends_the_input_back_where_the_model_is_clearly_wrong():
+    den = Denoiser(_Flattener(), {}, device="cpu", self_check=True)
+    raw = _counted()
+    plan = den.plan(raw.shape, None, raw)
+    assert plan.checked == "yes" and plan.blend == 0.5
+    assert plan.describe()["self_check"] == {"result": "yes", "blend": 0.5}
+    with torch.inference_mode():
+        given = den.prepared(torch.from_numpy(raw)[None], plan)[0].numpy()
+    np.testing.assert_allclose(den(raw, plan=plan), 0.5 * given + 0.5 * given.mean(), rtol=1e-4, atol=1e-2)
+    off = Denoiser(_Flattener(), {}, device="cpu").plan(raw.shape, None, raw)  # off by default
+    assert off.checked == "no" and off.blend == 1.0 and "self_check" not in off.describe()
+
+
+def test_self_check_keeps_the_shipped_model_alone_on_a_simulated_frame():
+    """Where the model is right (its own simulated frames) the check keeps its output (true PSNR within 0.05 dB),
+    and at under one count per pixel, where the gain fit is unreliable, it does not run."""
+    den = Denoiser.load(device="cpu", self_check=True)
+    noisy, scene, _ = scenes.named_frame("interface", (192, 192), dose=200.0)
+    plan = den.plan(noisy.shape, None, noisy)
+    assert plan.checked == "yes" and plan.blend >= 0.95
+    alone = den(noisy, plan=Denoiser.load(device="cpu").plan(noisy.shape, None, noisy))
+    assert psnr(den(noisy, plan=plan), scene.clean, 1.0) > psnr(alone, scene.clean, 1.0) - 0.05
+    low, _, _ = scenes.named_frame("interface", (192, 192), dose=0.5)
+    assert den.plan(low.shape, None, low).checked.startswith("skipped")

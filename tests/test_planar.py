@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stemd.compute import planar
+from stemd.compute import hostsync, planar
 from stemd.compute.fourier import bragg_filter
 from stemd.compute.planar import lattice_vectors, planar_guide, plane_averages, switch_mask
 from stemd.sim import scenes
@@ -191,7 +191,7 @@ def test_the_band_search_skips_directions_without_a_band_at_no_change(monkeypatc
     (vectors,) = lattice_vectors(bragg_filter(x))
     bragg = bragg_filter(x)
     skipped = planar.planar_blend(x, bragg, vectors)
-    monkeypatch.setattr(planar, "_host_reads_free", lambda device: False)
+    monkeypatch.setattr(hostsync, "free", lambda device: False)
     every = planar.planar_blend(x, bragg, vectors)
     torch.testing.assert_close(skipped, every, rtol=0, atol=0)
     assert (skipped[0] is bragg) == (defect is None)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from stemd.compute import hostsync
+
 BRAGG_STRENGTH = 3.0  # Fourier bins are kept in proportion to how far their power exceeds this x the noise floor
 SMOOTH_RADIUS = 2  # the power spectrum is averaged over (2 r + 1)² bins before it is compared with the floor
 FLOOR_STRIDE = 2  # the floor is the median of every 2nd smoothed bin along each axis: within 0.2 %, 3x faster
@@ -137,7 +139,7 @@ def lower_median(x: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (...): the median along the last dim, the lower middle value for even N, as `Tensor.median`; on
     the CPU by numpy's selection (10x faster than torch's on 1e5 values)."""
     k = (x.shape[-1] - 1) // 2
-    if x.device.type != "cpu" or x.requires_grad or x.dtype not in (torch.float32, torch.float64):
+    if not hostsync.free(x.device) or x.requires_grad or x.dtype not in (torch.float32, torch.float64):
         return x.kthvalue(k + 1, -1).values
     return torch.from_numpy(np.partition(x.detach().numpy(), k, axis=-1)[..., k]).to(x.dtype)
 

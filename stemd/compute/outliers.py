@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from stemd.compute import hostsync
+
 HOT_OVER_NEIGHBOURS = 2.0  # a hot pixel is this many times brighter than its brightest neighbour ...
 HOT_OVER_TOP = 2.0  # ... and than the frame's 99.9th percentile: atom columns are many, a hot pixel alone
 TOP_QUANTILE = 0.999
@@ -45,7 +47,7 @@ def repair(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, H, W) frames with the `mask`ed pixels replaced by the mean of their valid neighbours within 1, else
     2 px, else the frame's valid mean; float32."""
     x = frames.to(torch.float32)
-    if x.device.type == "cpu" and not bool(mask.any()):  # the usual case; a host check only where it is free
+    if hostsync.free(x.device) and not bool(mask.any()):  # the usual case; a host check only where it is free
         return x
     valid = (~mask).to(torch.float32)[:, None]
     kept = x[:, None] * valid

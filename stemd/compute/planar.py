@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from stemd.compute import hostsync
 from stemd.compute.fourier import Spectrum, bragg_filter, cropped_inverse, padded_transform
 
 REACH_PX = 512.0  # plane averages take shifts k t with |k t| up to this (the whole of a 512² frame)
@@ -307,7 +308,7 @@ def _blend(x: torch.Tensor, guide: torch.Tensor, geometry: _Geometry, spectrum: 
         gain = residual - (x_inner - inner).square()
         variance = _null_variance(inner, geometry.shifts[c][_INNER].flatten(), fit)
         z = _bands(_band_z(d, gain, variance), Z_SCALE * math.sqrt(2 * math.log(4 * d.length)))
-        if _host_reads_free(x.device) and not bool(torch.isfinite(z).any()):  # no band along d: nothing to blend
+        if hostsync.free(x.device) and not bool(torch.isfinite(z).any()):  # no band along d: nothing to blend
             continue
         k = round(WIDEN * d.norm)
         z = (F.max_pool1d(z[:, None], 2 * k + 1, stride=1, padding=k)[:, 0] if k else z)[:, d.bins]
@@ -322,12 +323,6 @@ def _blend(x: torch.Tensor, guide: torch.Tensor, geometry: _Geometry, spectrum: 
     g = guide.flatten(-2)[:, 0]
     out = (g + weight * (best - g)).reshape(n, 1, h, w)
     return out.to(dtype), weight.reshape(n, 1, h, w)
-
-
-def _host_reads_free(device: torch.device) -> bool:
-    """Whether reading a value back to skip work costs nothing (the CPU), or a sync (a GPU: every frame then takes
-    the same path)."""
-    return device.type == "cpu"
 
 
 def _bands(z: torch.Tensor, threshold: float) -> torch.Tensor:
