@@ -77,7 +77,7 @@ class ModelSettings(_Section):
     )
     dejitter: int = Field(DEJITTER_DEFAULT, ge=0, le=DEJITTER_MAX,
                           description="rounds of line-jitter correction before the model (stemd.compute.dejitter); "
-                                      "0: off (saves ~80 ms CPU per 512² frame, 1 thread: bench.stages)")
+                                      "0: off (saves ~20-30 ms CPU per 512² frame, 1 thread: bench.stages)")
     scan_lines: Literal["auto", "rows", "columns"] = Field(
         "auto", description="the axis the scan lines run along, for the line-jitter correction and destripe. "
         "auto: told by the frame's own line artefacts (stemd.compute.scanlines; rows when it shows none), "
@@ -96,7 +96,7 @@ class ModelSettings(_Section):
         True,
         strict=True,
         description="conv models: across a planar fault the guide is the frame averaged along "
-        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60-140 ms "
+        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~35-55 ms "
         "CPU per 512² frame, 1 thread, quiet to busy machine: bench.stages)",
     )
     keep_defects: bool = Field(
@@ -104,7 +104,7 @@ class ModelSettings(_Section):
         strict=True,
         description="conv models: the guide steps aside at an atom column the frame contradicts (a vacancy, a "
         "partly empty column, a dopant), so the model keeps it instead of pulling it to the host lattice "
-        "(stemd.compute.columns; bench.faithfulness --point-defects)",
+        "(stemd.compute.columns; bench.faithfulness --point-defects; ~30 ms CPU per 512² frame, 1 thread)",
     )
 
 
