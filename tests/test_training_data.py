@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from stemd.apps.training import data
-from stemd.apps.training.data import hot_pixels, prepare_recording, scene_patches, stream_seed
+from stemd.apps.training.data import hot_pixels, prepare_recording, reference_levels, scene_patches, stream_seed
 from stemd.compute.normalize import denormalize
 from stemd.config import ConvSettings
+from stemd.models.checkpoint import load_checkpoint
 from stemd.models.conv_unet import ConvDenoiser
 from stemd.pipeline import Denoiser
 from stemd.sim import scenes
@@ -104,3 +107,9 @@ def test_hot_pixels_are_rare_bright_and_repaired_before_the_model(monkeypatch):
     conv = ConvSettings(patch=96, scene_size=96, guide="none")
     noisy, clean = scene_patches(2, np.random.default_rng(1), REF, conv, doses_per_scene=2, per_dose=1)
     assert float(noisy.max()) < 3.0 < 50 * float(clean.max())
+
+
+def test_reference_levels_stay_those_the_shipped_conv_model_was_trained_at():
+    _, metadata = load_checkpoint(Path(__file__).resolve().parents[1] / "stemd" / "models" / "conv.pt")
+    ref = metadata["normalization"]
+    np.testing.assert_allclose(reference_levels((6.0, 20.0)), (ref["mean"], ref["signal_std"]), rtol=1e-4)

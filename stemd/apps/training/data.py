@@ -29,6 +29,12 @@ TRAIN_STREAM, VAL_STREAM = 0, 1
 DOSES_PER_SCENE = 4  # training recordings of each random scene
 PATCHES_PER_DOSE = 4  # patches cut from each recording
 EDGE_FRACTION = 0.25  # along each axis, the chance that a patch touches its scene's edge
+# the scenes `reference_levels` measures: the mix the first conv models were trained on, so the reference (a
+# convention every later fine-tune inherits) stays put when the training mix widens
+REFERENCE_SCENES: dict[str, Any] = {
+    "layouts": ("perfect", "rp", "interface", "grain_boundary", "amorphous", "vacuum", "mixed"),
+    "dopant_frac": 0.0, "lighter_frac": 0.0, "adatom_frac": 0.0, "partial_intensity": (0.2, 0.6),
+}
 HOT_CHANCE = 0.5  # the chance that a training recording has hot pixels
 HOT_FRAC = (0.0, 3e-4)  # then the fraction of its pixels that are hot, uniform
 HOT_OVER_TOP = (1.5, 10.0)  # and each one's value over the recording's 99.9th percentile, uniform
@@ -76,9 +82,11 @@ def window_streams(
 def reference_levels(
     period_px: tuple[float, float], n: int = 200, size: int = 256, seed: int = 7
 ) -> tuple[float, float]:
-    """Median (mean, signal std) of clean random scenes: the `normalize` reference a conv model is trained at."""
+    """Median (mean, signal std) of clean random scenes (REFERENCE_SCENES): the `normalize` reference a conv model
+    is trained at."""
     rng = np.random.default_rng(seed)
-    clean = np.stack([scenes.random_scene((size, size), rng, period_px=period_px).clean for _ in range(n)])
+    clean = np.stack([scenes.random_scene((size, size), rng, period_px=period_px, **REFERENCE_SCENES).clean
+                      for _ in range(n)])
     mean, signal, _ = mean_and_signal_std(clean)
     return float(np.median(mean)), float(np.median(signal))
 
