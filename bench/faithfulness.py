@@ -1206,7 +1206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=model_option,
         default=[],
         metavar="NAME=PATH",
-        help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar] "
+        help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar][+nokeep] "
         "(repeatable; default: those of "
         f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)",
     )

@@ -91,6 +91,13 @@ class ModelSettings(_Section):
         "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~60-140 ms "
         "CPU per 512² frame, 1 thread, quiet to busy machine: bench.stages)",
     )
+    keep_defects: bool = Field(
+        True,
+        strict=True,
+        description="conv models: the guide steps aside at an atom column the frame contradicts (a vacancy, a "
+        "partly empty column, a dopant), so the model keeps it instead of pulling it to the host lattice "
+        "(stemd.compute.columns; bench.faithfulness --point-defects)",
+    )
 
 
 class InputSettings(_Section):

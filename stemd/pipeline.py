@@ -20,6 +20,7 @@ import torch
 
 from stemd.compute import planar as _planar
 from stemd.compute import sampling as _sampling
+from stemd.compute.columns import keep_columns
 from stemd.compute.dejitter import dejitter as _dejitter
 from stemd.compute.fourier import bragg_filter, bragg_spectrum, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
@@ -297,7 +298,8 @@ class Denoiser:
         then resampled with it): interpolation correlates the noise, so on an upsampled frame the guide's noise
         floor and the noise level would be underestimated (docs/benchmarks.md, "Sampling"). The planar guide
         takes the lattice the plan measured (once per series) when it has one, and shares the Bragg guide's
-        Fourier transform; without a measured lattice it measures each frame's own."""
+        Fourier transform; without a measured lattice it measures each frame's own. With `keep_defects` the guide
+        then steps aside at the columns the frame contradicts (`stemd.compute.columns`)."""
         aux: dict[str, torch.Tensor] = {}
         with torch.autocast(frames.device.type, enabled=False):
             if "guide" in self.model.inputs:
@@ -309,6 +311,8 @@ class Denoiser:
                     guide = planar_guide(x, guide, spectrum=spectrum)
                 elif self.planar and vectors is not None:
                     guide = planar_guide(x, guide, _flipped(vectors, flipped), spectrum)
+                if self.settings.keep_defects and plan is not None and plan.scale_px is not None:
+                    guide = keep_columns(x, guide, plan.scale_px)
                 aux["guide"] = _sampling.resample(guide, factor)
             if "level" in self.model.inputs:
                 aux["level"] = noise_level(frames)
