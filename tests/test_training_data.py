@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from stemd.apps.training import data
-from stemd.apps.training.data import hot_pixels, prepare_recording, reference_levels, scene_patches, stream_seed
+from stemd.apps.training.data import (
+    hot_pixels,
+    prepare_recording,
+    recording_guide,
+    reference_levels,
+    scene_patches,
+    stream_seed,
+)
+from stemd.compute.fourier import bragg_filter
 from stemd.compute.normalize import denormalize
 from stemd.config import ConvSettings
 from stemd.models.checkpoint import load_checkpoint
@@ -81,16 +89,22 @@ def test_recordings_are_prepared_as_the_pipeline_prepares_a_frame(layout):
     raw = scenes.apply_instrument(scene.clean, rng, noise)
     raw[40, 50] = raw[120, 17] = 8 * raw.max()  # hot pixels
     denoiser = Denoiser(ConvDenoiser((4, 4), guide="bragg"), {"normalization": {"mean": REF[0], "signal_std": REF[1]}},
-                        device="cpu", dejitter=2, planar=False)
+                        device="cpu", dejitter=2, planar=False, keep_defects=True)
     plan = denoiser.plan(raw.shape, None, raw)
     assert plan.stripes and plan.lattice == (layout == "perfect")
-    frame, lo, hi = prepare_recording(raw, REF, 2)
-    assert frame.shape == (1, 1, 192, 192)
+    rec = prepare_recording(raw, REF, 2)
+    frame, lo, hi = rec.frame, rec.lo, rec.hi
+    assert frame.shape == (1, 1, 192, 192) and (rec.scale_px is None) == (plan.scale_px is None)
     with torch.inference_mode():
         expected = denoiser.prepared(torch.from_numpy(raw)[None], plan)
     got = denormalize(frame[:, 0], torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5 * float(raw.max()))
-    plain, _, _ = prepare_recording(raw, REF, 0)
+    with torch.inference_mode():
+        guide = denoiser._aux_inputs(frame, 1.0, plan)["guide"]  # what the model gets beside the frame
+    torch.testing.assert_close(recording_guide(rec), guide)
+    if layout == "perfect":  # the defect-keeping step changed the guide somewhere
+        assert float((guide - bragg_filter(frame)).abs().max()) > 0.05
+    plain = prepare_recording(raw, REF, 0).frame
     assert (float((plain - frame).abs().max()) > 0.05) == (layout == "perfect")  # de-jittered only with a lattice
     assert float(frame[0, 0, 40, 50]) < 3.0  # the hot pixel was repaired (normalised column peaks are ~1)
 

@@ -10,11 +10,12 @@ import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from stemd.compute.columns import keep_columns
 from stemd.compute.dejitter import dejitter as undo_jitter
 from stemd.compute.fourier import bragg_filter, noise_level
 from stemd.compute.normalize import mean_and_signal_std, normalize
@@ -103,23 +104,40 @@ def hot_pixels(raw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def prepare_recording(raw: np.ndarray, reference: tuple[float, float], dejitter_rounds: int
-                      ) -> tuple[torch.Tensor, float, float]:
+class Recording(NamedTuple):
+    """A prepared recording: the (1, 1, H, W) normalised frame, the lo/hi it was normalised by, and its measured
+    lattice scale (px; None: no lattice), as `Denoiser.plan` records it."""
+
+    frame: torch.Tensor
+    lo: float
+    hi: float
+    scale_px: float | None
+
+
+def prepare_recording(raw: np.ndarray, reference: tuple[float, float], dejitter_rounds: int) -> Recording:
     """A raw (H, W) recording as `Denoiser` prepares a frame for the model (`run`, `plan`): outliers repaired,
     line offset flicker taken out when `scan_lines` finds stripes, normalised at `reference`, and, if the frame
-    shows a lattice, de-jittered `dejitter_rounds` rounds along its scan lines -> ((1, 1, H, W), lo, hi)."""
+    shows a lattice, de-jittered `dejitter_rounds` rounds along its scan lines."""
     x = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[None]
     x = repair(x, outlier_mask(x, None))
-    lattice = measure_lattice(x[:, None])[0][0] is not None
+    scale = measure_lattice(x[:, None])[0][0]
     lines, stripes = scan_lines(x[0])
     if stripes:
         x = destripe(x, lines)
     y, lo, hi = normalize(x, reference=reference)
     frame = y[:, None]
-    if dejitter_rounds and lattice:
+    if dejitter_rounds and scale is not None:
         frame = (undo_jitter(frame, dejitter_rounds) if lines == "rows"
                  else undo_jitter(frame.transpose(-2, -1), dejitter_rounds).transpose(-2, -1))
-    return frame, float(lo[0]), float(hi[0])
+    return Recording(frame, float(lo[0]), float(hi[0]), scale)
+
+
+def recording_guide(rec: Recording) -> torch.Tensor:
+    """The lattice guide `Denoiser` gives the model for a prepared recording (without the planar guide, which
+    only differs across a planar fault): its `bragg_filter`, stepping aside at the columns the frame contradicts
+    (`keep_columns`, when a lattice was measured), as `Denoiser._aux_inputs` does with `keep_defects`."""
+    guide = bragg_filter(rec.frame)
+    return guide if rec.scale_px is None else keep_columns(rec.frame, guide, rec.scale_px)
 
 
 def scene_patches(n: int, rng: np.random.Generator, reference: tuple[float, float], conv: ConvSettings, *,
@@ -129,8 +147,8 @@ def scene_patches(n: int, rng: np.random.Generator, reference: tuple[float, floa
     Arrays are float32 (n, 1, patch, patch); `level` (with `conv.noise_level`) is (n,), the `noise_level` of the
     recording a patch is cut from. Each random scene (`conv.scene_size`, periods `conv.period_px`) is recorded
     whole by `scenes.apply_instrument` at `doses_per_scene` log-uniform doses in `conv.dose`, given `hot_pixels`,
-    and prepared whole as the pipeline prepares a frame (`prepare_recording`, `conv.dejitter` rounds), its
-    `bragg_filter` taken whole, and
+    and prepared whole as the pipeline prepares a frame (`prepare_recording`, `conv.dejitter` rounds), its guide
+    taken whole (`recording_guide`), and
     `per_dose` patches cut at random places, touching a scene edge with probability EDGE_FRACTION per axis so
     the model learns the guide's fade at frame borders. The target is the clean scene mapped by the same lo/hi.
     """
@@ -149,11 +167,12 @@ def scene_patches(n: int, rng: np.random.Generator, reference: tuple[float, floa
         for _ in range(doses_per_scene):
             d = math.exp(rng.uniform(math.log(dose[0]), math.log(dose[1])))
             raw = hot_pixels(scenes.apply_instrument(s.clean, rng, params, dose=d), rng)
-            frame, lo, hi = prepare_recording(raw, reference, conv.dejitter)  # (1, 1, H, W), as the model gets it
+            rec = prepare_recording(raw, reference, conv.dejitter)
+            frame, lo, hi = rec.frame, rec.lo, rec.hi  # (1, 1, H, W), as the model gets it
             c = (s.clean - np.float32(lo)) / np.float32((hi - lo) or 1.0)
             whole = [frame[0, 0].numpy(), c]
             if guide:
-                whole.insert(1, bragg_filter(frame)[0, 0].numpy())
+                whole.insert(1, recording_guide(rec)[0, 0].numpy())
             frame_level = float(noise_level(frame)[0]) if conv.noise_level else 0.0
             for _ in range(per_dose):
                 if done == n:
