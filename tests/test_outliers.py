@@ -37,6 +37,14 @@ def test_saturated_and_hot_pixels_are_found_and_filled_from_their_neighbours():
     assert outlier_mask(hot_only, None).nonzero().tolist() == [[0, 30, 12]]  # float data: no saturation level
 
 
+@pytest.mark.parametrize("at", [(0, 17), (39, 5), (12, 0), (25, 39), (0, 0), (39, 39)])
+def test_hot_pixels_on_the_border_are_found(at):
+    x = torch.full((1, 40, 40), 3.0)
+    x[(0, *at)] = 400.0
+    assert outlier_mask(x, None).nonzero().tolist() == [[0, *at]]
+    torch.testing.assert_close(repair(x, outlier_mask(x, None)), torch.full_like(x, 3.0))
+
+
 def test_a_frame_with_saturated_pixels_denoises_like_one_without():
     """A few 65535s dominated normalisation and wrecked the output; treated as missing data they change little."""
     raw = _frame(10.0, 20.0, seed=3)

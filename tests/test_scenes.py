@@ -287,3 +287,77 @@ def test_dopant_options_are_checked():
         build_scene((64, 64), [phase], [], np.random.default_rng(0), sigma_px=1.3, dopant_frac=1.5)
     with pytest.raises(ValueError, match="dopant_gain"):
         build_scene((64, 64), [phase], [], np.random.default_rng(0), sigma_px=1.3, dopant_gain=(2.0, 1.0))
+
+
+def _defect_ratios(s):
+    """Per in-frame defect: (kind, intensity / host intensity), matched to the scene's columns."""
+    d = s.params["defects"]
+    inside = np.all((d["seen"] > 0) & (d["seen"] < np.array(s.clean.shape) - 1), axis=1) & (d["kind"] != 1)
+    dist, idx = cKDTree(s.columns).query(d["seen"][inside])
+    assert np.all(dist < 1e-6)  # every kept defect is one of the scene's columns
+    amp = s.intensities[idx]
+    return d["kind"][inside], amp, amp + d["missing"][inside]
+
+
+def test_random_scene_draws_every_point_defect_at_the_asked_density_and_strength():
+    rng = np.random.default_rng(11)
+    s = random_scene((256, 256), rng, layouts="perfect", structures="perovskite", period_px=10.0, intensity_cv=0.0,
+                     vacancy_frac=0.06, dopant_frac=0.06, lighter_frac=0.06, adatom_frac=0.04)
+    kind, amp, host = _defect_ratios(s)
+    n = len(s.columns)
+    sites = n - int(np.sum(kind == 5))  # crystal columns in the frame (removed ones not counted)
+    count = np.bincount(kind, minlength=len(DEFECT_KINDS))
+    assert 0.5 * 0.03 * sites < count[2] < 1.6 * 0.03 * sites  # half the vacancies are partial
+    assert 0.5 * 0.06 * sites / 2 < count[3] < 1.6 * 0.06 * sites / 2  # dopants: the A sublattice only
+    assert 0.5 * 0.06 * sites < count[4] < 1.6 * 0.06 * sites
+    assert 0.5 * 0.04 * sites / 2 < count[5] < 1.6 * 0.04 * sites / 2  # one per A column at most
+    ratio = amp / np.where(host > 0, host, 1.0)
+    for k, (lo, hi) in ((2, scenes.SCENE_RANGES["partial_intensity"]), (3, scenes.SCENE_RANGES["dopant_gain"]),
+                        (4, scenes.SCENE_RANGES["lighter_gain"])):
+        r = ratio[kind == k]
+        assert lo - 1e-9 <= r.min() and r.max() <= hi + 1e-9, DEFECT_KINDS[k]
+        assert r.max() - r.min() > 0.5 * (hi - lo), DEFECT_KINDS[k]  # spread over the range, not one value
+    assert np.all(host[kind == 3] == 1.0)  # heavier substitutions on the brightest sublattice
+    lo, hi = scenes.SCENE_RANGES["adatom_intensity"]
+    assert np.all(host[kind == 5] == 0) and lo <= amp[kind == 5].min() and amp[kind == 5].max() <= hi
+    ad = s.columns[cKDTree(s.params["defects"]["seen"][s.params["defects"]["kind"] == 5]).query(s.columns)[0] < 1e-6]
+    nearest = cKDTree(s.columns).query(ad, k=2)[0][:, 1]
+    np.testing.assert_allclose(nearest, 5.0, atol=0.3)  # at the cell edge's centre, half a period from A and B
+
+
+def test_random_scene_defaults_carry_every_defect_kind():
+    rng = np.random.default_rng(2)
+    counts = sum(np.bincount(random_scene((192, 192), rng, layouts="perfect").params["defects"]["kind"],
+                             minlength=len(DEFECT_KINDS)) for _ in range(6))
+    assert np.all(counts[1:] > 0), counts
+    with pytest.raises(ValueError, match="dopant_gain"):
+        random_scene((32, 32), rng, dopant_gain=(2.0, 1.0))
+    with pytest.raises(ValueError, match="lighter_frac"):
+        random_scene((32, 32), rng, lighter_frac=2.0)
+
+
+def test_lighter_substitutions_and_adatoms_are_undone_by_host_clean():
+    phase = Phase("hexagonal", 12.0, 10.0, (2.0, 3.0))
+    kw = dict(sigma_px=1.5, blur_px=0.5, drift_px=(0.6, 0.4), intensity_cv=0.03)
+    s = build_scene((160, 160), [phase], [], np.random.default_rng(4), lighter_frac=0.1, adatom_frac=0.1, **kw)
+    plain = build_scene((160, 160), [phase], [], np.random.default_rng(4), **kw)
+    counts = np.bincount(s.params["defects"]["kind"], minlength=len(DEFECT_KINDS))
+    assert counts[4] > 5 and counts[5] > 3 and counts[1:4].sum() == 0
+    assert len(s.columns) > len(plain.columns)  # adatoms are extra columns
+    np.testing.assert_allclose(host_clean(s), plain.clean, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["particle", "grains"])
+def test_particle_and_grain_layouts(layout):
+    s = random_scene((192, 192), np.random.default_rng(8), layouts=layout, period_px=8.0)
+    kinds = [p["kind"] for p in s.params["phases"]]
+    crystal = ~s.amorphous & ~s.vacuum
+    assert not s.vacuum.any() and len(s.columns) > 50
+    if layout == "particle":
+        assert kinds[0] in scenes.STRUCTURES and set(kinds[1:]) == {"amorphous"}
+        assert 0.05 < crystal.mean() < 0.7 and s.amorphous[0, 0] | s.amorphous[-1, -1]
+        lab, parts = ndimage.label(crystal)
+        assert parts == 1  # one compact disc
+    else:
+        assert len(kinds) >= 3 and set(kinds) == {kinds[0]} and kinds[0] in scenes.STRUCTURES
+        assert len(np.unique(s.region)) >= 2 and len({p["rotation_deg"] for p in s.params["phases"]}) == len(kinds)

@@ -23,8 +23,9 @@ QUANTILE_STRIDE = 4  # the percentile from every 4th pixel along each axis: 20x 
 
 
 def _neighbour_max(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) -> each pixel's brightest of its 8 neighbours (edges replicated)."""
-    p = F.pad(x[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+    """(B, H, W) -> each pixel's brightest of its 8 neighbours in the frame (a border pixel has 3 or 5: replicated
+    edges made it its own neighbour, so a hot pixel on the border was never found)."""
+    p = F.pad(x[:, None], (1, 1, 1, 1), mode="constant", value=-torch.inf)[:, 0]
     h, w = x.shape[-2:]
     shifts = [p[:, i : i + h, j : j + w] for i in range(3) for j in range(3) if (i, j) != (1, 1)]
     return torch.stack(shifts).amax(0)

@@ -24,7 +24,7 @@ from stemd.sim.lattice import PAPER_INTENSITIES, RP_GAP, NoiseSpec, _basis, _lat
 
 STRUCTURES = ("perovskite", "dumbbell", "hexagonal")
 PHASE_KINDS = STRUCTURES + ("amorphous", "vacuum")
-LAYOUTS = ("perfect", "rp", "interface", "grain_boundary", "amorphous", "vacuum", "mixed")
+LAYOUTS = ("perfect", "rp", "interface", "grain_boundary", "amorphous", "vacuum", "mixed", "particle", "grains")
 NAMED_FRAMES = ("perovskite_rp", "interface", "grain_boundary", "amorphous", "vacuum_edge", "vacancies", "noise_only")
 
 # Structures in period units, coordinates along (e1, e2): lattice vectors (rows) and column sites.
@@ -46,8 +46,16 @@ SECOND_DEFAULTS = {"perovskite": 0.7, "dumbbell": 0.9, "hexagonal": 0.6}  # SrTi
 AMORPHOUS_SPACING = 0.4  # mean blob spacing of an amorphous phase, in its period_px
 AMORPHOUS_INTENSITY = (0.1, 0.4)  # blob peak heights, uniform
 NEAR_PERIODS = 1.05  # near_defect radius around a vacancy, in periods (nearest neighbours included)
-DEFECT_KINDS = ("intact", "vacancy", "partial", "dopant")  # params["defects"]["kind"] indexes this
+DEFECT_KINDS = ("intact", "vacancy", "partial", "dopant", "lighter", "adatom")  # params["defects"]["kind"] indexes this
 DOPANT_GAIN = (1.4, 2.0)  # a heavier substitution's intensity / the host column's (La, Bi on Sr-like)
+PARTIAL_RANGE = (0.2, 0.6)  # a partly empty column's intensity / the host column's (build_scene's default)
+LIGHTER_GAIN = (0.4, 0.8)  # a lighter substitution's intensity / the host column's
+ADATOM_INTENSITY = (0.1, 0.4)  # an adatom's peak (a weak extra column at an interstitial site), absolute
+_INTERSTITIAL = {  # an empty site of each structure (period units along e1, e2), where adatoms sit
+    "perovskite": (0.5, 0.0),  # the cell edge's centre: the O column, dark in HAADF
+    "dumbbell": (0.5, 0.0),  # the channel between dumbbells
+    "hexagonal": (0.0, 0.0),  # the hexagon's centre
+}
 MIN_SEPARATION = 0.3  # columns of a later phase closer than this (x its period) to an earlier one are dropped
 
 # Default ranges. A (lo, hi) tuple is drawn uniformly (log-uniformly for period_px and dose);
@@ -57,7 +65,14 @@ SCENE_RANGES: dict[str, Any] = {
     "width_frac": (0.10, 0.16),  # column Gaussian sigma / period
     "blur_frac": (0.0, 0.10),  # probe Gaussian sigma / period
     "drift_frac": (0.0, 0.02),  # drift over the whole frame / frame height, random direction
-    "vacancy_frac": (0.0, 0.02),  # fraction of crystal columns that are vacancies
+    "vacancy_frac": (0.0, 0.02),  # fraction of crystal columns that are vacancies (half empty, half partial)
+    "partial_intensity": (0.2, 0.8),  # a partial vacancy's intensity / its host's, uniform (a range, not drawn)
+    "dopant_frac": (0.0, 0.02),  # fraction of brightest-sublattice columns that are heavier substitutions
+    "dopant_gain": (1.2, 2.0),  # their intensity / the host's, uniform (a range, not drawn)
+    "lighter_frac": (0.0, 0.02),  # fraction of crystal columns that are lighter substitutions
+    "lighter_gain": LIGHTER_GAIN,  # their intensity / the host's, uniform (a range, not drawn)
+    "adatom_frac": (0.0, 0.01),  # adatoms per brightest-sublattice column, at interstitial sites
+    "adatom_intensity": ADATOM_INTENSITY,  # their peak, uniform (a range, not drawn)
     "intensity_cv": (0.02, 0.06),  # column-to-column intensity variation
     "mismatch": (0.85, 1.15),  # period ratio of the second crystal at an interface
     "misorientation_deg": (5.0, 40.0),  # rotation between the grains at a grain boundary
@@ -69,10 +84,11 @@ NOISE_RANGES: dict[str, Any] = {
     "gain_cv": (0.2, 0.5),  # coefficient of variation of the detector's gain per counted electron
     "read_sigma": (0.0, 0.5),  # Gaussian read noise, in counts
     "line_jitter_px": (0.0, 0.5),
-    "line_gain": (0.0, 0.03),
-    "line_offset": (0.0, 0.01),  # per-line offset flicker, clean units
+    "line_gain": (0.0, 0.06),
+    "line_offset": (0.0, 0.02),  # per-line offset flicker, clean units
 }
 _LOG_UNIFORM = ("period_px", "dose")
+_RANGE_KEYS = ("partial_intensity", "dopant_gain", "lighter_gain", "adatom_intensity")  # passed on as (lo, hi)
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,17 @@ def _draw(name: str, spec: Any, rng: np.random.Generator) -> float:
             raise ValueError(f"{name}: a log-uniform range needs lo > 0, got {spec!r}")
         return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     return float(rng.uniform(lo, hi))
+
+
+def _pair(name: str, spec: Any, low: float = 0.0) -> tuple[float, float]:
+    """A (lo, hi) range with low <= lo <= hi, both finite, or ValueError naming `name`."""
+    try:
+        lo, hi = (float(v) for v in spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a (lo, hi) pair, got {spec!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and low <= lo <= hi):
+        raise ValueError(f"{name}: need finite {low:g} <= lo <= hi, got {spec!r}")
+    return lo, hi
 
 
 def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -312,6 +339,11 @@ def build_scene(
     layout: str = "custom",
     dopant_frac: float = 0.0,
     dopant_gain: tuple[float, float] = DOPANT_GAIN,
+    partial_range: tuple[float, float] = PARTIAL_RANGE,
+    lighter_frac: float = 0.0,
+    lighter_gain: tuple[float, float] = LIGHTER_GAIN,
+    adatom_frac: float = 0.0,
+    adatom_intensity: tuple[float, float] = ADATOM_INTENSITY,
 ) -> Scene:
     """A scene of `phases` separated by `cuts` (phase k + 1 beyond cut k), rendered as the target.
 
@@ -319,10 +351,12 @@ def build_scene(
     exactly by widening them to sqrt(sigma^2 + blur^2) at constant integrated intensity. Drift is
     synthetic's row-by-row drift: row r sees the specimen displaced by drift * r / (H - 1).
     A fraction `vacancy_frac` of the crystal columns are vacancies: half removed, half kept at
-    0.2-0.6 of their intensity; each column's intensity is scaled by 1 + N(0, intensity_cv).
+    uniform `partial_range` of their intensity; each column's intensity is scaled by 1 + N(0, intensity_cv).
     A fraction `dopant_frac` of the remaining brightest-sublattice columns are heavier substitutions,
-    their intensity times uniform `dopant_gain` (drawn last: a scene without dopants is unchanged).
-    params["defects"] lists every point defect for `host_clean`.
+    their intensity times uniform `dopant_gain`; then `lighter_frac` of the remaining columns lighter ones
+    (times `lighter_gain`), and `adatom_frac` adatoms per brightest-sublattice column of each unfaulted
+    crystal, weak columns (peak uniform `adatom_intensity`) at its interstitial site (each drawn only when
+    asked for: a scene without them is unchanged). params["defects"] lists every point defect for `host_clean`.
     """
     h, w = (int(v) for v in shape)
     if h < 2 or w < 2:
@@ -332,6 +366,12 @@ def build_scene(
     if not 0 <= dopant_frac <= 1 or not 0 < dopant_gain[0] <= dopant_gain[1]:
         raise ValueError(f"need 0 <= dopant_frac <= 1 and 0 < dopant_gain[0] <= dopant_gain[1]; got "
                          f"{dopant_frac!r}, {dopant_gain!r}")
+    for name, frac in (("lighter_frac", lighter_frac), ("adatom_frac", adatom_frac)):
+        if not 0 <= frac <= 1:
+            raise ValueError(f"{name}: must be in [0, 1], got {frac!r}")
+    partial_range, lighter_gain, adatom_intensity = (
+        _pair(n, v) for n, v in (("partial_range", partial_range), ("lighter_gain", lighter_gain),
+                                 ("adatom_intensity", adatom_intensity)))
     if not (sigma_px > 0 and blur_px >= 0 and 0 <= vacancy_frac <= 1 and intensity_cv >= 0):
         raise ValueError(f"need sigma_px > 0, blur_px >= 0, 0 <= vacancy_frac <= 1, intensity_cv >= 0; got "
                          f"{sigma_px!r}, {blur_px!r}, {vacancy_frac!r}, {intensity_cv!r}")
@@ -343,11 +383,14 @@ def build_scene(
 
     pos_l, amp_l, near_l, per_l, lab_l, site_l = [], [], [], [], [], []
     blobs = []
+    support: dict[float, np.ndarray] = {}  # amorphous phases of one spacing share one set of blobs
     for index, phase in enumerate(phases):
         if phase.kind == "vacuum":
             continue
         if phase.kind == "amorphous":
-            pts = _amorphous(phase, (h, w), margin, rng)
+            if phase.period_px not in support:
+                support[phase.period_px] = _amorphous(phase, (h, w), margin, rng)
+            pts = support[phase.period_px]
             blobs.append(pts[_labels(pts, cuts) == index])
             continue
         pos, sub, near = _crystal(phase, (h, w), margin)
@@ -384,7 +427,7 @@ def build_scene(
     if vacancy_frac > 0 and len(pos):
         hit = rng.random(len(pos)) < vacancy_frac
         removed = hit & (rng.random(len(pos)) < 0.5)
-        amp = np.where(hit & ~removed, amp * rng.uniform(0.2, 0.6, len(pos)), amp)
+        amp = np.where(hit & ~removed, amp * rng.uniform(*partial_range, len(pos)), amp)
         if hit.any():
             near |= cKDTree(pos[hit]).query(pos)[0] <= NEAR_PERIODS * period
         kind[removed], kind[hit & ~removed] = 1, 2
@@ -395,6 +438,22 @@ def build_scene(
         if dope.any():
             near |= cKDTree(pos[dope]).query(pos)[0] <= NEAR_PERIODS * period
         kind[dope] = 3
+    if lighter_frac > 0 and len(pos):
+        light = (kind == 0) & (rng.random(len(pos)) < lighter_frac)
+        amp = np.where(light, amp * rng.uniform(*lighter_gain, len(pos)), amp)
+        if light.any():
+            near |= cKDTree(pos[light]).query(pos)[0] <= NEAR_PERIODS * period
+        kind[light] = 4
+    if adatom_frac > 0 and len(pos):
+        add = _adatoms(phases, cuts, pos, lab, site, adatom_frac, rng)
+        if len(add):
+            m, a_lab = len(add), _labels(add, cuts)
+            a_per = np.array([phases[i].period_px for i in a_lab])
+            near |= cKDTree(add).query(pos)[0] <= NEAR_PERIODS * period
+            pos, period, lab = np.concatenate([pos, add]), np.concatenate([period, a_per]), np.concatenate([lab, a_lab])
+            amp = np.concatenate([amp, rng.uniform(*adatom_intensity, m)])
+            host, near = np.concatenate([host, np.zeros(m)]), np.concatenate([near, np.ones(m, dtype=bool)])
+            site, kind = np.concatenate([site, np.full(m, 2, np.int8)]), np.concatenate([kind, np.full(m, 5, np.int8)])
     missing = np.where(kind == 1, host, host - amp)
     defect_pos, defect_delta, defect_kind = pos[kind > 0], missing[kind > 0], kind[kind > 0]
     if vacancy_frac > 0 and len(pos):
@@ -455,6 +514,27 @@ def build_scene(
     )
 
 
+def _adatoms(phases: list[Phase], cuts: list[Cut], pos: np.ndarray, lab: np.ndarray, site: np.ndarray,
+             frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Specimen (y, x) of adatoms: each brightest-sublattice column of an unfaulted crystal, with chance `frac`,
+    gives one at the interstitial site beside it, kept if it stays in its phase and clear of every column."""
+    out = []
+    for index, phase in enumerate(phases):
+        if phase.kind not in STRUCTURES or phase.rp_fault_at is not None:
+            continue
+        hosts = pos[(lab == index) & (site == 0)]
+        pick = hosts[rng.random(len(hosts)) < frac]
+        step = np.asarray(_INTERSTITIAL[phase.kind]) - np.asarray(_MOTIFS[phase.kind][0][:2])
+        cand = pick + phase.period_px * (step @ np.stack(_basis(phase.rotation_deg)))
+        out.append(cand[_labels(cand, cuts) == index])
+    add = np.concatenate(out) if out else np.zeros((0, 2))
+    if len(add) and len(pos):
+        spacing = np.array([phases[i].period_px for i in _labels(add, cuts)])
+        clear = cKDTree(pos).query(add)[0] >= MIN_SEPARATION * spacing
+        add = add[clear]
+    return add
+
+
 def host_clean(scene: Scene) -> np.ndarray:
     """The scene's clean image with every point defect undone: vacancies filled, dopants back to host."""
     d = scene.params["defects"]
@@ -477,8 +557,10 @@ def random_scene(shape: tuple[int, int], rng: np.random.Generator, **ranges: Any
     SCENE_RANGES, each overridable by a number or a (lo, hi) range (`layouts`, `structures`: names).
 
     Layouts: perfect (one crystal), rp (perovskite with an RP fault), interface (two structures),
-    grain_boundary (one structure, two rotations), amorphous / vacuum (crystal beside it) and
-    mixed (crystal, amorphous and vacuum). Every crystal layout also gets random vacancies.
+    grain_boundary (one structure, two rotations), amorphous / vacuum (crystal beside it),
+    mixed (crystal, amorphous and vacuum), particle (a crystal disc, an irregular octagon, on an
+    amorphous support) and grains (3-4 grains of one structure). Every crystal layout also gets
+    random point defects: vacancies (empty or partial), heavier and lighter substitutions, adatoms.
     """
     spec = _merge(SCENE_RANGES, ranges, "scene")
     h, w = (int(v) for v in shape)
@@ -492,6 +574,11 @@ def random_scene(shape: tuple[int, int], rng: np.random.Generator, **ranges: Any
     t = rng.uniform(0, 2 * math.pi)
     vacancy_frac, intensity_cv = (_draw(n, spec[n], rng) for n in ("vacancy_frac", "intensity_cv"))
     rotation = rng.uniform(0.0, 360.0)
+    defects = {n: _draw(n, spec[n], rng) for n in ("dopant_frac", "lighter_frac", "adatom_frac")}
+    for n in defects:
+        if not 0 <= defects[n] <= 1:
+            raise ValueError(f"{n}: must be in [0, 1], got {defects[n]!r}")
+    ranges = {n: _pair(n, spec[n], 1e-6) for n in _RANGE_KEYS}
 
     def crystal(kind: str, period: float, rotation: float, **extra: Any) -> Phase:
         offset = (float(rng.uniform(0, period)), float(rng.uniform(0, period)))
@@ -524,9 +611,27 @@ def random_scene(shape: tuple[int, int], rng: np.random.Generator, **ranges: Any
     elif layout == "mixed":
         phases += [Phase("amorphous", a), Phase("vacuum", a)]
         cuts += [cut(), cut()]
+    elif layout == "particle":
+        centre = (rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w)
+        radius = rng.uniform(0.2, 0.4) * min(h, w)
+        start = rng.uniform(0.0, 45.0)
+        for side in range(8):
+            angle = start + 45.0 * side
+            r = radius * rng.uniform(0.9, 1.1)
+            t_side = math.radians(angle)
+            cuts.append(Cut((centre[0] + r * math.sin(t_side), centre[1] + r * math.cos(t_side)), angle))
+            phases.append(Phase("amorphous", a))
+    elif layout == "grains":
+        for _ in range(int(rng.integers(2, 4))):
+            turn = _draw("misorientation_deg", spec["misorientation_deg"], rng) * rng.choice([-1, 1])
+            phases.append(crystal(kind, a, rotation + turn))
+            cuts.append(cut())
     return build_scene((h, w), phases, cuts, rng, sigma_px=width, blur_px=blur,
                        drift_px=(drift * math.sin(t), drift * math.cos(t)), vacancy_frac=vacancy_frac,
-                       intensity_cv=intensity_cv, layout=layout)
+                       intensity_cv=intensity_cv, layout=layout, dopant_frac=defects["dopant_frac"],
+                       dopant_gain=ranges["dopant_gain"], partial_range=ranges["partial_intensity"],
+                       lighter_frac=defects["lighter_frac"], lighter_gain=ranges["lighter_gain"],
+                       adatom_frac=defects["adatom_frac"], adatom_intensity=ranges["adatom_intensity"])
 
 
 # ---------------------------------------------------------------- the instrument

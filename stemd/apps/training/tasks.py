@@ -164,7 +164,9 @@ class ConvTask:
             "sampling": {"period_px": list(c.period_px)},
             "conv": c.model_dump(),
             "training_data": "stemd.sim.scenes.random_scene (every layout and structure) recorded whole by "
-                             "scenes.apply_instrument at log-uniform doses, normalised whole, cut into patches",
+                             "scenes.apply_instrument at log-uniform doses with hot pixels, prepared whole as the "
+                             "pipeline prepares a frame (outliers repaired, destriped, normalised, de-jittered), "
+                             "cut into patches",
         }
 
 
