@@ -7,7 +7,9 @@ import typing
 
 import numpy as np
 import pytest
+import torch
 
+from stemd.apps.training.scoring import predict
 from stemd.apps.training.tasks import EVAL_FRAMES, TASKS, ConvTask, WindowAETask, task_for
 from stemd.config import TrainSettings, load_train_settings
 from stemd.errors import ConfigError
@@ -63,6 +65,27 @@ def test_conv_validation_is_whole_scenes_in_dose_thirds():
         [label["dose"] for label in val.labels], [[5.0, 5.0], [50**0.5 * 5**0.5] * 2, [50.0, 50.0]]
     )
     assert val.batch == EVAL_FRAMES  # whole scenes go through the model a few at a time
+
+
+def test_conv_validation_feeds_the_model_the_inputs_the_pipeline_computes():
+    """Each validation scene carries the guide and noise level that training (and inference) compute, cut whole
+    from its prepared recording, and `predict` passes them to the model instead of letting it take a plain Bragg
+    guide of its own."""
+    task = task_for(load_train_settings(None, {**CONV, "conv": {**CONV["conv"], "noise_level": True}}))
+    val = task.validation()
+    assert set(val.inputs) == {"guide", "level"}
+    assert val.inputs["guide"].shape == val.noisy.shape and val.inputs["level"].shape == (3,)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, guide=None, level=None):
+            seen.append((guide, level))
+            return x
+
+    pred = predict(Recorder(), val, torch.device("cpu"))
+    torch.testing.assert_close(pred, val.noisy)
+    torch.testing.assert_close(torch.cat([g for g, _ in seen]), val.inputs["guide"])
+    torch.testing.assert_close(torch.cat([lv for _, lv in seen]), val.inputs["level"])
 
 
 def test_edge_fraction_is_an_unknown_key():

@@ -44,13 +44,15 @@ HOT_OVER_TOP = (1.5, 10.0)  # and each one's value over the recording's 99.9th p
 @dataclass
 class ValidationSet:
     """Fixed validation samples (windows flattened, or scenes (n, 1, H, W)) evaluated `batch` at a time;
-    `parts[j]` are those `labels[j]` describes (a noise model, or a dose range)."""
+    `parts[j]` are those `labels[j]` describes (a noise model, or a dose range); `inputs`: the model's
+    auxiliary inputs per sample (keyword name -> tensor), as the pipeline computes them."""
 
     noisy: torch.Tensor
     clean: torch.Tensor
     parts: list[slice]
     labels: list[dict[str, Any]] = field(default_factory=list)
     batch: int = 4096
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def stream_seed(seed: int, *key: int) -> int:

@@ -43,13 +43,15 @@ def val_loss(settings: TrainSettings, q: dict[str, float]) -> float:
 
 @torch.no_grad()
 def predict(model: nn.Module, val: ValidationSet, device: torch.device) -> torch.Tensor:
-    """The model's output for the validation inputs, `val.batch` at a time, on the CPU."""
+    """The model's output for the validation samples and their auxiliary inputs, `val.batch` at a time, on the
+    CPU."""
     was_training = model.training
     model.eval()
-    noisy = val.noisy
-    pred = torch.cat(
-        [model(noisy[i : i + val.batch].to(device)).float().cpu() for i in range(0, len(noisy), val.batch)]
-    )
+    noisy, b = val.noisy, val.batch
+    pred = torch.cat([
+        model(noisy[i : i + b].to(device), **{k: v[i : i + b].to(device) for k, v in val.inputs.items()}).float().cpu()
+        for i in range(0, len(noisy), b)
+    ])
     model.train(was_training)
     return pred
 

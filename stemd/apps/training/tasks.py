@@ -140,19 +140,22 @@ class ConvTask:
                 yield tuple(d[take] for d in data)
 
     def validation(self) -> ValidationSet:
-        """`val_scenes` whole VAL_SCENE_PX scenes, one per dose spread log-evenly over conv.dose; parts: thirds."""
+        """`val_scenes` whole VAL_SCENE_PX scenes, one per dose spread log-evenly over conv.dose, with the inputs
+        the pipeline would give the model (`input_names`: its guide, stepping aside at contradicted columns, and
+        noise level), so best.pt is chosen on what inference feeds it; parts: thirds."""
         c = self.settings.conv
         reference = reference_levels(c.period_px)
         rng = np.random.default_rng(stream_seed(self.settings.seed, VAL_STREAM, 0))
         doses = np.geomspace(c.dose[0], c.dose[1], c.val_scenes)
-        whole = {"patch": VAL_SCENE_PX, "scene_size": VAL_SCENE_PX, "guide": "none", "noise_level": False}
-        noisy, clean = zip(*(scene_patches(1, rng, reference, c.model_copy(update={**whole, "dose": (d, d)}),
-                                           doses_per_scene=1, per_dose=1) for d in doses))
+        whole = {"patch": VAL_SCENE_PX, "scene_size": VAL_SCENE_PX}
+        recorded = [scene_patches(1, rng, reference, c.model_copy(update={**whole, "dose": (d, d)}),
+                                doses_per_scene=1, per_dose=1) for d in doses]
+        arrays = [torch.from_numpy(np.concatenate(column)) for column in zip(*recorded)]
         bounds = [round(k * c.val_scenes / 3) for k in range(4)]
         parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
         labels = [{"dose": [float(doses[p.start]), float(doses[p.stop - 1])]} for p in parts]
-        return ValidationSet(torch.from_numpy(np.concatenate(noisy)), torch.from_numpy(np.concatenate(clean)), parts,
-                             labels, EVAL_FRAMES)
+        return ValidationSet(arrays[0], arrays[-1], parts, labels, EVAL_FRAMES,
+                             dict(zip(self.input_names, arrays[1:-1])))
 
     def metadata(self) -> dict[str, Any]:
         """Smallest input side, the normalisation reference, the trained period range and the conv settings."""
