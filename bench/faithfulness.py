@@ -877,7 +877,8 @@ POINT_DOSES = (2.0, 5.0, 20.0, 60.0, 200.0)
 POINT_SEED = 20_250_017  # not a seed any trainer draws from
 POINT_SIZE = 256
 DISC_FRAC = 0.3  # disc radius / period for column intensities (B sites are 0.71 periods from A sites)
-POINT_SCENE = {"vacancy_frac": 0.04, "dopant_frac": 0.06}  # half the vacancies empty, half 0.2-0.6 kept
+POINT_SCENE = {"vacancy_frac": 0.04, "dopant_frac": 0.06,  # half the vacancies empty, half 0.2-0.6 kept
+               "lighter_frac": 0.03, "adatom_frac": 0.03}  # lighter substitutions x0.4-0.8, weak interstitials
 POINT_STRUCTURES = {  # name -> (phase kind, period px, second sublattice's peak, dopant gain); scene as POINT_SCENE
     "SrTiO3": ("perovskite", 10.0, 0.7, scenes.DOPANT_GAIN),  # Sr (1) and Ti-O (0.7) columns; La / Bi on Sr
     "MoS2": ("hexagonal", 12.0, 0.4, (2.4, 2.8)),  # Mo (1) and S2 (0.4, Z^1.7); W on Mo (74 / 42)^1.7 = 2.6
@@ -924,6 +925,8 @@ class PointScore:
     dopant_dim: float  # share of the dopants' extra intensity removed
     error_all: float  # RMS column-intensity error, % of a host A column's, every column
     error_defect: float  # the same at the defect columns
+    lighter_fill: float = float("nan")  # share of a lighter substitution's missing intensity put back
+    adatom_loss: float = float("nan")  # share of an adatom's intensity removed
 
 
 def intact_gain(output: np.ndarray, scene: scenes.Scene, margin: float = EDGE_MARGIN_PX) -> float:
@@ -958,7 +961,7 @@ def point_scores(output: np.ndarray, scene: scenes.Scene, host: np.ndarray,
     calib = (lambda o: o / gain) if gain > 0 else (lambda o: o * np.nan)
     t, hh, o = disc_means(scene.clean, defects, r), disc_means(host, defects, r), calib(disc_means(output, defects, r))
 
-    def share(k: int) -> float:
+    def share(k: int) -> float:  # (O - T) / (H - T): a fill where the host is brighter, a loss where it is darker
         sel = kind == k
         return float((o[sel] - t[sel]).sum() / (hh[sel] - t[sel]).sum()) if sel.any() else float("nan")
 
@@ -966,7 +969,7 @@ def point_scores(output: np.ndarray, scene: scenes.Scene, host: np.ndarray,
     every = np.concatenate([scene.columns[keep(scene.columns)], defects[kind == 1]])
     err_all = calib(disc_means(output, every, r)) - disc_means(scene.clean, every, r)
     return PointScore(share(1), share(2), share(3), float(100 * np.sqrt(np.mean(err_all**2)) / ref),
-                      float(100 * np.sqrt(np.mean((o - t) ** 2)) / ref))
+                      float(100 * np.sqrt(np.mean((o - t) ** 2)) / ref), share(4), share(5))
 
 
 class GuideSwapDenoiser(Denoiser):
@@ -1044,6 +1047,7 @@ def point_table(frames: list[Frame], scores: dict[str, list[PointScore]], method
     rows = ["| method | metric | " + " | ".join(f"{d:g}" for d in doses) + " |",
             "|---|---|" + "---|" * len(doses)]
     names = (("vacancy_fill", "vacancy fill"), ("partial_fill", "partial fill"), ("dopant_dim", "dopant dim"),
+             ("lighter_fill", "lighter fill"), ("adatom_loss", "adatom loss"),
              ("error_all", "intensity error, all (%)"), ("error_defect", "intensity error, defects (%)"))
     for m in methods:
         for key, label in names:
@@ -1081,7 +1085,7 @@ def point_figure(frame: Frame, outputs: dict[str, np.ndarray], scores: dict[str,
     panels = [("raw", frame.noisy, None)] + [(k, outputs[k], scores[k]) for k in ("stemd", "GAT + BM3D")]
     panels.append(("truth", s.clean, None))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.1), squeeze=False)
-    colours = {1: "red", 2: "orange", 3: "cyan"}
+    colours = {1: "red", 2: "orange", 3: "cyan", 4: "yellow", 5: "lime"}
     local = pts - (y0, x0)
     shown = (local >= 0).all(1) & (local < crop).all(1)
     for ax, (label, img, sc) in zip(axes[0], panels):
@@ -1096,7 +1100,7 @@ def point_figure(frame: Frame, outputs: dict[str, np.ndarray], scores: dict[str,
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"Point defects at dose {frame.dose:g} (counts at the brightest host column); red: empty, "
-                 "orange: partly empty, cyan: dopant", fontsize=8)
+                 "orange: partly empty, cyan: dopant, yellow: lighter, lime: adatom", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1122,7 +1126,7 @@ def point_main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         outs, _, _ = m.run(frames)
         outputs[m.name] = outs
-        nan = PointScore(*(float("nan"),) * 5)
+        nan = PointScore(*(float("nan"),) * 7)
         scores[m.name] = [nan if o is None else point_scores(np.asarray(o, np.float64), f.scene, hosts[id(f)])
                           for f, o in zip(frames, outs)]
         print(f"{m.label}: {len(frames)} frames, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -1188,7 +1192,10 @@ def point_report(args: argparse.Namespace, size: int, doses: list[float], method
         f"blur 0.6 px, drift, intensity cv 0.04, from `scenes.build_scene` with vacancy_frac "
         f"{POINT_SCENE['vacancy_frac']} (half empty, half kept at 0.2–0.6 of the host's intensity) and dopant_frac "
         f"{POINT_SCENE['dopant_frac']} (bright-sublattice columns × {scenes.DOPANT_GAIN[0]}–{scenes.DOPANT_GAIN[1]}: "
-        f"La, Bi on Sr; × 2.4–2.8 in MoS2: W on Mo), instrument NAMED_NOISE at doses "
+        f"La, Bi on Sr; × 2.4–2.8 in MoS2: W on Mo), lighter_frac {POINT_SCENE['lighter_frac']} (columns × "
+        f"{scenes.LIGHTER_GAIN[0]}–{scenes.LIGHTER_GAIN[1]}) and adatom_frac {POINT_SCENE['adatom_frac']} (weak "
+        f"columns, peak {scenes.ADATOM_INTENSITY[0]}–{scenes.ADATOM_INTENSITY[1]}, at interstitial sites), instrument "
+        f"NAMED_NOISE at doses "
         f"{', '.join(f'{d:g}' for d in doses)} counts at the brightest host column.\n\n"
         f"**Metrics** (`point_scores`). A column's intensity is the mean over a disc of radius {DISC_FRAC} period "
         "around its true position. Each output is calibrated on the intact columns far from any defect: divided by "
@@ -1199,7 +1206,9 @@ def point_report(args: argparse.Namespace, size: int, doses: list[float], method
         "(T) and the same scene with every defect undone (H, `scenes.host_clean`): *vacancy fill* = Σ(O − T) / "
         "Σ(H − T) over the empty columns (0: stays empty; 1: looks like a host column), *partial fill* the same "
         "over the partly empty ones, *dopant dim* = Σ(T − O) / Σ(T − H) over the dopants (0: as bright as it is; "
-        "1: host-like). *Intensity error*: RMS of calibrated O − T over every column (and empty site) at least "
+        "1: host-like), *lighter fill* as the partial fill over the lighter substitutions, *adatom loss* = "
+        "Σ(T − O) / Σ(T − H) over the adatoms (1: gone). *Intensity error*: RMS of calibrated O − T over every "
+        "column (and empty site) at least "
         f"{EDGE_MARGIN_PX} px inside the frame, and over the defect columns alone, in % of an intact A column's "
         "disc mean. The *clean* row is the check (0 by construction). *keep_defects off*: without the guide "
         "stepping aside at the columns the frame contradicts (`stemd.compute.columns`). Guide ablation (each with "

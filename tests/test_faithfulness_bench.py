@@ -321,8 +321,10 @@ def test_the_mos2_frame_carries_each_defect_kind_and_scores_like_the_perovskite(
     frame = fb.point_defect_frame(160, seed=3, dose=20.0, structure="MoS2")
     scene, host = frame.scene, scenes.host_clean(frame.scene)
     assert frame.kind == "MoS2" and scene.params["phases"][0]["kind"] == "hexagonal"
-    assert min(np.bincount(scene.params["defects"]["kind"], minlength=4)[1:]) >= 3
+    assert min(np.bincount(scene.params["defects"]["kind"], minlength=6)[1:]) >= 3
     truth = fb.point_scores(scene.clean.astype(np.float64), scene, host)
     filled = fb.point_scores(host.astype(np.float64), scene, host)
-    assert max(abs(v) for v in (truth.vacancy_fill, truth.partial_fill, truth.dopant_dim)) < 1e-6
-    assert min(filled.vacancy_fill, filled.partial_fill, filled.dopant_dim) == pytest.approx(1.0)
+    kinds = (truth.vacancy_fill, truth.partial_fill, truth.dopant_dim, truth.lighter_fill, truth.adatom_loss)
+    assert max(abs(v) for v in kinds) < 1e-6
+    assert min(filled.vacancy_fill, filled.partial_fill, filled.dopant_dim, filled.lighter_fill,
+               filled.adatom_loss) == pytest.approx(1.0)
