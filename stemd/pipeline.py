@@ -28,6 +28,7 @@ from stemd.compute.fourier import bragg_filter, bragg_spectrum, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
 from stemd.compute.outliers import outlier_mask, repair
 from stemd.compute.planar import Vectors, planar_guide
+from stemd.compute.residual import recover
 from stemd.compute.scanlines import Lines, destripe, scan_lines
 from stemd.config import Device, ModelSettings, Precision, model_settings
 from stemd.errors import CheckpointError, ConfigError, ModelOutputError
@@ -303,8 +304,9 @@ class Denoiser:
 
         The line-jitter correction (`_dejittered`), then the model resampled by the plan's factor and back (`plan`,
         or one made from `pixel_size_m`). With `flips` the output is the mean over the frame's FLIPS (4x the
-        compute: a self-ensemble that averages out part of the model's own error). Last, the plan's `blend` of
-        the output with the frame as given to the model (`self_checked`)."""
+        compute: a self-ensemble that averages out part of the model's own error). With `recover` the residual's
+        structure above its noise floor is put back (`stemd.compute.residual`). Last, the plan's `blend` of the
+        output with the frame as given to the model (`self_checked`)."""
         plan = plan or self.plan(frames.shape, pixel_size_m)
         frames = self._dejittered(frames, plan)
         if not self.flips:
@@ -312,6 +314,8 @@ class Denoiser:
         else:
             out = sum((self._denoise(frames.flip(dims), plan, dims).flip(dims) for dims in FLIPS),
                       torch.zeros_like(frames, dtype=torch.float32)) / len(FLIPS)
+        if self.settings.recover:
+            out = recover(frames, out, lines=plan.lines)
         return out if plan.blend == 1.0 else plan.blend * out + (1.0 - plan.blend) * frames.float()
 
     def _denoise(self, frames: torch.Tensor, plan: Plan, flipped: tuple[int, ...] = ()) -> torch.Tensor:
