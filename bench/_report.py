@@ -64,8 +64,8 @@ def publish(text: str, path: Path, title: str, write: bool = True) -> None:
 
 def model_option(text: str) -> tuple[str, Path, dict]:
     """--model NAME=PATH[@OPT[+OPT]] -> (name, path, Denoiser options); OPT is a precision, `flips`,
-    `dejitterN` (N rounds of line-jitter correction; dejitter0: off), `noplanar` (the Bragg guide everywhere) or
-    `nokeep` (the guide does not step aside at point defects)."""
+    `dejitterN` (N rounds of line-jitter correction; dejitter0: off), `noplanar` (the Bragg guide everywhere),
+    `nokeep` (the guide does not step aside at point defects) or `norecover` (the residual is not put back)."""
     name, sep, rest = text.partition("=")
     path, _, suffix = rest.rpartition("@") if "@" in rest else (rest, "", "")
     options: dict = {}
@@ -78,12 +78,14 @@ def model_option(text: str) -> tuple[str, Path, dict]:
             options["planar"] = False
         elif opt == "nokeep":
             options["keep_defects"] = False
+        elif opt == "norecover":
+            options["recover"] = False
         elif opt.startswith("dejitter") and opt[8:].isdigit() and int(opt[8:]) <= DEJITTER_MAX:
             options["dejitter"] = int(opt[8:])
         else:
             path = ""
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(
-            f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips|dejitterN|noplanar|nokeep[+...]], got {text!r}"
+            f"expected NAME=PATH[@{'|'.join(PRECISIONS)}|flips|dejitterN|noplanar|nokeep|norecover[+...]], got {text!r}"
         )
     return name, Path(path), options

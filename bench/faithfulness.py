@@ -59,12 +59,14 @@ DEFAULT_MODELS = {
     "conv": ROOT / "stemd/models/conv.pt",
     "conv no dejitter": ROOT / "stemd/models/conv.pt",
     "conv no planar guide": ROOT / "stemd/models/conv.pt",
+    "conv no recovery": ROOT / "stemd/models/conv.pt",
     "conv bf16": ROOT / "stemd/models/conv.pt",
     "conv bf16 flips": ROOT / "stemd/models/conv.pt",
 }
 DEFAULT_OPTIONS = {
     "conv no dejitter": {"dejitter": 0},  # Denoiser options; the rest: float32, one pass, dejitter 2, planar
     "conv no planar guide": {"planar": False},
+    "conv no recovery": {"recover": False},
     "conv bf16": {"precision": "bf16"},
     "conv bf16 flips": {"precision": "bf16", "flips": True},
 }
@@ -1236,7 +1238,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=model_option,
         default=[],
         metavar="NAME=PATH",
-        help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar][+nokeep] "
+        help="a stemd checkpoint to measure, NAME=PATH[@bf16][+flips][+dejitterN][+noplanar][+nokeep][+norecover] "
         "(repeatable; default: those of "
         f"{', '.join(str(v.relative_to(ROOT)) for v in DEFAULT_MODELS.values())} that exist)",
     )

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         type=model_option,
         action="append",
-        metavar="NAME=PATH[@bf16][+flips][+dejitterN][+noplanar][+nokeep]",
+        metavar="NAME=PATH[@bf16][+flips][+dejitterN][+noplanar][+nokeep][+norecover]",
         help="a checkpoint to run in the daemon (repeatable; default: conv, conv@bf16, paper AE)",
     )
     p.add_argument("--device", default="auto")

@@ -79,6 +79,7 @@ KNOBS_TITLE = "Real data: pipeline knobs (bench/real.py --knobs)"
 KNOBS: dict[str, dict[str, object]] = {  # Denoiser settings per row of the knob sweep
     "as shipped": {}, "self_check on": {"self_check": True}, "dejitter 0": {"dejitter": 0},
     "planar off": {"planar": False}, "destripe off": {"destripe": False}, "outliers off": {"outliers": False},
+    "recover off": {"recover": False},
     "flips (4 passes)": {"flips": True}}
 FACTORS = (0.7, 0.85, 1.2, 1.4)  # the knob sweep's resampling factors, times the planned one
 
@@ -462,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     tk = tk_r_em_bridge.available()
     blends: dict[str, list[float]] = {}
     methods = make_methods({"stemd": Denoiser.load(), "stemd self_check": Denoiser.load(self_check=True),
-                            "stemd dejitter=0": Denoiser.load(dejitter=0)}, not args.no_bm3d, tk, blends)
-    labels = ["stemd", "stemd self_check", "stemd dejitter=0", "Gaussian"] + [
+                            "stemd dejitter=0": Denoiser.load(dejitter=0),
+                            "stemd recover=0": Denoiser.load(recover=False)}, not args.no_bm3d, tk, blends)
+    labels = ["stemd", "stemd self_check", "stemd dejitter=0", "stemd recover=0", "Gaussian"] + [
         k for k in ("Anscombe+BM3D", "tk_r_em") if k in methods]
 
     real: list[FrameResult] = []
