@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from bench._report import BENCHMARKS, machine_line, publish
-from stemd.compute import columns, dejitter, fourier, planar
+from stemd.compute import columns, dejitter, fourier, planar, residual
 from stemd.compute.normalize import normalize
 from stemd.pipeline import Denoiser
 from stemd.sim.scenes import named_frame
@@ -71,6 +71,7 @@ def stages(den: Denoiser, size: int) -> dict[str, Callable[[], object]]:
         "planar guide with its Bragg guide, the plan's lattice (the pipeline's)": guide_from_plan,
         "point-defect guide (keep_columns)": lambda: columns.keep_columns(x, guide, plan.scale_px or 10.0),
         MODEL: lambda: den.model.denoise_frames(x, den.step, guide=guide, level=level),
+        "residual recovery (recover)": lambda: residual.recover(x, guide, lines=plan.lines),
         RUN: lambda: den.run(frames, plan),
         "lattice measurement (a plan: once per series)": lambda: den.plan(raw.shape, None, raw),
     }

@@ -126,7 +126,7 @@ def test_dask_scaling_quick_times_one_process_and_two_clusters(tmp_path):
 def test_stages_smoke_run_times_every_stage():
     out = run_module("stages", "--size", "96", "--repeats", "1")
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
-    assert len(rows) == 10 and all(float(r.split("|")[2].split()[0]) >= 0 for r in rows)
+    assert len(rows) == 11 and all(float(r.split("|")[2].split()[0]) >= 0 for r in rows)
     assert any(r.startswith("| whole Denoiser.run") for r in rows)
 
 

@@ -9,7 +9,7 @@ puts back, frequency by frequency, the share above the floor (the Wiener gain 1 
 power clears the floor by THRESHOLD. Where the model took out only noise, nothing clears it and the output is
 unchanged. Line artefacts the line-jitter correction and destripe left (each scan line's offset, gain and
 sub-pixel shift) are fitted line by line and left out first: they are the scan's, not the specimen's
-(docs/benchmarks.md, "Residual recovery"). Tensor operations only: no host sync.
+(docs/benchmarks.md, "Real data"). Tensor operations only: no host sync.
 """
 
 from __future__ import annotations
