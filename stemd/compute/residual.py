@@ -64,11 +64,14 @@ def line_free(residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     (a gain) and the output's derivative along the row (a small shift): what the line-jitter correction and
     destripe left of the line artefacts, which a line-by-line fit explains and which are not the specimen's."""
     y = out.float()
-    slope = torch.gradient(y, dim=-1)[0]
-    basis = torch.stack([torch.ones_like(y), y - y.mean(-1, keepdim=True), slope], -1)  # (B, 1, H, W, 3)
-    gram = basis.transpose(-2, -1) @ basis + 1e-6 * torch.eye(3, device=y.device)
-    coef = torch.linalg.solve(gram, basis.transpose(-2, -1) @ residual[..., None])
-    free: torch.Tensor = residual - (basis @ coef)[..., 0]
+    gain = y - y.mean(-1, keepdim=True)  # centred, as is the shift's regressor: both orthogonal to the offset
+    shift = torch.gradient(y, dim=-1)[0]
+    shift = shift - shift.mean(-1, keepdim=True)
+    r = residual - residual.mean(-1, keepdim=True)
+    gg, gs, ss = ((a * b).sum(-1, keepdim=True) for a, b in ((gain, gain), (gain, shift), (shift, shift)))
+    rg, rs = (r * gain).sum(-1, keepdim=True), (r * shift).sum(-1, keepdim=True)
+    det = (gg * ss - gs * gs).clamp_min(1e-12)
+    free: torch.Tensor = r - ((ss * rg - gs * rs) / det) * gain - ((gg * rs - gs * rg) / det) * shift
     return free
 
 
