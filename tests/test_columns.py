@@ -16,11 +16,11 @@ PERIOD = 10.0
 SCALE = PERIOD / np.sqrt(2)  # the perovskite's shortest column-to-column translation (A to B site)
 
 
-def _scene(vacancy_frac: float, dopant_frac: float, seed: int = 3) -> scenes.Scene:
+def _scene(vacancy_frac: float, dopant_frac: float, seed: int = 3, adatom_frac: float = 0.0) -> scenes.Scene:
     rng = np.random.default_rng(seed)
     phase = scenes.Phase("perovskite", PERIOD, 15.0, (2.0, 5.0))
     return scenes.build_scene((192, 192), [phase], [], rng, sigma_px=1.3, blur_px=0.6, intensity_cv=0.03,
-                              vacancy_frac=vacancy_frac, dopant_frac=dopant_frac)
+                              vacancy_frac=vacancy_frac, dopant_frac=dopant_frac, adatom_frac=adatom_frac)
 
 
 def _noisy(clean: np.ndarray, dose: float, seed: int = 4) -> np.ndarray:
@@ -95,3 +95,18 @@ def test_a_fault_free_frame_leaves_the_guide_almost_untouched(dose):
     change = (kept - guide).abs()
     assert float((change > 0.05).float().mean()) < 0.01
     assert float(change.mean()) < 0.02 * float(guide.mean())
+
+
+@pytest.mark.parametrize("dose", [20.0, 60.0])
+def test_columns_where_the_guide_has_none_are_added(dose):
+    """Adatoms (weak columns at interstitial sites) are absent from a lattice guide; the extra-column test
+    adds them: their disc means move most of the way from the guide's to the truth's."""
+    scene = _scene(vacancy_frac=0.0, dopant_frac=0.0, adatom_frac=0.1, seed=5)
+    d = scene.params["defects"]
+    adatoms = d["seen"][(d["kind"] == scenes.DEFECT_KINDS.index("adatom")) & _inside(d["seen"])]
+    assert len(adatoms) >= 5
+    frame, guide = _t(_noisy(scene.clean, dose)), _t(scenes.host_clean(scene))
+    truth, was = _discs(_t(scene.clean), adatoms), _discs(guide, adatoms)
+    without, added = (_discs(keep_columns(frame, guide, SCALE, extra=e), adatoms) for e in (False, True))
+    assert np.abs(without - truth).sum() > 0.9 * np.abs(was - truth).sum()  # the column test alone: no help
+    assert np.abs(added - truth).sum() < 0.5 * np.abs(was - truth).sum()
