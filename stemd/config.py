@@ -103,7 +103,8 @@ class ModelSettings(_Section):
         True,
         strict=True,
         description="conv models: the guide steps aside at an atom column the frame contradicts (a vacancy, a "
-        "partly empty column, a dopant), so the model keeps it instead of pulling it to the host lattice "
+        "partly empty column, a dopant), so the model keeps it instead of pulling it to the host lattice, and "
+        "takes in a column where the lattice has none (an adatom) "
         "(stemd.compute.columns; bench.faithfulness --point-defects; ~30 ms CPU per 512² frame, 1 thread)",
     )
     recover: bool = Field(
