@@ -60,7 +60,8 @@ def stages(den: Denoiser, size: int) -> dict[str, Callable[[], object]]:
 
     def guide_from_plan() -> torch.Tensor:
         spectrum = fourier.bragg_spectrum(x)
-        return planar.planar_guide(x, fourier.bragg_filter(x, spectrum=spectrum), plan.vectors, spectrum)
+        return planar.planar_guide(x, fourier.bragg_filter(x, spectrum=spectrum), plan.vectors, spectrum,
+                                   plan.faults)
 
     return {
         "outliers (find and fill)": lambda: den.repaired(frames),

@@ -64,8 +64,8 @@ class ModelSettings(_Section):
                             "period is needed; a frame without a lattice falls back on pixel size x "
                             "lattice_period_m. false: always pixel size x lattice_period_m")
     calibrate_every: int = Field(64, ge=1, description="live: the lattice is measured on a series' first frame and "
-                                 "again every this many frames, on the engine's thread (~40 ms CPU per 512² "
-                                 "frame, 1 thread: bench.stages)")
+                                 "again every this many frames (with its planar faults), on the engine's thread "
+                                 "(~100 ms CPU per 512² frame, 1 thread: bench.stages)")
     lattice_period_m: float = Field(SRTIO3_A_M, gt=1e-11, lt=1e-8, allow_inf_nan=False,
                                     description="the specimen's projected lattice period, metres (SrTiO3 a); "
                                     "used with the pixel size when the frame's own lattice is not measured")
@@ -96,8 +96,9 @@ class ModelSettings(_Section):
         True,
         strict=True,
         description="conv models: across a planar fault the guide is the frame averaged along "
-        "it (stemd.compute.planar); false: the Bragg guide everywhere (saves ~35-55 ms "
-        "CPU per 512² frame, 1 thread, quiet to busy machine: bench.stages)",
+        "it (stemd.compute.planar); a series' plan looks for faults and its frames search only along "
+        "those (none: no cost). false: the Bragg guide everywhere (saves ~13 ms CPU per 512² frame with a "
+        "fault, 1 thread: bench.stages)",
     )
     keep_defects: bool = Field(
         True,

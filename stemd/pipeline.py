@@ -85,6 +85,8 @@ class Plan:
     stripes: bool = False  # the frame's line means flicker beyond its noise: destripe before the model
     blend: float = 1.0  # the model output's weight; the rest is the frame as given to the model (the self-check's)
     checked: str = "no"  # the self-check: "yes" (it chose the blend), "no" (not run), or why it was skipped
+    faults: tuple[int, ...] | None = None  # the planar guide's directions with a fault in the measured frame
+    # (`planar.fault_directions`; its frames search only these); None: not measured, each frame searches all
 
     def describe(self) -> dict[str, Any]:
         """Plain data for output metadata and the published header."""
@@ -185,14 +187,15 @@ class Denoiser:
 
         With `frames` (a 2D frame or a stack; the first is measured) the frame's lattice is measured
         (`sampling.measure_scale`): with `calibrate` its scale chooses the factor, and a frame without a lattice
-        gets no line-jitter correction. Without a measured lattice the pixel size and `lattice_period_m` decide.
+        gets no line-jitter correction, and the directions of its planar faults are found (`Plan.faults`: the
+        series' frames search only those). Without a measured lattice the pixel size and `lattice_period_m` decide.
         With `self_check` the frame also chooses the blend of the model's output with its input (`self_checked`)."""
         hw = (int(shape[-2]), int(shape[-1]))
         scale, lattice, vectors = None, None, None
         lines: Lines = "rows" if self.settings.scan_lines == "auto" else self.settings.scan_lines
         stripes = False
-        if frames is not None:
-            one = frames if frames.ndim == 2 else frames[0]
+        one = None if frames is None else frames if frames.ndim == 2 else frames[0]
+        if one is not None:
             first = self.repaired(torch.as_tensor(_writable(one) if isinstance(one, np.ndarray) else one)
                                   .to(self.device)[None])
             scale, vectors = _sampling.measure_lattice(first.to(torch.float32)[:, None])[0]
@@ -210,10 +213,22 @@ class Denoiser:
         if vectors is not None and self.planar and "guide" in self.model.inputs:
             for dims in FLIPS if self.flips else ((),):  # the planar guide's geometry, its host reads done here
                 _planar.prepare(hw, _flipped(vectors, dims), self.device)
-        if frames is not None and self.settings.self_check:
-            one = frames if frames.ndim == 2 else frames[0]
+            if one is not None:
+                made = replace(made, faults=self._fault_directions(one, made))
+        if one is not None and self.settings.self_check:
             made = self.self_checked(made, one if isinstance(one, np.ndarray) else one.detach().cpu().numpy())
         return made
+
+    def _fault_directions(self, raw: np.ndarray | torch.Tensor, plan: Plan) -> tuple[int, ...]:
+        """The planar guide's directions with a fault in one (H, W) raw frame of the series, prepared as the
+        pipeline prepares it (`planar.fault_directions`)."""
+        assert plan.vectors is not None
+        one = torch.as_tensor(_writable(raw) if isinstance(raw, np.ndarray) else raw).to(self.device)[None]
+        with torch.inference_mode():
+            x = self._dejittered(normalize(self._destriped(one, plan), reference=self.reference)[0][:, None], plan)
+            x = x.float()
+            spectrum = bragg_spectrum(x)
+            return _planar.fault_directions(x, bragg_filter(x, spectrum=spectrum), plan.vectors, spectrum)
 
     def self_checked(self, plan: Plan, raw: np.ndarray) -> Plan:
         """`plan` with the blend of the model's output and its input that does best on `raw` (one frame of the
@@ -347,11 +362,11 @@ class Denoiser:
                 x = frames.float()
                 spectrum = bragg_spectrum(x)
                 guide = bragg_filter(x, spectrum=spectrum)
-                vectors = plan.vectors if plan is not None else None
+                vectors, faults = (plan.vectors, plan.faults) if plan is not None else (None, None)
                 if self.planar and (plan is None or plan.lattice is None):
                     guide = planar_guide(x, guide, spectrum=spectrum)
                 elif self.planar and vectors is not None:
-                    guide = planar_guide(x, guide, _flipped(vectors, flipped), spectrum)
+                    guide = planar_guide(x, guide, _flipped(vectors, flipped), spectrum, faults)
                 if self.settings.keep_defects and plan is not None and plan.scale_px is not None:
                     guide = keep_columns(x, guide, plan.scale_px)
                 aux["guide"] = _sampling.resample(guide, factor)

@@ -327,6 +327,23 @@ def test_conv_model_is_guided_by_the_planar_guide_unless_told_not_to(monkeypatch
         Denoiser(model, {}, device="cpu", planar="yes")
 
 
+def test_a_plan_records_its_frames_planar_faults_and_a_fault_free_series_skips_the_search(one_torch_thread):
+    """The plan measures along which directions its frame shows a planar fault (`Plan.faults`): one on the RP
+    named frame, none on the vacancies frame. Frames run by it give the output a search of all four gives, to the
+    bit."""
+    from dataclasses import replace
+
+    den = Denoiser.load(device="cpu")
+    for name, count in (("perovskite_rp", 1), ("vacancies", 0)):
+        noisy = scenes.named_frame(name, (256, 256), seed=3, dose=5.0)[0]
+        plan = den.plan(noisy.shape, None, noisy)
+        assert plan.faults is not None and len(plan.faults) == count, (name, plan.faults)
+        later = torch.from_numpy(scenes.named_frame(name, (256, 256), seed=4, dose=5.0)[0])[None]
+        with torch.inference_mode():
+            torch.testing.assert_close(den.run(later, plan), den.run(later, replace(plan, faults=None)),
+                                       rtol=0, atol=0)
+
+
 def test_flips_average_the_model_over_the_four_flips(tmp_path: Path):
     """flips=True is the mean of the model on the frame's left-right/up-down flips, each flipped back."""
     from stemd.models.conv_unet import ConvDenoiser

@@ -209,3 +209,25 @@ def test_plane_averages_are_those_of_the_whole_padded_transform():
     former = torch.fft.irfft2(values * geometry.kernels.transpose(-2, -1), s=geometry.size)[..., :256, :256]
     torch.testing.assert_close(planar._plane_averages(x, geometry, None)[0], former / geometry.fraction + mean,
                                rtol=0, atol=1e-6)
+
+
+def test_a_plan_searches_only_the_directions_its_frame_has_a_fault_along():
+    """`fault_directions` on a series' first frame finds the RP fault's direction and none on a fault-free frame;
+    a later frame searched only along those gets the guide a search of all four gives, to the bit, and a series
+    without a fault its Bragg guide with no plane average taken."""
+    first, _ = _frame(dose=5.0, seed=2)
+    later, _ = _frame(dose=5.0, seed=1)
+    plain, _ = _frame(defect=None, dose=5.0, seed=3)
+    (vectors,) = lattice_vectors(bragg_filter(first))
+    faults = planar.fault_directions(first, bragg_filter(first), vectors)
+    assert len(faults) == 1
+    assert planar.fault_directions(plain, bragg_filter(plain), vectors) == ()
+    bragg = bragg_filter(later)
+    only, only_blend = planar.planar_blend(later, bragg, vectors, directions=faults)
+    every, every_blend = planar.planar_blend(later, bragg, vectors)
+    torch.testing.assert_close(only, every, rtol=0, atol=0)
+    assert bool((only_blend > 0).any())
+    others = tuple(c for c in range(4) if c not in faults)
+    assert not bool((planar.planar_blend(later, bragg, vectors, directions=others)[1] > 0).any())
+    torch.testing.assert_close(planar.planar_guide(plain, bragg_filter(plain), vectors, directions=()),
+                               bragg_filter(plain), rtol=0, atol=0)

@@ -140,7 +140,7 @@ def keep_columns(frames: torch.Tensor, guide: torch.Tensor, scale_px: float, thr
     norm = blur(profile.square(), s).clamp_min(1e-12)
     beta = blur(residual * profile, s) / norm  # the column's height off the guide's, as a fraction of it
     spread = blur(v * profile.square(), s, 2).clamp_min(1e-12)  # the variance of beta x norm
-    skew = blur(b.square() * g.clamp_min(0) * profile.pow(3), s, 3) / spread.pow(1.5)
+    skew = blur(b.square() * g.clamp_min(0) * profile.square() * profile, s, 3) / (spread * spread.sqrt())
     z = _unskewed(beta * norm / spread.sqrt(), skew)
     edge = min(math.ceil(EDGE_FRAC * scale_px), min(z.shape[-2:]) // 2)
     inner = z[..., edge:-edge or None, edge:-edge or None]
@@ -162,7 +162,7 @@ def extra_columns(residual: torch.Tensor, profile: torch.Tensor, v: torch.Tensor
     that is sure (z from `t` to EXTRA_HIGH, Benjamini-Hochberg), the residual itself over `reach` px."""
     num = blur(residual, s)
     var = blur(v, s, 2).clamp_min(1e-12)
-    skew = blur(b.square() * g.clamp_min(0), s, 3) / var.pow(1.5)
+    skew = blur(b.square() * g.clamp_min(0), s, 3) / (var * var.sqrt())
     z = _unskewed(num / var.sqrt(), skew)
     empty = (profile < EXTRA_EMPTY * profile.amax((-2, -1), keepdim=True)).to(z.dtype)
     z = z * empty

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ BORDER_PX = 32  # the Bragg guide fades towards the frame's edges: gains are tak
 TRIM_PX = 32  # and bands this close to the ends of a profile are not taken (the fade reaches further)
 MIN_LINE_FRACTION = 0.5  # profile bins whose lines are shorter than this x the longest (frame corners) are left out
 MIN_PROFILE_BINS = 64  # a shorter profile (a frame under ~200 px) is too short to tell a band from chance
+PLAN_MARGIN = 0.75  # a plan keeps the directions whose band reaches this x the threshold (`fault_directions`)
 
 Vectors = tuple[tuple[float, float], tuple[float, float]]
 _INNER = (..., slice(BORDER_PX, -BORDER_PX), slice(BORDER_PX, -BORDER_PX))  # the pixels whose gains are profiled
@@ -237,10 +239,10 @@ def _plane_average(values: torch.Tensor, mean: torch.Tensor, geometry: _Geometry
 
 
 def planar_guide(frames: torch.Tensor, guide: torch.Tensor | None = None, vectors: Vectors | None = None,
-                 spectrum: Spectrum | None = None) -> torch.Tensor:
+                 spectrum: Spectrum | None = None, directions: tuple[int, ...] | None = None) -> torch.Tensor:
     """(B, 1, H, W) -> the Bragg `guide` (computed if None), replaced by a plane average across planar faults
-    (`planar_blend`, which says what `vectors` and `spectrum` are)."""
-    return planar_blend(frames, guide, vectors, spectrum)[0]
+    (`planar_blend`, which says what `vectors`, `spectrum` and `directions` are)."""
+    return planar_blend(frames, guide, vectors, spectrum, directions)[0]
 
 
 def switch_mask(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,8 +251,20 @@ def switch_mask(frames: torch.Tensor, guide: torch.Tensor | None = None) -> torc
     return planar_blend(frames, guide)[1] > 0
 
 
+def fault_directions(frames: torch.Tensor, guide: torch.Tensor, vectors: Vectors,
+                     spectrum: Spectrum | None = None) -> tuple[int, ...]:
+    """The directions (indices into `translations`) along which any of the (B, 1, H, W) frames shows a band at
+    PLAN_MARGIN x the detection threshold: a series' plan measures them once, and its frames search only those
+    (`planar_blend`'s `directions`), so a fault-free series pays for no plane average. Reads values back."""
+    x = frames.float()
+    geometry = _geometry((x.shape[-2], x.shape[-1]), vectors, REACH_PX, x.device)
+    return tuple(c for c, _, z in _searched(x, guide.float(), geometry, spectrum, None, PLAN_MARGIN)
+                 if bool(torch.isfinite(z).any()))
+
+
 def planar_blend(frames: torch.Tensor, guide: torch.Tensor | None = None, vectors: Vectors | None = None,
-                 spectrum: Spectrum | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 spectrum: Spectrum | None = None, directions: tuple[int, ...] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, H, W) -> (the planar guide, its weight 0..1 on the plane average per pixel; 0: the Bragg guide).
 
     For each direction t of `translations`: the gain (x - guide)^2 - (x - average_t)^2, summed over lines
@@ -266,14 +280,16 @@ def planar_blend(frames: torch.Tensor, guide: torch.Tensor | None = None, vector
 
     `vectors`: the lattice of every frame in the batch (a series' `Plan` carries it, measured once), so the
     frames are searched together with no host read; None: each frame's own, measured here (`lattice_vectors`,
-    which reads values back). `spectrum`: the frames' `bragg_spectrum`, shared with their Bragg guide."""
+    which reads values back). `spectrum`: the frames' `bragg_spectrum`, shared with their Bragg guide.
+    `directions`: with `vectors`, only these directions are searched (the plan's `fault_directions`; none: the
+    Bragg guide as it is); None: all four."""
     x = frames.float()
     guide = bragg_filter(x, spectrum=spectrum) if guide is None else guide.float()
     h, w = x.shape[-2:]
-    if h <= 2 * BORDER_PX or w <= 2 * BORDER_PX:
+    if h <= 2 * BORDER_PX or w <= 2 * BORDER_PX or (vectors is not None and directions == ()):
         return guide.to(frames.dtype), torch.zeros_like(guide)
     if vectors is not None:
-        return _blend(x, guide, _geometry((h, w), vectors, REACH_PX, x.device), spectrum, frames.dtype)
+        return _blend(x, guide, _geometry((h, w), vectors, REACH_PX, x.device), spectrum, frames.dtype, directions)
     outs, blends = [], []
     for b, found in enumerate(lattice_vectors(guide)):
         if found is None:
@@ -287,31 +303,40 @@ def planar_blend(frames: torch.Tensor, guide: torch.Tensor | None = None, vector
     return torch.cat(outs), torch.cat(blends)
 
 
-def _blend(x: torch.Tensor, guide: torch.Tensor, geometry: _Geometry, spectrum: Spectrum | None,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`planar_blend` of (B, 1, H, W) frames that share one lattice: batched tensor operations, no host read.
-
-    The gains and their null variance are taken on the BORDER_PX-inner pixels only (the profiles sum no others);
-    on the CPU a direction without a band, where a host read is free, skips its per-pixel blend (it would change
-    nothing), so a frame without a fault costs only the search."""
+def _searched(x: torch.Tensor, guide: torch.Tensor, geometry: _Geometry, spectrum: Spectrum | None,
+              directions: tuple[int, ...] | None, margin: float = 1.0
+              ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per searched direction c (of `directions`, None: all): (c, the frames' plane average (B, H * W), the band z
+    per profile bin (B, L), -inf off its bands, the detection threshold scaled by `margin`). The gains and their
+    null variance are taken on the BORDER_PX-inner pixels only (the profiles sum no others)."""
     n, (h, w) = x.shape[0], x.shape[-2:]
     values, mean = _transform(x, geometry, spectrum)
     fit = _noise_fit(x, guide)
     x_inner = x[_INNER].flatten(-2)[:, 0]  # (B, inner pixels)
     residual = (x_inner - guide[_INNER].flatten(-2)[:, 0]).square()
-    best_z = best = None
     for c, d in enumerate(geometry.directions):
-        if not d.searched:
+        if not d.searched or (directions is not None and c not in directions):
             continue
         average = _plane_average(values, mean, geometry, c, (h, w)).flatten(-2)[:, 0]  # (B, H * W)
         inner = average.reshape(n, h, w)[_INNER].flatten(-2)
         gain = residual - (x_inner - inner).square()
         variance = _null_variance(inner, geometry.shifts[c][_INNER].flatten(), fit)
-        z = _bands(_band_z(d, gain, variance), Z_SCALE * math.sqrt(2 * math.log(4 * d.length)))
-        if hostsync.free(x.device) and not bool(torch.isfinite(z).any()):  # no band along d: nothing to blend
+        yield c, average, _bands(_band_z(d, gain, variance), margin * Z_SCALE * math.sqrt(2 * math.log(4 * d.length)))
+
+
+def _blend(x: torch.Tensor, guide: torch.Tensor, geometry: _Geometry, spectrum: Spectrum | None,
+           dtype: torch.dtype, directions: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`planar_blend` of (B, 1, H, W) frames that share one lattice: batched tensor operations, no host read.
+
+    On the CPU a direction without a band, where a host read is free, skips its per-pixel blend (it would change
+    nothing), so a frame without a fault costs only the search."""
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    best_z = best = None
+    for c, average, z in _searched(x, guide, geometry, spectrum, directions):
+        if hostsync.free(x.device) and not bool(torch.isfinite(z).any()):  # no band along c: nothing to blend
             continue
-        k = round(WIDEN * d.norm)
-        z = (F.max_pool1d(z[:, None], 2 * k + 1, stride=1, padding=k)[:, 0] if k else z)[:, d.bins]
+        k = round(WIDEN * geometry.directions[c].norm)
+        z = (F.max_pool1d(z[:, None], 2 * k + 1, stride=1, padding=k)[:, 0] if k else z)[:, geometry.directions[c].bins]
         if best_z is None or best is None:
             best_z, best = x.new_full((n, h * w), -math.inf), guide.flatten(-2)[:, 0]
         better = z > best_z
