@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from stemd.compute import hostsync
 from stemd.compute.columns import _fdr_threshold, blur, keep_columns, max_filter
 from stemd.sim import scenes
 
@@ -69,6 +70,21 @@ def test_the_threshold_drops_only_when_many_tests_are_far_out():
     passed = signal.abs() > cut
     false = float(passed[..., 20:, :].sum() / passed.sum())
     assert 0.05 < false < 0.25
+
+
+@pytest.mark.parametrize("share", [0.0, 0.02, 0.1, 0.5])
+def test_the_cpu_shortcut_counts_the_same_discoveries_as_the_full_sort(monkeypatch, share):
+    """Where a read is free only the p-values up to q are sorted; the GPU's path sorts them all: the same cut,
+    from no discovery to so many that the cut drops to its floor."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 1, 150, 150, generator=g)
+    z[0, ..., : int(share * 150), :] += 4.0
+    z[1, ..., : int(share * 75), :] -= 3.0
+    shortcut = _fdr_threshold(z, 0.2, 1.0, 3.5)
+    monkeypatch.setattr(hostsync, "free", lambda device: False)
+    full = _fdr_threshold(z, 0.2, 1.0, 3.5)
+    torch.testing.assert_close(shortcut, full, rtol=0, atol=0)
+    assert share == 0 or float(full[0]) < 3.5
 
 
 @pytest.mark.parametrize("dose", [5.0, 20.0])
