@@ -69,6 +69,14 @@ def test_gain_offset_fit_recovers_the_detector(kind, gain, offset):
     assert counts.dtype == np.int64 and counts.min() >= 0
 
 
+@pytest.mark.parametrize("dose", [20.0, 200.0])
+def test_a_frame_half_vacuum_fits_the_gain_of_its_specimen(dose):
+    """Vacuum blocks (read noise only, their means spread by line offsets) fit a flat line of their own; they
+    must not outweigh the specimen's blocks, whose variance grows with the counts (the gain is 1 / dose)."""
+    noisy, _, _ = named_frame("vacuum_edge", (192, 192), dose=dose)
+    assert fid.fit_gain_offset(noisy, None).gain == pytest.approx(1 / dose, rel=0.2)
+
+
 def test_saturated_pixels_stay_out_of_the_fit():
     raw = detector_frame(60 * scene("perovskite_rp", 256, 3), 40.0, 500.0, seed=3)
     hot = raw.copy()

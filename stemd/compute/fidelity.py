@@ -28,6 +28,7 @@ REFERENCE_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # px: the Gaussia
 CEILING_DB = 10 * math.log10(2.0)  # held-out gain of a perfect denoiser over the raw half
 MAX_GAIN_DB = 30.0  # estimated true gains are capped here (the error estimate floored at 1e-3 of the noise)
 HF_BAND, MF_BAND = (0.4, 0.5), (0.2, 0.3)  # cycles/px: where the noise-flatness ratio is measured
+VAR_FLOOR = 0.05  # bins' variance floored at this x the 90th percentile's in the fit's weights (`fit_gain_offset`)
 FLAT_LIMITS = (0.8, 1.25)  # a white-noise frame's HF/MF power ratio lies inside; outside: correlated noise
 
 
@@ -123,7 +124,9 @@ def fit_gain_offset(raw: np.ndarray, saturation: float | None = None, block: int
     ok = count > 0
     bm = np.bincount(which, mean, bins)[ok] / count[ok]
     bv = np.bincount(which, var, bins)[ok] / count[ok]
-    weight = count[ok] / np.maximum(bv, 1e-12) ** 2  # the bin mean of var has variance ∝ var² / count
+    # the bin mean of var has variance ∝ var² / count; floored, so bins of vacuum (read noise and line offsets only,
+    # their means spread by the offsets, not by signal) cannot outweigh the rest and flatten the line
+    weight = count[ok] / np.maximum(bv, max(VAR_FLOOR * float(np.quantile(bv, 0.9)), 1e-12)) ** 2
     use = np.ones(bm.size, bool)
     slope = icpt = 0.0
     for _ in range(3):
