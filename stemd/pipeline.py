@@ -305,13 +305,18 @@ class Denoiser:
     def _dejittered(self, frames: torch.Tensor, plan: Plan) -> torch.Tensor:
         """(B, 1, H, W) normalised frames with the line-jitter correction along the plan's scan lines (unless the
         plan found no lattice to fit lines against: on real frames of particles without a measurable lattice it
-        moved lines the wrong way, docs/benchmarks.md "Real data")."""
+        moved lines the wrong way, docs/benchmarks.md "Real data"); the plan's lattice tells the shifts that follow
+        it from the scan's (`stemd.compute.dejitter`)."""
         if not self.dejitter or plan.lattice is False:
             return frames
         with torch.autocast(frames.device.type, enabled=False):
             if plan.lines == "rows":
-                return _dejitter(frames, self.dejitter)
-            return _dejitter(frames.transpose(-2, -1), self.dejitter).transpose(-2, -1)
+                return _dejitter(frames, self.dejitter, plan.vectors)
+            swapped = None
+            if plan.vectors is not None:  # the lattice's translations in the transposed frame
+                (uy, ux), (vy, vx) = plan.vectors
+                swapped = ((ux, uy), (vx, vy))
+            return _dejitter(frames.transpose(-2, -1), self.dejitter, swapped).transpose(-2, -1)
 
     def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None, *,
                        plan: Plan | None = None) -> torch.Tensor:
