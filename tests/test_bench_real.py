@@ -47,8 +47,10 @@ def test_quick_sim_only_run_writes_the_section(tmp_path):
     assert "### Validation on simulated frames" in section and "### Experimental frames" not in section
     rows = [line for line in section.splitlines() if line.startswith("| sim perovskite_rp |")]
     assert len(rows) == 2  # the first method's row of the gains table and the ranking row
-    agree, compared = (int(v) for v in rows[1].split("|")[4].strip().split("/"))
+    plain, registered = rows[1].split("|")[4].split(" / ")
+    agree, compared = (int(v) for v in plain.strip().split("/"))
     assert agree == compared >= 2  # every pair not tied in truth (stemd's against Gaussian at least) ranked right
+    assert registered.strip() == plain.strip()
     assert (tmp_path / "real_sim.png").stat().st_size > 0
 
 
