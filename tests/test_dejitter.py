@@ -119,7 +119,7 @@ def test_shifts_at_the_lattices_row_frequencies_are_dropped_and_white_jitter_kep
     counts, _ = _recorded(clean, 0.3, 200.0)
     torch.testing.assert_close(row_shifts(counts, vectors=vectors), row_shifts(counts), rtol=0, atol=1e-6)
     rows = clean.shape[-2]
-    k = int(np.flatnonzero(_lattice_bins(vectors, rows))[0])
+    k = int(torch.nonzero(_lattice_bins(vectors, rows, clean.device))[0])
     wave = 0.5 * torch.cos(2 * torch.pi * k * torch.arange(rows) / rows)
     gen = torch.Generator().manual_seed(2)
     shifts = (0.1 * torch.randn(1, 1, rows, generator=gen) + wave)

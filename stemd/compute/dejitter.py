@@ -44,20 +44,20 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 @functools.lru_cache(maxsize=32)
-def _lattice_bins(vectors: Vectors, rows: int) -> np.ndarray:
+def _lattice_bins(vectors: Vectors, rows: int, device: torch.device) -> torch.Tensor:
     """The bins of a `rows`-long rfft within one bin of the row frequency |g_y| of a Bragg peak g of the lattice
-    with translations `vectors` ((y, x) px each), over every peak within the frame's band (|g| <= 1/2 cycle/px)."""
+    with translations `vectors` ((y, x) px each), over every peak within the frame's band (|g| <= 1/2 cycle/px):
+    a bool mask on `device`, made on the host once per lattice and frame height, off the per-frame path."""
     reciprocal = np.linalg.inv(np.asarray(vectors, np.float64))  # columns: a*, b* (y, x), cycles per px
     orders = int(math.ceil(0.5 / min(np.linalg.svd(reciprocal, compute_uv=False)))) + 1
     m, n = np.meshgrid(np.arange(-orders, orders + 1), np.arange(-orders, orders + 1))
     g = reciprocal @ np.stack([m.ravel(), n.ravel()])
     inside = (np.hypot(g[0], g[1]) <= 0.5) & ((m.ravel() != 0) | (n.ravel() != 0))
     k = np.abs(g[0, inside]) * rows
+    j = np.concatenate([np.floor(k), np.ceil(k)]).astype(int)
     bins = np.zeros(rows // 2 + 1, bool)
-    for j in np.unique(np.concatenate([np.floor(k), np.ceil(k)]).astype(int)):
-        if 0 < j < bins.size:
-            bins[j] = True
-    return bins
+    bins[j[(j > 0) & (j < bins.size)]] = True
+    return torch.from_numpy(bins).to(device)
 
 
 def _lattice_free(fit: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def _corrected(frames: torch.Tensor, iterations: int, vectors: Vectors | None = 
     total = x.new_zeros(x.shape[:-1])
     y = x
     h, w = x.shape[-2:]
-    bins = None if vectors is None else torch.from_numpy(_lattice_bins(vectors, h)).to(x.device)
+    bins = None if vectors is None else _lattice_bins(vectors, h, x.device)
     size = (fast_size(math.ceil(REFERENCE_PADDING * h)), fast_size(math.ceil(REFERENCE_PADDING * w)))
     for _ in range(iterations):
         guide = bragg_filter(y, dynamic_range=DYNAMIC_RANGE, size=size)
