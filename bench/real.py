@@ -82,7 +82,7 @@ KNOBS: dict[str, dict[str, object]] = {  # Denoiser settings per row of the knob
     "as shipped": {}, "self_check on": {"self_check": True}, "dejitter 0": {"dejitter": 0},
     "planar off": {"planar": False}, "destripe off": {"destripe": False}, "outliers off": {"outliers": False},
     "recover off": {"recover": False},
-    "flips (4 passes)": {"flips": True}}
+    "flips (4 passes)": {"flips": True}, "adapt 300 (fine-tune on the frame)": {"adapt": 300}}
 FACTORS = (0.7, 0.85, 1.2, 1.4)  # the knob sweep's resampling factors, times the planned one
 
 

@@ -92,6 +92,12 @@ class ModelSettings(_Section):
                              "the noise is not counting noise, is correlated, or is under 2 counts per pixel. "
                              "Off by default: +0.03-0.08 dB on real frames for 0.3-0.5 s of CPU on the engine's "
                              "thread per plan (a live series' recalibrations stall it). false: the model's output")
+    adapt: int = Field(0, ge=0, le=5000, description="when a plan is made from a frame: fine-tune a copy of the "
+                       "model this many steps on the frame's own counts (split-dose, self-supervised: "
+                       "stemd.models.adapt), kept for the series only where a held-out half-dose split scores it "
+                       "better than the shipped model; skipped like the self-check. Off (0) by default: ~300 "
+                       "steps, +0.02-0.13 dB held-out on real frames (bench.real --knobs), take ~1 min of CPU "
+                       "per plan (the engine's thread stalls that long live, once per series; offline or on a GPU)")
     planar: bool = Field(
         True,
         strict=True,

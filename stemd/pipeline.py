@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -24,6 +24,7 @@ from stemd.compute import sampling as _sampling
 from stemd.compute import selfcheck as _selfcheck
 from stemd.compute.columns import keep_columns
 from stemd.compute.dejitter import dejitter as _dejitter
+from stemd.compute.dejitter import row_shifts, shift_rows
 from stemd.compute.fourier import bragg_filter, bragg_spectrum, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
 from stemd.compute.outliers import outlier_mask, repair
@@ -32,6 +33,7 @@ from stemd.compute.residual import recover
 from stemd.compute.scanlines import Lines, destripe, scan_lines
 from stemd.config import Device, ModelSettings, Precision, model_settings
 from stemd.errors import CheckpointError, ConfigError, ModelOutputError
+from stemd.models.adapt import finetune, thinned_pair
 from stemd.models.base import FrameModel
 from stemd.models.checkpoint import load_checkpoint
 
@@ -40,6 +42,8 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)  # tf32: CUDA matmuls/convolut
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, left-right, up-down, both: each keeps scan lines rows
 DEFAULT_STEP = 2
 CHECK_SIDE = 256  # px: the self-check runs the model on a central crop of at most this side
+ADAPT_SIDE = 512  # px: the fine-tune (`adapt`) trains on a central crop of at most this side
+ADAPT_MIN_DB = 0.02  # held-out gain (dB) the fine-tuned model must show over the shipped one to be kept
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -87,6 +91,8 @@ class Plan:
     checked: str = "no"  # the self-check: "yes" (it chose the blend), "no" (not run), or why it was skipped
     faults: tuple[int, ...] | None = None  # the planar guide's directions with a fault in the measured frame
     # (`planar.fault_directions`; its frames search only these); None: not measured, each frame searches all
+    adapted: str = "no"  # the fine-tune (`adapt`): "yes +N dB" (kept), "rejected: ..." or "skipped: ...", or "no"
+    model: FrameModel | None = field(default=None, compare=False, repr=False)  # the series' fine-tuned model
 
     def describe(self) -> dict[str, Any]:
         """Plain data for output metadata and the published header."""
@@ -98,7 +104,17 @@ class Plan:
             out["pixel_size_m"] = self.pixel_size_m
         if self.checked != "no":
             out["self_check"] = {"result": self.checked, "blend": self.blend}
+        if self.adapted != "no":
+            out["adapt"] = self.adapted
         return out
+
+
+def _line_vectors(plan: Plan) -> Vectors | None:
+    """The plan's lattice translations with the scan lines as rows (swapped where they run along columns)."""
+    if plan.vectors is None or plan.lines == "rows":
+        return plan.vectors
+    (uy, ux), (vy, vx) = plan.vectors
+    return (ux, uy), (vx, vy)
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
@@ -182,14 +198,16 @@ class Denoiser:
         return self._model_id
 
     def plan(self, shape: Sequence[int], pixel_size_m: float | None = None,
-             frames: np.ndarray | torch.Tensor | None = None) -> Plan:
+             frames: np.ndarray | torch.Tensor | None = None, previous: Plan | None = None) -> Plan:
         """How frames of `shape` (H, W) at this pixel size (metres; None: unknown) are run, or SamplingError.
 
         With `frames` (a 2D frame or a stack; the first is measured) the frame's lattice is measured
         (`sampling.measure_scale`): with `calibrate` its scale chooses the factor, and a frame without a lattice
         gets no line-jitter correction, and the directions of its planar faults are found (`Plan.faults`: the
         series' frames search only those). Without a measured lattice the pixel size and `lattice_period_m` decide.
-        With `self_check` the frame also chooses the blend of the model's output with its input (`self_checked`)."""
+        With `self_check` the frame also chooses the blend of the model's output with its input (`self_checked`);
+        with `adapt` a copy of the model is fine-tuned on it (`adapted`), or taken from `previous` (the series' last
+        plan, at a recalibration) where that one has tried already."""
         hw = (int(shape[-2]), int(shape[-1]))
         scale, lattice, vectors = None, None, None
         lines: Lines = "rows" if self.settings.scan_lines == "auto" else self.settings.scan_lines
@@ -215,8 +233,13 @@ class Denoiser:
                 _planar.prepare(hw, _flipped(vectors, dims), self.device)
             if one is not None:
                 made = replace(made, faults=self._fault_directions(one, made))
-        if one is not None and self.settings.self_check:
-            made = self.self_checked(made, one if isinstance(one, np.ndarray) else one.detach().cpu().numpy())
+        host = None if one is None else one if isinstance(one, np.ndarray) else one.detach().cpu().numpy()
+        if host is not None and self.settings.adapt:
+            kept = previous is not None and previous.adapted != "no" and previous.shape == made.shape
+            made = replace(made, model=previous.model, adapted=previous.adapted) if kept and previous is not None \
+                else self.adapted(made, host)
+        if host is not None and self.settings.self_check:
+            made = self.self_checked(made, host)
         return made
 
     def _fault_directions(self, raw: np.ndarray | torch.Tensor, plan: Plan) -> tuple[int, ...]:
@@ -252,6 +275,42 @@ class Denoiser:
                                  self.prepared(given, trial)[0].double().cpu().numpy())}
         _, blend, _ = _selfcheck.best(outputs, half, plan.lines)
         return replace(plan, blend=blend, checked="yes")
+
+    def adapted(self, plan: Plan, raw: np.ndarray) -> Plan:
+        """`plan` with a copy of the model fine-tuned on `raw` (one frame of the series) where that helps
+        (`stemd.models.adapt`). The frame's counts are split in two halves (`selfcheck.split`, skipped where it
+        would not rank models); the copy trains `adapt` steps on half A alone (thinned again into input and
+        target), then the pipeline with each model denoises half A and is scored against half B (lines
+        registered). The copy is kept when it beats the shipped model by ADAPT_MIN_DB."""
+        h, w = raw.shape
+        side = max(ADAPT_SIDE, math.ceil(self.window / plan.factor))
+        top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
+        crop = raw[top:top + side, left:left + side]
+        if min(crop.shape) * min(plan.factor, 1.0) < self.window:
+            return replace(plan, adapted="skipped: frame smaller than the model's window")
+        saturation = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "iu" and self.settings.outliers else None
+        half = _selfcheck.split(crop, saturation)
+        if half is None:
+            return replace(plan, adapted="skipped: no counting noise to split (or too few counts)")
+        trial = replace(plan, shape=(int(crop.shape[0]), int(crop.shape[1])), model=None)
+        inputs, target = thinned_pair(half.a, np.random.default_rng(_selfcheck.SEED))
+        with torch.inference_mode():  # the target takes the input's corrections: none of the artefacts is learnt
+            x, lo, hi = normalize(self._destriped(torch.from_numpy(inputs)[None].to(self.device), trial),
+                                  reference=self.reference)
+            t = self._destriped(torch.from_numpy(target)[None].to(self.device), trial).double()
+            t = ((t - lo[:, None, None]) / (hi - lo)[:, None, None]).float()
+            x, t = self._dejittered_pair(x[:, None], t[:, None], trial)
+            aux = self._aux_inputs(x, trial.factor, trial)
+            x, t = (v if trial.factor == 1.0 else _sampling.resample(v.float(), trial.factor) for v in (x, t))
+        tuned = finetune(self.model, x, t, aux, self.settings.adapt, step=self.step)
+        given = torch.from_numpy(half.a.astype(np.float32))[None].to(self.device)
+        with torch.inference_mode():
+            errors = [_selfcheck.registered_mse(self.run(given, replace(trial, model=m))[0].double().cpu().numpy(),
+                                                half.b, half.mask, plan.lines) for m in (None, tuned)]
+        gain = 10 * math.log10(errors[0] / errors[1])
+        if gain < ADAPT_MIN_DB:
+            return replace(plan, adapted=f"rejected: {gain:+.3f} dB held-out")
+        return replace(plan, model=tuned, adapted=f"yes {gain:+.3f} dB held-out")
 
     def repaired(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, H, W) raw frames with saturated pixels (an integer dtype's maximum) and hot pixels replaced by
@@ -312,11 +371,16 @@ class Denoiser:
         with torch.autocast(frames.device.type, enabled=False):
             if plan.lines == "rows":
                 return _dejitter(frames, self.dejitter, plan.vectors)
-            swapped = None
-            if plan.vectors is not None:  # the lattice's translations in the transposed frame
-                (uy, ux), (vy, vx) = plan.vectors
-                swapped = ((ux, uy), (vx, vy))
-            return _dejitter(frames.transpose(-2, -1), self.dejitter, swapped).transpose(-2, -1)
+            return _dejitter(frames.transpose(-2, -1), self.dejitter, _line_vectors(plan)).transpose(-2, -1)
+
+    def _dejittered_pair(self, frames: torch.Tensor, follow: torch.Tensor, plan: Plan
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_dejittered` frames, and `follow` (same shape) moved by the line shifts fitted to the frames."""
+        if not self.dejitter or plan.lattice is False:
+            return frames, follow
+        t = (lambda v: v) if plan.lines == "rows" else (lambda v: v.transpose(-2, -1))
+        shifts = row_shifts(t(frames), self.dejitter, _line_vectors(plan))
+        return t(shift_rows(t(frames), shifts)), t(shift_rows(t(follow), shifts))
 
     def denoise_tensor(self, frames: torch.Tensor, pixel_size_m: float | None = None, *,
                        plan: Plan | None = None) -> torch.Tensor:
@@ -349,7 +413,7 @@ class Denoiser:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.precision == "tf32"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            y = self.model.denoise_frames(x, self.step, **aux).float()
+            y = (self.model if plan.model is None else plan.model).denoise_frames(x, self.step, **aux).float()
         return y if factor == 1.0 else _sampling.restore(y, (frames.shape[-2], frames.shape[-1]))
 
     def _aux_inputs(self, frames: torch.Tensor, factor: float, plan: Plan | None = None,

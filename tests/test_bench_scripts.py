@@ -19,8 +19,8 @@ from stemd.models.conv_unet import ConvDenoiser
 from stemd.models.window_ae import WindowAE
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["borders", "dask_scaling", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality", "real",
-           "reliability", "sampling", "scanlines", "speed", "stages", "train_conv", "peers.tk_r_em_measure",
+SCRIPTS = ["adapt", "borders", "dask_scaling", "faithfulness", "latency", "near_far_seeds", "planar_fp", "quality",
+           "real", "reliability", "sampling", "scanlines", "speed", "stages", "train_conv", "peers.tk_r_em_measure",
            "peers.tk_r_em_runner", "napari_screenshot", "fidelity"]
 
 
@@ -113,6 +113,17 @@ def test_planar_fp_quick_writes_its_section_to_out(tmp_path):
     assert "## Planar guide false positives" in text and "Command: `python -m bench.planar_fp --quick`" in text
     assert "| fault-free perovskite | 20 | 10 | 0.25 | 0 |" in text and "| perovskite_rp | 20 |" in text
 
+
+
+def test_adapt_quick_writes_the_plans_verdict_and_both_psnrs_to_out(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    run_module("adapt", "--quick", "--out", str(out))
+    text = out.read_text()
+    assert "## Fine-tune on the frame, simulated (bench/adapt.py)" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith(("| named", "| no line"))]
+    assert len(rows) == 2
+    for row in rows:
+        assert row[3].strip().startswith(("yes", "rejected", "skipped")) and 25 < float(row[4]) < 45
 
 def test_dask_scaling_quick_times_one_process_and_two_clusters(tmp_path):
     run_module("dask_scaling", "--quick", "--out", str(tmp_path))

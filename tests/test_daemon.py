@@ -191,6 +191,29 @@ async def test_series_plan_is_measured_once_per_calibration_and_published(zctx, 
     pub.close()
 
 
+
+async def test_a_series_fine_tune_is_made_once_and_kept_across_recalibrations(zctx, checkpoint, monkeypatch) -> None:
+    """With model.adapt the series' first plan fine-tunes the model (or says why not); the recalibration every
+    model.calibrate_every frames measures the lattice again but keeps that result, and headers carry it."""
+    calls = []
+    adapted = Denoiser.adapted
+    monkeypatch.setattr(Denoiser, "adapted", lambda self, plan, raw: calls.append(1) or adapted(self, plan, raw))
+    pub = TestPublisher(zctx)
+    settings = make_settings(checkpoint, pub.endpoint,
+                             **{"model.calibrate_every": 3, "model.adapt": 2, "queue.mode": "lossless"})
+    async with running(settings) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for i in range(5):
+            await pub.send(frame_parts("tune", i))
+        await pub.send(p.encode_event(p.SERIES, p.series_header("end", "tune")))
+        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
+    heads = [h for _, h, _ in denoised(msgs)]
+    assert len(heads) == 5 and len(calls) == 1
+    assert len({h["sampling"]["adapt"] for h in heads}) == 1 and heads[0]["sampling"]["adapt"] != "no"
+    pub.close()
+
 async def test_simulator_to_daemon_to_subscriber(zctx, checkpoint, engine) -> None:
     from stemd.apps.simulate import Simulator
     from stemd.sim.microscope import SimSpec

@@ -15,6 +15,7 @@ from stemd.compute.metrics import fit_scale, psnr
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, mean_and_signal_std, normalize
 from stemd.errors import CheckpointError, ConfigError, InputError, ModelOutputError
 from stemd.models.checkpoint import save_checkpoint
+from stemd.models.conv_unet import ConvDenoiser
 from stemd.models.window_ae import WindowAE
 from stemd.pipeline import Denoiser, resolve_device
 from stemd.sim import scenes
@@ -582,6 +583,45 @@ def test_self_check_keeps_the_shipped_model_alone_on_a_simulated_frame(kind):
     low, _, _ = scenes.named_frame(kind, (192, 192), dose=0.5)
     assert den.plan(low.shape, None, low).checked.startswith("skipped")
 
+
+
+class _Mirror(_ShapeSpy):
+    """A stand-in model that is clearly wrong: each frame mirrored left to right."""
+
+    def denoise_frames(self, frames: torch.Tensor, step: int) -> torch.Tensor:
+        return frames.flip(-1)
+
+
+def _identity_net() -> ConvDenoiser:
+    """An untrained conv model: its head starts at zero, so it returns its input (keeps all the noise)."""
+    torch.manual_seed(0)
+    return ConvDenoiser((8, 16), guide="none").eval()
+
+
+def test_adapt_fine_tunes_a_model_that_does_not_fit_the_frame_and_keeps_it_for_the_series(monkeypatch):
+    monkeypatch.setattr("stemd.models.adapt.LR", 3e-3)  # an untrained model: larger steps than a trained one's
+    raw = _counted(counts=20.0)
+    truth = (_lattice((192, 192), 3) + 0.2) * 20.0 * 30 + 400
+    den = Denoiser(_identity_net(), {}, device="cpu", adapt=40, recover=False)
+    plan = den.plan(raw.shape, None, raw)
+    assert plan.adapted.startswith("yes") and plan.model is not None
+    assert plan.describe()["adapt"] == plan.adapted
+    plain = Denoiser(_identity_net(), {}, device="cpu", recover=False)
+    off = plain.plan(raw.shape, None, raw)
+    assert off.adapted == "no" and off.model is None and "adapt" not in off.describe()
+    assert psnr(den(raw, plan=plan), truth) > psnr(plain(raw, plan=off), truth) + 0.5
+    assert den(raw[None].repeat(2, 0), plan=plan).shape == (2, 192, 192)  # the series' frames run through it
+
+
+def test_adapt_keeps_the_shipped_model_where_the_fine_tune_scores_worse_and_skips_too_few_counts(monkeypatch):
+    raw = _counted(counts=20.0)
+    monkeypatch.setattr("stemd.pipeline.finetune", lambda *args, **kwargs: _Mirror())  # a fine-tune gone wrong
+    den = Denoiser(_identity_net(), {}, device="cpu", adapt=5)
+    plan = den.plan(raw.shape, None, raw)
+    assert plan.adapted.startswith("rejected") and plan.model is None
+    np.testing.assert_array_equal(den(raw, plan=plan), Denoiser(_identity_net(), {}, device="cpu")(raw))
+    low = _counted(counts=0.5)
+    assert den.plan(low.shape, None, low).adapted.startswith("skipped")
 
 def test_recover_puts_back_detail_above_the_trained_counts_and_leaves_low_dose_frames_alone(one_torch_thread):
     """`recover` (default): at 1000 counts per column, beyond the 2-200 the model learnt, its residual holds

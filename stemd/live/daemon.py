@@ -511,14 +511,17 @@ class Daemon:
             self._drop(dropped, "queue_full")
 
     def _plan(self, header: dict[str, Any], data: np.ndarray) -> list[Any]:
-        """The series' plan entry, [plan, frames planned by it, engine generation]: the plan (`Denoiser.plan`,
-        from the first frame's own lattice) remade every model.calibrate_every frames or when the model
-        changes, a refusal raised (SamplingError, kept likewise). Its plan is None until `_work` measures it
+        """The series' plan entry, [plan, frames planned by it, engine generation, the plan (or entry) it
+        replaced]: the plan (`Denoiser.plan`, from the first frame's own lattice) remade every
+        model.calibrate_every frames (keeping the replaced plan's fine-tuned model, `model.adapt`) or when the
+        model changes, a refusal raised (SamplingError, kept likewise). Its plan is None until `_work` measures it
         on the engine's thread, never on this loop."""
         key = (header["series_id"], data.shape, header.get("pixel_size_m"))
         entry = self._plans.pop(key, None)
-        if entry is None or entry[1] >= self.settings.model.calibrate_every or entry[2] != self._engine.generation:
-            entry = [None, 0, self._engine.generation]
+        if entry is None or entry[2] != self._engine.generation:
+            entry = [None, 0, self._engine.generation, None]
+        elif entry[1] >= self.settings.model.calibrate_every:
+            entry = [None, 0, self._engine.generation, entry[0] if isinstance(entry[0], Plan) else entry]
         entry[1] += 1
         self._plans[key] = entry
         while len(self._plans) > MAX_SERIES_TRACKED:
@@ -536,8 +539,11 @@ class Daemon:
         made: Plan | SamplingError | None = entry[0] if entry is not None and current else None
         if made is None:
             try:
+                previous = entry[3] if entry is not None and current else None
+                while isinstance(previous, list):  # the replaced entry, if its plan was not yet made when replaced
+                    previous = previous[0] if isinstance(previous[0], Plan) else previous[3]
                 made = await self._engine.run(self._engine.plan, item.data.shape, item.header.get("pixel_size_m"),
-                                              item.data)
+                                              item.data, previous)
             except SamplingError as exc:
                 made = exc
             if entry is not None and current:

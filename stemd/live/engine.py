@@ -165,10 +165,11 @@ class Engine:
         """Run `fn(*args)` on the engine's worker thread without blocking the loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None, frame: np.ndarray | None = None) -> Plan:
-        """How the resident model runs such frames (`Denoiser.plan`: from `frame`'s own lattice when given), or
-        SamplingError."""
-        return self.denoiser.plan(shape, pixel_size_m, frame)
+    def plan(self, shape: tuple[int, int], pixel_size_m: float | None = None, frame: np.ndarray | None = None,
+             previous: Plan | None = None) -> Plan:
+        """How the resident model runs such frames (`Denoiser.plan`: from `frame`'s own lattice when given; a
+        recalibration passes the series' `previous` plan), or SamplingError."""
+        return self.denoiser.plan(shape, pixel_size_m, frame, previous)
 
     def denoise(self, frames: Sequence[np.ndarray], pixel_size_m: float | None = None) -> list[np.ndarray]:
         """Synchronous submit + collect (tests, offline use). Frames must share one shape."""
