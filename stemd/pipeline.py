@@ -29,7 +29,7 @@ from stemd.compute.fourier import bragg_filter, bragg_spectrum, noise_level
 from stemd.compute.normalize import REFERENCE_LEVELS, check_frames, denormalize, normalize
 from stemd.compute.outliers import outlier_mask, repair
 from stemd.compute.planar import Vectors, planar_guide
-from stemd.compute.residual import recover
+from stemd.compute.residual import line_artefacts, recover
 from stemd.compute.scanlines import Lines, destripe, scan_lines
 from stemd.config import Device, ModelSettings, Precision, model_settings
 from stemd.errors import CheckpointError, ConfigError, ModelOutputError
@@ -294,12 +294,15 @@ class Denoiser:
             return replace(plan, adapted="skipped: no counting noise to split (or too few counts)")
         trial = replace(plan, shape=(int(crop.shape[0]), int(crop.shape[1])), model=None)
         inputs, target = thinned_pair(half.a, np.random.default_rng(_selfcheck.SEED))
-        with torch.inference_mode():  # the target takes the input's corrections: none of the artefacts is learnt
+        with torch.inference_mode():  # the target takes the input's corrections: no scan artefact is learnt
             x, lo, hi = normalize(self._destriped(torch.from_numpy(inputs)[None].to(self.device), trial),
                                   reference=self.reference)
             t = self._destriped(torch.from_numpy(target)[None].to(self.device), trial).double()
             t = ((t - lo[:, None, None]) / (hi - lo)[:, None, None]).float()
             x, t = self._dejittered_pair(x[:, None], t[:, None], trial)
+            shipped = self._denoise(x, trial)
+            shared = line_artefacts((x + t) / 2 - shipped, shipped, trial.lines)  # line gain flicker, left jitter
+            x, t = x - shared, t - shared
             aux = self._aux_inputs(x, trial.factor, trial)
             x, t = (v if trial.factor == 1.0 else _sampling.resample(v.float(), trial.factor) for v in (x, t))
         tuned = finetune(self.model, x, t, aux, self.settings.adapt, step=self.step)

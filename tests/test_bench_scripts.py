@@ -121,7 +121,7 @@ def test_adapt_quick_writes_the_plans_verdict_and_both_psnrs_to_out(tmp_path):
     text = out.read_text()
     assert "## Fine-tune on the frame, simulated (bench/adapt.py)" in text
     rows = [line.split("|") for line in text.splitlines() if line.startswith(("| named", "| no line"))]
-    assert len(rows) == 2
+    assert len(rows) == 3
     for row in rows:
         assert row[3].strip().startswith(("yes", "rejected", "skipped")) and 25 < float(row[4]) < 45
 

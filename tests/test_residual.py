@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from stemd.compute.residual import _box, line_free, noise_floor, recover
+from stemd.compute.residual import _box, line_artefacts, line_free, noise_floor, recover
 
 
 def _lattice(size: int = 256) -> torch.Tensor:
@@ -86,3 +86,16 @@ def test_line_artefacts_in_the_residual_are_not_put_back():
     kept = float((recover(frames, clean, lines="rows") - clean).square().mean())
     unfiltered = float((recover(frames, clean) - clean).square().mean())
     assert kept < 0.1 * unfiltered, (kept, unfiltered)
+
+
+def test_line_artefacts_are_each_scan_lines_offset_and_gain_and_not_its_noise():
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    out = (torch.cos(2 * torch.pi * xx / 9) * torch.cos(2 * torch.pi * yy / 11))[None, None]
+    gains, offsets = torch.randn(1, 1, 96, 1, generator=g) * 0.05, torch.randn(1, 1, 96, 1, generator=g) * 0.1
+    flicker = gains * (out - out.mean(-1, keepdim=True)) + offsets
+    torch.testing.assert_close(line_artefacts(flicker, out), flicker, atol=1e-4, rtol=1e-4)
+    along_columns = line_artefacts(flicker.transpose(-2, -1), out.transpose(-2, -1), "columns")
+    torch.testing.assert_close(along_columns, flicker.transpose(-2, -1), atol=1e-4, rtol=1e-4)
+    noise = torch.randn(1, 1, 96, 96, generator=g)
+    assert line_artefacts(noise, out).square().mean() < 0.05 * noise.square().mean()

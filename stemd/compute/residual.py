@@ -75,6 +75,14 @@ def line_free(residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return free
 
 
+
+def line_artefacts(residual: torch.Tensor, out: torch.Tensor, lines: str = "rows") -> torch.Tensor:
+    """(B, 1, H, W) the part of `residual` that a fit on each scan line (along `lines`) explains by the output:
+    an offset, a gain and a small shift (`line_free`), the line artefacts a frame and its halves share."""
+    if lines == "columns":
+        return line_artefacts(residual.transpose(-2, -1), out.transpose(-2, -1)).transpose(-2, -1)
+    return residual - line_free(residual, out)
+
 def recover(frames: torch.Tensor, out: torch.Tensor, threshold: float = THRESHOLD, box: int = BOX,
             lines: str | None = None) -> torch.Tensor:
     """(B, 1, H, W) frames as the model was given them and its output at the same sampling -> the output with
