@@ -253,23 +253,31 @@ class Denoiser:
             spectrum = bragg_spectrum(x)
             return _planar.fault_directions(x, bragg_filter(x, spectrum=spectrum), plan.vectors, spectrum)
 
+    def _central_split(self, plan: Plan, raw: np.ndarray, side: int) -> tuple[_selfcheck.Split, Plan] | str:
+        """A central crop of `raw` (side², more where the plan shrinks it below the model's window) split into two
+        half-dose frames (`selfcheck.split`), with the plan for the crop's shape; or why it cannot be."""
+        h, w = raw.shape
+        side = max(side, math.ceil(self.window / plan.factor))  # resampled, still the model's window at least
+        top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
+        crop = raw[top:top + side, left:left + side]
+        if min(crop.shape) * min(plan.factor, 1.0) < self.window:
+            return "skipped: frame smaller than the model's window"
+        saturation = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "iu" and self.settings.outliers else None
+        half = _selfcheck.split(crop, saturation)
+        if half is None:
+            return "skipped: no counting noise to split (or too few counts)"
+        return half, replace(plan, shape=(int(crop.shape[0]), int(crop.shape[1])))
+
     def self_checked(self, plan: Plan, raw: np.ndarray) -> Plan:
         """`plan` with the blend of the model's output and its input that does best on `raw` (one frame of the
         series) by split dose (`stemd.compute.selfcheck`): the model runs on a half-dose split of a central crop
         (CHECK_SIDE², more where the plan shrinks it below the window), scored against the other half. The plan
         as it is, marked with the reason, where a split would not rank blends."""
-        h, w = raw.shape
-        side = max(CHECK_SIDE, math.ceil(self.window / plan.factor))  # resampled, still the model's window at least
-        top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
-        crop = raw[top:top + side, left:left + side]
-        if min(crop.shape) * min(plan.factor, 1.0) < self.window:
-            return replace(plan, checked="skipped: frame smaller than the model's window")
-        saturation = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "iu" and self.settings.outliers else None
-        half = _selfcheck.split(crop, saturation)
-        if half is None:
-            return replace(plan, checked="skipped: no counting noise to split (or too few counts)")
+        made = self._central_split(plan, raw, CHECK_SIDE)
+        if isinstance(made, str):
+            return replace(plan, checked=made)
+        half, trial = made
         given = torch.from_numpy(half.a.astype(np.float32))[None].to(self.device)
-        trial = replace(plan, shape=(int(crop.shape[0]), int(crop.shape[1])))
         with torch.inference_mode():
             outputs = {"model": (self.run(given, trial)[0].double().cpu().numpy(),
                                  self.prepared(given, trial)[0].double().cpu().numpy())}
@@ -282,17 +290,11 @@ class Denoiser:
         would not rank models); the copy trains `adapt` steps on half A alone (thinned again into input and
         target), then the pipeline with each model denoises half A and is scored against half B (lines
         registered). The copy is kept when it beats the shipped model by ADAPT_MIN_DB."""
-        h, w = raw.shape
-        side = max(ADAPT_SIDE, math.ceil(self.window / plan.factor))
-        top, left = max((h - side) // 2, 0), max((w - side) // 2, 0)
-        crop = raw[top:top + side, left:left + side]
-        if min(crop.shape) * min(plan.factor, 1.0) < self.window:
-            return replace(plan, adapted="skipped: frame smaller than the model's window")
-        saturation = float(np.iinfo(raw.dtype).max) if raw.dtype.kind in "iu" and self.settings.outliers else None
-        half = _selfcheck.split(crop, saturation)
-        if half is None:
-            return replace(plan, adapted="skipped: no counting noise to split (or too few counts)")
-        trial = replace(plan, shape=(int(crop.shape[0]), int(crop.shape[1])), model=None)
+        made = self._central_split(plan, raw, ADAPT_SIDE)
+        if isinstance(made, str):
+            return replace(plan, adapted=made)
+        half, trial = made
+        trial = replace(trial, model=None)
         inputs, target = thinned_pair(half.a, np.random.default_rng(_selfcheck.SEED))
         with torch.inference_mode():  # the target takes the input's corrections: no scan artefact is learnt
             x, lo, hi = normalize(self._destriped(torch.from_numpy(inputs)[None].to(self.device), trial),
