@@ -83,6 +83,7 @@ KNOBS: dict[str, dict[str, object]] = {  # Denoiser settings per row of the knob
     "planar off": {"planar": False}, "destripe off": {"destripe": False}, "outliers off": {"outliers": False},
     "recover off": {"recover": False},
     "flips (4 passes)": {"flips": True}, "adapt 300 (fine-tune on the frame)": {"adapt": 300}}
+ADAPT_STEPS = 300  # the main table's 'stemd adapt' (model.adapt)
 FACTORS = (0.7, 0.85, 1.2, 1.4)  # the knob sweep's resampling factors, times the planned one
 
 
@@ -153,15 +154,19 @@ Method = Callable[[np.ndarray], np.ndarray]  # half A in counts -> the estimate 
 
 
 def make_methods(denoisers: dict[str, Denoiser], bm3d: bool, tk_r_em: bool,
-                 blends: dict[str, list[float]] | None = None) -> dict[str, Method]:
+                 blends: dict[str, list[float]] | None = None,
+                 verdicts: dict[str, list[str]] | None = None) -> dict[str, Method]:
     """The methods that need only half A (Gaussian is chosen with half B and handled apart): each labelled
-    stemd configuration (the blend its plan's self-check chose appended to `blends[label]`), then the peers."""
+    stemd configuration (the blend its plan's self-check chose appended to `blends[label]`, its fine-tune's
+    verdict to `verdicts[label]`), then the peers."""
     def stemd(label: str, den: Denoiser) -> Method:
         def run(y: np.ndarray) -> np.ndarray:
             x = y.astype(np.float32)
             plan = den.plan(x.shape, None, x)
             if blends is not None:
                 blends.setdefault(label, []).append(plan.blend)
+            if verdicts is not None and plan.adapted != "no":
+                verdicts.setdefault(label, []).append(plan.adapted)
             out: np.ndarray = den(x, plan=plan)
             return out
         return run
@@ -192,6 +197,7 @@ class FrameResult:
     true: dict[str, list[float]] = field(default_factory=dict)  # dB against the truth (simulated frames)
     sigmas: list[float] = field(default_factory=list)  # the Gaussian's chosen sigma per split
     blends: dict[str, list[float]] = field(default_factory=dict)  # stemd's self-check blend per split, by label
+    verdicts: dict[str, list[str]] = field(default_factory=dict)  # stemd's fine-tune verdict per split, by label
     shown: dict[str, np.ndarray] = field(default_factory=dict)  # split 0: half A, outputs, half B
 
     @property
@@ -449,11 +455,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sim-size", type=int, default=256, help="side of the simulated validation frames (px)")
     p.add_argument("--out", type=Path, default=None, help="write OUT/benchmarks.md and OUT/real_*.png (default: docs/)")
     p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--adapt-steps", type=int, default=ADAPT_STEPS,
+                   help=f"steps of the 'stemd adapt' method's fine-tune (model.adapt; default {ADAPT_STEPS}, quick 10)")
     p.add_argument("--knobs", action="store_true",
                    help="instead: stemd's settings swept on the experimental frames (its own section)")
     args = p.parse_args(argv)
     if args.quick:
-        args.crop, args.splits, args.no_bm3d, args.sim_size = 128, 1, True, 128
+        args.crop, args.splits, args.no_bm3d, args.sim_size, args.adapt_steps = 128, 1, True, 128, 10
     return args
 
 
@@ -468,10 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     doc = out_dir / "benchmarks.md" if args.out else BENCHMARKS
     tk = tk_r_em_bridge.available()
     blends: dict[str, list[float]] = {}
+    verdicts: dict[str, list[str]] = {}
     methods = make_methods({"stemd": Denoiser.load(), "stemd self_check": Denoiser.load(self_check=True),
                             "stemd dejitter=0": Denoiser.load(dejitter=0),
-                            "stemd recover=0": Denoiser.load(recover=False)}, not args.no_bm3d, tk, blends)
-    labels = ["stemd", "stemd self_check", "stemd dejitter=0", "stemd recover=0", "Gaussian"] + [
+                            "stemd recover=0": Denoiser.load(recover=False),
+                            "stemd adapt": Denoiser.load(adapt=args.adapt_steps)}, not args.no_bm3d, tk, blends,
+                           verdicts)
+    labels = ["stemd", "stemd self_check", "stemd dejitter=0", "stemd recover=0", "stemd adapt", "Gaussian"] + [
         k for k in ("Anscombe+BM3D", "tk_r_em") if k in methods]
 
     real: list[FrameResult] = []
@@ -481,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
             frames = dict(list(frames.items())[:1])
         for i, (name, frame) in enumerate(frames.items()):
             res = evaluate(name, central_crop(frame, args.crop), methods, args.splits, args.seed + i)
-            res.blends = dict(blends)
+            res.blends, res.verdicts = dict(blends), dict(verdicts)
             blends.clear()
+            verdicts.clear()
             real.append(res)
             montage(res, out_dir / f"real_{name}.png")
             print(frame_table([res], labels), flush=True)
@@ -538,6 +550,9 @@ def report(real: list[FrameResult], sims: list[FrameResult], labels: list[str], 
                   "its input; one per split): "
                   + ", ".join(f"{r.name} {'/'.join(f'{b:g}' for b in r.blends.get('stemd self_check', []))}"
                               for r in real) + ".",
+                  f"`stemd adapt`: the fine-tune on the frame (`model.adapt {args.adapt_steps}`, off by default), its "
+                  "verdict per split: " + "; ".join(f"{r.name} {', '.join(r.verdicts.get('stemd adapt', []))}"
+                                                   for r in real) + ".",
                   "Montages: " + ", ".join(f"`real_{r.name}.png`" for r in real)
                   + " (half A | stemd | tk_r_em | half B)."]
     parts += ["", f"### Validation on simulated frames ({args.sim_size}², truth known)", "",

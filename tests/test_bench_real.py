@@ -58,7 +58,9 @@ def test_knob_rows_on_a_simulated_frame():
     """Every knob row is scored; the blend bound includes weight 1 so never trails the model alone; a frame with
     correlated noise gets no rows."""
     raw, _ = real.simulated_frame("interface", 128, seed=3)
-    dens = {label: real.Denoiser.load(device="cpu", **opts) for label, opts in real.KNOBS.items()}
+    quick = {"adapt": 5}  # the fine-tune's knob with few steps: its scoring is what is tested here
+    dens = {label: real.Denoiser.load(device="cpu", **{**opts, **(quick if "adapt" in opts else {})})
+            for label, opts in real.KNOBS.items()}
     rows = real.knob_rows(raw, 1, dens)
     assert set(real.KNOBS) <= set(rows) and len(rows) == len(real.KNOBS) + len(real.FACTORS) + 2
     bound = rows["blend with the input, weight chosen on half B (bound)"]
