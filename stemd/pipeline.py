@@ -235,9 +235,10 @@ class Denoiser:
                 made = replace(made, faults=self._fault_directions(one, made))
         host = None if one is None else one if isinstance(one, np.ndarray) else one.detach().cpu().numpy()
         if host is not None and self.settings.adapt:
-            kept = previous is not None and previous.adapted != "no" and previous.shape == made.shape
-            made = replace(made, model=previous.model, adapted=previous.adapted) if kept and previous is not None \
-                else self.adapted(made, host)
+            if previous is not None and previous.adapted != "no" and previous.shape == made.shape:
+                made = replace(made, model=previous.model, adapted=previous.adapted)
+            else:
+                made = self.adapted(made, host)
         if host is not None and self.settings.self_check:
             made = self.self_checked(made, host)
         return made
