@@ -89,6 +89,17 @@ def test_default_model_is_the_shipped_one(tmp_path, frames):
     assert note["model"] == shipped.model_id and note["step"] == shipped.step
 
 
+
+def test_adapt_fine_tunes_on_the_file_and_says_so_in_the_summary_and_the_metadata(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    clean = simulate_frame((128, 128), rng, rotation_deg=12.0).clean
+    inp, out = tmp_path / "counts.tif", tmp_path / "out.tif"
+    tifffile.imwrite(inp, (25 * rng.poisson((clean + 0.2) * 40.0) + 300).astype(np.uint16))
+    assert denoise(inp, out, "--adapt", "3") == 0
+    with tifffile.TiffFile(out) as tif:
+        verdict = tif.shaped_metadata[0]["stemd"]["sampling"]["adapt"]
+    assert verdict.startswith(("yes", "rejected")) and f"fine-tune on the frame: {verdict}" in capsys.readouterr().out
+
 def _leftovers(directory: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in keep)
 

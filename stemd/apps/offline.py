@@ -265,9 +265,10 @@ def run(args: argparse.Namespace) -> int:
                               progress=not args.no_progress, pixel_size_m=pixel_size_m)
     for w in written:
         frames = 1 if len(w.shape) == 2 else w.shape[0]
+        tuned = (w.note.get("sampling") or {}).get("adapt")
         print(f"wrote {w.path}: {frames} frame(s) of {w.shape[-2]}x{w.shape[-1]}, "
               f"model {w.note['model']}, step {w.note['step']}, {describe_sampling(w.note.get('sampling'))}, "
-              f"{time.perf_counter() - t0:.1f} s")
+              + (f"fine-tune on the frame: {tuned}, " if tuned else "") + f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 
