@@ -96,7 +96,7 @@ class ModelSettings(_Section):
                        "model this many steps on the frame's own counts (split-dose, self-supervised: "
                        "stemd.models.adapt), kept for the series only where a held-out half-dose split scores it "
                        "better than the shipped model; skipped like the self-check. Off (0) by default: ~300 "
-                       "steps, +0.02-0.13 dB held-out on real frames (bench.real --knobs), take ~1 min of CPU "
+                       "steps, +0.01-0.12 dB held-out on real frames (bench.real), take ~1 min of CPU "
                        "per plan (the engine's thread stalls that long live, once per series; offline or on a GPU)")
     planar: bool = Field(
         True,
