@@ -233,7 +233,9 @@ class Denoiser:
                 _planar.prepare(hw, _flipped(vectors, dims), self.device)
             if one is not None:
                 made = replace(made, faults=self._fault_directions(one, made))
-        host = None if one is None else one if isinstance(one, np.ndarray) else one.detach().cpu().numpy()
+        host = None  # the frame on the host, read back from the device only for the split-dose steps
+        if one is not None and (self.settings.adapt or self.settings.self_check):
+            host = one if isinstance(one, np.ndarray) else one.detach().cpu().numpy()
         if host is not None and self.settings.adapt:
             if previous is not None and previous.adapted != "no" and previous.shape == made.shape:
                 made = replace(made, model=previous.model, adapted=previous.adapted)

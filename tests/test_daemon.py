@@ -167,29 +167,33 @@ async def test_end_to_end_order_metadata_and_quality(zctx, checkpoint, engine) -
     pub.close()
 
 
+async def _series_heads(zctx, checkpoint, series: str, settings: dict, frames: int = 5) -> list[dict]:
+    """The denoised headers of a `frames`-frame series published through a real daemon (lossless) run with
+    `settings` (dotted keys), up to the series' end."""
+    pub = TestPublisher(zctx)
+    async with running(make_settings(checkpoint, pub.endpoint, **{"queue.mode": "lossless", **settings})) as d:
+        sub = Sub(zctx, d.output_endpoint)
+        await sub.ready()
+        await pub.wait_subscribed()
+        for i in range(frames):
+            await pub.send(frame_parts(series, i))
+        await pub.send(p.encode_event(p.SERIES, p.series_header("end", series)))
+        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
+    pub.close()
+    return [h for _, h, _ in denoised(msgs)]
+
+
 async def test_series_plan_is_measured_once_per_calibration_and_published(zctx, checkpoint, monkeypatch) -> None:
     """The frame tells its own sampling: the lattice is measured on a series' first frame and again every
     model.calibrate_every frames (not per frame), and the plan is in every published header."""
     calls = []
     measure = sampling.measure_lattice
     monkeypatch.setattr(sampling, "measure_lattice", lambda frames: calls.append(1) or measure(frames))
-    pub = TestPublisher(zctx)
-    settings = make_settings(checkpoint, pub.endpoint, **{"model.calibrate_every": 3, "queue.mode": "lossless"})
-    async with running(settings) as d:
-        sub = Sub(zctx, d.output_endpoint)
-        await sub.ready()
-        await pub.wait_subscribed()
-        for i in range(5):
-            await pub.send(frame_parts("cal", i))
-        await pub.send(p.encode_event(p.SERIES, p.series_header("end", "cal")))
-        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
-    heads = [h for _, h, _ in denoised(msgs)]
+    heads = await _series_heads(zctx, checkpoint, "cal", {"model.calibrate_every": 3})
     assert len(heads) == 5 and len(calls) == 2  # frames 0 and 3
     for h in heads:
         assert h["sampling"]["source"] == "frame" and h["sampling"]["pixel_size_m"] == PIXEL_M
         assert h["sampling"]["lattice_scale_px"] == pytest.approx(10 * math.sqrt(0.5), rel=0.03)
-    pub.close()
-
 
 
 async def test_a_series_fine_tune_is_made_once_and_kept_across_recalibrations(zctx, checkpoint, monkeypatch) -> None:
@@ -198,21 +202,10 @@ async def test_a_series_fine_tune_is_made_once_and_kept_across_recalibrations(zc
     calls = []
     adapted = Denoiser.adapted
     monkeypatch.setattr(Denoiser, "adapted", lambda self, plan, raw: calls.append(1) or adapted(self, plan, raw))
-    pub = TestPublisher(zctx)
-    settings = make_settings(checkpoint, pub.endpoint,
-                             **{"model.calibrate_every": 3, "model.adapt": 2, "queue.mode": "lossless"})
-    async with running(settings) as d:
-        sub = Sub(zctx, d.output_endpoint)
-        await sub.ready()
-        await pub.wait_subscribed()
-        for i in range(5):
-            await pub.send(frame_parts("tune", i))
-        await pub.send(p.encode_event(p.SERIES, p.series_header("end", "tune")))
-        msgs = await sub.until(lambda m: any(x[0] == p.SERIES and x[1]["event"] == "end" for x in m))
-    heads = [h for _, h, _ in denoised(msgs)]
+    heads = await _series_heads(zctx, checkpoint, "tune", {"model.calibrate_every": 3, "model.adapt": 2})
     assert len(heads) == 5 and len(calls) == 1
     assert len({h["sampling"]["adapt"] for h in heads}) == 1 and heads[0]["sampling"]["adapt"] != "no"
-    pub.close()
+
 
 async def test_simulator_to_daemon_to_subscriber(zctx, checkpoint, engine) -> None:
     from stemd.apps.simulate import Simulator

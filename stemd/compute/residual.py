@@ -75,13 +75,18 @@ def line_free(residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return free
 
 
+def _line_free_along(residual: torch.Tensor, out: torch.Tensor, lines: str) -> torch.Tensor:
+    """`line_free` with the scan lines along `lines` ("rows" or "columns")."""
+    if lines == "columns":
+        return line_free(residual.transpose(-2, -1), out.transpose(-2, -1)).transpose(-2, -1)
+    return line_free(residual, out)
+
 
 def line_artefacts(residual: torch.Tensor, out: torch.Tensor, lines: str = "rows") -> torch.Tensor:
     """(B, 1, H, W) the part of `residual` that a fit on each scan line (along `lines`) explains by the output:
     an offset, a gain and a small shift (`line_free`), the line artefacts a frame and its halves share."""
-    if lines == "columns":
-        return line_artefacts(residual.transpose(-2, -1), out.transpose(-2, -1)).transpose(-2, -1)
-    return residual - line_free(residual, out)
+    return residual - _line_free_along(residual, out, lines)
+
 
 def recover(frames: torch.Tensor, out: torch.Tensor, threshold: float = THRESHOLD, box: int = BOX,
             lines: str | None = None) -> torch.Tensor:
@@ -92,10 +97,8 @@ def recover(frames: torch.Tensor, out: torch.Tensor, threshold: float = THRESHOL
     y = out.float()
     safe = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)  # a bad output pixel stays one bad pixel
     residual = torch.nan_to_num(x - y, nan=0.0, posinf=0.0, neginf=0.0)
-    if lines == "rows":
-        residual = line_free(residual, safe)
-    elif lines == "columns":
-        residual = line_free(residual.transpose(-2, -1), safe.transpose(-2, -1)).transpose(-2, -1)
+    if lines in ("rows", "columns"):
+        residual = _line_free_along(residual, safe, lines)
     width = residual.shape[-1]
     spectrum = torch.fft.rfft2(residual)
     power = spectrum.real.square() + spectrum.imag.square()

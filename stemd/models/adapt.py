@@ -44,8 +44,7 @@ def finetune(model: FrameModel, frames: torch.Tensor, target: torch.Tensor, aux:
     """A copy of `model` after `steps` Adam steps on random crops of (1, 1, H, W) normalised `frames` against
     `target` (same shape, same normalisation), the MSE of `denoise_frames`; `aux` are the frame's auxiliary
     inputs (`FrameModel.inputs`: "guide" cropped with the frame, "level" per crop); `step`: the window models'
-    stride (`denoise_frames`); `lr` None: LR. The model is
-    left as it is."""
+    stride (`denoise_frames`); `lr` None: LR. The model is left as it is."""
     if frames.ndim != 4 or frames.shape[:2] != (1, 1) or target.shape != frames.shape:
         raise ValueError(f"finetune takes one (1, 1, H, W) frame and a target of its shape, got "
                          f"{tuple(frames.shape)} and {tuple(target.shape)}")
